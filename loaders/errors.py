@@ -40,3 +40,37 @@ class CheckpointError(SlimserveError):
 
 class CompressionError(SlimserveError):
     """Compression cannot proceed (bad ratio, unsupported architecture, bad calibration data)."""
+
+
+class ScheduleError(SlimserveError):
+    """A Sparse-vDiT schedule is malformed or does not fit the model it is applied to.
+
+    Names the schedule file, the field, and where relevant the step, layer and head, and what
+    was expected.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        field: str | None = None,
+        step: int | None = None,
+        layer: int | None = None,
+        head: int | None = None,
+        expected: str | None = None,
+    ) -> None:
+        self.file = str(file) if file is not None else None
+        self.field = field
+        self.step = step
+        self.layer = layer
+        self.head = head
+        self.expected = expected
+        where = [f"schedule {self.file}"] if self.file else []
+        if field:
+            where.append(f"field '{field}'")
+        where += [f"{name} {value}" for name, value in (("step", step), ("layer", layer), ("head", head)) if value is not None]
+        text = (", ".join(where) + ": " if where else "") + message
+        if expected:
+            text += f" (expected {expected})"
+        super().__init__(text)

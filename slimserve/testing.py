@@ -114,3 +114,58 @@ def build_tiny_causal_lm(
     # transformers may write its own generation defaults; greedy tests need none.
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return out
+
+
+_GREEDY_SCRIPT = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    args = json.loads(sys.argv[1])
+    llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=True, max_model_len=256,
+              max_num_seqs=4, tensor_parallel_size=args["tp"], seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
+    outs = llm.generate(args["prompts"], params, use_tqdm=False)
+    print("GREEDY_TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
+"""
+
+
+def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16, tp: int = 1,
+                dtype: str = "float32", timeout: float = 600) -> list[list[int]]:
+    """Greedy token ids from real vLLM (with the slimserve plugin) in a fresh process.
+
+    A subprocess keeps each engine's spawned workers and global state away from the test
+    process, and gives vLLM the ``__main__`` guard it needs on CPU.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if tp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
+    args = json.dumps({"model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "dtype": dtype})
+    proc = subprocess.run([sys.executable, "-c", _GREEDY_SCRIPT, args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("GREEDY_TOKENS="):
+            return json.loads(line.split("=", 1)[1])
+    raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+
+
+def hf_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16) -> list[list[int]]:
+    """Greedy token ids from transformers in float32, the reference for vLLM outputs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+            results.append(out[0, ids.shape[1]:].tolist())
+    return results

@@ -1,1 +1,8 @@
-"""converters."""
+"""Converters from other projects' compressed checkpoints into the slimserve format."""
+
+from slimserve.loaders.converters.rocket import convert_rocket
+from slimserve.loaders.converters.svdllm import convert_svdllm
+
+CONVERTERS = {"rocket": convert_rocket, "svd-llm": convert_svdllm}
+
+__all__ = ["CONVERTERS", "convert_rocket", "convert_svdllm"]

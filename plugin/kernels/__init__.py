@@ -1,1 +1,1 @@
-"""kernels."""
+"""Kernels behind the linear methods: one function per operation, a CPU path and an optional CUDA path."""

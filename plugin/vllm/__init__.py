@@ -1,1 +1,1 @@
-"""vllm."""
+"""vLLM integration: the ``slimserve`` quantization config and its linear method."""

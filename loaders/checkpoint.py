@@ -1,0 +1,398 @@
+"""Read, write and validate slimserve checkpoints (the format is specified in FORMAT.md).
+
+A slimserve checkpoint is an ordinary Hugging Face model folder: ``config.json`` with a
+``quantization_config`` of ``quant_method: "slimserve"`` that lists every decoder linear
+module and its scheme, and safetensors files holding each module's tensors. Reading is
+lazy (tensor headers first, values one module at a time) so a checkpoint larger than
+memory can still be validated, densified or inspected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slimserve.loaders.errors import CheckpointError
+from slimserve.loaders.schemes import SCHEMES
+from slimserve.loaders.schemes.base import FLOAT_DTYPES, INDEX_DTYPES
+
+QUANT_METHOD = "slimserve"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+# Files copied verbatim from a source model folder: tokenizer, generation defaults, chat template.
+AUX_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*",
+                     "vocab.*", "merges.txt", "*.model")
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+    "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header of one stored tensor: which file holds it, its shape and dtype."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class Checkpoint:
+    """A model folder opened for lazy reading. ``modules`` is empty for a plain dense model."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def quantization_config(self) -> dict[str, Any] | None:
+        qc = self.config.get("quantization_config")
+        return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """The model dtype declared in config.json (``dtype`` or the older ``torch_dtype``)."""
+        name = self.config.get("dtype") or self.config.get("torch_dtype")
+        return _CONFIG_DTYPES.get(str(name)) if name else None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Load one tensor by name."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError("tensor not found", file=self.path, tensor=name)
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """Load every stored tensor of one compressed module, keyed by suffix (``u``, ``v``, ...)."""
+        spec = self.modules[module]
+        return {t.suffix: self.tensor(f"{module}.{t.suffix}") for t in SCHEMES[spec["scheme"]].tensor_specs(spec)}
+
+    def reconstruct(self, module: str) -> torch.Tensor:
+        """Dense ``[out, in]`` float32 weight of a module, whatever its scheme."""
+        spec = self.modules[module]
+        return SCHEMES[spec["scheme"]].reconstruct(spec, self.module_tensors(module))
+
+    def module_of(self, tensor_name: str) -> str | None:
+        """The listed module whose scheme stores this tensor, or None (ordinary tensors, biases)."""
+        module, _, suffix = tensor_name.rpartition(".")
+        spec = self.modules.get(module)
+        if spec is None:
+            return None
+        return module if suffix in {t.suffix for t in SCHEMES[spec["scheme"]].tensor_specs(spec)} else None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a model folder: parse config.json and the safetensors headers (no values are read)."""
+    root = Path(path)
+    config_path = root / CONFIG_FILE
+    if not root.is_dir():
+        raise CheckpointError("not a directory", file=root, expected="a Hugging Face model folder")
+    if not config_path.is_file():
+        raise CheckpointError("missing", file=config_path, expected="config.json in the model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"invalid JSON: {err}", file=config_path) from None
+    ckpt = Checkpoint(path=root, config=config, tensors=_read_headers(root))
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
+        ckpt.modules = _parse_modules(qc, config_path)
+    return ckpt
+
+
+def _read_headers(root: Path) -> dict[str, TensorInfo]:
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"unreadable index: {err}", file=index_path, field="weight_map") from None
+        files = sorted({root / f for f in weight_map.values()})
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError("no safetensors files", file=root, expected="model.safetensors or an index")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError("listed in the index but missing", file=file)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    tensors[name] = TensorInfo(file, tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"unreadable safetensors file: {err}", file=file) from None
+    return tensors
+
+
+def _parse_modules(qc: Mapping[str, Any], config_path: Path) -> dict[str, dict[str, Any]]:
+    """Check the quantization_config header and every module entry (names, scheme, sizes)."""
+    version = qc.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise CheckpointError(
+            f"unknown format_version {version!r}", file=config_path,
+            field="quantization_config.format_version",
+            expected=f"one of {list(SUPPORTED_FORMAT_VERSIONS)} (upgrade slimserve for newer checkpoints)",
+        )
+    modules = qc.get("modules")
+    if not isinstance(modules, dict):
+        raise CheckpointError("missing or not an object", file=config_path, field="quantization_config.modules",
+                              expected="a mapping from module name to its scheme entry")
+    parsed: dict[str, dict[str, Any]] = {}
+    for name, spec in modules.items():
+        where = f"quantization_config.modules.{name}"
+        if not isinstance(spec, dict):
+            raise CheckpointError("not an object", file=config_path, field=where)
+        scheme = SCHEMES.get(spec.get("scheme"))
+        if scheme is None:
+            raise CheckpointError(f"unknown scheme {spec.get('scheme')!r}", file=config_path,
+                                  field=f"{where}.scheme", expected=f"one of {sorted(SCHEMES)}")
+        for dim in ("in_features", "out_features"):
+            value = spec.get(dim)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(f"{dim}={value!r}", file=config_path, field=f"{where}.{dim}",
+                                      expected="a positive integer")
+        scheme.check_fields(name, spec, str(config_path))
+        parsed[name] = dict(spec)
+    return parsed
+
+
+def validate_checkpoint(path: str | Path, check_values: bool = True) -> Checkpoint:
+    """Check a slimserve checkpoint completely; raise ``CheckpointError`` at the first problem.
+
+    Headers (presence, shape, dtype, leftovers) are checked for every module before any value
+    is read; then, with ``check_values``, each module's values are loaded one at a time and
+    checked for NaN/Inf and scheme-specific rules (index ranges and order).
+    """
+    ckpt = open_checkpoint(path)
+    config_path = ckpt.path / CONFIG_FILE
+    if ckpt.quantization_config is None:
+        raise CheckpointError("not a slimserve checkpoint", file=config_path, field="quantization_config",
+                              expected=f'"quant_method": "{QUANT_METHOD}"')
+    float_dtype = ckpt.float_dtype
+    for module, spec in ckpt.modules.items():
+        expected_names = set()
+        for t in SCHEMES[spec["scheme"]].tensor_specs(spec):
+            name = f"{module}.{t.suffix}"
+            expected_names.add(name)
+            info = ckpt.tensors.get(name)
+            if info is None:
+                raise CheckpointError("missing", file=ckpt.path, tensor=name,
+                                      expected=f"a {t.kind} tensor of shape {list(t.shape)} ({spec['scheme']} scheme)")
+            if info.shape != t.shape:
+                raise CheckpointError(f"has shape {list(info.shape)}", file=info.file, tensor=name,
+                                      expected=f"shape {list(t.shape)} for {spec['scheme']} {_describe(spec)}")
+            if t.kind == "float":
+                allowed = (float_dtype,) if float_dtype is not None else FLOAT_DTYPES
+            else:
+                allowed = INDEX_DTYPES
+            if info.dtype not in allowed:
+                raise CheckpointError(f"has dtype {info.dtype}", file=info.file, tensor=name,
+                                      expected=f"dtype {' or '.join(str(d) for d in allowed)}")
+        leftovers = [n for n in ckpt.tensors if n.rsplit(".", 1)[0] == module and n not in expected_names
+                     and not n.endswith(".bias")]
+        if leftovers:
+            raise CheckpointError(f"unexpected tensor for a {spec['scheme']} module", file=ckpt.tensors[leftovers[0]].file,
+                                  tensor=leftovers[0], expected=f"only {sorted(expected_names)} (and a bias)")
+    if check_values:
+        for module, spec in ckpt.modules.items():
+            tensors = ckpt.module_tensors(module)
+            files = {s: str(ckpt.tensors[f"{module}.{s}"].file) for s in tensors}
+            for suffix, value in tensors.items():
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    bad = "NaN" if torch.isnan(value).any() else "Inf"
+                    raise CheckpointError(f"contains {bad}", file=files[suffix], tensor=f"{module}.{suffix}",
+                                          expected="finite values")
+            SCHEMES[spec["scheme"]].check_values(module, spec, tensors, files)
+    return ckpt
+
+
+def _describe(spec: Mapping[str, Any]) -> str:
+    extras = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("scheme", "in_features", "out_features"))
+    return f"[{spec['out_features']}, {spec['in_features']}]" + (f" with {extras}" if extras else "")
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """Per-module sizes for ``inspect`` and the compression ratio."""
+
+    name: str
+    scheme: str
+    shape: tuple[int, int]
+    fields: dict[str, int]
+    dense_params: int
+    stored_params: int
+    stored_bytes: int
+
+
+def summarize(ckpt: Checkpoint) -> list[ModuleSummary]:
+    """Sizes of every listed module; bytes use the checkpoint's float dtype (bf16 when unknown)."""
+    float_bytes = (ckpt.float_dtype or torch.bfloat16).itemsize
+    rows = []
+    for name, spec in ckpt.modules.items():
+        scheme = SCHEMES[spec["scheme"]]
+        fields = {k: v for k, v in spec.items() if k not in ("scheme", "in_features", "out_features")}
+        rows.append(ModuleSummary(
+            name=name, scheme=spec["scheme"], shape=(spec["out_features"], spec["in_features"]), fields=fields,
+            dense_params=spec["out_features"] * spec["in_features"],
+            stored_params=scheme.stored_params(spec), stored_bytes=scheme.stored_bytes(spec, float_bytes),
+        ))
+    return rows
+
+
+def compression_summary(path: str | Path) -> dict[str, float]:
+    """Overall compression of a model folder, counted over its listed decoder linears.
+
+    ``ratio`` is the fraction of decoder-linear parameters removed (the papers' count: values
+    only); ``bytes_ratio`` is the fraction of bytes removed with indices included. A dense
+    model (no slimserve quantization_config) reports 0 for both.
+    """
+    ckpt = open_checkpoint(path)
+    rows = summarize(ckpt)
+    if not rows:
+        return {"ratio": 0.0, "bytes_ratio": 0.0, "dense_params": 0, "stored_params": 0, "stored_bytes": 0}
+    float_bytes = (ckpt.float_dtype or torch.bfloat16).itemsize
+    dense = sum(r.dense_params for r in rows)
+    stored = sum(r.stored_params for r in rows)
+    stored_bytes = sum(r.stored_bytes for r in rows)
+    return {
+        "ratio": 1.0 - stored / dense,
+        "bytes_ratio": 1.0 - stored_bytes / (dense * float_bytes),
+        "dense_params": dense,
+        "stored_params": stored,
+        "stored_bytes": stored_bytes,
+    }
+
+
+class CheckpointWriter:
+    """Stream tensors into safetensors shards and finish with config.json and an index.
+
+    Tensors are buffered until ``shard_bytes`` and then written, so compressing a model layer
+    by layer never holds more than one shard in memory.
+    """
+
+    def __init__(self, out_dir: str | Path, base_config: Mapping[str, Any], *,
+                 producer: Mapping[str, Any] | None = None, shard_bytes: int = 2 * 1024**3) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.config = {k: v for k, v in base_config.items() if k != "quantization_config"}
+        self.producer = dict(producer or {})
+        self.modules: dict[str, dict[str, Any]] = {}
+        self.shard_bytes = shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self._weight_map: dict[str, str] = {}
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Add an ordinary tensor (embeddings, norms, biases, dense weights)."""
+        if name in self._weight_map or name in self._buffer:
+            raise ValueError(f"tensor {name!r} written twice")
+        self._buffer[name] = tensor.detach().contiguous().cpu()
+        self._buffer_bytes += tensor.numel() * tensor.element_size()
+        if self._buffer_bytes >= self.shard_bytes:
+            self._flush()
+
+    def add_module(self, module: str, scheme: str, tensors: Mapping[str, torch.Tensor], *,
+                   in_features: int, out_features: int, **fields: int) -> None:
+        """Add one decoder linear in ``scheme`` with its tensors keyed by suffix."""
+        spec = {"scheme": scheme, "in_features": int(in_features), "out_features": int(out_features),
+                **{k: int(v) for k, v in fields.items()}}
+        expected = {t.suffix for t in SCHEMES[scheme].tensor_specs(spec)}
+        if set(tensors) != expected:
+            raise ValueError(f"module {module!r} ({scheme}) got tensors {sorted(tensors)}, expected {sorted(expected)}")
+        self.modules[module] = spec
+        for suffix, value in tensors.items():
+            self.add_tensor(f"{module}.{suffix}", value)
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        index = len(self._shards)
+        tmp_name = f"model-{index:05d}.safetensors.tmp"
+        save_file(self._buffer, str(self.out_dir / tmp_name), metadata={"format": "pt"})
+        self._shards.append(list(self._buffer))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def finish(self) -> Path:
+        """Write the last shard, name the shards, write config.json (+ index when sharded)."""
+        self._flush()
+        total = len(self._shards)
+        for i, names in enumerate(self._shards):
+            final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            (self.out_dir / f"model-{i:05d}.safetensors.tmp").rename(self.out_dir / final)
+            for name in names:
+                self._weight_map[name] = final
+        if total > 1:
+            (self.out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": self._weight_map}, indent=1))
+        config = dict(self.config)
+        if self.modules:
+            config["quantization_config"] = {
+                "quant_method": QUANT_METHOD,
+                "format_version": FORMAT_VERSION,
+                "producer": self.producer,
+                "modules": self.modules,
+            }
+        (self.out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return self.out_dir
+
+
+def copy_aux_files(src: str | Path, dst: str | Path) -> None:
+    """Copy tokenizer and generation files from a source model folder."""
+    src, dst = Path(src), Path(dst)
+    for pattern in AUX_FILE_PATTERNS:
+        for file in src.glob(pattern):
+            if file.is_file():
+                shutil.copy2(file, dst / file.name)
+
+
+def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every stored tensor, one file open at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for name, info in ckpt.tensors.items():
+        by_file.setdefault(info.file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+
+
+def densify(src: str | Path, out: str | Path) -> Path:
+    """Write an ordinary dense HF checkpoint of the reconstructed weights (for engines without the plugin)."""
+    ckpt = validate_checkpoint(src)
+    dtype = ckpt.float_dtype or torch.bfloat16
+    writer = CheckpointWriter(out, ckpt.config)
+    for name, tensor in iter_tensors(ckpt):
+        if ckpt.module_of(name) is None:
+            writer.add_tensor(name, tensor)
+    for module in ckpt.modules:
+        writer.add_tensor(f"{module}.weight", ckpt.reconstruct(module).to(dtype))
+    copy_aux_files(ckpt.path, out)
+    return writer.finish()
+
+
+def human_bytes(n: float) -> str:
+    """Format a byte count as KiB/MiB/GiB for reports."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = min(int(math.log(max(n, 1), 1024)), len(units) - 1)
+    return f"{n / 1024**i:.1f} {units[i]}"

@@ -1,0 +1,33 @@
+"""Choosing how to store a factor pair another project wrote as two dense matrices."""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.loaders.checkpoint import CheckpointWriter
+from slimserve.loaders.schemes.base import index_dtype_for
+from slimserve.loaders.schemes.dictsparse import dense_to_coef
+
+
+def add_factor_pair(writer: CheckpointWriter, module: str, first: torch.Tensor, second: torch.Tensor,
+                    dtype: torch.dtype) -> str:
+    """Store ``W = second · first`` (first [r, in] dense, second [out, r]) in the cheapest scheme.
+
+    A second factor with zeros (ROCKET's sparse coefficients, written dense) is re-encoded as
+    ``dictsparse`` with s = the largest nonzero count of any row, when that is smaller in bytes
+    than keeping it dense; otherwise the pair is ``lowrank``. Returns the scheme chosen.
+    """
+    out_features, rank = second.shape
+    in_features = first.shape[1]
+    nnz = int((second != 0).sum(dim=1).max())
+    float_bytes = dtype.itemsize
+    index_bytes = index_dtype_for({"atoms": rank}).itemsize
+    if nnz * (float_bytes + index_bytes) < rank * float_bytes:
+        values, indices = dense_to_coef(second, nnz)
+        writer.add_module(module, "dictsparse",
+                          {"dictionary": first.to(dtype), "coef_values": values.to(dtype), "coef_indices": indices},
+                          in_features=in_features, out_features=out_features, atoms=rank, nnz=nnz)
+        return "dictsparse"
+    writer.add_module(module, "lowrank", {"u": second.to(dtype), "v": first.to(dtype)},
+                      in_features=in_features, out_features=out_features, rank=rank)
+    return "lowrank"

@@ -1,0 +1,55 @@
+"""ROCKET's factorized export (``output_dir_sep/``) to a slimserve checkpoint.
+
+ROCKET writes every compressed projection as two ``nn.Linear`` weights applied in order
+``q = q_proj_v(q_proj_u(x))``: ``…q_proj_u.weight [r, in]`` is the dense dictionary and
+``…q_proj_v.weight [out, r]`` the column-sparse coefficients stored dense with zeros. Its
+config.json gains ``compression_ratio`` and an ``auto_map`` to a copied modeling file; both are
+dropped here (the result needs no remote code). Ranks are read from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
+from slimserve.loaders.converters.factors import add_factor_pair
+from slimserve.loaders.errors import CheckpointError
+from slimserve.loaders.models import DECODER_LINEAR, check_architecture
+
+_FACTOR = re.compile(r"^(?P<module>.*\.layers\.\d+\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)_(?P<which>[uv])\.weight$")
+
+
+def convert_rocket(src: str | Path, out: str | Path) -> Path:
+    ckpt = open_checkpoint(src)
+    check_architecture(ckpt.config, str(src))
+    pairs: dict[str, dict[str, str]] = {}
+    writer_config = {k: v for k, v in ckpt.config.items() if k not in ("compression_ratio", "auto_map")}
+    writer = CheckpointWriter(out, writer_config, producer={"converted_from": "rocket", "source": Path(src).name,
+                                                            "rocket_compression_ratio": ckpt.config.get("compression_ratio")})
+    dtype = ckpt.float_dtype
+    for name, tensor in iter_tensors(ckpt):
+        if m := _FACTOR.match(name):
+            pairs.setdefault(m.group("module"), {})[m.group("which")] = name
+        elif m := DECODER_LINEAR.match(name):
+            writer.add_module(m.group("module"), "dense", {"weight": tensor},
+                              in_features=tensor.shape[1], out_features=tensor.shape[0])
+        else:
+            writer.add_tensor(name, tensor)
+    if not pairs:
+        raise CheckpointError("no ROCKET factor tensors found", file=ckpt.path,
+                              expected="tensors named like 'model.layers.0.self_attn.q_proj_u.weight' / '_v.weight'")
+    for module, names in sorted(pairs.items()):
+        for which in "uv":
+            if which not in names:
+                raise CheckpointError("missing", file=ckpt.path, tensor=f"{module}_{which}.weight",
+                                      expected=f"both {module}_u.weight and {module}_v.weight")
+        first, second = ckpt.tensor(names["u"]), ckpt.tensor(names["v"])
+        if first.shape[0] != second.shape[1]:
+            raise CheckpointError(
+                f"has shape {list(second.shape)} but {names['u']} has shape {list(first.shape)}",
+                file=ckpt.tensors[names["v"]].file, tensor=names["v"],
+                expected="ROCKET layout: _u [r, in] applied first, _v [out, r] (is this an SVD-LLM checkpoint?)")
+        add_factor_pair(writer, module, first, second, dtype or first.dtype)
+    copy_aux_files(src, out)
+    return writer.finish()

@@ -1,0 +1,38 @@
+"""Which model architectures slimserve compresses, and which of their tensors are decoder linears."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from slimserve.loaders.errors import CompressionError
+
+# Architectures whose vLLM implementation loads per-projection tensors through the
+# q/k/v -> qkv_proj and gate/up -> gate_up_proj stacking that the plugin understands.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+DECODER_LINEAR = re.compile(r"^(?P<module>.*\.layers\.\d+\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)\.weight$")
+
+
+def check_architecture(config: Mapping[str, Any], source: str) -> str:
+    """Return the model's architecture name, or raise naming the supported ones."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CompressionError(
+            f"{source}/config.json: field 'architectures' is {archs!r}; slimserve compresses "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def decoder_linear_modules(tensor_names: Iterable[str]) -> list[str]:
+    """Module names (without ``.weight``) of every decoder linear, in layer order."""
+    modules = [m.group("module") for name in tensor_names if (m := DECODER_LINEAR.match(name))]
+    return sorted(modules, key=_layer_order)
+
+
+def _layer_order(module: str) -> tuple[int, str]:
+    layer = int(re.search(r"\.layers\.(\d+)\.", module).group(1))
+    return layer, module

@@ -1,0 +1,97 @@
+"""What every weight scheme provides: its tensors, their validation, and a reference forward.
+
+A scheme describes how one linear layer ``y = x Wᵀ (+ b)`` of shape ``[out, in]`` is stored.
+The reference forward here is plain PyTorch: the ground truth every fast path (vLLM linear
+methods, kernels) is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from slimserve.loaders.errors import CheckpointError
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int16, torch.int32)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One stored tensor of a scheme: its name suffix, shape and kind ("float" or "index").
+
+    ``out_dim`` / ``in_dim`` name the axis indexed by the layer's output / input features, if
+    any: tensor parallelism splits a column-parallel layer along ``out_dim`` and a row-parallel
+    layer along ``in_dim``; a tensor without that axis is replicated.
+    """
+
+    suffix: str
+    shape: tuple[int, ...]
+    kind: str = "float"
+    out_dim: int | None = None
+    in_dim: int | None = None
+
+
+class Scheme:
+    """Base class of a weight scheme. Subclasses are stateless; per-module data lives in ``spec``.
+
+    ``spec`` is the module's entry of ``quantization_config["modules"]`` (see FORMAT.md):
+    it always carries ``scheme``, ``in_features`` and ``out_features`` plus scheme fields.
+    """
+
+    name: ClassVar[str]
+    #: scheme-specific integer fields required in a module entry, e.g. ("rank",)
+    fields: ClassVar[tuple[str, ...]] = ()
+
+    def tensor_specs(self, spec: Mapping[str, Any]) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
+        """Check scheme fields for range; ``spec`` already has positive in/out features."""
+        for field in self.fields:
+            value = spec.get(field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(
+                    f"module '{module}' has {field}={value!r}",
+                    file=file, field=f"quantization_config.modules.{module}.{field}",
+                    expected="a positive integer",
+                )
+
+    def check_values(self, module: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                     files: Mapping[str, str]) -> None:
+        """Scheme-specific value checks beyond shape, dtype and finiteness (e.g. index ranges)."""
+
+    def reconstruct(self, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Return the dense weight ``[out, in]`` this module stands for (in float32)."""
+        raise NotImplementedError
+
+    def forward(self, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Reference ``y = x Ŵᵀ`` (without bias); the default goes through the dense reconstruction."""
+        return x @ self.reconstruct(spec, tensors).to(x.dtype).t()
+
+    def stored_params(self, spec: Mapping[str, Any]) -> int:
+        """Parameters counted the way the papers count them: float values only, indices excluded."""
+        return sum(_numel(t.shape) for t in self.tensor_specs(spec) if t.kind == "float")
+
+    def stored_bytes(self, spec: Mapping[str, Any], float_bytes: int) -> int:
+        """Bytes actually stored, indices included."""
+        total = 0
+        for t in self.tensor_specs(spec):
+            itemsize = float_bytes if t.kind == "float" else index_dtype_for(spec).itemsize
+            total += _numel(t.shape) * itemsize
+        return total
+
+
+def index_dtype_for(spec: Mapping[str, Any]) -> torch.dtype:
+    """Smallest index dtype that addresses every atom/column of the module."""
+    return torch.int16 if int(spec.get("atoms", 0)) <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

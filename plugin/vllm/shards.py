@@ -1,0 +1,55 @@
+"""Per-scheme runtime of one shard: its dense first factor and its second op (see linear.py).
+
+Adding a scheme to the vLLM plugin means one runner here (or in its own module) and one
+line in ``SHARD_RUNNERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from slimserve.plugin.kernels.ell import EllMatmul
+from slimserve.plugin.kernels.gemm import prepacked_linear
+
+
+class ShardRunner(Protocol):
+    first_factor: torch.Tensor  # [r, in_local]
+    second: Callable[[torch.Tensor], torch.Tensor] | None  # [N, r] -> [N, out_local]; None = identity
+    out_features: int
+
+
+class DenseShard:
+    """A dense shard: its weight is the first factor, the second op is the identity."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
+        self.first_factor = tensors["weight"]
+        self.second = None
+        self.out_features = tensors["weight"].shape[0]
+
+
+class LowRankShard:
+    """``y = (x Vᵀ) Uᵀ``: V joins the stacked first GEMM, U is a prepacked GEMM of its own."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
+        self.first_factor = tensors["v"]
+        self.second = prepacked_linear(tensors["u"])
+        self.out_features = tensors["u"].shape[0]
+
+
+class DictSparseShard:
+    """``y = (x Dᵀ) Cᵀ``: the dictionary joins the stacked GEMM, C runs as a sparse product."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
+        self.first_factor = tensors["dictionary"]
+        self.second = EllMatmul(tensors["coef_values"], tensors["coef_indices"], int(spec["atoms"]))
+        self.out_features = tensors["coef_values"].shape[0]
+
+
+SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], ShardRunner]] = {
+    "dense": DenseShard,
+    "lowrank": LowRankShard,
+    "dictsparse": DictSparseShard,
+}
