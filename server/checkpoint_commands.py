@@ -1,0 +1,113 @@
+"""CLI subcommands over the checkpoint library: compress, convert, densify, validate, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from slimserve.server.cli import subcommand
+
+
+@subcommand
+def _add_compress(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compress", help="compress a dense HF model folder into a slimserve checkpoint")
+    p.add_argument("src", help="dense Hugging Face model folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--method", default="svd", help="compression method (default: svd, plain truncated SVD)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters removed (0.3 keeps 70%%)")
+    budget.add_argument("--rank", type=int, help="one fixed rank for every decoder linear")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.compress.run import compress
+
+        out = compress(args.src, args.out, method=args.method, ratio=args.ratio, rank=args.rank,
+                       progress=not args.quiet)
+        print(f"wrote {out}")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+@subcommand
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("convert", help="convert another project's compressed checkpoint")
+    p.add_argument("--from", dest="source_format", required=True, choices=["rocket", "svd-llm"])
+    p.add_argument("src", help="ROCKET: its *_sep model folder; SVD-LLM: a state dict (.pt or .safetensors)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--base", help="SVD-LLM only: the original dense HF model folder (config, tokenizer)")
+
+    def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.converters import convert_rocket, convert_svdllm
+        from slimserve.loaders.errors import CheckpointError
+
+        if args.source_format == "rocket":
+            out = convert_rocket(args.src, args.out)
+        else:
+            if not args.base:
+                raise CheckpointError("--base is required with --from svd-llm", field="--base",
+                                      expected="the original dense HF model folder")
+            out = convert_svdllm(args.src, args.out, args.base)
+        print(f"wrote {out}")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+@subcommand
+def _add_densify(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("densify", help="write an ordinary dense HF checkpoint of the reconstructed weights")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+
+    def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.checkpoint import densify
+
+        print(f"wrote {densify(args.ckpt, args.out)}")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+@subcommand
+def _add_validate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("validate", help="check a slimserve checkpoint; exit 0 or print what is wrong")
+    p.add_argument("ckpt")
+
+    def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.checkpoint import validate_checkpoint
+
+        ckpt = validate_checkpoint(args.ckpt)
+        print(f"{args.ckpt}: ok ({len(ckpt.modules)} modules)")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+@subcommand
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help="per-layer scheme, ranks, parameter and byte counts, overall ratio")
+    p.add_argument("ckpt")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.checkpoint import compression_summary, human_bytes, open_checkpoint, summarize
+
+        rows = summarize(open_checkpoint(args.ckpt))
+        total = compression_summary(args.ckpt)
+        if args.json:
+            print(json.dumps({"modules": [r.__dict__ for r in rows], "total": total}, indent=1))
+            return 0
+        print(f"{'module':<44} {'scheme':<10} {'shape':<13} {'fields':<20} {'params':>10} {'kept':>6} {'bytes':>11}")
+        for r in rows:
+            fields = " ".join(f"{k}={v}" for k, v in r.fields.items())
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            print(f"{r.name:<44} {r.scheme:<10} {shape:<13} {fields:<20} {r.stored_params:>10} "
+                  f"{r.stored_params / r.dense_params:>6.1%} {human_bytes(r.stored_bytes):>11}")
+        print(f"decoder linears: {total['stored_params']:,} of {total['dense_params']:,} parameters kept; "
+              f"compression ratio {total['ratio']:.1%} (parameters removed), {total['bytes_ratio']:.1%} of bytes "
+              f"removed with indices counted ({human_bytes(total['stored_bytes'])} stored)")
+        return 0
+
+    p.set_defaults(handler=run)
