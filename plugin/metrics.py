@@ -1,0 +1,149 @@
+"""slimserve's Prometheus metrics: names, meanings and buckets, defined once.
+
+Two producers feed these families: slimserve's FastAPI app (diffusers pipelines and the
+diffusion LM, ``slimserve.server``) and the vLLM stat-logger plugin
+(``slimserve.plugin.stat_logger``) that copies vLLM's per-iteration statistics into them.
+Both import this module, which depends on ``prometheus_client`` only, so the FastAPI server
+does not pay vLLM's import time and ``plugin`` never imports ``server``.
+
+Names mirror vLLM's (``../shared/research/serving.md`` §2.1) with a ``slimserve:`` prefix, so
+a dashboard written for one engine works for every engine. vLLM unregisters every collector
+named ``vllm:*`` when it builds its own logger, which is another reason not to reuse its prefix.
+Buckets are vLLM's, so SLO thresholds are bucket boundaries on both kinds of server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "slimserve:"
+
+# vLLM's buckets (loggers.py), kept identical so that SLO thresholds line up across engines.
+TIME_TO_FIRST_TOKEN_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+INTER_TOKEN_LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+    960.0, 1920.0, 7680.0,
+)
+# A denoising step of a DiT ranges from milliseconds (tiny models) to tens of seconds (14B video).
+DENOISE_STEP_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+)
+
+
+class SlimserveMetrics:
+    """Every ``slimserve:`` metric family, bound to one model name on one registry.
+
+    The FastAPI app gives each app instance its own registry (several apps may live in one
+    test process); the vLLM stat logger uses the process-wide ``REGISTRY`` that vLLM's
+    ``/metrics`` route exposes.
+    """
+
+    def __init__(self, model_name: str, registry: CollectorRegistry = REGISTRY) -> None:
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=registry)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, [*labels, *extra], registry=registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=registry)
+
+        self.model_name = model_name
+        # Latency, with vLLM's meanings.
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Time from arrival to the first generated content.",
+            TIME_TO_FIRST_TOKEN_BUCKETS).labels(model_name)
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Time between consecutive streamed outputs of one request.",
+            INTER_TOKEN_LATENCY_BUCKETS).labels(model_name)
+        self.time_per_output_token = histogram(
+            "request_time_per_output_token_seconds",
+            "Per request: (e2e latency - time to first token) / (generated tokens - 1).",
+            INTER_TOKEN_LATENCY_BUCKETS).labels(model_name)
+        self.e2e_request_latency = histogram(
+            "e2e_request_latency_seconds", "Time from arrival to the last byte of the result.",
+            REQUEST_LATENCY_BUCKETS).labels(model_name)
+        self.request_queue_time = histogram(
+            "request_queue_time_seconds", "Time a request waited for a free engine slot.",
+            REQUEST_LATENCY_BUCKETS).labels(model_name)
+        self.request_inference_time = histogram(
+            "request_inference_time_seconds", "Time a request spent running on the engine.",
+            REQUEST_LATENCY_BUCKETS).labels(model_name)
+        self.denoise_step = histogram(
+            "denoise_step_seconds", "Duration of one denoising step (diffusion pipelines and diffusion LMs).",
+            DENOISE_STEP_BUCKETS).labels(model_name)
+        # Load.
+        self.num_requests_running = gauge("num_requests_running", "Requests running on the engine.").labels(model_name)
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting for an engine slot.").labels(model_name)
+        # Work done.
+        self.prompt_tokens = counter("prompt_tokens", "Prefilled prompt tokens.").labels(model_name)
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.").labels(model_name)
+        self.generated_images = counter("generated_images", "Images generated.").labels(model_name)
+        self.generated_video_frames = counter("generated_video_frames", "Video frames generated.").labels(model_name)
+        self._request_success = counter(
+            "request_success", "Finished requests, by finish reason (stop, length, abort, ...).", ("finished_reason",))
+        self._admission_rejections = counter(
+            "admission_rejections", "Requests refused before running, by reason (queue_full, ...).", ("reason",))
+        # What the sparse methods save.
+        self.attention_density = gauge(
+            "attention_density",
+            "Fraction of attention score entries computed under the active sparse-attention schedule (1 = dense).",
+        ).labels(model_name)
+        self.attention_skipped_heads = gauge(
+            "attention_skipped_heads", "Attention heads the active schedule skips or reuses instead of computing.",
+        ).labels(model_name)
+        self.model_compression_ratio = gauge(
+            "model_compression_ratio",
+            "Fraction of decoder-linear parameters the loaded checkpoint removed (0 = dense).",
+        ).labels(model_name)
+        self.sirius_advances = counter(
+            "sirius_advances", "Sirius correction rounds (drafts verified); pair with sirius_advance_tokens.",
+        ).labels(model_name)
+        self.sirius_advance_tokens = counter(
+            "sirius_advance_tokens",
+            "Tokens committed by Sirius rounds; rate(sirius_advance_tokens)/rate(sirius_advances) is the mean "
+            "advance length.",
+        ).labels(model_name)
+        self.attention_density.set(1.0)
+
+    def request_success(self, finished_reason: str) -> None:
+        """Count one finished request under its OpenAI/vLLM finish reason."""
+        self._request_success.labels(self.model_name, finished_reason).inc()
+
+    def admission_rejection(self, reason: str) -> None:
+        """Count one request refused before it ran (e.g. a full queue answered with 429)."""
+        self._admission_rejections.labels(self.model_name, reason).inc()
+
+    def observe_finished_text(self, *, e2e: float, ttft: float | None, generated_tokens: int) -> None:
+        """Record the per-request latencies of a finished text request (vLLM's TPOT definition)."""
+        self.e2e_request_latency.observe(e2e)
+        if ttft is not None and generated_tokens > 1:
+            self.time_per_output_token.observe((e2e - ttft) / (generated_tokens - 1))
+
+
+def compression_ratio(model_dir: str | Path) -> float:
+    """Fraction of parameters the checkpoint in ``model_dir`` removed; 0.0 for a dense model.
+
+    The checkpoint format belongs to ``slimserve.loaders``; its ``compression_summary`` is
+    looked up at call time so that this module keeps working while the format evolves.
+    Folders without a root ``config.json`` (diffusers pipelines) are dense by definition here.
+    """
+    try:
+        from slimserve.loaders import checkpoint
+    except ModuleNotFoundError:
+        return 0.0
+    if not hasattr(checkpoint, "compression_summary") or not (Path(model_dir) / "config.json").is_file():
+        return 0.0
+    summary: Mapping[str, float] = checkpoint.compression_summary(model_dir)
+    return float(summary["ratio"])

