@@ -48,5 +48,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Add a subcommand by writing an ``@subcommand``-decorated ``_add_<name>`` below.
 
 
+@subcommand
+def _add_vdit_search(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "vdit-search", help="search a Sparse-vDiT attention schedule for a diffusers video pipeline",
+        description="Runs the pipeline once on calibration prompts, picks one attention mode per "
+                    "(step, layer, head), saves sparse_vdit_schedule.json next to the model and prints "
+                    "the mode histogram per layer and the theoretical attention-FLOP reduction.")
+    parser.add_argument("model", help="diffusers pipeline folder (Wan, HunyuanVideo or CogVideoX)")
+    parser.add_argument("--prompt", action="append", required=True, help="calibration prompt (repeatable)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
+    parser.add_argument("--num-frames", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the density cost")
+    parser.add_argument("--epsilon", type=float, default=1.0, help="keep full attention when every cost exceeds this")
+    parser.add_argument("--block-size", type=int, default=128, help="attention tile size")
+    parser.add_argument("--backend", default="auto", help="auto, flex, flex_eager, sdpa or xformers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="schedule file or folder (default: the model folder)")
+
+    def handler(args: argparse.Namespace) -> int:
+        from slimserve.plugin.diffusers.runtime import search_folder
+
+        sizes = {"num_frames": args.num_frames, "height": args.height, "width": args.width,
+                 "guidance_scale": args.guidance_scale}
+        schedule, path = search_folder(
+            args.model, args.prompt, out=args.out, seed=args.seed, lam=args.lam, eps=args.epsilon,
+            block_size=args.block_size, backend=args.backend, num_inference_steps=args.steps,
+            **{k: v for k, v in sizes.items() if v is not None},
+        )
+        print(schedule.report())
+        print(f"wrote {path}")
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
 if __name__ == "__main__":
     sys.exit(main())
