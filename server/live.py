@@ -64,20 +64,24 @@ class ServerProcess:
     """A server started as a child process in its own process group, logging to a file."""
 
     def __init__(self, argv: Sequence[str], port: int, log_path: str | Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, start_timeout: float = 120.0) -> None:
         self.argv = list(argv)
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = Path(log_path)
         self.env = dict(os.environ if env is None else env)
+        self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120.0) -> ServerProcess:
+    def start(self) -> ServerProcess:
+        """Start the process and wait until it is healthy (``with`` calls this)."""
+        if self.process is not None:
+            raise RuntimeError("server already started")
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                         start_new_session=True)
         try:
-            wait_until_healthy(self.base_url, timeout, alive=lambda: self.process.poll() is None)
+            wait_until_healthy(self.base_url, self.start_timeout, alive=lambda: self.process.poll() is None)
         except BaseException:
             self.stop()
             raise RuntimeError(f"server failed to start; log:\n{self.log_tail()}") from None

@@ -22,6 +22,7 @@ from PIL import Image
 
 from slimserve.server.engines.base import (
     Engine,
+    EngineRequestError,
     ImageEngine,
     ImageRequest,
     SparsityReport,
@@ -47,6 +48,7 @@ class _DiffusersEngine(Engine):
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self.call_parameters = frozenset(inspect.signature(pipe.__call__).parameters)
+        self.size_multiple = _size_multiple(pipe)
         self.schedule = schedule
         if schedule is not None:
             from slimserve.plugin.diffusers import apply
@@ -60,6 +62,10 @@ class _DiffusersEngine(Engine):
 
     def _call(self, request: ImageRequest | VideoRequest, on_step: StepCallback, **task_args: Any) -> Any:
         """Run the pipeline with the request's settings, reporting every denoising step."""
+        for side in (request.width, request.height):
+            if side is not None and side % self.size_multiple:
+                raise EngineRequestError(f"width and height must be multiples of {self.size_multiple} for "
+                                         f"{self.model_name}", param="size")
         steps = request.num_inference_steps or self._default_steps()
         args: dict[str, Any] = {
             "prompt": request.prompt,
@@ -92,6 +98,14 @@ class _DiffusersEngine(Engine):
     def _default_steps(self) -> int:
         default = inspect.signature(self.pipe.__call__).parameters.get("num_inference_steps")
         return int(default.default) if default is not None and default.default is not None else 50
+
+
+def _size_multiple(pipe: Any) -> int:
+    """Pixel sizes must divide into whole VAE latents and then whole transformer patches."""
+    vae_factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+    patch = getattr(pipe.transformer.config, "patch_size", 1) or 1
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+    return int(vae_factor) * int(patch)
 
 
 class DiffusersImageEngine(_DiffusersEngine, ImageEngine):

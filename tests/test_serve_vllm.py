@@ -1,0 +1,82 @@
+"""`slimserve serve` dispatch, and causal LMs on vLLM's own OpenAI server with slimserve's metrics.
+
+The slow test starts ``slimserve serve`` on a tiny Llama exactly as a user would; the process
+execs vLLM's server, which loads slimserve's stat-logger plugin through its entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from slimserve.plugin.metrics import compression_ratio
+from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
+from slimserve.server.launch import EngineKind, ModelFolderError, detect_engine_kind, vllm_command
+from slimserve.server.live import ServerProcess, free_port
+from tests.test_server_app import metric_value
+from tests.test_server_diffusers import SLIMSERVE
+
+
+def test_engine_kind_follows_the_folder(tiny_llama: Path, tmp_path: Path) -> None:
+    assert detect_engine_kind(tiny_llama) is EngineKind.VLLM
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    assert detect_engine_kind(tmp_path / "pipe") is EngineKind.DIFFUSERS
+    assert detect_engine_kind(build_tiny_diffusion_lm(tmp_path / "dllm")) is EngineKind.DIFFUSION_LM
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(ModelFolderError, match="BertModel"):
+        detect_engine_kind(tmp_path / "bert")
+    with pytest.raises(ModelFolderError, match="neither"):
+        detect_engine_kind(tmp_path)
+
+
+def test_vllm_command_sets_cpu_defaults_without_overriding(tiny_llama: Path) -> None:
+    argv, env = vllm_command(tiny_llama, served_model_name="tiny", host="127.0.0.1", port=1234, api_key="k",
+                             extra_args=["--dtype", "float32"], environ={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[3:] == ["--model", str(tiny_llama), "--served-model-name", "tiny", "--host", "127.0.0.1",
+                        "--port", "1234", "--api-key", "k", "--dtype", "float32"]
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def test_dense_model_compression_ratio_is_zero(tiny_llama: Path) -> None:
+    assert compression_ratio(tiny_llama) == 0.0
+
+
+@pytest.mark.slow
+def test_vllm_server_answers_openai_and_exports_slimserve_metrics(tiny_llama: Path, tmp_path: Path) -> None:
+    port = free_port()
+    argv = [SLIMSERVE, "serve", str(tiny_llama), "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", "tiny-llama", "--api-key", "k",
+            "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with ServerProcess(argv, port, tmp_path / "vllm.log", env=env, start_timeout=240) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="k", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["tiny-llama"]
+        result = client.completions.create(model="tiny-llama", prompt="Return the", max_tokens=5, temperature=0)
+        assert result.usage.completion_tokens == 5
+        chunks = list(client.completions.create(model="tiny-llama", prompt="Return the", max_tokens=5,
+                                                temperature=0, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == result.choices[0].text
+        assert chunks[-1].usage.completion_tokens == 5
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.base_url + "/v1", api_key="bad", max_retries=0).models.list()
+
+        text = httpx.get(server.base_url + "/metrics").text
+        labels = {"model_name": "tiny-llama"}
+        assert metric_value(text, "vllm:time_to_first_token_seconds_count", **labels) >= 2
+        assert metric_value(text, "vllm:e2e_request_latency_seconds_count", **labels) >= 2
+        # slimserve's stat-logger plugin mirrors the same statistics and adds what slimserve knows.
+        assert metric_value(text, "slimserve:time_to_first_token_seconds_count", **labels) >= 2
+        assert metric_value(text, "slimserve:e2e_request_latency_seconds_count", **labels) >= 2
+        assert metric_value(text, "slimserve:generation_tokens_total", **labels) >= 10
+        assert metric_value(text, "slimserve:request_success_total", finished_reason="length") >= 2
+        assert "slimserve:model_compression_ratio{" in text
+        assert metric_value(text, "slimserve:model_compression_ratio", **labels) == 0.0

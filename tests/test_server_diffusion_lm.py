@@ -1,0 +1,106 @@
+"""`slimserve serve` on a tiny masked-diffusion LM, called with the real `openai` client.
+
+The server runs as a child process with an API key, as a user would start it; the tests
+cover completions, chat streaming with usage, stop strings, the diffusion knobs passed
+through ``extra_body``, errors, authentication and the latency histograms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import torch
+import openai
+import pytest
+
+from slimserve.server.engines.base import TextRequest
+from slimserve.server.engines.diffusion_lm import load_diffusion_lm_engine
+from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
+from slimserve.server.live import ServerProcess, free_port
+from tests.test_server_app import metric_value
+from tests.test_server_diffusers import SLIMSERVE
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_diffusion_lm(tmp_path_factory.mktemp("dllm") / "model", steps=8, block_length=4)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    port = free_port()
+    argv = [SLIMSERVE, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", "tiny-dllm", "--api-key", API_KEY]
+    with ServerProcess(argv, port, tmp_path_factory.mktemp("dllm_log") / "server.log") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def test_sampler_is_bidirectional_and_blockwise(model_dir: Path) -> None:
+    engine = load_diffusion_lm_engine(model_dir, "tiny-dllm")
+    steps: list[tuple[int, int]] = []
+    deltas = list(engine.generate_text(TextRequest(prompt="hello", max_tokens=10, temperature=0.0),
+                                       lambda done, total: steps.append((done, total))))
+    # 10 tokens in blocks of 4 -> 3 blocks; 8 steps rounded up to a multiple of the block count.
+    assert len(deltas) == 3 and steps[-1] == (9, 9)
+    assert [d.num_tokens for d in deltas] == [4, 4, 2] and deltas[-1].finish_reason == "length"
+    # Position 0 sees the whole sequence: changing only the last prompt token changes its logits.
+    ids = engine.tokenizer("one two three", return_tensors="pt")["input_ids"]
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % engine.mask_token_id
+    full = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=bool)
+    first = engine.model(input_ids=ids, attention_mask=full).logits[0, 0]
+    second = engine.model(input_ids=changed, attention_mask=full).logits[0, 0]
+    assert (first - second).abs().max() > 0
+
+
+def test_completion_is_deterministic_at_temperature_zero(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny-dllm"]
+    args = dict(model="tiny-dllm", prompt="The quick brown fox", max_tokens=8, temperature=0)
+    first = client.completions.create(**args)
+    assert first.choices[0].finish_reason in ("length", "stop")
+    assert first.usage.prompt_tokens > 0 and 0 < first.usage.completion_tokens <= 8
+    assert client.completions.create(**args).choices[0].text == first.choices[0].text
+
+
+def test_chat_stream_blocks_and_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model="tiny-dllm", messages=[{"role": "user", "content": "Say something"}], max_tokens=12,
+        temperature=0.7, seed=1, stream=True, stream_options={"include_usage": True},
+        extra_body={"steps": 6, "block_length": 4}))
+    content = [c for c in chunks if c.choices]
+    assert content[0].choices[0].delta.role == "assistant"
+    assert content[-1].choices[0].finish_reason in ("length", "stop")
+    assert all(c.usage is None for c in content)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    if content[-1].choices[0].finish_reason == "length":
+        assert len(content) == 3 and usage.completion_tokens == 12  # one chunk per block of 4
+
+
+def test_errors_and_auth(client: openai.OpenAI, server: ServerProcess) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-dllm", prompt="x", max_tokens=1, extra_body={"steps": 0})
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_metrics_after_streaming(client: openai.OpenAI, server: ServerProcess) -> None:
+    list(client.completions.create(model="tiny-dllm", prompt="a", max_tokens=8, stream=True))
+    text = httpx.get(server.base_url + "/metrics").text
+    labels = {"model_name": "tiny-dllm"}
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "denoise_step_seconds"):
+        assert metric_value(text, f"slimserve:{name}_count", **labels) >= 1, name
+    assert metric_value(text, "slimserve:generation_tokens_total", **labels) >= 8
+    assert metric_value(text, "slimserve:prompt_tokens_total", **labels) >= 1
