@@ -49,6 +49,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @subcommand
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    def add_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--host", default="0.0.0.0")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+        parser.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
+        parser.add_argument("--max-running", type=int, default=1, help="requests run at once (slimserve app)")
+        parser.add_argument("--max-waiting", type=int, default=16, help="queued requests before 429 (slimserve app)")
+
+    parser = subparsers.add_parser(
+        "serve", help="serve a model folder over an OpenAI-compatible HTTP API",
+        description="Causal LMs run on vLLM's OpenAI server (arguments after -- go to vLLM, e.g. "
+                    "-- --dtype float32); diffusers pipelines and diffusion LMs run on slimserve's FastAPI app.")
+    parser.add_argument("model", help="model folder")
+    add_options(parser)
+    # argparse cannot put options both before and after a positional and still stop at "--", so the
+    # rest is split here: slimserve's options up to "--", vLLM's after it.
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def handler(args: argparse.Namespace) -> int:
+        from slimserve.server.launch import serve
+
+        split = args.rest.index("--") if "--" in args.rest else len(args.rest)
+        trailing = argparse.ArgumentParser(prog="slimserve serve MODEL")
+        add_options(trailing)
+        trailing.parse_args(args.rest[:split], namespace=args)
+        return serve(args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+                     api_key=args.api_key, extra_args=args.rest[split + 1:], max_running=args.max_running,
+                     max_waiting=args.max_waiting)
+
+    parser.set_defaults(handler=handler)
+
+
+@subcommand
 def _add_vdit_search(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "vdit-search", help="search a Sparse-vDiT attention schedule for a diffusers video pipeline",
