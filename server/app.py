@@ -74,6 +74,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500)
 }
 _BEARER = HTTPBearer(auto_error=False)
+_IGNORED_FIELDS_LOG_SECONDS = 60.0
+_TEXT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A completion, or an SSE stream of chunks when `stream` is true.",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+}
 # How often a waiting non-streaming request checks whether its client is still there.
 _DISCONNECT_POLL_SECONDS = 0.05
 
@@ -202,7 +207,7 @@ class SlimserveApp:
         self.metrics.model_compression_ratio.set(report.compression_ratio)
         self.runner: EngineRunner | None = None
         self.videos: dict[str, _VideoJob] = {}
-        self._warned_fields: set[tuple[str, ...]] = set()
+        self._last_ignored_warning = float("-inf")
 
     # ---- shared checks ----------------------------------------------------------------
 
@@ -211,11 +216,12 @@ class SlimserveApp:
             raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
     def note_ignored(self, body: RequestBody) -> None:
-        """Log unknown request fields once per distinct set, instead of failing or flooding logs."""
-        ignored = tuple(body.ignored_fields())
-        if ignored and ignored not in self._warned_fields:
-            self._warned_fields.add(ignored)
-            logger.warning("ignoring request fields not used by slimserve: %s", ", ".join(ignored))
+        """Log unknown request fields at most once a minute, instead of failing or flooding logs."""
+        ignored = body.ignored_fields()
+        now = time.monotonic()
+        if ignored and now - self._last_ignored_warning >= _IGNORED_FIELDS_LOG_SECONDS:
+            self._last_ignored_warning = now
+            logger.warning("ignoring request fields not used by slimserve: %s", ", ".join(map(repr, ignored)))
 
     def check_steps(self, steps: int | None) -> None:
         if steps is not None and steps > self.config.max_steps:
@@ -540,13 +546,13 @@ def create_app(engine: Engine, config: ServerConfig | None = None, model_root: s
         return ModelList(data=[ModelCard(id=engine.model_name, created=state.created, root=state.model_root)])
 
     if isinstance(engine, TextEngine):
-        @v1.post("/completions", response_model=None)
+        @v1.post("/completions", response_model=None, responses=_TEXT_RESPONSES)
         async def completions(body: CompletionRequest, request: Request) -> Response:
             state.check_model(body.model)
             state.note_ignored(body)
             return await state.complete(body, body.prompt_text(), chat=False, http_request=request)
 
-        @v1.post("/chat/completions", response_model=None)
+        @v1.post("/chat/completions", response_model=None, responses=_TEXT_RESPONSES)
         async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
             state.check_model(body.model)
             state.note_ignored(body)

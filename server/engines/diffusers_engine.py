@@ -130,7 +130,7 @@ def load_diffusers_engine(model_dir: str | Path, model_name: str,
     """Load the pipeline in ``model_dir`` and wrap it in the engine for its task."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
     produces_video = "num_frames" in inspect.signature(pipe.__call__).parameters
     engine_class = DiffusersVideoEngine if produces_video else DiffusersImageEngine
     return engine_class(pipe, model_name, schedule)

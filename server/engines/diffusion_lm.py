@@ -158,7 +158,7 @@ def load_diffusion_lm_engine(model_dir: str | Path, model_name: str) -> Diffusio
     model_dir = Path(model_dir)
     marker = json.loads((model_dir / "config.json").read_text())[MARKER]
     config = AutoConfig.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return DiffusionLMEngine(model, tokenizer, model_name, mask_token_id=int(marker["mask_token_id"]),
                              steps=int(marker["steps"]), block_length=int(marker["block_length"]))
