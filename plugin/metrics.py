@@ -50,71 +50,75 @@ class SlimserveMetrics:
     def __init__(self, model_name: str, registry: CollectorRegistry = REGISTRY) -> None:
         labels = ["model_name"]
 
+        # Families labelled by model name only come back bound to this model.
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=registry)
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=registry).labels(model_name)
 
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(PREFIX + name, doc, [*labels, *extra], registry=registry)
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=registry).labels(model_name)
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, labels, registry=registry)
+            return Gauge(PREFIX + name, doc, labels, registry=registry).labels(model_name)
+
+        def counter_by(name: str, doc: str, label: str) -> Counter:
+            return Counter(PREFIX + name, doc, [*labels, label], registry=registry)
 
         self.model_name = model_name
         # Latency, with vLLM's meanings.
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds", "Time from arrival to the first generated content.",
-            TIME_TO_FIRST_TOKEN_BUCKETS).labels(model_name)
+            TIME_TO_FIRST_TOKEN_BUCKETS)
         self.inter_token_latency = histogram(
             "inter_token_latency_seconds", "Time between consecutive streamed outputs of one request.",
-            INTER_TOKEN_LATENCY_BUCKETS).labels(model_name)
+            INTER_TOKEN_LATENCY_BUCKETS)
         self.time_per_output_token = histogram(
             "request_time_per_output_token_seconds",
             "Per request: (e2e latency - time to first token) / (generated tokens - 1).",
-            INTER_TOKEN_LATENCY_BUCKETS).labels(model_name)
+            INTER_TOKEN_LATENCY_BUCKETS)
         self.e2e_request_latency = histogram(
             "e2e_request_latency_seconds", "Time from arrival to the last byte of the result.",
-            REQUEST_LATENCY_BUCKETS).labels(model_name)
+            REQUEST_LATENCY_BUCKETS)
         self.request_queue_time = histogram(
             "request_queue_time_seconds", "Time a request waited for a free engine slot.",
-            REQUEST_LATENCY_BUCKETS).labels(model_name)
+            REQUEST_LATENCY_BUCKETS)
         self.request_inference_time = histogram(
             "request_inference_time_seconds", "Time a request spent running on the engine.",
-            REQUEST_LATENCY_BUCKETS).labels(model_name)
+            REQUEST_LATENCY_BUCKETS)
         self.denoise_step = histogram(
             "denoise_step_seconds", "Duration of one denoising step (diffusion pipelines and diffusion LMs).",
-            DENOISE_STEP_BUCKETS).labels(model_name)
+            DENOISE_STEP_BUCKETS)
         # Load.
-        self.num_requests_running = gauge("num_requests_running", "Requests running on the engine.").labels(model_name)
-        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting for an engine slot.").labels(model_name)
+        self.num_requests_running = gauge("num_requests_running", "Requests running on the engine.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting for an engine slot.")
         # Work done.
-        self.prompt_tokens = counter("prompt_tokens", "Prefilled prompt tokens.").labels(model_name)
-        self.generation_tokens = counter("generation_tokens", "Generated tokens.").labels(model_name)
-        self.generated_images = counter("generated_images", "Images generated.").labels(model_name)
-        self.generated_video_frames = counter("generated_video_frames", "Video frames generated.").labels(model_name)
-        self._request_success = counter(
-            "request_success", "Finished requests, by finish reason (stop, length, abort, ...).", ("finished_reason",))
-        self._admission_rejections = counter(
-            "admission_rejections", "Requests refused before running, by reason (queue_full, ...).", ("reason",))
+        self.prompt_tokens = counter("prompt_tokens", "Prefilled prompt tokens.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.generated_images = counter("generated_images", "Images generated.")
+        self.generated_video_frames = counter("generated_video_frames", "Video frames generated.")
+        self._request_success = counter_by(
+            "request_success", "Finished requests, by finish reason (stop, length, abort, ...).", "finished_reason")
+        self._admission_rejections = counter_by(
+            "admission_rejections", "Requests refused before running, by reason (queue_full, ...).", "reason")
         # What the sparse methods save.
         self.attention_density = gauge(
             "attention_density",
             "Fraction of attention score entries computed under the active sparse-attention schedule (1 = dense).",
-        ).labels(model_name)
+        )
         self.attention_skipped_heads = gauge(
             "attention_skipped_heads", "Attention heads the active schedule skips or reuses instead of computing.",
-        ).labels(model_name)
+        )
         self.model_compression_ratio = gauge(
             "model_compression_ratio",
             "Fraction of decoder-linear parameters the loaded checkpoint removed (0 = dense).",
-        ).labels(model_name)
+        )
         self.sirius_advances = counter(
             "sirius_advances", "Sirius correction rounds (drafts verified); pair with sirius_advance_tokens.",
-        ).labels(model_name)
+        )
         self.sirius_advance_tokens = counter(
             "sirius_advance_tokens",
             "Tokens committed by Sirius rounds; rate(sirius_advance_tokens)/rate(sirius_advances) is the mean "
             "advance length.",
-        ).labels(model_name)
+        )
         self.attention_density.set(1.0)
 
     def request_success(self, finished_reason: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,29 +21,27 @@ from slimserve.testing import train_tokenizer
 _PAD_TOKEN = "<pad>"
 
 
-def _text_encoder_tokenizer(out_dir: Path) -> None:
-    """Train the shared byte-level BPE and give it the pad token diffusers pipelines need."""
+def _text_encoder(out: Path, config_class: type, model_class: type, seed: int, **config: int) -> tuple[Any, Any]:
+    """Seed, then build the pipeline's tokenizer (shared BPE plus a pad token) and text encoder."""
     from transformers import AutoTokenizer
 
-    train_tokenizer(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    torch.manual_seed(seed)
+    tokenizer_dir = out / "tokenizer"
+    train_tokenizer(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer.add_special_tokens({"pad_token": _PAD_TOKEN})
-    tokenizer.save_pretrained(str(out_dir))
+    encoder = model_class(config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config))
+    return tokenizer, encoder
 
 
 def build_tiny_pixart_sigma(out_dir: str | Path, seed: int = 0) -> Path:
     """Save a tiny text-to-image ``PixArtSigmaPipeline`` (a DiT) with random weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     out = Path(out_dir)
-    torch.manual_seed(seed)
-    _text_encoder_tokenizer(out / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                 pad_token_id=tokenizer.pad_token_id)
-    )
+    tokenizer, text_encoder = _text_encoder(out, T5Config, T5EncoderModel, seed, d_model=32, d_kv=8, d_ff=37,
+                                            num_layers=2, num_heads=4)
     transformer = PixArtTransformer2DModel(
         sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
         caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8,
@@ -64,16 +63,11 @@ def build_tiny_pixart_sigma(out_dir: str | Path, seed: int = 0) -> Path:
 def build_tiny_wan(out_dir: str | Path, seed: int = 0) -> Path:
     """Save a tiny text-to-video ``WanPipeline`` with random weights."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
     out = Path(out_dir)
-    torch.manual_seed(seed)
-    _text_encoder_tokenizer(out / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
-                   pad_token_id=tokenizer.pad_token_id)
-    )
+    tokenizer, text_encoder = _text_encoder(out, UMT5Config, UMT5EncoderModel, seed, d_model=16, d_kv=4, d_ff=32,
+                                            num_layers=1, num_heads=4)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
