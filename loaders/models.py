@@ -36,3 +36,19 @@ def decoder_linear_modules(tensor_names: Iterable[str]) -> list[str]:
 def _layer_order(module: str) -> tuple[int, str]:
     layer = int(re.search(r"\.layers\.(\d+)\.", module).group(1))
     return layer, module
+
+
+def linear_shape(config: Mapping[str, Any], module: str) -> tuple[int, int]:
+    """The dense ``[out, in]`` shape of a decoder linear, from the model's config.json."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    inter = config["intermediate_size"]
+    leaf = module.rsplit(".", 1)[-1]
+    shapes = {
+        "q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
+        "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+    }
+    return shapes[leaf]

@@ -27,11 +27,10 @@ def local_text(min_chars: int = 200_000) -> str:
     import logging
     import pathlib
     import subprocess
-    import typing
     import unittest
 
     chunks: list[str] = []
-    for module in (collections, logging, argparse, subprocess, pathlib, typing, unittest, email, json_module):
+    for module in (collections, logging, argparse, subprocess, pathlib, unittest, email, json_module):
         for _, obj in inspect.getmembers(module):
             doc = inspect.getdoc(obj)
             if doc:

@@ -5,8 +5,21 @@ from __future__ import annotations
 import torch
 
 from slimserve.loaders.checkpoint import CheckpointWriter
+from slimserve.loaders.errors import CheckpointError
 from slimserve.loaders.schemes.base import index_dtype_for
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
+
+
+def check_pair_shapes(module: str, first: torch.Tensor, second: torch.Tensor, expected: tuple[int, int],
+                      *, file: str, first_name: str, second_name: str, layout: str) -> None:
+    """Refuse a pair whose product is not the layer's ``[out, in]`` (e.g. the other project's orientation)."""
+    out_features, in_features = expected
+    if first.dim() != 2 or second.dim() != 2 or first.shape[1] != in_features or second.shape[0] != out_features \
+            or first.shape[0] != second.shape[1]:
+        raise CheckpointError(
+            f"has shape {list(second.shape)} and {first_name} has shape {list(first.shape)}; "
+            f"their product must be the layer's [{out_features}, {in_features}]",
+            file=file, tensor=second_name, expected=layout)
 
 
 def add_factor_pair(writer: CheckpointWriter, module: str, first: torch.Tensor, second: torch.Tensor,

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
-from slimserve.loaders.converters.factors import add_factor_pair
+from slimserve.loaders.converters.factors import add_factor_pair, check_pair_shapes
 from slimserve.loaders.errors import CheckpointError
-from slimserve.loaders.models import DECODER_LINEAR, check_architecture
+from slimserve.loaders.models import DECODER_LINEAR, check_architecture, linear_shape
 
 _FACTOR = re.compile(r"^(?P<module>.*\.layers\.\d+\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)_(?P<which>[uv])\.weight$")
 
@@ -45,11 +45,9 @@ def convert_rocket(src: str | Path, out: str | Path) -> Path:
                 raise CheckpointError("missing", file=ckpt.path, tensor=f"{module}_{which}.weight",
                                       expected=f"both {module}_u.weight and {module}_v.weight")
         first, second = ckpt.tensor(names["u"]), ckpt.tensor(names["v"])
-        if first.shape[0] != second.shape[1]:
-            raise CheckpointError(
-                f"has shape {list(second.shape)} but {names['u']} has shape {list(first.shape)}",
-                file=ckpt.tensors[names["v"]].file, tensor=names["v"],
-                expected="ROCKET layout: _u [r, in] applied first, _v [out, r] (is this an SVD-LLM checkpoint?)")
+        check_pair_shapes(module, first, second, linear_shape(ckpt.config, module),
+                          file=str(ckpt.tensors[names["v"]].file), first_name=names["u"], second_name=names["v"],
+                          layout="ROCKET layout: _u [r, in] applied first, _v [out, r] (is this an SVD-LLM checkpoint?)")
         add_factor_pair(writer, module, first, second, dtype or first.dtype)
     copy_aux_files(src, out)
     return writer.finish()

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
-from slimserve.loaders.converters.factors import add_factor_pair
+from slimserve.loaders.converters.factors import add_factor_pair, check_pair_shapes
 from slimserve.loaders.errors import CheckpointError
-from slimserve.loaders.models import DECODER_LINEAR, check_architecture
+from slimserve.loaders.models import DECODER_LINEAR, check_architecture, linear_shape
 
 _FACTOR = re.compile(r"^(?P<parent>.*\.layers\.\d+\.(?:self_attn|mlp))\.(?P<proj>q|k|v|o|gate|up|down)_(?P<which>[uv])_proj\.weight$")
 
@@ -78,11 +78,9 @@ def convert_svdllm(src: str | Path, out: str | Path, base: str | Path) -> Path:
                 raise CheckpointError("missing", file=src, tensor=f"{stem}_{which}_proj.weight",
                                       expected="both the _u_proj [out, r] and _v_proj [r, in] factors")
         u, v = factors["u"], factors["v"]
-        if u.shape[1] != v.shape[0]:
-            raise CheckpointError(
-                f"has shape {list(u.shape)} but {stem}_v_proj.weight has shape {list(v.shape)}",
-                file=src, tensor=f"{stem}_u_proj.weight",
-                expected="SVD-LLM layout: _u_proj [out, r], _v_proj [r, in] (is this a ROCKET checkpoint?)")
+        check_pair_shapes(module, v, u, linear_shape(base_ckpt.config, module), file=str(src),
+                          first_name=f"{stem}_v_proj.weight", second_name=f"{stem}_u_proj.weight",
+                          layout="SVD-LLM layout: _u_proj [out, r], _v_proj [r, in] (is this a ROCKET checkpoint?)")
         add_factor_pair(writer, module, v, u, dtype)
         written.add(f"{module}.weight")
     for name, tensor in iter_tensors(base_ckpt):

@@ -25,6 +25,6 @@ class EllMatmul:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         if z.dtype == torch.float32 and z.device.type == "cpu":
-            return (self.csr @ z.t()).t()
+            return (self.csr @ z.t()).t().contiguous()
         gathered = z[:, self.indices]  # [N, out, s]
         return (gathered * self.values.to(z.dtype)).sum(dim=-1)
