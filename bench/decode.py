@@ -1,0 +1,169 @@
+"""Decode throughput and memory of dense vs lowrank vs dictsparse checkpoints in real vLLM.
+
+Every variant is the same memory-bound Llama (hidden 2048, FFN 5632, 8 layers, 16/4 heads,
+bf16) served by the same vLLM with the slimserve plugin, one fresh process per variant, in
+one run; ratios are to the dense figure of that run. Factor values are random: speed and
+memory depend on shapes and storage, not on the values (quality is measured elsewhere).
+
+Decode rate = generated tokens / (time for 1 + T tokens − time for 1 token), so prefill and
+scheduling start-up cancel out.
+
+    python bench/decode.py                  # all variants, prints and writes bench/README.md
+    python bench/decode.py --variants dense lowrank-0.3 --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from slimserve.loaders.checkpoint import CheckpointWriter, compression_summary, copy_aux_files, iter_tensors, open_checkpoint
+from slimserve.loaders.compress.budget import dictsparse_sizes, lowrank_rank
+from slimserve.loaders.models import decoder_linear_modules
+from slimserve.loaders.schemes.dictsparse import dense_to_coef
+from slimserve.testing import build_tiny_causal_lm
+
+MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,
+             vocab_size=512, dtype=torch.bfloat16)
+VARIANTS = ["dense"] + [f"{scheme}-{r}" for scheme in ("lowrank", "dictsparse") for r in ("0.2", "0.3", "0.5")]
+
+_RUNNER = r"""
+import json, os, sys, time
+import psutil
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    args = json.loads(sys.argv[1])
+    llm = LLM(model=args["model"], dtype="bfloat16", enforce_eager=True, max_model_len=512,
+              max_num_seqs=max(args["batches"]), seed=0)
+    prompt = "The history of the city begins with a small settlement on the river"
+    result = {}
+    def run(batch, tokens):
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate([prompt] * batch, params, use_tqdm=False)
+        return time.perf_counter() - start
+    for batch in args["batches"]:
+        run(batch, 8)  # warm-up
+        rates = []
+        for _ in range(args["repeats"]):
+            t1, tn = run(batch, 1), run(batch, 1 + args["tokens"])
+            rates.append(batch * args["tokens"] / (tn - t1))
+        result[f"b{batch}"] = sorted(rates)[len(rates) // 2]
+    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+    hwm = 0
+    for p in procs:
+        try:
+            for line in open(f"/proc/{p.pid}/status"):
+                if line.startswith("VmHWM:"):
+                    hwm = max(hwm, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+    result["peak_rss"] = hwm
+    print("BENCH_RESULT=" + json.dumps(result), flush=True)
+"""
+
+
+def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
+    """Write a checkpoint of ``variant`` with random factors of the budgeted shapes."""
+    if variant == "dense":
+        return dense_dir
+    scheme, ratio = variant.rsplit("-", 1)
+    ratio = float(ratio)
+    ckpt = open_checkpoint(dense_dir)
+    modules = decoder_linear_modules(ckpt.tensors)
+    writer = CheckpointWriter(out, ckpt.config, producer={"method": f"bench-random-{scheme}", "ratio": ratio})
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in iter_tensors(ckpt):
+        if name.removesuffix(".weight") not in modules:
+            writer.add_tensor(name, tensor)
+    for module in modules:
+        out_features, in_features = ckpt.tensors[f"{module}.weight"].shape
+        scale = in_features ** -0.5
+        if scheme == "lowrank":
+            r = lowrank_rank(out_features, in_features, ratio)
+            tensors = {"u": torch.randn(out_features, r, generator=generator) * scale,
+                       "v": torch.randn(r, in_features, generator=generator) * scale}
+            fields = {"rank": r}
+        else:
+            k, s = dictsparse_sizes(out_features, in_features, ratio)
+            values, indices = dense_to_coef(torch.randn(out_features, k, generator=generator) * scale, s)
+            tensors = {"dictionary": torch.randn(k, in_features, generator=generator) * scale,
+                       "coef_values": values, "coef_indices": indices}
+            fields = {"atoms": k, "nnz": s}
+        writer.add_module(module, scheme, {k: v.to(MODEL["dtype"]) if v.is_floating_point() else v for k, v in tensors.items()},
+                          in_features=in_features, out_features=out_features, **fields)
+    copy_aux_files(dense_dir, out)
+    return writer.finish()
+
+
+def measure(model: Path, batches: list[int], tokens: int, repeats: int) -> dict[str, float]:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    args = json.dumps({"model": str(model), "batches": batches, "tokens": tokens, "repeats": repeats})
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, args], env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT="):
+            return json.loads(line.split("=", 1)[1])
+    raise RuntimeError(f"benchmark run of {model} failed:\n{proc.stderr[-4000:]}")
+
+
+def weight_bytes(model: Path) -> int:
+    return sum(f.stat().st_size for f in model.glob("*.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--readme", type=Path, default=Path(__file__).with_name("README.md"))
+    args = parser.parse_args()
+    if "dense" not in args.variants:
+        args.variants = ["dense", *args.variants]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_dir = build_tiny_causal_lm(Path(tmp) / "dense", "llama", **MODEL, weight_std=0.02)
+        for variant in args.variants:
+            model = write_variant(dense_dir, Path(tmp) / variant, variant)
+            result = measure(model, args.batches, args.tokens, args.repeats)
+            summary = compression_summary(model)
+            rows.append({"variant": variant, "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
+                         "weights": weight_bytes(model), **result})
+            print(json.dumps(rows[-1]), flush=True)
+    dense = rows[0]
+    header = ["variant", "params removed", "bytes removed", "weights MiB", "peak RSS MiB"]
+    header += [f"b{b} tok/s" for b in args.batches] + [f"b{b} vs dense" for b in args.batches]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["variant"], f"{row['ratio']:.1%}", f"{row['bytes_ratio']:.1%}", f"{row['weights'] / 2**20:.0f}",
+                 f"{row['peak_rss'] / 2**20:.0f}"]
+        cells += [f"{row[f'b{b}']:.1f}" for b in args.batches]
+        cells += [f"{row[f'b{b}'] / dense[f'b{b}']:.2f}x" for b in args.batches]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    command = "python bench/decode.py " + " ".join(sys.argv[1:])
+    section = (f"## Decode throughput in vLLM (issue 2)\n\nCommand: `{command.strip()}`\n\n"
+               f"Llama hidden 2048, FFN 5632, 8 layers, bf16, vllm-cpu 0.32.0, 2 cores, {args.tokens} decoded "
+               f"tokens, median of {args.repeats}.\n\n{table}\n")
+    update_readme(args.readme, "## Decode throughput in vLLM (issue 2)", section)
+
+
+def update_readme(readme: Path, heading: str, section: str) -> None:
+    """Replace (or append) one ``## `` section of bench/README.md, leaving the others alone."""
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n\nEach table lists the command that produced it.\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
