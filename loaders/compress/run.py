@@ -1,38 +1,84 @@
-"""``slimserve compress``: stream a dense HF model folder into a slimserve checkpoint, layer by layer."""
+"""``slimserve compress``: stream a dense HF model folder into a slimserve checkpoint, layer by layer.
+
+Methods: ``svd`` (plain truncated SVD, uncalibrated), ``svd-llm`` (whitened SVD), ``cospadi``
+(whitened sparse dictionary learning) and ``rocket`` (eigenbasis + sparsified coefficients +
+ridge dictionary refit). Allocations: ``uniform`` (every decoder linear loses ``ratio`` of its
+parameters) or ``knapsack`` (every layer is profiled at ``PROFILE_LEVELS`` and the
+multiple-choice knapsack picks one level per layer, or keeps it dense, for the least summed
+relative whitened error within the global budget).
+
+Only one layer's weight and one layer's Gram are in memory at a time; the source model is
+read lazily and the writer streams shards.
+"""
 
 from __future__ import annotations
 
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
-from slimserve.loaders.compress.budget import check_ratio, lowrank_rank
-from slimserve.loaders.compress.svd import truncated_svd
+from slimserve.loaders.checkpoint import Checkpoint, CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
+from slimserve.loaders.compress.allocation import knapsack_unit, solve_knapsack
+from slimserve.loaders.compress.budget import check_ratio
+from slimserve.loaders.compress.calibration import Grams, load_or_collect_grams
+from slimserve.loaders.compress.cospadi import CoSpaDi
+from slimserve.loaders.compress.rocket import Rocket
+from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dense_option, relative_errors
 from slimserve.loaders.errors import CompressionError
 from slimserve.loaders.models import check_architecture, decoder_linear_modules
 
-METHODS = ("svd",)
+METHODS = ("svd", "svd-llm", "cospadi", "rocket")
+CALIBRATED = ("svd-llm", "cospadi", "rocket")
+ALLOCATIONS = ("uniform", "knapsack")
+# Levels (fraction of a layer's parameters removed) the knapsack chooses from, besides "keep dense".
+PROFILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+REPORT_JSON = "slimserve_report.json"
+REPORT_PNG = "slimserve_report.png"
+
+
+@dataclass
+class LayerReport:
+    """One decoder linear's outcome, for the JSON report and the plot."""
+
+    module: str
+    level: float
+    scheme: str
+    fields: dict[str, int]
+    dense_params: int
+    stored_params: int
+    whitened_error: float
+    weight_error: float
 
 
 def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: float | None = None,
-             rank: int | None = None, progress: bool = True) -> Path:
-    """Compress every decoder linear of ``src`` into ``out``.
+             rank: int | None = None, calib: str | Path | None = None, calib_cache: str | Path | None = None,
+             allocation: str = "uniform", seed: int = 0, calib_samples: int = 32, calib_seq_len: int = 512,
+             progress: bool = True) -> Path:
+    """Compress every decoder linear of ``src`` into ``out`` and write a per-layer report beside it.
 
-    ``ratio`` is the fraction of each decoder linear's parameters removed (papers' count);
-    ``rank`` instead fixes one rank for every layer (capped at min(out, in)). A layer whose
-    factors would not be smaller than its dense weight is kept dense, so ratio 0 reproduces
-    the dense model exactly.
+    ``ratio`` is the fraction of decoder-linear parameters removed (papers' count: stored values,
+    indices excluded); ``rank`` (``svd`` only) fixes one rank for every layer instead. A layer
+    whose compressed form would not be smaller than its dense weight is kept dense, so ratio 0
+    reproduces the dense model exactly. Calibrated methods need ``calib`` (a text file); its
+    Grams are cached in ``calib_cache`` when given and reused by later runs.
     """
     if method not in METHODS:
         raise CompressionError(f"unknown --method {method!r}; expected one of {', '.join(METHODS)}")
+    if allocation not in ALLOCATIONS:
+        raise CompressionError(f"unknown --allocation {allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     if (ratio is None) == (rank is None):
         raise CompressionError("give exactly one of --ratio or --rank")
     if ratio is not None:
         check_ratio(ratio)
-    if rank is not None and rank <= 0:
-        raise CompressionError(f"--rank {rank} must be a positive integer")
+    if rank is not None and (rank <= 0 or method != "svd" or allocation != "uniform"):
+        raise CompressionError(f"--rank {rank}: needs a positive rank, --method svd and --allocation uniform")
+    if method in CALIBRATED and calib is None:
+        raise CompressionError(f"--method {method} is calibrated: give --calib FILE (plain text, e.g. a novel)")
     ckpt = open_checkpoint(src)
     if ckpt.quantization_config is not None:
         raise CompressionError(f"{src} is already a slimserve checkpoint; compress its dense original or `slimserve densify` it first")
@@ -41,22 +87,146 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     if not modules:
         raise CompressionError(f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
     dtype = ckpt.float_dtype or ckpt.tensors[f"{modules[0]}.weight"].dtype
-    producer = {"method": method, "ratio": ratio, "rank": rank, "source": Path(src).name}
-    writer = CheckpointWriter(out, ckpt.config, producer=producer)
-    linear_weights = {f"{m}.weight" for m in modules}
-    for name, tensor in iter_tensors(ckpt):
-        if name not in linear_weights:
-            writer.add_tensor(name, tensor)
-    for module in tqdm(modules, desc=f"compress ({method})", disable=not progress):
-        weight = ckpt.tensor(f"{module}.weight")
-        out_features, in_features = weight.shape
-        r = rank if rank is not None else lowrank_rank(out_features, in_features, ratio)
-        r = min(r, out_features, in_features)
-        keep_dense = ratio == 0.0 or (ratio is not None and r * (out_features + in_features) >= out_features * in_features)
-        if keep_dense:
-            writer.add_module(module, "dense", {"weight": weight}, in_features=in_features, out_features=out_features)
-            continue
-        factors = {k: v.to(dtype) for k, v in truncated_svd(weight, r).items()}
-        writer.add_module(module, "lowrank", factors, in_features=in_features, out_features=out_features, rank=r)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        grams = None
+        if method in CALIBRATED:
+            cache = Path(calib_cache) if calib_cache is not None else Path(tmp) / "grams.safetensors"
+            grams = load_or_collect_grams(src, calib, cache, samples=calib_samples, seq_len=calib_seq_len,
+                                          seed=seed, progress=progress)
+        layer = _layer_factory(ckpt, method, grams, seed)
+        if rank is not None:
+            levels = {m: None for m in modules}
+        elif allocation == "uniform" or ratio == 0.0:
+            levels = {m: ratio for m in modules}
+        else:
+            # The profile is cached beside the Grams, so later ratios of the same method reuse it.
+            profile_cache = Path(calib_cache).with_suffix(f".{method}-profile.json") if calib_cache else None
+            key = {"source": str(Path(src).resolve()), "grams": grams.spec.as_metadata() if grams else None,
+                   "seed": seed if method == "cospadi" else None}
+            profile = profile_layers(modules, layer, method, progress, profile_cache, key)
+            levels = _knapsack_levels(profile, ratio)
+        producer = {"method": method, "ratio": ratio, "rank": rank, "allocation": allocation, "seed": seed,
+                    "source": Path(src).name}
+        if grams is not None:
+            producer["calibration"] = {"text": grams.spec.text_name, "sha256": grams.spec.text_sha256,
+                                       "tokens": grams.tokens}
+        writer = CheckpointWriter(out, ckpt.config, producer=producer)
+        linear_weights = {f"{m}.weight" for m in modules}
+        for name, tensor in iter_tensors(ckpt):
+            if name not in linear_weights:
+                writer.add_tensor(name, tensor)
+        reports = []
+        for module in tqdm(modules, desc=f"compress ({method}, {allocation})", disable=not progress):
+            weight, whitening, compressor = layer(module)
+            level = levels[module]
+            if level is None:
+                fact, _ = compressor.at_rank(rank)
+            else:
+                fact, _ = compressor.at_ratio(level) if level > 0 else (dense_option(weight), 0.0)
+            reports.append(_report(module, level, fact, weight, whitening))
+            writer.add_module(module, fact.scheme, {k: (v.to(dtype) if v.is_floating_point() else v)
+                                                    for k, v in fact.tensors.items()},
+                              in_features=fact.in_features, out_features=fact.out_features, **fact.fields)
     copy_aux_files(src, out)
-    return writer.finish()
+    path = writer.finish()
+    write_report(path, producer, reports)
+    return path
+
+
+LayerFactory = Callable[[str], tuple[torch.Tensor, Whitening, SvdLlm | Rocket | CoSpaDi]]
+
+
+def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int) -> LayerFactory:
+    """A function loading one module's weight and Gram and preparing its method's compressor."""
+    def layer(module: str):
+        weight = ckpt.tensor(f"{module}.weight").float()
+        whitening = Whitening(grams[module] if grams is not None else None, weight.shape[1], module)
+        if method in ("svd", "svd-llm"):
+            return weight, whitening, SvdLlm(weight, whitening)
+        if method == "rocket":
+            return weight, whitening, Rocket(weight, whitening)
+        return weight, whitening, CoSpaDi(weight, whitening, seed=seed)
+    return layer
+
+
+def profile_layers(modules: list[str], layer: LayerFactory, method: str, progress: bool,
+                   cache: Path | None = None, key: dict | None = None) -> dict[str, dict[float, tuple[int, float]]]:
+    """Per module: {level: (stored params, relative whitened error)}, level 0.0 = keep dense.
+
+    The profile depends on the model, the Grams and the method, not on the ratio, so with a
+    ``cache`` file (matched on ``key``) every later ratio reuses it.
+    """
+    key = {"method": method, "levels": list(PROFILE_LEVELS), **(key or {})}
+    if cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            return {m: {float(lv): tuple(v) for lv, v in opts.items()} for m, opts in stored["profile"].items()}
+    profile = {}
+    for module in tqdm(modules, desc=f"profile ({method})", disable=not progress):
+        weight, _, compressor = layer(module)
+        options = {0.0: (weight.numel(), 0.0)}
+        for level in PROFILE_LEVELS:
+            fact, error = compressor.at_ratio(level)
+            if fact.scheme != "dense":
+                options[level] = (fact.stored_params, error)
+        profile[module] = options
+    if cache is not None:
+        cache.write_text(json.dumps({"key": key, "profile": profile}))
+    return profile
+
+
+def _knapsack_levels(profile: dict[str, dict[float, tuple[int, float]]], ratio: float) -> dict[str, float]:
+    """Solve the knapsack over the profiled options for the global ``ratio``."""
+    modules = list(profile)
+    options = [list(profile[m]) for m in modules]
+    costs = [[profile[m][lv][0] for lv in opts] for m, opts in zip(modules, options)]
+    errors = [[profile[m][lv][1] for lv in opts] for m, opts in zip(modules, options)]
+    total = sum(c[0] for c in costs)
+    picks = solve_knapsack(costs, errors, int((1.0 - ratio) * total), unit=knapsack_unit(total))
+    return {m: opts[p] for m, opts, p in zip(modules, options, picks)}
+
+
+def _report(module: str, level: float | None, fact: Factorization, weight: torch.Tensor,
+            whitening: Whitening) -> LayerReport:
+    weight_error, whitened_error = relative_errors(weight, fact.reconstruct(), whitening)
+    return LayerReport(module=module, level=level if level is not None else -1.0, scheme=fact.scheme,
+                       fields=dict(fact.fields), dense_params=weight.numel(), stored_params=fact.stored_params,
+                       whitened_error=whitened_error, weight_error=weight_error)
+
+
+def write_report(out: Path, producer: dict, reports: list[LayerReport]) -> None:
+    """``slimserve_report.json`` (per layer: level, scheme, rank/atoms/nnz, errors) and a PNG plot of it."""
+    dense = sum(r.dense_params for r in reports)
+    stored = sum(r.stored_params for r in reports)
+    summary = {"producer": producer, "ratio_achieved": 1.0 - stored / dense if dense else 0.0,
+               "error_metric": "relative Frobenius error; whitened = ‖(W−Ŵ)S‖/‖WS‖ with XᵀX = SSᵀ (activation "
+                               "space), weight = ‖W−Ŵ‖/‖W‖",
+               "layers": [asdict(r) for r in reports]}
+    (out / REPORT_JSON).write_text(json.dumps(summary, indent=1) + "\n")
+    plot_report(summary, out / REPORT_PNG)
+
+
+def plot_report(summary: dict, png: Path) -> None:
+    """Per layer: the fraction of parameters removed (bars) and the relative errors (lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = summary["layers"]
+    x = range(len(layers))
+    removed = [1.0 - r["stored_params"] / r["dense_params"] for r in layers]
+    fig, ax = plt.subplots(figsize=(max(8, len(layers) * 0.06), 4.5))
+    ax.bar(x, removed, color="#9ecae1", label="parameters removed")
+    ax.plot(x, [r["whitened_error"] for r in layers], color="#d62728", lw=1, label="relative whitened error")
+    ax.plot(x, [r["weight_error"] for r in layers], color="#555555", lw=0.8, ls=":", label="relative weight error")
+    producer = summary["producer"]
+    ax.set_title(f"{producer['method']} ratio={producer['ratio']} allocation={producer['allocation']}: "
+                 f"{summary['ratio_achieved']:.1%} of decoder-linear parameters removed")
+    ax.set_xlabel("decoder linear (by block, then name: down, gate, k, o, q, up, v)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
