@@ -1,4 +1,4 @@
-"""CLI subcommands over the checkpoint library: compress, convert, densify, validate, inspect."""
+"""CLI subcommands over the checkpoint library: compress, eval, convert, densify, validate, inspect."""
 
 from __future__ import annotations
 
@@ -13,21 +13,54 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compress", help="compress a dense HF model folder into a slimserve checkpoint")
     p.add_argument("src", help="dense Hugging Face model folder")
     p.add_argument("out", help="output folder")
-    p.add_argument("--method", default="svd", help="compression method (default: svd, plain truncated SVD)")
+    p.add_argument("--method", default="svd",
+                   help="svd: plain truncated SVD (uncalibrated); svd-llm: whitened SVD; cospadi: whitened sparse "
+                        "dictionary learning; rocket: eigenbasis + sparse coefficients + ridge refit (default: svd)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters removed (0.3 keeps 70%%)")
-    budget.add_argument("--rank", type=int, help="one fixed rank for every decoder linear")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    budget.add_argument("--rank", type=int, help="svd only: one fixed rank for every decoder linear")
+    p.add_argument("--allocation", default="uniform",
+                   help="uniform: every linear loses --ratio; knapsack: profile every linear and pick per-layer "
+                        "levels for the least summed error under the global budget (default: uniform)")
+    p.add_argument("--calib", help="calibration text file (required by svd-llm, cospadi, rocket)")
+    p.add_argument("--calib-cache", help="safetensors file caching the calibration Grams; reused when the model, "
+                                         "text and settings match")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="calibration window sampling and CoSpaDi initialization")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        from slimserve.loaders.compress.run import compress
+        from slimserve.loaders.compress.run import REPORT_JSON, compress
 
-        out = compress(args.src, args.out, method=args.method, ratio=args.ratio, rank=args.rank,
-                       progress=not args.quiet)
-        print(f"wrote {out}")
+        out = compress(args.src, args.out, method=args.method, ratio=args.ratio, rank=args.rank, calib=args.calib,
+                       calib_cache=args.calib_cache, allocation=args.allocation, seed=args.seed,
+                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, progress=not args.quiet)
+        print(f"wrote {out} (per-layer report: {out / REPORT_JSON})")
         return 0
 
     p.set_defaults(handler=run)
+
+
+@subcommand
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a dense model or a slimserve checkpoint")
+    kinds = p.add_subparsers(dest="eval_kind", required=True)
+    ppl = kinds.add_parser("ppl", help="token perplexity on held-out text (not lm-eval word perplexity)")
+    ppl.add_argument("model", help="dense HF model folder or slimserve checkpoint")
+    ppl.add_argument("--text", required=True, help="held-out plain-text file")
+    ppl.add_argument("--seq-len", type=int, default=512, help="tokens per window after BOS (default: 512)")
+    ppl.add_argument("--windows", type=int, default=8, help="consecutive windows from the text's start (default: 8)")
+    ppl.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.eval import perplexity
+
+        result = perplexity(args.model, args.text, seq_len=args.seq_len, windows=args.windows)
+        print(json.dumps(result.__dict__) if args.json else result.describe())
+        return 0
+
+    ppl.set_defaults(handler=run)
 
 
 @subcommand

@@ -1,0 +1,63 @@
+"""``slimserve eval ppl``: token perplexity of dense models and slimserve checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slimserve.loaders.compress.run import compress
+from slimserve.loaders.errors import CompressionError
+from slimserve.loaders.eval import METRIC, perplexity
+from slimserve.server.cli import main
+from slimserve.testing import build_tiny_causal_lm, local_text
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model", "qwen3", hidden_size=128,
+                                intermediate_size=256, num_heads=2, num_kv_heads=1, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "held_out.txt"
+    path.write_text(local_text())
+    return path
+
+
+def test_ppl_of_lossless_checkpoint_equals_dense_and_compression_raises_it(tiny, text, tmp_path):
+    dense = perplexity(tiny, text, seq_len=64, windows=2)
+    lossless = compress(tiny, tmp_path / "r0", method="svd", ratio=0.0, progress=False)
+    lossy = compress(tiny, tmp_path / "r6", method="svd", ratio=0.6, progress=False)
+    assert dense.method == "dense" and dense.tokens == 128
+    assert perplexity(lossless, text, seq_len=64, windows=2).perplexity == pytest.approx(dense.perplexity, rel=1e-5)
+    compressed = perplexity(lossy, text, seq_len=64, windows=2)
+    assert compressed.method.startswith("svd ratio=0.6")
+    assert compressed.perplexity != pytest.approx(dense.perplexity, rel=1e-3)
+
+
+def test_cli_names_the_metric(tiny, text, capsys):
+    assert main(["eval", "ppl", str(tiny), "--text", str(text), "--seq-len", "32", "--windows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert METRIC in out and "over 64 tokens" in out and out.startswith("dense:")
+    assert main(["eval", "ppl", str(tiny), "--text", str(text), "--seq-len", "32", "--windows", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 32
+
+
+def test_text_too_short_or_missing(tiny, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    with pytest.raises(CompressionError, match="need 4096"):
+        perplexity(tiny, short)
+    assert main(["eval", "ppl", str(tiny), "--text", str(tmp_path / "nope.txt")]) == 2
+
+
+@pytest.mark.slow
+def test_real_smollm2_dense_perplexity_matches_assets_note():
+    """ASSETS.md measured 22.7 on Pride and Prejudice (8 x 512 tokens, BOS first)."""
+    from slimserve.loaders.assets import austen_text, smollm2_folder
+
+    result = perplexity(smollm2_folder(), austen_text("prideprejudice"))
+    assert result.perplexity == pytest.approx(22.7, rel=0.02)
