@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import torch
 import openai
 import pytest
+import torch
 
 from slimserve.server.engines.base import TextRequest
 from slimserve.server.engines.diffusion_lm import load_diffusion_lm_engine
