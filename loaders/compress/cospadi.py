@@ -22,8 +22,7 @@ import math
 import torch
 
 from slimserve.loaders.compress.budget import dictsparse_sizes
-from slimserve.loaders.compress.whitening import Factorization, Whitening, dense_option
-from slimserve.loaders.schemes.dictsparse import dense_to_coef
+from slimserve.loaders.compress.whitening import Factorization, Whitening, dense_option, dictsparse_option
 
 ITERATIONS = 1
 OMP_STEPS = 2
@@ -107,10 +106,4 @@ class CoSpaDi:
             ksvd_update(self.whitened, dictionary, coef)
         coef = sparse_code(self.whitened, dictionary, nnz)
         error = float((self.whitened - coef @ dictionary).norm()) / max(self.whitened_norm, 1e-30)
-        values, indices = dense_to_coef(coef, nnz)
-        fact = Factorization(
-            "dictsparse",
-            {"dictionary": self.whitening.unwhiten(dictionary).float(), "coef_values": values.float(),
-             "coef_indices": indices},
-            {"atoms": atoms, "nnz": nnz}, out_features=out_features, in_features=in_features)
-        return fact, error
+        return dictsparse_option(coef, dictionary, nnz, self.whitening), error

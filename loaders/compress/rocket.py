@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from slimserve.loaders.compress.budget import dictsparse_sizes
-from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening
-from slimserve.loaders.schemes.dictsparse import dense_to_coef
+from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dictsparse_option
 
 # Atoms per nonzero (ks = k/s) tried at each level; ks = 1 is SVD-LLM. The paper searches
 # 1.0-3.0 in steps of 0.1; two values keep the profile of a 210-linear model to minutes on 2 cores.
@@ -61,7 +60,6 @@ class Rocket:
 
     def sparse_dictionary(self, atoms: int, nnz: int) -> tuple[Factorization, float]:
         """Steps 1-3 above for k = ``atoms``, s = ``nnz``."""
-        out_features, in_features = self.weight.shape
         coef = (self.svd.u[:, :atoms] * self.svd.sigma[:atoms]).float()
         importance = coef.abs() * self.atom_scale[:atoms]
         keep = importance.topk(nnz, dim=1).indices
@@ -71,10 +69,4 @@ class Rocket:
         gram.diagonal().add_(mu)
         dictionary = torch.linalg.solve(gram, sparse.t() @ self.whitened)  # [k, in], whitened space
         error = float((self.whitened - sparse @ dictionary).norm()) / max(self.whitened_norm, 1e-30)
-        values, indices = dense_to_coef(sparse, nnz)
-        fact = Factorization(
-            "dictsparse",
-            {"dictionary": self.whitening.unwhiten(dictionary).float(), "coef_values": values.float(),
-             "coef_indices": indices},
-            {"atoms": atoms, "nnz": nnz}, out_features=out_features, in_features=in_features)
-        return fact, error
+        return dictsparse_option(sparse, dictionary, nnz, self.whitening), error

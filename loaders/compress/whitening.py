@@ -18,6 +18,7 @@ import torch
 from slimserve.loaders.compress.budget import lowrank_rank
 from slimserve.loaders.errors import CompressionError
 from slimserve.loaders.schemes import SCHEMES
+from slimserve.loaders.schemes.dictsparse import dense_to_coef
 
 # Relative ridge always added to the Gram's diagonal before Cholesky (a no-op for a healthy Gram).
 BASE_RIDGE = 1e-8
@@ -53,6 +54,18 @@ def dense_option(weight: torch.Tensor) -> Factorization:
     """Keep the original weight: zero error, full cost (the knapsack's "no compression" choice)."""
     out_features, in_features = weight.shape
     return Factorization("dense", {"weight": weight.float()}, out_features=out_features, in_features=in_features)
+
+
+def dictsparse_option(coef: torch.Tensor, whitened_dictionary: torch.Tensor, nnz: int,
+                      whitening: "Whitening") -> Factorization:
+    """Store ``W ≈ coef · dictionary · S⁻¹`` (coef ``[out, k]`` with ``nnz`` nonzeros per row) as dictsparse."""
+    atoms, in_features = whitened_dictionary.shape
+    values, indices = dense_to_coef(coef, nnz)
+    return Factorization(
+        "dictsparse",
+        {"dictionary": whitening.unwhiten(whitened_dictionary).float(), "coef_values": values.float(),
+         "coef_indices": indices},
+        {"atoms": atoms, "nnz": nnz}, out_features=coef.shape[0], in_features=in_features)
 
 
 class Whitening:
