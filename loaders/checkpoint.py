@@ -239,7 +239,7 @@ class ModuleSummary:
     name: str
     scheme: str
     shape: tuple[int, int]
-    fields: dict[str, int]
+    fields: dict[str, int | float]
     dense_params: int
     stored_params: int
     stored_bytes: int
@@ -314,10 +314,10 @@ class CheckpointWriter:
             self._flush()
 
     def add_module(self, module: str, scheme: str, tensors: Mapping[str, torch.Tensor], *,
-                   in_features: int, out_features: int, **fields: int) -> None:
-        """Add one decoder linear in ``scheme`` with its tensors keyed by suffix."""
+                   in_features: int, out_features: int, **fields: int | float) -> None:
+        """Add one decoder linear in ``scheme`` with its tensors keyed by suffix (float fields stay floats)."""
         spec = {"scheme": scheme, "in_features": int(in_features), "out_features": int(out_features),
-                **{k: int(v) for k, v in fields.items()}}
+                **{k: float(v) if isinstance(v, float) else int(v) for k, v in fields.items()}}
         expected = {t.suffix for t in SCHEMES[scheme].tensor_specs(spec)}
         if set(tensors) != expected:
             raise ValueError(f"module {module!r} ({scheme}) got tensors {sorted(tensors)}, expected {sorted(expected)}")

@@ -43,7 +43,8 @@ class Scheme:
     """
 
     name: ClassVar[str]
-    #: scheme-specific integer fields required in a module entry, e.g. ("rank",)
+    #: scheme-specific fields required in a module entry, e.g. ("rank",); the base ``check_fields``
+    #: requires positive integers, a scheme with other field types (floats) overrides it
     fields: ClassVar[tuple[str, ...]] = ()
 
     def tensor_specs(self, spec: Mapping[str, Any]) -> list[TensorSpec]:
