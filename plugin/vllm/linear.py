@@ -6,7 +6,8 @@ computes ``y_i = second_i(x · first_iᵀ)``: the first factor is a dense ``[r_i
 (V for lowrank, the dictionary for dictsparse, the weight itself for dense) and the second
 is scheme-specific (U, the sparse coefficients, identity). Because the shards of a fused
 layer share their input, all first factors are stacked into one prepacked GEMM; then each
-shard's second op writes its slice of the output.
+shard's second op writes its slice of the output. A runner without a first factor
+(``rsparse``, whose mask tests the input itself) gets the layer input x instead.
 
 Parameters are declared in ``create_weights`` from the scheme's ``TensorSpec`` list. A stored
 tensor is a flat buffer holding that suffix for every shard that has it (ranks differ per
@@ -57,10 +58,15 @@ class _Slot:
 
 @dataclass
 class _Plan:
-    """What ``apply`` runs: one stacked first-factor GEMM, then each shard's second op on its slice."""
+    """What ``apply`` runs: one stacked first-factor GEMM, then each shard's second op on its slice.
 
-    first: Callable[[torch.Tensor], torch.Tensor]
-    parts: list[tuple[int, int, int, int, Callable[[torch.Tensor], torch.Tensor] | None]] = field(default_factory=list)
+    A part whose z range is ``None`` belongs to a runner without a first factor: its op reads
+    the layer input x. ``first`` is None when no shard has a first factor.
+    """
+
+    first: Callable[[torch.Tensor], torch.Tensor] | None
+    parts: list[tuple[int | None, int | None, int, int, Callable[[torch.Tensor], torch.Tensor] | None]] = field(
+        default_factory=list)
     out_features: int = 0
 
 
@@ -157,13 +163,19 @@ class SlimserveLinearMethod(LinearMethodBase):
                     flat = getattr(layer, suffix).data
                     tensors[suffix] = flat[slot.offset:slot.offset + slot.numel].view(slot.spec.shape)
             runner = SHARD_RUNNERS[spec["scheme"]](tensors, spec)
-            firsts.append(runner.first_factor)
-            seconds.append((runner.first_factor.shape[0], runner.second, runner.out_features))
-        plan = _Plan(first=prepacked_linear(torch.cat(firsts) if len(firsts) > 1 else firsts[0]))
+            if runner.first_factor is not None:
+                firsts.append(runner.first_factor)
+            width = None if runner.first_factor is None else runner.first_factor.shape[0]
+            seconds.append((width, runner.second, runner.out_features))
+        plan = _Plan(first=prepacked_linear(torch.cat(firsts) if len(firsts) > 1 else firsts[0]) if firsts else None)
         z0 = o0 = 0
         for width, second, out_features in seconds:
-            plan.parts.append((z0, z0 + width, o0, o0 + out_features, second))
-            z0, o0 = z0 + width, o0 + out_features
+            if width is None:
+                plan.parts.append((None, None, o0, o0 + out_features, second))
+            else:
+                plan.parts.append((z0, z0 + width, o0, o0 + out_features, second))
+                z0 += width
+            o0 += out_features
         plan.out_features = o0
         layer.slimserve_plan = plan
         # The runners hold what they need (packed copies or views); drop the flat load buffers.
@@ -175,13 +187,16 @@ class SlimserveLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         plan: _Plan = layer.slimserve_plan
         leading = x.shape[:-1]
-        z = plan.first(x.reshape(-1, x.shape[-1]))
+        x2 = x.reshape(-1, x.shape[-1])
+        z = plan.first(x2) if plan.first is not None else None
         if len(plan.parts) == 1 and plan.parts[0][4] is not None:
-            y = plan.parts[0][4](z)
+            y = plan.parts[0][4](z if z is not None else x2)
         else:
-            y = torch.empty(z.shape[0], plan.out_features, dtype=z.dtype, device=z.device)
+            y = torch.empty(x2.shape[0], plan.out_features, dtype=x2.dtype, device=x2.device)
             for z0, z1, o0, o1, second in plan.parts:
-                if second is None:
+                if z0 is None:
+                    y[:, o0:o1] = second(x2)
+                elif second is None:
                     y[:, o0:o1] = z[:, z0:z1]
                 else:
                     y[:, o0:o1] = second(z[:, z0:z1].contiguous())

@@ -13,10 +13,13 @@ import torch
 
 from slimserve.plugin.kernels.ell import EllMatmul
 from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.vllm.rsparse import RSparseShard
 
 
 class ShardRunner(Protocol):
-    first_factor: torch.Tensor  # [r, in_local]
+    #: [r, in_local], joins the stacked first GEMM; None for a runner that needs the layer input
+    #: itself (rsparse: its mask tests x), whose ``second`` then receives x [N, in_local]
+    first_factor: torch.Tensor | None
     second: Callable[[torch.Tensor], torch.Tensor] | None  # [N, r] -> [N, out_local]; None = identity
     out_features: int
 
@@ -52,4 +55,5 @@ SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]
     "dense": DenseShard,
     "lowrank": LowRankShard,
     "dictsparse": DictSparseShard,
+    "rsparse": RSparseShard,
 }

@@ -1,0 +1,117 @@
+"""vLLM runner of an ``rsparse`` shard: dense prefill on the prepacked GEMM, R-Sparse decode.
+
+R-Sparse needs the layer input itself (the mask is a per-token test on ``x``), so this runner
+has no first factor: linear.py hands it ``x`` directly (``first_factor = None``).
+
+Serving mode (default): prompt tokens (prefill) run the dense W through the same prepacked
+oneDNN GEMM vLLM's own dense layers use; decode tokens (of requests whose query length in
+the step is 1) run R-Sparse with the kernel that reads only active weight rows. A step that
+mixes a new prompt with running decodes computes its decode rows sparse as well, so every
+token gets the same treatment whatever vLLM batches it with. Prefill is compute-bound, where skipping rows buys little
+and the paper's accuracy protocol keeps the prompt dense; decode is memory-bound, where it
+pays. Setting ``SLIMSERVE_RSPARSE_SPARSE_PREFILL=1`` in the server's environment makes every
+token sparse (the accuracy "every token" protocol); steps of more than ``KERNEL_MAX_TOKENS``
+tokens then run the masked input through the dense GEMM, since their union of active
+channels is nearly all of them.
+
+Token kinds come from vLLM's forward context (the attention metadata's ``max_query_len`` and
+``query_start_loc``), not from the token count: a decode step of 8 requests has 8 tokens.
+
+Memory: W is held twice, packed for prefill and column-major (``weight_t``) for decode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from slimserve.loaders.schemes.rsparse import exact_mask
+from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.rsparse import sparse_mm
+
+SPARSE_PREFILL_ENV = "SLIMSERVE_RSPARSE_SPARSE_PREFILL"
+# Above this many tokens the union of active channels covers nearly every row (each token
+# keeps about half), so streaming rows one by one loses to the packed dense GEMM.
+KERNEL_MAX_TOKENS = 16
+
+
+def decode_rows() -> torch.Tensor | bool:
+    """Which tokens of the current vLLM step are decode tokens (their request's query length is 1).
+
+    ``True``: all of them (a pure decode step); ``False``: none (prefill steps, and vLLM's
+    profiling and warm-up runs, which have no attention metadata); otherwise the row indices
+    of the decode tokens in a step that mixes them with (chunked) prefill. Computed once per
+    step from the attention metadata's ``max_query_len`` and ``query_start_loc`` and reused by
+    every layer of that step.
+    """
+    global _step_cache
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return False
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):
+        meta = meta[0] if meta else None
+    if isinstance(meta, dict):
+        meta = next(iter(meta.values()), None)
+    if meta is None:
+        return False
+    if _step_cache[0] is meta:  # the cache holds meta, so its identity cannot be reused meanwhile
+        return _step_cache[1]
+    rows: torch.Tensor | bool = False
+    if getattr(meta, "max_query_len", 0) == 1:
+        rows = True
+    elif getattr(meta, "query_start_loc", None) is not None:
+        starts = meta.query_start_loc.cpu()
+        single = (starts[1:] - starts[:-1]) == 1
+        if single.any():
+            rows = starts[:-1][single].long()
+    _step_cache = (meta, rows)
+    return rows
+
+
+_step_cache: tuple[object, torch.Tensor | bool] = (None, False)
+
+
+class RSparseShard:
+    """``y = W(x ⊙ m) + U_r(S_r V_rᵀ(x ⊙ (1−m)))`` on decode steps, ``y = W x`` on prefill steps."""
+
+    first_factor = None
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
+        weight_t = tensors["weight_t"]
+        self.weight_t = weight_t.contiguous().clone()  # the flat load buffers are freed after loading
+        self.col_norm = tensors["col_norm"].float().contiguous()
+        self.threshold = float(spec["threshold"])
+        self.alpha = float(spec["alpha"])
+        self.dense = prepacked_linear(weight_t.t())
+        self.vs = prepacked_linear(tensors["vs"]) if "vs" in tensors else None
+        self.u = prepacked_linear(tensors["u"]) if "u" in tensors else None
+        self.out_features = weight_t.shape[1]
+        self.sparse_prefill = os.environ.get(SPARSE_PREFILL_ENV, "0") not in ("", "0")
+
+    def second(self, x: torch.Tensor) -> torch.Tensor:
+        rows = True if self.sparse_prefill else decode_rows()
+        if rows is True:
+            return self.sparse(x)
+        y = self.dense(x)
+        if rows is not False:  # a step mixing prefill and decode: decode tokens stay sparse
+            y[rows] = self.sparse(x[rows])
+        return y
+
+    def sparse(self, x: torch.Tensor) -> torch.Tensor:
+        """The R-Sparse product of every token of ``x [N, in]``."""
+        if self.alpha <= 0.0:
+            return self.u(self.vs(x))
+        with_rest = self.vs is not None
+        if x.shape[0] <= KERNEL_MAX_TOKENS:
+            y, rest = sparse_mm(x, self.weight_t, self.col_norm, self.threshold, with_rest=with_rest)
+        else:
+            mask = exact_mask(x, self.col_norm, self.threshold)
+            y, rest = self.dense(x * mask), (x * ~mask if with_rest else None)
+        if with_rest:
+            y = y + self.u(self.vs(rest))
+        return y
