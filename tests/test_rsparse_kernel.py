@@ -1,0 +1,127 @@
+"""The R-Sparse kernels equal the masked product for every token, and the serving runner picks its path."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from slimserve.loaders.schemes import SCHEMES
+from slimserve.loaders.schemes.rsparse import exact_mask
+from slimserve.plugin.kernels.rsparse import cpu_extension, sparse_mm
+
+
+def case(tokens: int, inp: int, out: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    weight_t = torch.randn(inp, out, generator=gen).to(dtype)
+    x = (torch.randn(tokens, inp, generator=gen) * torch.exp(torch.randn(inp, generator=gen))).to(dtype)
+    norm = weight_t.float().norm(dim=1)
+    score = (x.float().abs() * norm).flatten()
+    return x, weight_t, norm, float(score.kthvalue(score.numel() // 2).values)
+
+
+def test_the_cpu_extension_builds() -> None:
+    assert cpu_extension() is not None, "the C++ kernel did not build; see the warning for the compiler error"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, inp, out", [(1, 576, 192), (1, 300, 1500), (3, 256, 96), (8, 1536, 576),
+                                              (16, 130, 1030), (5, 64, 7)])
+def test_sparse_mm_equals_the_per_token_masked_product(tokens: int, inp: int, out: int, dtype: torch.dtype) -> None:
+    x, weight_t, norm, t = case(tokens, inp, out, dtype)
+    y, rest = sparse_mm(x, weight_t, norm, t, with_rest=True)
+    mask = exact_mask(x, norm, t)
+    assert 0.3 < mask.float().mean() < 0.7
+    expected = (x.float() * mask) @ weight_t.float()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2  # bf16: the output is rounded once
+    torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    assert y.dtype == dtype and torch.equal(rest, x * ~mask)
+
+
+def test_sparse_mm_edge_thresholds() -> None:
+    x, weight_t, norm, _ = case(2, 200, 100, torch.float32)
+    y, _ = sparse_mm(x, weight_t, norm, -math.inf)
+    torch.testing.assert_close(y, x @ weight_t, rtol=1e-5, atol=1e-4)
+    y, rest = sparse_mm(x, weight_t, norm, math.inf, with_rest=True)
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(rest, x)
+
+
+def test_sparse_mm_rejects_mismatched_shapes() -> None:
+    x, weight_t, norm, t = case(1, 64, 32, torch.float32)
+    with pytest.raises(RuntimeError, match="does not match"):
+        sparse_mm(x[:, :10], weight_t, norm, t)
+
+
+def test_triton_kernel_in_the_interpreter() -> None:
+    """The CUDA kernel, run by triton's CPU interpreter (no GPU here), against the masked product."""
+    pytest.importorskip("triton")
+    script = (
+        "import torch\n"
+        "from slimserve.plugin.kernels.rsparse import _triton_sparse_mm\n"
+        "from slimserve.loaders.schemes.rsparse import exact_mask\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for n in (1, 3):\n"
+        "    x = torch.randn(n, 70, generator=g); wt = torch.randn(70, 200, generator=g); norm = wt.norm(dim=1)\n"
+        "    y, rest = _triton_sparse_mm(x, wt, norm, 6.0, True)\n"
+        "    m = exact_mask(x, norm, 6.0)\n"
+        "    assert 0.2 < m.float().mean() < 0.8\n"
+        "    torch.testing.assert_close(y, (x * m) @ wt, rtol=1e-4, atol=1e-4)\n"
+        "    assert torch.equal(rest, x * ~m)\n"
+        "print('TRITON_OK')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert "TRITON_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def runner(alpha: float, dtype: torch.dtype = torch.float32):
+    from slimserve.loaders.compress.rsparse import LayerFactors
+    from slimserve.plugin.vllm.rsparse import RSparseShard
+
+    gen = torch.Generator().manual_seed(1)
+    factors = LayerFactors(torch.randn(96, 160, generator=gen), dtype)
+    calib = torch.randn(256, 160, generator=gen) * torch.exp(torch.randn(160, generator=gen))
+    tensors, fields = factors.module(0.5, alpha, calib)
+    spec = {"scheme": "rsparse", "in_features": 160, "out_features": 96, **fields}
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    return RSparseShard(tensors, spec), spec, tensors, calib[:20].to(dtype)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("tokens", [1, 8, 20])
+def test_runner_sparse_path_equals_the_reference(alpha: float, tokens: int) -> None:
+    shard, spec, tensors, x = runner(alpha)
+    torch.testing.assert_close(shard.sparse(x[:tokens]), SCHEMES["rsparse"].forward(spec, tensors, x[:tokens]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_runner_is_dense_outside_decode_and_sparse_in_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import create_forward_context, override_forward_context
+
+    from slimserve.plugin.vllm import rsparse
+
+    shard, spec, tensors, x = runner(0.6)
+    dense = x @ tensors["weight_t"]
+    sparse = SCHEMES["rsparse"].forward(spec, tensors, x)
+    assert not torch.allclose(dense, sparse, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(shard.second(x), dense, rtol=1e-4, atol=1e-4)  # no forward context: vLLM warm-up
+    config = VllmConfig()
+    # vLLM's CPU attention metadata carries the step's max_query_len and query_start_loc
+    decode = SimpleNamespace(max_query_len=1, query_start_loc=torch.arange(21))
+    prefill = SimpleNamespace(max_query_len=20, query_start_loc=torch.tensor([0, 20]))
+    mixed = SimpleNamespace(max_query_len=17, query_start_loc=torch.tensor([0, 1, 18, 19, 20]))  # rows 0, 18, 19
+    for meta, rows in ((decode, list(range(20))), (prefill, []), (mixed, [0, 18, 19])):
+        with override_forward_context(create_forward_context({"model.layers.0.self_attn.attn": meta}, config)):
+            expected = dense.clone()
+            expected[rows] = sparse[rows]
+            torch.testing.assert_close(shard.second(x), expected, rtol=1e-4, atol=1e-4)
+    with override_forward_context(create_forward_context(None, config)):  # profiling run
+        torch.testing.assert_close(shard.second(x), dense, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv(rsparse.SPARSE_PREFILL_ENV, "1")
+    everywhere, *_ = runner(0.6)
+    torch.testing.assert_close(everywhere.second(x), sparse, rtol=1e-4, atol=1e-4)
