@@ -1,0 +1,154 @@
+// Row-sparse (ELLPACK) × dense product on CPU: y[n, o] = Σ_t z[n, idx[o, t]] · val[o, t].
+// Each output row streams its s stored values and indices once for the whole batch (they are
+// the bytes that matter at decode). One token gathers 16 z entries per step; a batch reads
+// z transposed ([k, N], float32, cache-resident) so each stored value updates up to 16 tokens
+// with one contiguous load and one FMA. Built at first use by plugin/kernels/cpp.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kMaxTokens = 16;  // accumulators per row kept in registers; larger batches loop
+
+#if defined(__AVX512F__)
+template <typename I> inline __m512i load_indices(const I* p, __mmask16 m) {
+  if constexpr (std::is_same<I, int16_t>::value) {
+    return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  } else {
+    return _mm512_maskz_loadu_epi32(m, p);
+  }
+}
+
+template <typename V> inline __m512 load_values(const V* p, __mmask16 m) {
+  if constexpr (std::is_same<V, float>::value) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+// Batched rows: zt is [atoms, ld] float32 (ld = tokens rounded up to 16, so every load is one
+// aligned cache line); each value is broadcast against a vector of 16 tokens.
+template <typename V, typename I>
+void ell_rows_batched(const float* zt, int64_t ld, const V* values, const I* indices, V* y, int64_t tokens,
+                      int64_t out_features, int64_t nnz, int64_t row_begin, int64_t row_end) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const V* val = values + o * nnz;
+    const I* idx = indices + o * nnz;
+    for (int64_t n0 = 0; n0 < tokens; n0 += 16) {
+      const int64_t nt = std::min<int64_t>(16, tokens - n0);
+      const __mmask16 m = nt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nt) - 1);
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t t = 0;
+      for (; t + 1 < nnz; t += 2) {  // two independent chains hide the FMA latency
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[t])),
+                               _mm512_maskz_loadu_ps(m, zt + static_cast<int64_t>(idx[t]) * ld + n0), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[t + 1])),
+                               _mm512_maskz_loadu_ps(m, zt + static_cast<int64_t>(idx[t + 1]) * ld + n0), acc1);
+      }
+      if (t < nnz) {
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[t])),
+                               _mm512_maskz_loadu_ps(m, zt + static_cast<int64_t>(idx[t]) * ld + n0), acc0);
+      }
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, _mm512_add_ps(acc0, acc1));
+      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
+    }
+  }
+}
+#endif
+
+template <typename V, typename I>
+void ell_rows(const float* z, const V* values, const I* indices, V* y, int64_t tokens, int64_t atoms,
+              int64_t out_features, int64_t nnz, int64_t row_begin, int64_t row_end) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const V* val = values + o * nnz;
+    const I* idx = indices + o * nnz;
+    for (int64_t n0 = 0; n0 < tokens; n0 += kMaxTokens) {
+      const int64_t nt = std::min(kMaxTokens, tokens - n0);
+      float sums[kMaxTokens];
+#if defined(__AVX512F__)
+      __m512 acc[kMaxTokens];
+      for (int64_t n = 0; n < nt; ++n) acc[n] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < nnz; t += 16) {
+        const __mmask16 m = nnz - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nnz - t)) - 1);
+        const __m512i vi = load_indices(idx + t, m);
+        const __m512 vv = load_values(val + t, m);
+        for (int64_t n = 0; n < nt; ++n) {
+          const __m512 vz = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, vi, z + (n0 + n) * atoms, 4);
+          acc[n] = _mm512_fmadd_ps(vz, vv, acc[n]);
+        }
+      }
+      for (int64_t n = 0; n < nt; ++n) sums[n] = _mm512_reduce_add_ps(acc[n]);
+#else
+      for (int64_t n = 0; n < nt; ++n) {
+        float s = 0.f;
+        const float* zr = z + (n0 + n) * atoms;
+        for (int64_t t = 0; t < nnz; ++t) s += zr[idx[t]] * static_cast<float>(val[t]);
+        sums[n] = s;
+      }
+#endif
+      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
+    }
+  }
+}
+
+template <typename V, typename I>
+void ell_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const torch::Tensor& indices, torch::Tensor& y) {
+  const int64_t tokens = zf.size(0), atoms = zf.size(1);
+  const int64_t out_features = values.size(0), nnz = values.size(1);
+  const V* val = values.data_ptr<V>();
+  const I* idx = indices.data_ptr<I>();
+  V* out = y.data_ptr<V>();
+#if defined(__AVX512F__)
+  if (tokens > 1) {
+    const int64_t ld = (tokens + 15) / 16 * 16;
+    auto zt = torch::zeros({atoms, ld}, zf.options());
+    zt.narrow(1, 0, tokens).copy_(zf.t());
+    const float* zt_ptr = zt.data_ptr<float>();
+    at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+      ell_rows_batched<V, I>(zt_ptr, ld, val, idx, out, tokens, out_features, nnz, begin, end);
+    });
+    return;
+  }
+#endif
+  const float* z = zf.data_ptr<float>();
+  at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+    ell_rows<V, I>(z, val, idx, out, tokens, atoms, out_features, nnz, begin, end);
+  });
+}
+
+}  // namespace
+
+torch::Tensor ell_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
+  TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes(),
+              "ell_matmul: z [N, k], values and indices [out, s]");
+  TORCH_CHECK(values.is_contiguous() && indices.is_contiguous(), "ell_matmul: values and indices must be contiguous");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
+              "ell_matmul: values must be float32 or bfloat16");
+  auto zf = z.to(at::kFloat).contiguous();
+  auto y = torch::empty({z.size(0), values.size(0)}, values.options());
+  const bool bf16 = values.scalar_type() == at::kBFloat16;
+  if (indices.scalar_type() == at::kShort) {
+    bf16 ? ell_dispatch<c10::BFloat16, int16_t>(zf, values, indices, y) : ell_dispatch<float, int16_t>(zf, values, indices, y);
+  } else {
+    TORCH_CHECK(indices.scalar_type() == at::kInt, "ell_matmul: indices must be int16 or int32");
+    bf16 ? ell_dispatch<c10::BFloat16, int32_t>(zf, values, indices, y) : ell_dispatch<float, int32_t>(zf, values, indices, y);
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ell_matmul", &ell_matmul, "y = z · Cᵀ for row-sparse C stored as ELLPACK values + indices");
+}
