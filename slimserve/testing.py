@@ -155,7 +155,11 @@ def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 
 
 
 def hf_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16) -> list[list[int]]:
-    """Greedy token ids from transformers in float32, the reference for vLLM outputs."""
+    """Greedy token ids from transformers in float32, the reference for vLLM outputs.
+
+    A plain argmax loop: like vLLM with ``ignore_eos`` it neither stops at nor suppresses the
+    end-of-sequence token (``generate(min_new_tokens=...)`` would mask it out).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -164,7 +168,9 @@ def hf_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16
     with torch.no_grad():
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt").input_ids
-            out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tok.eos_token_id)
-            results.append(out[0, ids.shape[1]:].tolist())
+            start = ids.shape[1]
+            for _ in range(max_tokens):
+                next_id = model(ids).logits[:, -1].argmax(dim=-1, keepdim=True)
+                ids = torch.cat([ids, next_id], dim=1)
+            results.append(ids[0, start:].tolist())
     return results

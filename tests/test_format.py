@@ -130,25 +130,19 @@ DICT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(LOWRANK_CASES))
-def test_malformed_lowrank_checkpoint_names_the_problem(case: str, svd_ckpt: Path, tmp_path: Path) -> None:
-    edits, words = LOWRANK_CASES[case]
-    broken = mutate(svd_ckpt, tmp_path / "broken", **edits)
+MALFORMED = [("svd_ckpt", case, *LOWRANK_CASES[case]) for case in sorted(LOWRANK_CASES)] + \
+    [("dict_ckpt", case, *DICT_CASES[case]) for case in sorted(DICT_CASES)]
+
+
+@pytest.mark.parametrize(("base", "case", "edits", "words"), MALFORMED, ids=[m[1] for m in MALFORMED])
+def test_malformed_checkpoint_names_the_problem(base: str, case: str, edits: dict, words: list[str],
+                                                request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    broken = mutate(request.getfixturevalue(base), tmp_path / "broken", **edits)
     with pytest.raises(CheckpointError) as info:
         validate_checkpoint(broken)
     for word in words:
         assert word in str(info.value), f"{case}: {word!r} not in {info.value}"
     assert str(broken) in str(info.value)
-
-
-@pytest.mark.parametrize("case", sorted(DICT_CASES))
-def test_malformed_dictsparse_checkpoint_names_the_problem(case: str, dict_ckpt: Path, tmp_path: Path) -> None:
-    edits, words = DICT_CASES[case]
-    broken = mutate(dict_ckpt, tmp_path / "broken", **edits)
-    with pytest.raises(CheckpointError) as info:
-        validate_checkpoint(broken)
-    for word in words:
-        assert word in str(info.value), f"{case}: {word!r} not in {info.value}"
 
 
 def test_not_a_model_folder(tmp_path: Path) -> None:
