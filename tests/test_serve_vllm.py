@@ -1,7 +1,8 @@
 """`slimserve serve` dispatch, and causal LMs on vLLM's own OpenAI server with slimserve's metrics.
 
-The slow test starts ``slimserve serve`` on a tiny Llama exactly as a user would; the process
-execs vLLM's server, which loads slimserve's stat-logger plugin through its entry point.
+The slow test starts ``slimserve serve`` on a compressed tiny Llama exactly as a user would; the
+process execs vLLM's server, which loads slimserve's quantization and stat-logger plugins through
+their entry points.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import httpx
 import openai
 import pytest
 
+from slimserve.loaders.checkpoint import compression_summary
+from slimserve.loaders.compress.run import compress
 from slimserve.plugin.metrics import compression_ratio
 from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
 from slimserve.server.launch import EngineKind, ModelFolderError, detect_engine_kind, vllm_command
@@ -52,8 +55,9 @@ def test_dense_model_compression_ratio_is_zero(tiny_llama: Path) -> None:
 
 @pytest.mark.slow
 def test_vllm_server_answers_openai_and_exports_slimserve_metrics(tiny_llama: Path, tmp_path: Path) -> None:
+    ckpt = compress(tiny_llama, tmp_path / "svd-0.3", ratio=0.3, progress=False)
     port = free_port()
-    argv = [SLIMSERVE, "serve", str(tiny_llama), "--host", "127.0.0.1", "--port", str(port),
+    argv = [SLIMSERVE, "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", "tiny-llama", "--api-key", "k",
             "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -79,4 +83,6 @@ def test_vllm_server_answers_openai_and_exports_slimserve_metrics(tiny_llama: Pa
         assert metric_value(text, "slimserve:generation_tokens_total", **labels) >= 10
         assert metric_value(text, "slimserve:request_success_total", finished_reason="length") >= 2
         assert "slimserve:model_compression_ratio{" in text
-        assert metric_value(text, "slimserve:model_compression_ratio", **labels) == 0.0
+        assert metric_value(text, "slimserve:model_compression_ratio", **labels) == pytest.approx(
+            compression_summary(ckpt)["ratio"])
+        assert metric_value(text, "slimserve:model_compression_ratio", **labels) >= 0.3
