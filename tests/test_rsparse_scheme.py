@@ -180,3 +180,19 @@ def test_recipe_must_cover_every_module(tmp_path: Path) -> None:
         load_recipe(tmp_path / "r.json", ["a", "b"])
     with pytest.raises(CompressionError, match="outside"):
         load_recipe({"a": 1.5}, ["a"])
+
+
+def test_cli_compress_and_search_write_a_recipe(tiny_llama: Path, calib_text: Path, tmp_path: Path) -> None:
+    from slimserve.loaders.compress.run import compress
+    from slimserve.server.cli import main
+
+    via_compress = compress(tiny_llama, tmp_path / "c", method="rsparse", ratio=0.5, calib=calib_text, progress=False)
+    assert {s["alpha"] for s in open_checkpoint(via_compress).modules.values()} == {0.95}
+    assert main(["rsparse-compress", str(tiny_llama), str(tmp_path / "s"), "--sparsity", "0.5", "--calib",
+                 str(calib_text), "--search", "--population", "4", "--generations", "1", "--group-size", "7",
+                 "--quiet"]) == 0
+    recipe = json.loads((tmp_path / "s" / "rsparse_recipe.json").read_text())
+    assert recipe["search"]["best_ppl"] <= recipe["search"]["uniform_ppl"]
+    assert recipe["search"]["evaluations"] == 1 + 2 * (3 + 4)  # 14 modules in 2 groups of 7
+    modules = open_checkpoint(tmp_path / "s").modules
+    assert {m: s["alpha"] for m, s in modules.items()} == pytest.approx(recipe["alpha"])
