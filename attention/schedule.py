@@ -89,6 +89,11 @@ class Schedule:
                     kept += 1.0 - sparsity(mode, self.layout, self.params, stripe)
         return kept / (len(self.modes) * self.num_layers * self.num_heads)
 
+    def skipped_heads(self) -> int:
+        """Heads skipped per denoising step (summed over layers), averaged over the searched steps."""
+        skipped = sum(mode is Mode.SKIP for layers in self.modes for heads in layers for mode in heads)
+        return round(skipped / len(self.modes)) if self.modes else 0
+
     def histogram(self) -> list[Counter]:
         """Per layer, how many (step, head) pairs chose each mode."""
         return [Counter(m for layers in self.modes for m in layers[layer]) for layer in range(self.num_layers)]

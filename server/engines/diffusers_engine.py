@@ -5,21 +5,24 @@ pipeline's output decides the task (``frames`` means video). Optional request fi
 passed only when the pipeline's ``__call__`` accepts them, because pipelines differ in what
 they take (PixArt has no ``num_frames``, Wan no ``num_images_per_prompt``).
 
-A sparse-attention schedule may be given; it is installed with
-``slimserve.plugin.diffusers.apply(pipe, schedule)`` and must expose the savings it achieves
-as ``density`` (fraction of attention entries computed) and ``skipped_heads``.
+A Sparse-vDiT schedule (``slimserve vdit-search`` saves it next to the model) is installed with
+``slimserve.plugin.diffusers.apply(pipe, schedule)``; its density and skipped heads feed the
+``slimserve:attention_*`` gauges.
 """
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from slimserve.attention.schedule import FILENAME as SCHEDULE_FILE
+from slimserve.attention.schedule import Schedule
+from slimserve.loaders.errors import ScheduleError
 from slimserve.server.engines.base import (
     Engine,
     EngineRequestError,
@@ -33,17 +36,10 @@ from slimserve.server.engines.base import (
 )
 
 
-class AttentionSchedule(Protocol):
-    """What the server needs to know about a sparse-attention schedule."""
-
-    density: float
-    skipped_heads: int
-
-
 class _DiffusersEngine(Engine):
     """Shared pipeline plumbing: loading, the step callback, and optional arguments."""
 
-    def __init__(self, pipe: Any, model_name: str, schedule: AttentionSchedule | None = None) -> None:
+    def __init__(self, pipe: Any, model_name: str, schedule: Schedule | None = None) -> None:
         super().__init__(model_name)
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
@@ -58,7 +54,7 @@ class _DiffusersEngine(Engine):
     def sparsity(self) -> SparsityReport:
         if self.schedule is None:
             return SparsityReport()
-        return SparsityReport(attention_density=self.schedule.density, skipped_heads=self.schedule.skipped_heads)
+        return SparsityReport(attention_density=self.schedule.density(), skipped_heads=self.schedule.skipped_heads())
 
     def _call(self, request: ImageRequest | VideoRequest, on_step: StepCallback, **task_args: Any) -> Any:
         """Run the pipeline with the request's settings, reporting every denoising step."""
@@ -92,8 +88,14 @@ class _DiffusersEngine(Engine):
             args["callback"] = lambda step, timestep, latents: on_step(step + 1, steps)
             args["callback_steps"] = 1
         accepted = {k: v for k, v in args.items() if k in self.call_parameters and v is not None}
-        with torch.inference_mode():
-            return self.pipe(**accepted)
+        try:
+            with torch.inference_mode():
+                return self.pipe(**accepted)
+        except ScheduleError as err:
+            # A schedule is searched for one token layout (size, frames): another request size is the
+            # client's choice to change, not a server fault.
+            raise EngineRequestError(f"this model's sparse-attention schedule does not fit the request: {err}",
+                                     param="size") from err
 
     def _default_steps(self) -> int:
         default = inspect.signature(self.pipe.__call__).parameters.get("num_inference_steps")
@@ -126,9 +128,16 @@ class DiffusersVideoEngine(_DiffusersEngine, VideoEngine):
 
 
 def load_diffusers_engine(model_dir: str | Path, model_name: str,
-                          schedule: AttentionSchedule | None = None) -> DiffusersImageEngine | DiffusersVideoEngine:
-    """Load the pipeline in ``model_dir`` and wrap it in the engine for its task."""
+                          schedule: Schedule | None = None) -> DiffusersImageEngine | DiffusersVideoEngine:
+    """Load the pipeline in ``model_dir`` and wrap it in the engine for its task.
+
+    A Sparse-vDiT schedule saved next to the model by ``slimserve vdit-search``
+    (``sparse_vdit_schedule.json``) is installed unless another ``schedule`` is given.
+    """
     from diffusers import DiffusionPipeline
+
+    if schedule is None and (Path(model_dir) / SCHEDULE_FILE).is_file():
+        schedule = Schedule.load(model_dir)
 
     pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
     produces_video = "num_frames" in inspect.signature(pipe.__call__).parameters
