@@ -120,7 +120,7 @@ import json, sys
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
-    llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=True, max_model_len=256,
+    llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=args["enforce_eager"], max_model_len=256,
               max_num_seqs=4, tensor_parallel_size=args["tp"], seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
     outs = llm.generate(args["prompts"], params, use_tqdm=False)
@@ -129,8 +129,10 @@ if __name__ == "__main__":
 
 
 def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16, tp: int = 1,
-                dtype: str = "float32", timeout: float = 600) -> list[list[int]]:
+                dtype: str = "float32", enforce_eager: bool = True, timeout: float = 600) -> list[list[int]]:
     """Greedy token ids from real vLLM (with the slimserve plugin) in a fresh process.
+
+    ``enforce_eager=False`` runs vLLM's default CPU mode (torch.compile with inductor).
 
     A subprocess keeps each engine's spawned workers and global state away from the test
     process, and gives vLLM the ``__main__`` guard it needs on CPU.
@@ -145,7 +147,8 @@ def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    args = json.dumps({"model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "dtype": dtype})
+    args = json.dumps({"model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "dtype": dtype,
+                       "enforce_eager": enforce_eager})
     proc = subprocess.run([sys.executable, "-c", _GREEDY_SCRIPT, args], env=env, capture_output=True, text=True,
                           timeout=timeout)
     for line in proc.stdout.splitlines():

@@ -59,6 +59,12 @@ def test_mixed_schemes_llama_tp1_and_tp2_match_reference(mixed_llama: Path, tmp_
     assert vllm_greedy(mixed_llama, PROMPTS, tp=2) == reference
 
 
+def test_default_compiled_mode_matches_reference(mixed_llama: Path, tmp_path: Path) -> None:
+    """vLLM's default on CPU (torch.compile + inductor, no --enforce-eager) traces the plugin's ops."""
+    reference = hf_greedy(densify(mixed_llama, tmp_path / "dense"), PROMPTS)
+    assert vllm_greedy(mixed_llama, PROMPTS, enforce_eager=False) == reference
+
+
 def test_full_rank_reproduces_the_dense_model(tiny_llama: Path, tmp_path: Path) -> None:
     ckpt = compress(tiny_llama, tmp_path / "full", rank=10_000, progress=False)
     assert all(s["rank"] == min(s["in_features"], s["out_features"]) for s in open_checkpoint(ckpt).modules.values())

@@ -5,6 +5,10 @@ coefficients and the s entries of ``z`` they point to, never the k − s zeros. 
 compiled kernel (``ell_cpu.cpp``: AVX-512 gathers, bf16 or float32 values, int16 or int32
 indices, the stored bytes streamed once per batch); elsewhere, or without a compiler, a
 PyTorch gather does the same arithmetic more slowly.
+
+The product is registered as the custom op ``slimserve::ell_matmul`` so that torch.compile
+(vLLM's default on CPU) treats it as one opaque call instead of failing to trace the C++
+extension.
 """
 
 from __future__ import annotations
@@ -14,6 +18,25 @@ import torch
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
 
+def _cpu_kernel():
+    return load_cpu_extension("slimserve_ell_cpu", "ell_cpu.cpp")
+
+
+@torch.library.custom_op("slimserve::ell_matmul", mutates_args=())
+def ell_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``z [N, k] · Cᵀ`` for C given as ``values, indices [out, s]``; returns ``[N, out]`` in z's dtype."""
+    ext = _cpu_kernel() if z.device.type == "cpu" else None
+    if ext is not None:
+        return ext.ell_matmul(z, values, indices).to(z.dtype)
+    gathered = z[:, indices.long()]  # [N, out, s]
+    return (gathered * values.to(z.dtype)).sum(dim=-1)
+
+
+@ell_matmul.register_fake
+def _(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return z.new_empty(z.shape[0], values.shape[0])
+
+
 class EllMatmul:
     """``y = z · Cᵀ`` for ``C [out, k]`` with exactly s nonzeros per row, prepared once at load."""
 
@@ -21,10 +44,8 @@ class EllMatmul:
         self.values = values.contiguous()
         self.indices = indices.contiguous()
         self.atoms = atoms
-        self.ext = load_cpu_extension("slimserve_ell_cpu", "ell_cpu.cpp") if values.device.type == "cpu" else None
+        # Build (or load) the kernel now, at model load, not inside the first traced forward.
+        self.ext = _cpu_kernel() if values.device.type == "cpu" else None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        if self.ext is not None and z.device.type == "cpu":
-            return self.ext.ell_matmul(z, self.values, self.indices).to(z.dtype)
-        gathered = z[:, self.indices.long()]  # [N, out, s]
-        return (gathered * self.values.to(z.dtype)).sum(dim=-1)
+        return torch.ops.slimserve.ell_matmul(z, self.values, self.indices)
