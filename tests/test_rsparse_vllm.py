@@ -60,7 +60,8 @@ def test_vllm_greedy_equals_the_reference_at_tp1_and_tp2(rsparse_llama: Path, ti
     reference = reference_greedy(rsparse_llama, PROMPTS, sparse_prefill=False)
     # sparse decode really changes the output, so the equality below is not vacuous
     assert reference != hf_greedy(tiny_llama, PROMPTS)
-    assert vllm_greedy(rsparse_llama, PROMPTS) == reference
+    # vLLM's default CPU mode (torch.compile) at TP 1, eager at TP 2
+    assert vllm_greedy(rsparse_llama, PROMPTS, enforce_eager=False) == reference
     assert vllm_greedy(rsparse_llama, PROMPTS, tp=2) == reference
 
 

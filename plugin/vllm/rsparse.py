@@ -18,6 +18,11 @@ Token kinds come from vLLM's forward context (the attention metadata's ``max_que
 ``query_start_loc``), not from the token count: a decode step of 8 requests has 8 tokens.
 
 Memory: W is held twice, packed for prefill and column-major (``weight_t``) for decode.
+
+The whole forward is the custom op ``slimserve::rsparse_linear``: under vLLM's default
+torch.compile mode a traced Python branch on the step's token kinds would be frozen at
+trace time, and the C++ kernel cannot be traced at all, so the op is opaque to the compiler
+and decides per step at run time.
 """
 
 from __future__ import annotations
@@ -74,6 +79,19 @@ def decode_rows() -> torch.Tensor | bool:
 
 
 _step_cache: tuple[object, torch.Tensor | bool] = (None, False)
+# Every loaded shard, addressed by index from the custom op (graphs hold ints, not objects).
+_SHARDS: list[RSparseShard] = []
+
+
+@torch.library.custom_op("slimserve::rsparse_linear", mutates_args=())
+def rsparse_linear(x: torch.Tensor, shard: int, out_features: int) -> torch.Tensor:
+    """The R-Sparse layer ``shard`` applied to ``x [N, in]`` (dense or sparse per token kind)."""
+    return _SHARDS[shard].forward(x)
+
+
+@rsparse_linear.register_fake
+def _(x: torch.Tensor, shard: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 class RSparseShard:
@@ -92,8 +110,13 @@ class RSparseShard:
         self.u = prepacked_linear(tensors["u"]) if "u" in tensors else None
         self.out_features = weight_t.shape[1]
         self.sparse_prefill = os.environ.get(SPARSE_PREFILL_ENV, "0") not in ("", "0")
+        self.index = len(_SHARDS)
+        _SHARDS.append(self)
 
     def second(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.slimserve.rsparse_linear(x, self.index, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = True if self.sparse_prefill else decode_rows()
         if rows is True:
             return self.sparse(x)
