@@ -39,7 +39,7 @@ class Rocket:
         self.whitened = whitening.whiten(weight).float()
         self.whitened_norm = float(self.whitened.norm())
         # ‖S⁻ᵀ bᵢ‖^λ per basis vector, for the importance score.
-        self.atom_scale = whitening.inverse_norms(self.svd.vh).pow(IMPORTANCE_EXPONENT).float()
+        self.atom_scale = self.svd.basis.norm(dim=1).pow(IMPORTANCE_EXPONENT)
 
     def at_ratio(self, ratio: float) -> tuple[Factorization, float]:
         """The lowest-error factorization over the ks grid at this level, and its whitened relative error."""
@@ -60,7 +60,7 @@ class Rocket:
 
     def sparse_dictionary(self, atoms: int, nnz: int) -> tuple[Factorization, float]:
         """Steps 1-3 above for k = ``atoms``, s = ``nnz``."""
-        coef = (self.svd.u[:, :atoms] * self.svd.sigma[:atoms]).float()
+        coef = self.svd.u[:, :atoms] * self.svd.sigma[:atoms]
         importance = coef.abs() * self.atom_scale[:atoms]
         keep = importance.topk(nnz, dim=1).indices
         sparse = torch.zeros_like(coef).scatter_(1, keep, coef.gather(1, keep))
