@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from slimserve.loaders.checkpoint import compression_summary, open_checkpoint, validate_checkpoint
-from slimserve.loaders.compress.allocation import solve_knapsack
+from slimserve.loaders.compress.allocation import cap_options, solve_knapsack
 from slimserve.loaders.compress.cospadi import CoSpaDi
 from slimserve.loaders.compress.rocket import Rocket
-from slimserve.loaders.compress.run import REPORT_JSON, REPORT_PNG, compress
+from slimserve.loaders.compress.run import PROFILE_LEVELS, REPORT_JSON, REPORT_PNG, compress, knapsack_levels, profile_layers
 from slimserve.loaders.compress.whitening import SvdLlm, Whitening, relative_errors
 from slimserve.loaders.errors import CompressionError
 from slimserve.testing import build_tiny_causal_lm, local_text
@@ -68,11 +68,59 @@ def test_compressed_checkpoint_meets_budget_and_reports(tiny, calib, tmp_path, m
 def test_knapsack_uses_levels_and_beats_uniform_error(tiny, calib, tmp_path):
     uniform = _compress(tiny, tmp_path / "u", calib, "svd-llm", ratio=0.4, allocation="uniform")
     knapsack = _compress(tiny, tmp_path / "k", calib, "svd-llm", ratio=0.4, allocation="knapsack")
-    errors = [sum(layer["whitened_error"] for layer in json.loads((p / REPORT_JSON).read_text())["layers"])
+    errors = [sum(layer["weight_error"] for layer in json.loads((p / REPORT_JSON).read_text())["layers"])
               for p in (uniform, knapsack)]
     levels = {layer["level"] for layer in json.loads((knapsack / REPORT_JSON).read_text())["layers"]}
     assert len(levels) > 1
     assert errors[1] < errors[0]
+
+
+def test_knapsack_objective_is_capped_relative_weight_error():
+    """Pins the allocation objective: Σ ‖W − Ŵ‖/‖W‖ over ROCKET's capped options, exactly optimal."""
+    _, weight, gram = _correlated()
+    whitening = Whitening(gram, 48)
+    modules = ["a", "b", "c"]
+    scaled = {"a": weight, "b": 3.0 * weight[:16], "c": weight.flip(1)}
+    profile = profile_layers(modules, lambda m: (scaled[m], whitening, SvdLlm(scaled[m], whitening)), "svd-llm",
+                             progress=False)
+    for module in modules:
+        w = scaled[module]
+        assert profile[module][0.0] == (w.numel(), 0.0, 0.0)  # keep dense: the original weight, no error
+        for level in PROFILE_LEVELS:
+            if level in profile[module]:
+                fact, whitened_error = SvdLlm(w, whitening).at_ratio(level)
+                expected = float((w.double() - fact.reconstruct()).norm() / w.double().norm())
+                assert profile[module][level] == pytest.approx((fact.stored_params, whitened_error, expected))
+    for ratio in (0.2, 0.3, 0.5):
+        levels = knapsack_levels(profile, ratio)
+        total = sum(profile[m][0.0][0] for m in modules)
+        assert sum(profile[m][levels[m]][0] for m in modules) <= (1 - ratio) * total
+        reference_level = min(lv for lv in PROFILE_LEVELS if lv >= ratio)
+        reference = sum(profile[m][reference_level][2] for m in modules) / 3
+        options = [sorted(profile[m]) for m in modules]
+        costs = [[profile[m][lv][0] for lv in opts] for m, opts in zip(modules, options)]
+        errors = [[profile[m][lv][2] for lv in opts] for m, opts in zip(modules, options)]
+        allowed = cap_options(costs, errors, reference, int((1 - ratio) * total))
+        best = _brute_force([[c[i] for i in a] for c, a in zip(costs, allowed)],
+                            [[e[i] for i in a] for e, a in zip(errors, allowed)], int((1 - ratio) * total))
+        assert sum(profile[m][levels[m]][2] for m in modules) == pytest.approx(best)
+
+
+def test_error_cap_drops_outliers_with_the_least_feasible_alpha():
+    costs, errors = [[10, 6, 1]] * 2, [[0.0, 0.3, 0.5]] * 2
+    # Uncapped, keeping one layer dense and destroying the other sums to less error (0.5 < 0.6) ...
+    assert sorted(solve_knapsack(costs, errors, 12)) == [0, 2]
+    # ... the cap (α = 1 is feasible at budget 12) removes the 0.5 options, so both get the moderate one.
+    allowed = cap_options(costs, errors, reference=0.3, budget=12)
+    assert allowed == [[0, 1], [0, 1]]
+    assert solve_knapsack([[c[i] for i in a] for c, a in zip(costs, allowed)],
+                          [[e[i] for i in a] for e, a in zip(errors, allowed)], 12) == [1, 1]
+    # Budget 8 needs the 0.5 options: α grows to the first value with 0.5 <= α·0.3 (1.7).
+    assert cap_options(costs, errors, reference=0.3, budget=8) == [[0, 1, 2]] * 2
+    # α grows only as far as needed: here to 1.3, which admits 0.3 but not 0.5.
+    assert cap_options(costs, errors, reference=0.3 * 1.7 / 2.1, budget=12) == [[0, 1]] * 2
+    # No α <= 2 is feasible: the cap is lifted rather than failing.
+    assert cap_options(costs, errors, reference=0.1, budget=8) == [[0, 1, 2]] * 2
 
 
 def test_cospadi_is_deterministic_with_seed(tiny, calib, tmp_path):
