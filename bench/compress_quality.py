@@ -3,9 +3,12 @@
 Calibrates on Pride and Prejudice, evaluates token perplexity on Emma (both from Debian's
 r-cran-janeaustenr), for dense and for svd / svd-llm / cospadi / rocket at 20/30/50 % with
 uniform and knapsack allocation. Results accumulate in ``bench/results/compress_quality.json``
-(a rerun skips finished rows) and the table is written into ``bench/README.md``.
+(a rerun skips finished rows) and the table is written into ``bench/README.md``. ``--chat`` also
+asks a few simple questions, through the chat template in real vLLM, of dense and of the given
+configurations, to judge where answers stay sensible (the demo's choice).
 
-    .venv/bin/python bench/compress_quality.py [--methods svd svd-llm rocket cospadi] [--ratios 0.2 0.3 0.5]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py [--methods svd svd-llm rocket cospadi]
+        [--ratios 0.2 0.3 0.5] [--allocations uniform knapsack] [--chat rocket/knapsack/0.3 ...]
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ from slimserve.loaders.assets import ARTIFACTS, austen_text, smollm2_folder
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.loaders.compress.run import REPORT_JSON, REPORT_PNG, compress
 from slimserve.loaders.eval import METRIC, perplexity
+from slimserve.server.demo import build_demo_checkpoint
+from slimserve.testing import vllm_chat
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 README = BENCH / "README.md"
 SECTION = "## Compression quality on SmolLM2-135M (issue 3)"
+CHAT_QUESTIONS = ("What is the capital of France?", "How many days are there in a week?",
+                  "What color is the sky on a clear day?", "What is 2 + 3?")
 
 
 def main() -> int:
@@ -33,6 +40,8 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "rocket", "cospadi"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
+    parser.add_argument("--chat", nargs="*", default=[], metavar="METHOD/ALLOCATION/RATIO",
+                        help="ask CHAT_QUESTIONS of dense and of these configurations in real vLLM")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "compress_quality.json"
@@ -58,8 +67,10 @@ def main() -> int:
                 seconds = time.time() - start
                 summary = compression_summary(out)
                 ppl = perplexity(out, held_out).perplexity
-                rows[name] = {"ppl": ppl, "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
-                              "compress_s": round(seconds, 1)}
+                # Re-read before writing: another run (other methods or allocations) may share the store.
+                rows = {**json.loads(store.read_text()),
+                        name: {"ppl": ppl, "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
+                               "compress_s": round(seconds, 1)}}
                 print(f"{name}: ppl {ppl:.2f} (ratio {summary['ratio']:.3f}, {seconds:.0f} s)", flush=True)
                 reports = RESULTS / "reports"
                 reports.mkdir(exist_ok=True)
@@ -68,21 +79,36 @@ def main() -> int:
                 shutil.rmtree(out)
                 store.write_text(json.dumps(rows, indent=1))
                 write_readme(rows)
-    write_readme(rows)
+    for name in ["dense", *args.chat] if args.chat else []:
+        rows = json.loads(store.read_text())
+        if name in rows.get("chat", {}):
+            continue
+        if name == "dense":
+            answers = vllm_chat(model, list(CHAT_QUESTIONS))
+        else:  # built (and kept) exactly as `make demo` would build it with these settings
+            method, allocation, ratio = name.split("/")
+            answers = vllm_chat(build_demo_checkpoint(ARTIFACTS, method, float(ratio), allocation), list(CHAT_QUESTIONS))
+        rows = json.loads(store.read_text())
+        rows.setdefault("chat", {})[name] = answers
+        store.write_text(json.dumps(rows, indent=1))
+        print(f"{name}: {answers}", flush=True)
+    write_readme(json.loads(store.read_text()))
     return 0
 
 
 def write_readme(rows: dict) -> None:
     """Replace (or add) this benchmark's section of bench/README.md, leaving other sections alone."""
     dense = rows["dense"]["ppl"]
-    ratios = sorted({float(k.rsplit("/", 1)[1]) for k in rows if k != "dense"})
+    ratios = sorted({float(k.rsplit("/", 1)[1]) for k in rows if k not in ("dense", "chat")})
     lines = [SECTION, "",
              f"{METRIC} of SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; see ../shared/ASSETS.md) on "
              "*Emma* (first 8 windows of 512 tokens, BOS first), calibrated on *Pride and Prejudice* "
              "(32 windows of 512 tokens, seed 0). Ratio = fraction of decoder-linear parameters removed "
              "(stored values; the achieved value is in parentheses with, for dictsparse, the fraction of bytes "
              "removed once int16 indices are counted). Lower is better; in brackets: x dense.",
-             "", "Command: `.venv/bin/python bench/compress_quality.py`", "",
+             "", "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py` (compression times in "
+             "the JSON are from 2 cores shared with other jobs, one thread per run). Knapsack = ROCKET's "
+             "objective and error cap (`loaders/compress/README.md`).", "",
              f"Dense: **{dense:.2f}**", "",
              "| method | allocation | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
              "|---|---|" + "---|" * len(ratios)]
@@ -101,6 +127,14 @@ def write_readme(rows: dict) -> None:
     lines += ["", "Per-layer reports (level, scheme, rank/atoms/nnz, errors; JSON + PNG) of every run: "
               "`results/reports/<method>-<allocation>-<ratio>-report.*`. Raw numbers and compression times: "
               "`results/compress_quality.json`.", ""]
+    if rows.get("chat"):
+        lines += ["Greedy chat answers (real vLLM, bfloat16, chat template, at most 48 tokens), "
+                  "`--chat METHOD/ALLOCATION/RATIO ...`:", "",
+                  "| model | " + " | ".join(CHAT_QUESTIONS) + " |", "|---|" + "---|" * len(CHAT_QUESTIONS)]
+        for name, answers in rows["chat"].items():
+            cells = [" ".join(a.split()).replace("|", "\\|") for a in answers]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     section = "\n".join(lines)
     text = README.read_text() if README.is_file() else "# Benchmarks\n\n"
     if SECTION in text:
