@@ -14,8 +14,8 @@ from slimserve.server.cli import subcommand
 
 # The best method so far at a ratio where the model's answers stay sensible
 # (bench/README.md, "Compression quality on SmolLM2-135M").
-DEMO_METHOD = "svd-llm"
-DEMO_RATIO = 0.2
+DEMO_METHOD = "rocket"
+DEMO_RATIO = 0.1
 DEMO_ALLOCATION = "knapsack"
 CALIBRATION_NOVEL = "prideprejudice"
 

@@ -133,6 +133,33 @@ def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 
     """Greedy token ids from real vLLM (with the slimserve plugin) in a fresh process.
 
     ``enforce_eager=False`` runs vLLM's default CPU mode (torch.compile with inductor).
+    """
+    return _run_vllm(_GREEDY_SCRIPT, "GREEDY_TOKENS=", {
+        "model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "dtype": dtype,
+        "enforce_eager": enforce_eager}, tp=tp, timeout=timeout)
+
+
+_CHAT_SCRIPT = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    args = json.loads(sys.argv[1])
+    llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=True, max_model_len=512, max_num_seqs=4, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"])
+    outs = llm.chat([[{"role": "user", "content": q}] for q in args["questions"]], params, use_tqdm=False)
+    print("CHAT_ANSWERS=" + json.dumps([o.outputs[0].text for o in outs]), flush=True)
+"""
+
+
+def vllm_chat(model_dir: str | Path, questions: list[str], *, max_tokens: int = 48, dtype: str = "bfloat16",
+              timeout: float = 600) -> list[str]:
+    """Greedy single-turn chat answers from real vLLM (the model's chat template applied), one per question."""
+    return _run_vllm(_CHAT_SCRIPT, "CHAT_ANSWERS=", {"model": str(model_dir), "questions": questions,
+                                                     "max_tokens": max_tokens, "dtype": dtype}, timeout=timeout)
+
+
+def _run_vllm(script: str, marker: str, args: dict, *, tp: int = 1, timeout: float = 600):
+    """Run a vLLM ``script`` in a fresh process and return the JSON it prints after ``marker``.
 
     A subprocess keeps each engine's spawned workers and global state away from the test
     process, and gives vLLM the ``__main__`` guard it needs on CPU.
@@ -147,13 +174,11 @@ def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    args = json.dumps({"model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "dtype": dtype,
-                       "enforce_eager": enforce_eager})
-    proc = subprocess.run([sys.executable, "-c", _GREEDY_SCRIPT, args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True,
                           timeout=timeout)
     for line in proc.stdout.splitlines():
-        if line.startswith("GREEDY_TOKENS="):
-            return json.loads(line.split("=", 1)[1])
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
     raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
 
 
