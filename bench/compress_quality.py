@@ -124,8 +124,8 @@ def write_readme(rows: dict) -> None:
                              f"({row['ratio']:.1%} / {row['bytes_ratio']:.1%} B)")
             if any(c != "not run" for c in cells):
                 lines.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
-    lines += ["", "Per-layer reports (level, scheme, rank/atoms/nnz, errors; JSON + PNG) of every run: "
-              "`results/reports/<method>-<allocation>-<ratio>-report.*`. Raw numbers and compression times: "
+    lines += ["", "Per-layer reports (level, scheme, rank/atoms/nnz, errors; JSON + PNG), written by every run to "
+              "`results/reports/<method>-<allocation>-<ratio>-report.*` (only the best 30 % one is committed). Raw numbers and compression times: "
               "`results/compress_quality.json`.", ""]
     if rows.get("chat"):
         lines += ["Greedy chat answers (real vLLM, bfloat16, chat template, at most 48 tokens), "
