@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -22,28 +21,24 @@ def test_sigterm_finishes_running_request(tmp_path: Path) -> None:
     server = ServerProcess([SLIMSERVE, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
                            port, tmp_path / "server.log")
     with server:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
-        results: list[tuple[object, float]] = []
-
-        def slow_request() -> None:
-            # Many denoising steps over a long block keep the request on the engine for seconds.
-            result = client.completions.create(model="model", prompt="hello", max_tokens=64,
-                                               extra_body={"steps": 200, "block_length": 64})
-            results.append((result, time.monotonic()))
-
-        request = threading.Thread(target=slow_request)
-        request.start()
-        time.sleep(1.0)
-        assert not results, "the request finished before shutdown began; make it slower"
-        terminated_at = time.monotonic()
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        # 16 blocks of 8 tokens, 13 denoising steps each (the server's 200-step cap, rounded up to a
+        # whole number per block): the engine streams one chunk per finished block, so when the
+        # first chunk arrives the other 15 blocks are still to be computed.
+        stream = iter(client.completions.create(model="model", prompt="hello", max_tokens=128, stream=True,
+                                                extra_body={"steps": 200, "block_length": 8}))
+        first = next(stream)
         server.terminate()
-        request.join(timeout=60)
+        terminated_at = time.monotonic()
+        rest = list(stream)
+        finished_at = time.monotonic()
         # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit status is "killed by SIGTERM".
         assert server.process is not None and server.process.wait(timeout=60) in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in server.log_tail(), server.log_tail()
-        assert len(results) == 1, server.log_tail()
-        result, finished_at = results[0]
-        assert result.usage.completion_tokens > 0 and finished_at > terminated_at
+        chunks = [first, *rest]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length", server.log_tail()
+        assert sum(1 for c in chunks if c.choices and c.choices[0].text) == 16  # every block arrived
+        assert finished_at > terminated_at
         try:
             openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=5).models.list()
             raise AssertionError("server still answers after shutdown")
