@@ -15,22 +15,41 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder")
     p.add_argument("--method", default="svd",
                    help="svd: plain truncated SVD (uncalibrated); svd-llm: whitened SVD; cospadi: whitened sparse "
-                        "dictionary learning; rocket: eigenbasis + sparse coefficients + ridge refit (default: svd)")
+                        "dictionary learning; rocket: eigenbasis + sparse coefficients + ridge refit; rsparse: "
+                        "R-Sparse rank-aware activation sparsity (budgeted by --sparsity) (default: svd)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters removed (0.3 keeps 70%%)")
     budget.add_argument("--rank", type=int, help="svd only: one fixed rank for every decoder linear")
+    budget.add_argument("--sparsity", type=float, help="rsparse only: fraction of each linear's MACs removed per "
+                                                       "decoded token (e.g. 0.5)")
     p.add_argument("--allocation", default="uniform",
                    help="uniform: every linear loses --ratio; knapsack: profile every linear and pick per-layer "
                         "levels for the least summed error under the global budget (default: uniform)")
-    p.add_argument("--calib", help="calibration text file (required by svd-llm, cospadi, rocket)")
+    p.add_argument("--calib", help="calibration text file (required by svd-llm, cospadi, rocket, rsparse)")
     p.add_argument("--calib-cache", help="safetensors file caching the calibration Grams; reused when the model, "
                                          "text and settings match")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration window sampling and CoSpaDi initialization")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    rsparse = p.add_argument_group("rsparse")
+    rsparse.add_argument("--alpha", type=float, default=0.95, help="uniform sparse share α without --search")
+    rsparse.add_argument("--recipe", help="a saved rsparse_recipe.json with per-module α")
+    rsparse.add_argument("--search", action="store_true",
+                         help="search per-module α (group-wise differential evolution, fitness = perplexity on "
+                              "--calib); saves rsparse_recipe.json")
+    rsparse.add_argument("--population", type=int, default=6, help="search population (default 6)")
+    rsparse.add_argument("--generations", type=int, default=2, help="search generations per group (default 2)")
+    rsparse.add_argument("--group-size", type=int, default=42, help="modules optimized together (default 42)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
     def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.errors import CompressionError
+
+        if (args.method == "rsparse") != (args.sparsity is not None):
+            raise CompressionError("R-Sparse is budgeted by MACs removed per token: use --method rsparse with "
+                                   "--sparsity S (and only then)")
+        if args.method == "rsparse":
+            return _run_rsparse(args)
         from slimserve.loaders.compress.run import REPORT_JSON, compress
 
         out = compress(args.src, args.out, method=args.method, ratio=args.ratio, rank=args.rank, calib=args.calib,
@@ -40,6 +59,24 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(handler=run)
+
+
+def _run_rsparse(args: argparse.Namespace) -> int:
+    from slimserve.loaders.compress.rsparse import compress_rsparse
+    from slimserve.loaders.compress.rsparse_search import SearchSettings
+    from slimserve.loaders.errors import CompressionError
+
+    if args.calib is None:
+        raise CompressionError("--method rsparse calibrates its thresholds: give --calib FILE (plain text)")
+    options = {}
+    if args.search:
+        options["settings"] = SearchSettings(population=args.population, generations=args.generations,
+                                             group_size=args.group_size)
+    out = compress_rsparse(args.src, args.out, sparsity=args.sparsity, calib=args.calib, alpha=args.alpha,
+                           recipe=args.recipe, search=args.search, progress=not args.quiet,
+                           log=(lambda _m: None) if args.quiet else print, **options)
+    print(f"wrote {out}")
+    return 0
 
 
 @subcommand

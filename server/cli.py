@@ -23,7 +23,7 @@ def subcommand(add: Callable[[argparse._SubParsersAction], None]) -> Callable[[a
 
 def build_parser() -> argparse.ArgumentParser:
     # Modules that declare subcommands register them on import.
-    from slimserve.server import checkpoint_commands, demo, rsparse_commands  # noqa: F401
+    from slimserve.server import checkpoint_commands, demo  # noqa: F401
 
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -183,12 +183,14 @@ def test_recipe_must_cover_every_module(tmp_path: Path) -> None:
 
 
 def test_cli_compress_and_search_write_a_recipe(tiny_llama: Path, calib_text: Path, tmp_path: Path) -> None:
-    from slimserve.loaders.compress.run import compress
     from slimserve.server.cli import main
 
-    via_compress = compress(tiny_llama, tmp_path / "c", method="rsparse", ratio=0.5, calib=calib_text, progress=False)
-    assert {s["alpha"] for s in open_checkpoint(via_compress).modules.values()} == {0.95}
-    assert main(["rsparse-compress", str(tiny_llama), str(tmp_path / "s"), "--sparsity", "0.5", "--calib",
+    assert main(["compress", str(tiny_llama), str(tmp_path / "c"), "--method", "rsparse", "--sparsity", "0.5",
+                 "--calib", str(calib_text), "--quiet"]) == 0
+    assert {s["alpha"] for s in open_checkpoint(tmp_path / "c").modules.values()} == {0.95}
+    assert main(["compress", str(tiny_llama), str(tmp_path / "x"), "--method", "rsparse", "--ratio", "0.5",
+                 "--calib", str(calib_text)]) == 2  # R-Sparse is budgeted by --sparsity
+    assert main(["compress", str(tiny_llama), str(tmp_path / "s"), "--method", "rsparse", "--sparsity", "0.5", "--calib",
                  str(calib_text), "--search", "--population", "4", "--generations", "1", "--group-size", "7",
                  "--quiet"]) == 0
     recipe = json.loads((tmp_path / "s" / "rsparse_recipe.json").read_text())

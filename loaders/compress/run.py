@@ -32,7 +32,7 @@ from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitenin
 from slimserve.loaders.errors import CompressionError
 from slimserve.loaders.models import check_architecture, decoder_linear_modules
 
-METHODS = ("svd", "svd-llm", "cospadi", "rocket", "rsparse")
+METHODS = ("svd", "svd-llm", "cospadi", "rocket")
 CALIBRATED = ("svd-llm", "cospadi", "rocket")
 ALLOCATIONS = ("uniform", "knapsack")
 # Levels (fraction of a layer's parameters removed) the knapsack chooses from, besides "keep dense".
@@ -69,12 +69,6 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     """
     if method not in METHODS:
         raise CompressionError(f"unknown --method {method!r}; expected one of {', '.join(METHODS)}")
-    if method == "rsparse":  # activation sparsity: --ratio is the fraction of MACs removed per token
-        from slimserve.loaders.compress.rsparse import compress_rsparse
-
-        if ratio is None or calib is None:
-            raise CompressionError("--method rsparse needs --ratio (its sparsity) and --calib FILE")
-        return compress_rsparse(src, out, sparsity=ratio, calib=calib, progress=progress)
     if allocation not in ALLOCATIONS:
         raise CompressionError(f"unknown --allocation {allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     if (ratio is None) == (rank is None):
