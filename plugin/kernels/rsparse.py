@@ -20,28 +20,16 @@ per-token R-Sparse product.
 from __future__ import annotations
 
 import functools
-import warnings
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
-_SOURCE = Path(__file__).with_name("rsparse_cpu.cpp")
+from slimserve.plugin.kernels.cpp import load_cpu_extension
 
 
-@functools.cache
 def cpu_extension() -> ModuleType | None:
-    """The compiled CPU kernel, built once per machine; None (with a warning) if it cannot be built."""
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(name="slimserve_rsparse_cpu", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except (RuntimeError, OSError, ImportError) as err:
-        warnings.warn(f"slimserve: could not build the R-Sparse CPU kernel ({_SOURCE.name}: {err}); falling back "
-                      "to a dense masked matmul that reads every weight row (correct but not faster). Install a C++ "
-                      "compiler (g++) and ninja to get the sparse kernel.", RuntimeWarning, stacklevel=2)
-        return None
+    """The compiled CPU kernel (``rsparse_cpu.cpp``), built once per machine; None if it cannot be built."""
+    return load_cpu_extension("slimserve_rsparse_cpu", "rsparse_cpu.cpp")
 
 
 def sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norm: torch.Tensor, threshold: float,
