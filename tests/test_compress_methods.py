@@ -13,7 +13,7 @@ import torch
 from slimserve.loaders.checkpoint import compression_summary, open_checkpoint, validate_checkpoint
 from slimserve.loaders.compress.allocation import cap_options, solve_knapsack
 from slimserve.loaders.compress.cospadi import CoSpaDi
-from slimserve.loaders.compress.rocket import Rocket
+from slimserve.loaders.compress.rocket import Rocket, refit_coefficients
 from slimserve.loaders.compress.run import PROFILE_LEVELS, REPORT_JSON, REPORT_PNG, compress, knapsack_levels, profile_layers
 from slimserve.loaders.compress.whitening import SvdLlm, Whitening, relative_errors
 from slimserve.loaders.errors import CompressionError
@@ -195,6 +195,30 @@ def test_rocket_with_ks_one_is_svd_llm_and_sparse_is_better():
     fact, err = rocket.at_ratio(0.4)
     assert err <= svd.at_ratio(0.4)[1] + 1e-9
     assert relative_errors(weight, fact.reconstruct(), whitening)[1] == pytest.approx(err, rel=1e-3)
+
+
+def test_rocket_refinement_lowers_the_error_keeps_the_support_and_reports_the_true_error():
+    _, weight, gram = _correlated()
+    whitening = Whitening(gram, 48)
+    single = Rocket(weight, whitening, refine_iterations=0)
+    refined = Rocket(weight, whitening, refine_iterations=3)
+    (fact0, err0), (fact3, err3) = single.sparse_dictionary(16, 8), refined.sparse_dictionary(16, 8)
+    assert err3 < 0.97 * err0
+    # Same support (the refit moves values, never positions), exactly s per output row.
+    assert torch.equal(fact0.tensors["coef_indices"].sort(dim=1).values, fact3.tensors["coef_indices"].sort(dim=1).values)
+    assert relative_errors(weight, fact3.reconstruct(), whitening)[1] == pytest.approx(err3, rel=1e-3)
+
+
+def test_refit_coefficients_is_the_exact_least_squares_solution_on_the_support():
+    torch.manual_seed(0)
+    dictionary, target = torch.randn(12, 30, dtype=torch.float64), torch.randn(5, 30, dtype=torch.float64)
+    support = torch.stack([torch.randperm(12)[:4] for _ in range(5)])
+    coef = refit_coefficients(support, dictionary, target)
+    for row in range(5):
+        atoms = dictionary[support[row]]
+        expected = torch.linalg.lstsq(atoms.t(), target[row]).solution
+        assert torch.allclose(coef[row, support[row]], expected, atol=1e-5)
+        assert int((coef[row] != 0).sum()) == 4
 
 
 def test_cospadi_keeps_exactly_s_per_row():

@@ -27,7 +27,7 @@ from slimserve.loaders.compress.allocation import cap_options, knapsack_unit, so
 from slimserve.loaders.compress.budget import check_ratio
 from slimserve.loaders.compress.calibration import Grams, load_or_collect_grams
 from slimserve.loaders.compress.cospadi import CoSpaDi
-from slimserve.loaders.compress.rocket import Rocket
+from slimserve.loaders.compress.rocket import REFINE_ITERATIONS, Rocket
 from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dense_option, relative_errors
 from slimserve.loaders.errors import CompressionError
 from slimserve.loaders.models import check_architecture, decoder_linear_modules
@@ -104,7 +104,8 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
             profile_cache = Path(calib_cache).with_suffix(f".{method}-profile.json") if calib_cache else None
             key = {"source": str(Path(src).resolve()), "grams": grams.spec.as_metadata() if grams else None,
                    "seed": seed if method == "cospadi" else None}
-            profile = profile_layers(modules, layer, method, progress, profile_cache, key)
+            profile = profile_layers(modules, _layer_factory(ckpt, method, grams, seed, refine=False), method,
+                                     progress, profile_cache, key)
             levels = knapsack_levels(profile, ratio)
         producer = {"method": method, "ratio": ratio, "rank": rank, "allocation": allocation, "seed": seed,
                     "source": Path(src).name}
@@ -137,15 +138,19 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
 LayerFactory = Callable[[str], tuple[torch.Tensor, Whitening, SvdLlm | Rocket | CoSpaDi]]
 
 
-def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int) -> LayerFactory:
-    """A function loading one module's weight and Gram and preparing its method's compressor."""
+def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int, refine: bool = True) -> LayerFactory:
+    """A function loading one module's weight and Gram and preparing its method's compressor.
+
+    ``refine=False`` (the knapsack profile) skips ROCKET's refinement rounds, which cost more
+    than the rest of its factorization; the chosen factorizations are refined when written.
+    """
     def layer(module: str):
         weight = ckpt.tensor(f"{module}.weight").float()
         whitening = Whitening(grams[module] if grams is not None else None, weight.shape[1], module)
         if method in ("svd", "svd-llm"):
             return weight, whitening, SvdLlm(weight, whitening)
         if method == "rocket":
-            return weight, whitening, Rocket(weight, whitening)
+            return weight, whitening, Rocket(weight, whitening, refine_iterations=REFINE_ITERATIONS if refine else 0)
         return weight, whitening, CoSpaDi(weight, whitening, seed=seed)
     return layer
 
