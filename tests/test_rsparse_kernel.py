@@ -12,7 +12,7 @@ import torch
 
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.rsparse import exact_mask
-from slimserve.plugin.kernels.rsparse import cpu_extension, sparse_mm
+from slimserve.plugin.kernels.rsparse import cpu_extension, segmented_sparse_mm, sparse_mm
 
 
 def case(tokens: int, inp: int, out: int, dtype: torch.dtype, seed: int = 0):
@@ -50,6 +50,34 @@ def test_sparse_mm_edge_thresholds() -> None:
     assert torch.equal(y, torch.zeros_like(y)) and torch.equal(rest, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_segments_each_use_their_own_norms_and_thresholds(tokens: int, dtype: torch.dtype) -> None:
+    """q | k | v side by side in one call equals three separate masked products (one segment reads nothing)."""
+    splits = [576, 192, 192]
+    cases = [case(tokens, 576, out, dtype, seed=s) for s, out in enumerate(splits)]
+    x = cases[0][0]
+    thresholds = [cases[0][3], 0.3 * cases[1][3], math.inf]
+    weight_t = torch.cat([c[1] for c in cases], dim=1)
+    norms = torch.stack([c[2] for c in cases])
+    y, rest = segmented_sparse_mm(x, weight_t, norms, thresholds, splits, with_rest=True)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for s, (w, norm, t) in enumerate(zip(weight_t.split(splits, dim=1), norms, thresholds)):
+        mask = exact_mask(x, norm, t)
+        expected = (x.float() * mask) @ w.float()
+        o0 = sum(splits[:s])
+        torch.testing.assert_close(y[:, o0:o0 + splits[s]].float(), expected, rtol=tol,
+                                   atol=tol * max(float(expected.abs().max()), 1.0))
+        assert torch.equal(rest[s], x * ~mask)
+    assert torch.equal(y[:, -192:], torch.zeros_like(y[:, -192:])) and torch.equal(rest[2], x)
+
+
+def test_segments_reject_widths_that_do_not_add_up() -> None:
+    x, weight_t, norm, t = case(1, 64, 32, torch.float32)
+    with pytest.raises(RuntimeError, match="sum to 40"):
+        segmented_sparse_mm(x, weight_t, torch.stack([norm, norm]), [t, t], [20, 20])
+
+
 def test_sparse_mm_rejects_mismatched_shapes() -> None:
     x, weight_t, norm, t = case(1, 64, 32, torch.float32)
     with pytest.raises(RuntimeError, match="does not match"):
@@ -80,7 +108,7 @@ def test_triton_kernel_in_the_interpreter() -> None:
 
 def runner(alpha: float, dtype: torch.dtype = torch.float32):
     from slimserve.loaders.compress.rsparse import LayerFactors
-    from slimserve.plugin.vllm.rsparse import RSparseShard
+    from slimserve.plugin.vllm.rsparse import RSparseLayer
 
     gen = torch.Generator().manual_seed(1)
     factors = LayerFactors(torch.randn(96, 160, generator=gen), dtype)
@@ -88,7 +116,7 @@ def runner(alpha: float, dtype: torch.dtype = torch.float32):
     tensors, fields = factors.module(0.5, alpha, calib)
     spec = {"scheme": "rsparse", "in_features": 160, "out_features": 96, **fields}
     tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    return RSparseShard(tensors, spec), spec, tensors, calib[:20].to(dtype)
+    return RSparseLayer.shard(tensors, spec), spec, tensors, calib[:20].to(dtype)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
@@ -97,6 +125,20 @@ def test_runner_sparse_path_equals_the_reference(alpha: float, tokens: int) -> N
     shard, spec, tensors, x = runner(alpha)
     torch.testing.assert_close(shard.sparse(x[:tokens]), SCHEMES["rsparse"].forward(spec, tensors, x[:tokens]),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 20])
+def test_a_fused_layer_runs_its_shards_side_by_side(tokens: int) -> None:
+    """gate | up | another shard with α = 0, 0.6, 1: each output slice equals that shard's own R-Sparse forward."""
+    from slimserve.plugin.vllm.rsparse import RSparseLayer
+
+    shards = [runner(alpha) for alpha in (0.0, 0.6, 1.0)]
+    layer = RSparseLayer([t for _, _, t, _ in shards], [spec for _, spec, _, _ in shards])
+    x = shards[0][3][:tokens]
+    expected = torch.cat([SCHEMES["rsparse"].forward(spec, t, x) for _, spec, t, _ in shards], dim=1)
+    torch.testing.assert_close(layer.sparse(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.second(x), torch.cat([x @ t["weight_t"] for _, _, t, _ in shards], dim=1),
+                               rtol=1e-4, atol=1e-4)  # no forward context: dense
 
 
 def test_runner_is_dense_outside_decode_and_sparse_in_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:

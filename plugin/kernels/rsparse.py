@@ -14,16 +14,20 @@ stream the active rows straight from ``weight_t``:
 
 A batch of several tokens reads the union of their active channels once; each token keeps
 its own mask (a zero coefficient for channels it does not use), so the result is exactly the
-per-token R-Sparse product.
+per-token R-Sparse product. Layers that read the same input (q | k | v, gate | up) run as
+segments of one call (``segmented_sparse_mm``): one dispatch instead of three, and one pool of
+column tasks that keeps both threads busy even for 192-column segments.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 
+from slimserve.loaders.schemes.rsparse import exact_mask
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
 
@@ -39,14 +43,29 @@ def sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norm: torch.Tensor, t
     ``x [N, in]``, ``weight_t [in, out]`` contiguous in x's dtype, ``col_norm [in]`` float32,
     ``m = |x|·col_norm > threshold`` per token.
     """
+    y, rests = segmented_sparse_mm(x, weight_t, col_norm[None], [threshold], [weight_t.shape[1]], with_rest)
+    return y, (rests[0] if rests is not None else None)
+
+
+def segmented_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: Sequence[float],
+                        splits: Sequence[int], with_rest: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sparse_mm`` of several layers sharing the input ``x`` (q | k | v, gate | up) in one call.
+
+    ``weight_t [in, Σ splits]`` holds their Wᵀ side by side, segment s owning ``splits[s]``
+    columns with its own ``col_norms[s]`` (``[S, in]`` float32) and ``thresholds[s]``. Returns
+    ``y [N, Σ splits]`` and, if asked, ``rest [S, N, in]`` with ``rest[s] = x ⊙ (1 − m_s)``.
+    """
     if x.is_cuda:
-        return _triton_sparse_mm(x, weight_t, col_norm, threshold, with_rest)
+        parts = [_triton_sparse_mm(x, w, n, t, with_rest)
+                 for w, n, t in zip(weight_t.split(list(splits), dim=1), col_norms, thresholds)]
+        return torch.cat([y for y, _ in parts], dim=1), (torch.stack([r for _, r in parts]) if with_rest else None)
     ext = cpu_extension() if x.dtype in (torch.bfloat16, torch.float32) else None
     if ext is None:
-        mask = x.float().abs() * col_norm > threshold
-        return (x * mask) @ weight_t, (x * ~mask if with_rest else None)
-    rest = torch.empty_like(x) if with_rest else None
-    return ext.rsparse_sparse_mm(x, weight_t, col_norm, float(threshold), rest), rest
+        masks = [exact_mask(x, n, t) for n, t in zip(col_norms, thresholds)]
+        y = torch.cat([(x * m) @ w for m, w in zip(masks, weight_t.split(list(splits), dim=1))], dim=1)
+        return y, (torch.stack([x * ~m for m in masks]) if with_rest else None)
+    rest = x.new_empty(len(splits), *x.shape) if with_rest else None
+    return ext.rsparse_sparse_mm(x, weight_t, col_norms, [float(t) for t in thresholds], list(splits), rest), rest
 
 
 def _triton_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norm: torch.Tensor, threshold: float,

@@ -1,12 +1,17 @@
 // R-Sparse sparse product on CPU: y = (x ⊙ m) W with W stored transposed ([in, out], one
 // contiguous row per input channel) and m = |x|·norm > t per token. Only the rows of the
 // channels that are exact for at least one token (the union over the batch) are read; each
-// token keeps its own mask through a zero coefficient. Built at first use by
+// token keeps its own mask through a zero coefficient. Several layers that share the input
+// (q | k | v, gate | up) run as column segments of one call, each with its own channel norms
+// and threshold, so they share one task pool across the threads. Built at first use by
 // slimserve/plugin/kernels/rsparse.py with torch.utils.cpp_extension.load.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -17,8 +22,8 @@
 
 namespace {
 
-// Output columns one task accumulates at a time: tokens x kChunk float accumulators stay in
-// L1 while every active row's kChunk weights are streamed once (1 KiB contiguous in bf16).
+// Most output columns one task accumulates at a time: tokens x kChunk float accumulators stay
+// in L1 while every active row's chunk of weights is streamed once (1 KiB contiguous in bf16).
 constexpr int64_t kChunk = 512;
 // Rows combined per accumulator update: each accumulator load/store serves kRows weight rows,
 // and each weight vector is loaded and widened once for all tokens.
@@ -87,14 +92,23 @@ void store_chunk(const float* acc, int64_t tokens, int64_t width_v, int64_t widt
   }
 }
 
+// Output columns per task: at most kChunk and a whole number of vector steps, small enough
+// that every thread gets several tasks. Tasks are taken from a shared counter, so segments of
+// different widths (q 576 | k 192 | v 192) still keep both threads busy to the end. Fixed
+// 512-column tasks left a 576-wide layer as one 512- and one 64-column task (one thread idle
+// most of the time) and a 192-wide one on a single thread.
+int64_t task_width(int64_t total_out, int64_t step) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = (total_out + 4 * threads - 1) / (4 * threads);
+  return std::min(kChunk, std::max(step, (target + step - 1) / step * step));
+}
+
+// One segment's active rows (the union over the batch, padded to whole groups of kRows with
+// zero coefficients) and their per-token coefficients [rows, tokens] (0 where a token's
+// channel is not exact); writes the inexact remainder x ⊙ (1 − m) to `rest` when given.
 template <typename T>
-void sparse_mm(const T* x, const T* wt, const float* norm, float threshold, T* y, T* rest, int64_t tokens,
-               int64_t in, int64_t out) {
-  // 1. Masks, the union of exact channels (padded to whole groups of kRows with zero
-  //    coefficients), their coefficients [rows, tokens] (0 where a token's channel is not
-  //    exact) and, if asked, the inexact remainder x ⊙ (1 − m).
-  std::vector<int64_t> rows;
-  std::vector<float> coef;
+void segment_masks(const T* x, const float* norm, float threshold, T* rest, int64_t tokens, int64_t in,
+                   std::vector<int64_t>& rows, std::vector<float>& coef) {
   rows.reserve(in + kRows);
   coef.reserve((in + kRows) * tokens);
   for (int64_t i = 0; i < in; ++i) {
@@ -115,77 +129,122 @@ void sparse_mm(const T* x, const T* wt, const float* norm, float threshold, T* y
     rows.push_back(rows.empty() ? 0 : rows.back());
     coef.insert(coef.end(), tokens, 0.f);
   }
-  const int64_t groups = static_cast<int64_t>(rows.size()) / kRows;
-  // 2. Output chunks in parallel; each streams the active rows of its columns once.
-  const int64_t chunks = (out + kChunk - 1) / kChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(tokens * kChunk);
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t c0 = c * kChunk;
-      const int64_t width = std::min(kChunk, out - c0);
+}
+
+// y[:, c0:c0+width] = Σ over the segment's active rows of coef · wt[row, c0:c0+width], where
+// `wt` and `y` both have row stride `stride` (the concatenated width of all segments).
+template <typename T>
+void run_task(const T* wt, const std::vector<int64_t>& rows, const float* coef, int64_t tokens, int64_t stride,
+              int64_t c0, int64_t width, float* acc, T* y) {
 #if defined(__AVX512F__)
-      const int64_t width_v = width / kStep<T> * kStep<T>;
+  const int64_t width_v = width / kStep<T> * kStep<T>;
 #else
-      const int64_t width_v = 0;
+  const int64_t width_v = 0;
 #endif
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t g = 0; g < groups; ++g) {
-        const T* w[kRows];
-        for (int64_t r = 0; r < kRows; ++r) w[r] = wt + rows[g * kRows + r] * out + c0;
-        if (g + 1 < groups) {  // the next group's rows, ahead of the hardware prefetcher
-          for (int64_t r = 0; r < kRows; ++r) {
-            const char* next = reinterpret_cast<const char*>(wt + rows[(g + 1) * kRows + r] * out + c0);
-            for (int64_t b = 0; b < width * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
-          }
-        }
-        const float* cg = coef.data() + g * kRows * tokens;
-        accumulate_group(w, cg, tokens, width_v, acc.data());
-        for (int64_t n = 0; n < tokens; ++n) {
-          float* a = acc.data() + n * kChunk;
-          for (int64_t j = width_v; j < width; ++j) {
-            float s = a[j];
-            for (int64_t r = 0; r < kRows; ++r) s += cg[r * tokens + n] * static_cast<float>(w[r][j]);
-            a[j] = s;
-          }
-        }
+  std::fill(acc, acc + tokens * kChunk, 0.f);
+  const int64_t groups = static_cast<int64_t>(rows.size()) / kRows;
+  for (int64_t g = 0; g < groups; ++g) {
+    const T* w[kRows];
+    for (int64_t r = 0; r < kRows; ++r) w[r] = wt + rows[g * kRows + r] * stride + c0;
+    if (g + 1 < groups) {  // the next group's rows, ahead of the hardware prefetcher
+      for (int64_t r = 0; r < kRows; ++r) {
+        const char* next = reinterpret_cast<const char*>(wt + rows[(g + 1) * kRows + r] * stride + c0);
+        for (int64_t b = 0; b < width * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
       }
-      store_chunk(acc.data(), tokens, width_v, width, y + c0, out);
+    }
+    const float* cg = coef + g * kRows * tokens;
+    accumulate_group(w, cg, tokens, width_v, acc);
+    for (int64_t n = 0; n < tokens; ++n) {
+      float* a = acc + n * kChunk;
+      for (int64_t j = width_v; j < width; ++j) {
+        float s = a[j];
+        for (int64_t r = 0; r < kRows; ++r) s += cg[r * tokens + n] * static_cast<float>(w[r][j]);
+        a[j] = s;
+      }
+    }
+  }
+  store_chunk(acc, tokens, width_v, width, y + c0, stride);
+}
+
+// Segment s owns columns [offsets[s], offsets[s+1]) of wt [in, total_out] and y [tokens, total_out],
+// with its own channel norms norms[s * in ...] and threshold.
+template <typename T>
+void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<float>& thresholds,
+               const std::vector<int64_t>& offsets, T* y, T* rest, int64_t tokens, int64_t in) {
+  const int64_t segments = static_cast<int64_t>(thresholds.size());
+  const int64_t total_out = offsets.back();
+  std::vector<std::vector<int64_t>> rows(segments);
+  std::vector<std::vector<float>> coef(segments);
+  for (int64_t s = 0; s < segments; ++s) {
+    segment_masks(x, norms + s * in, thresholds[s], rest == nullptr ? nullptr : rest + s * tokens * in, tokens, in,
+                  rows[s], coef[s]);
+  }
+  const int64_t width = task_width(total_out, kStep<T>);
+  std::vector<std::array<int64_t, 3>> tasks;  // segment, first column, width
+  for (int64_t s = 0; s < segments; ++s) {
+    for (int64_t c0 = offsets[s]; c0 < offsets[s + 1]; c0 += width) {
+      tasks.push_back({s, c0, std::min(width, offsets[s + 1] - c0)});
+    }
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> acc(tokens * kChunk);
+    for (int64_t t = next++; t < static_cast<int64_t>(tasks.size()); t = next++) {
+      const auto& [s, c0, w] = tasks[t];
+      run_task(wt, rows[s], coef[s].data(), tokens, total_out, c0, w, acc.data(), y);
     }
   });
 }
 
 }  // namespace
 
-// x [N, in], weight_t [in, out] (same dtype, contiguous), col_norm [in] float32.
-// Returns y [N, out]; when `rest` is defined it receives x ⊙ (1 − m).
-torch::Tensor rsparse_sparse_mm(torch::Tensor x, torch::Tensor weight_t, torch::Tensor col_norm, double threshold,
+// x [N, in]; weight_t [in, total_out] (x's dtype, contiguous): the segments' Wᵀ side by side,
+// segment s owning `splits[s]` columns; col_norms [S, in] float32; thresholds: S values.
+// Returns y [N, total_out]; when `rest` ([S, N, in]) is given, rest[s] receives x ⊙ (1 − m_s).
+torch::Tensor rsparse_sparse_mm(torch::Tensor x, torch::Tensor weight_t, torch::Tensor col_norms,
+                                std::vector<double> thresholds, std::vector<int64_t> splits,
                                 c10::optional<torch::Tensor> rest) {
   TORCH_CHECK(x.dim() == 2 && weight_t.dim() == 2 && x.size(1) == weight_t.size(0), "rsparse_sparse_mm: x ",
               x.sizes(), " does not match weight_t ", weight_t.sizes());
   TORCH_CHECK(x.scalar_type() == weight_t.scalar_type(), "rsparse_sparse_mm: x and weight_t dtypes differ");
-  TORCH_CHECK(col_norm.scalar_type() == at::kFloat && col_norm.numel() == x.size(1), "col_norm must be float32 [in]");
-  TORCH_CHECK(weight_t.is_contiguous() && col_norm.is_contiguous(), "weight_t and col_norm must be contiguous");
-  auto xc = x.contiguous();
-  const int64_t tokens = xc.size(0), in = xc.size(1), out = weight_t.size(1);
-  auto y = torch::empty({tokens, out}, xc.options());
-  if (rest.has_value()) {
-    TORCH_CHECK(rest->is_contiguous() && rest->sizes() == xc.sizes() && rest->scalar_type() == xc.scalar_type(),
-                "rest must be a contiguous tensor shaped and typed like x");
+  const int64_t segments = static_cast<int64_t>(splits.size());
+  TORCH_CHECK(segments > 0 && static_cast<int64_t>(thresholds.size()) == segments,
+              "rsparse_sparse_mm: need one threshold per segment, got ", thresholds.size(), " for ", segments);
+  std::vector<int64_t> offsets{0};
+  for (const int64_t width : splits) {
+    TORCH_CHECK(width > 0, "rsparse_sparse_mm: segment widths must be positive");
+    offsets.push_back(offsets.back() + width);
   }
-  const float t = static_cast<float>(threshold);
+  TORCH_CHECK(offsets.back() == weight_t.size(1), "rsparse_sparse_mm: segment widths sum to ", offsets.back(),
+              ", weight_t has ", weight_t.size(1), " columns");
+  TORCH_CHECK(col_norms.scalar_type() == at::kFloat && col_norms.dim() == 2 && col_norms.size(0) == segments &&
+                  col_norms.size(1) == x.size(1),
+              "col_norms must be float32 [segments, in]");
+  TORCH_CHECK(weight_t.is_contiguous() && col_norms.is_contiguous(), "weight_t and col_norms must be contiguous");
+  auto xc = x.contiguous();
+  const int64_t tokens = xc.size(0), in = xc.size(1);
+  auto y = torch::empty({tokens, offsets.back()}, xc.options());
+  if (rest.has_value()) {
+    TORCH_CHECK(rest->is_contiguous() && rest->dim() == 3 && rest->size(0) == segments && rest->size(1) == tokens &&
+                    rest->size(2) == in && rest->scalar_type() == xc.scalar_type(),
+                "rest must be a contiguous [segments, N, in] tensor of x's dtype");
+  }
+  const std::vector<float> t(thresholds.begin(), thresholds.end());
   if (xc.scalar_type() == at::kBFloat16) {
-    sparse_mm(xc.data_ptr<c10::BFloat16>(), weight_t.data_ptr<c10::BFloat16>(), col_norm.data_ptr<float>(), t,
-              y.data_ptr<c10::BFloat16>(), rest.has_value() ? rest->data_ptr<c10::BFloat16>() : nullptr, tokens, in,
-              out);
+    sparse_mm(xc.data_ptr<c10::BFloat16>(), weight_t.data_ptr<c10::BFloat16>(), col_norms.data_ptr<float>(), t,
+              offsets, y.data_ptr<c10::BFloat16>(), rest.has_value() ? rest->data_ptr<c10::BFloat16>() : nullptr,
+              tokens, in);
   } else {
     TORCH_CHECK(xc.scalar_type() == at::kFloat, "rsparse_sparse_mm supports bfloat16 and float32, got ",
                 xc.scalar_type());
-    sparse_mm(xc.data_ptr<float>(), weight_t.data_ptr<float>(), col_norm.data_ptr<float>(), t, y.data_ptr<float>(),
-              rest.has_value() ? rest->data_ptr<float>() : nullptr, tokens, in, out);
+    sparse_mm(xc.data_ptr<float>(), weight_t.data_ptr<float>(), col_norms.data_ptr<float>(), t, offsets,
+              y.data_ptr<float>(), rest.has_value() ? rest->data_ptr<float>() : nullptr, tokens, in);
   }
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rsparse_sparse_mm", &rsparse_sparse_mm, "R-Sparse exact-channel product reading only active rows of W^T");
+  m.def("rsparse_sparse_mm", &rsparse_sparse_mm,
+        "R-Sparse exact-channel product of one or more column segments, reading only active rows of W^T");
 }

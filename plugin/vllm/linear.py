@@ -7,7 +7,8 @@ computes ``y_i = second_i(x · first_iᵀ)``: the first factor is a dense ``[r_i
 is scheme-specific (U, the sparse coefficients, identity). Because the shards of a fused
 layer share their input, all first factors are stacked into one prepacked GEMM; then each
 shard's second op writes its slice of the output. A runner without a first factor
-(``rsparse``, whose mask tests the input itself) gets the layer input x instead.
+(``rsparse``, whose mask tests the input itself) gets the layer input x instead; a layer whose
+shards all use a scheme listed in ``LAYER_RUNNERS`` (rsparse) gets one runner for all of them.
 
 Parameters are declared in ``create_weights`` from the scheme's ``TensorSpec`` list. A stored
 tensor is a flat buffer holding that suffix for every shard that has it (ranks differ per
@@ -30,7 +31,7 @@ from slimserve.loaders.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import TensorSpec, index_dtype_for
 from slimserve.plugin.kernels.gemm import prepacked_linear
-from slimserve.plugin.vllm.shards import SHARD_RUNNERS
+from slimserve.plugin.vllm.shards import LAYER_RUNNERS, SHARD_RUNNERS
 
 QKV_SHARD_IDS = {"q": 0, "k": 1, "v": 2}
 
@@ -153,16 +154,23 @@ class SlimserveLinearMethod(LinearMethodBase):
                     raise CheckpointError("missing from the checkpoint", tensor=f"{slot.module}.{suffix}",
                                           expected=f"a {slot.spec.kind} tensor for scheme "
                                                    f"{self.shard_specs[self.shard_modules.index(slot.module)]['scheme']}")
-        firsts: list[torch.Tensor] = []
-        seconds: list[tuple[int, Callable[[torch.Tensor], torch.Tensor] | None, int]] = []
-        for i, spec in enumerate(self.shard_specs):
+        shard_tensors = []
+        for i in range(len(self.shard_specs)):
             tensors = {}
             for suffix, shard_slots in slots.items():
                 slot = shard_slots[i]
                 if slot is not None:
                     flat = getattr(layer, suffix).data
                     tensors[suffix] = flat[slot.offset:slot.offset + slot.numel].view(slot.spec.shape)
-            runner = SHARD_RUNNERS[spec["scheme"]](tensors, spec)
+            shard_tensors.append(tensors)
+        schemes = {spec["scheme"] for spec in self.shard_specs}
+        if len(schemes) == 1 and (layer_runner := LAYER_RUNNERS.get(next(iter(schemes)))) is not None:
+            runners = [layer_runner(shard_tensors, self.shard_specs)]
+        else:
+            runners = [SHARD_RUNNERS[spec["scheme"]](t, spec) for t, spec in zip(shard_tensors, self.shard_specs)]
+        firsts: list[torch.Tensor] = []
+        seconds: list[tuple[int, Callable[[torch.Tensor], torch.Tensor] | None, int]] = []
+        for runner in runners:
             if runner.first_factor is not None:
                 firsts.append(runner.first_factor)
             width = None if runner.first_factor is None else runner.first_factor.shape[0]

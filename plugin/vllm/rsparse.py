@@ -1,18 +1,19 @@
-"""vLLM runner of an ``rsparse`` shard: dense prefill on the prepacked GEMM, R-Sparse decode.
+"""vLLM runner of ``rsparse`` shards: dense prefill on the prepacked GEMM, R-Sparse decode.
 
 R-Sparse needs the layer input itself (the mask is a per-token test on ``x``), so this runner
 has no first factor: linear.py hands it ``x`` directly (``first_factor = None``).
 
 Serving mode (default): prompt tokens (prefill) run the dense W through the same prepacked
 oneDNN GEMM vLLM's own dense layers use; decode tokens (of requests whose query length in
-the step is 1) run R-Sparse with the kernel that reads only active weight rows. A step that
+the step is 1) run R-Sparse with the kernel that reads only active weight rows; the shards of
+a fused layer (q | k | v, gate | up) run side by side in one kernel call. A step that
 mixes a new prompt with running decodes computes its decode rows sparse as well, so every
 token gets the same treatment whatever vLLM batches it with. Prefill is compute-bound, where skipping rows buys little
 and the paper's accuracy protocol keeps the prompt dense; decode is memory-bound, where it
 pays. Setting ``SLIMSERVE_RSPARSE_SPARSE_PREFILL=1`` in the server's environment makes every
 token sparse (the accuracy "every token" protocol); steps of more than ``KERNEL_MAX_TOKENS``
-tokens then run the masked input through the dense GEMM, since their union of active
-channels is nearly all of them.
+tokens then multiply each shard's masked input by its Wᵀ in a plain matmul, since their union
+of active channels is nearly all of them.
 
 Token kinds come from vLLM's forward context (the attention metadata's ``max_query_len`` and
 ``query_start_loc``), not from the token count: a decode step of 8 requests has 8 tokens.
@@ -27,15 +28,16 @@ and decides per step at run time.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from slimserve.loaders.schemes.rsparse import exact_mask
 from slimserve.plugin.kernels.gemm import prepacked_linear
-from slimserve.plugin.kernels.rsparse import sparse_mm
+from slimserve.plugin.kernels.rsparse import segmented_sparse_mm
 
 SPARSE_PREFILL_ENV = "SLIMSERVE_RSPARSE_SPARSE_PREFILL"
 # Above this many tokens the union of active channels covers nearly every row (each token
@@ -79,39 +81,54 @@ def decode_rows() -> torch.Tensor | bool:
 
 
 _step_cache: tuple[object, torch.Tensor | bool] = (None, False)
-# Every loaded shard, addressed by index from the custom op (graphs hold ints, not objects).
-_SHARDS: list[RSparseShard] = []
+# Every loaded layer, addressed by index from the custom op (graphs hold ints, not objects).
+_LAYERS: list[RSparseLayer] = []
 
 
 @torch.library.custom_op("slimserve::rsparse_linear", mutates_args=())
-def rsparse_linear(x: torch.Tensor, shard: int, out_features: int) -> torch.Tensor:
-    """The R-Sparse layer ``shard`` applied to ``x [N, in]`` (dense or sparse per token kind)."""
-    return _SHARDS[shard].forward(x)
+def rsparse_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    """The R-Sparse layer ``layer`` applied to ``x [N, in]`` (dense or sparse per token kind)."""
+    return _LAYERS[layer].forward(x)
 
 
 @rsparse_linear.register_fake
-def _(x: torch.Tensor, shard: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 
-class RSparseShard:
-    """``y = W(x ⊙ m) + U_r(S_r V_rᵀ(x ⊙ (1−m)))`` on decode steps, ``y = W x`` on prefill steps."""
+class RSparseLayer:
+    """The rsparse shards of one vLLM layer (q | k | v, gate | up, or one), run side by side.
+
+    Per shard s: ``y_s = W_s(x ⊙ m_s) + U_s(S_s V_sᵀ(x ⊙ (1−m_s)))`` on decode steps,
+    ``y_s = W_s x`` on prefill steps. The shards' Wᵀ sit side by side in one ``weight_t``, so
+    the sparse products of a fused layer are one kernel call (each shard keeps its own channel
+    norms and threshold) and its dense prefill is one packed GEMM.
+    """
 
     first_factor = None
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
-        weight_t = tensors["weight_t"]
-        self.weight_t = weight_t.contiguous().clone()  # the flat load buffers are freed after loading
-        self.col_norm = tensors["col_norm"].float().contiguous()
-        self.threshold = float(spec["threshold"])
-        self.alpha = float(spec["alpha"])
-        self.dense = prepacked_linear(weight_t.t())
-        self.vs = prepacked_linear(tensors["vs"]) if "vs" in tensors else None
-        self.u = prepacked_linear(tensors["u"]) if "u" in tensors else None
-        self.out_features = weight_t.shape[1]
+    def __init__(self, shards: Sequence[Mapping[str, torch.Tensor]], specs: Sequence[Mapping[str, Any]]) -> None:
+        # A copy either way: the flat load buffers are freed after loading.
+        self.weight_t = torch.cat([t["weight_t"] for t in shards], dim=1).contiguous()
+        self.col_norms = torch.stack([t["col_norm"].float() for t in shards]).contiguous()
+        self.alphas = [float(spec["alpha"]) for spec in specs]
+        # α = 0 keeps no exact channel: an infinite threshold makes its segment read no row.
+        self.thresholds = [float(spec["threshold"]) if a > 0.0 else math.inf for spec, a in zip(specs, self.alphas)]
+        self.splits = [t["weight_t"].shape[1] for t in shards]
+        self.offsets = [sum(self.splits[:i]) for i in range(len(self.splits) + 1)]
+        self.dense = prepacked_linear(self.weight_t.t())
+        # (segment, S·Vᵀ, U) of every shard with a low-rank part
+        self.low_rank = [(i, prepacked_linear(t["vs"]), prepacked_linear(t["u"]))
+                         for i, t in enumerate(shards) if "vs" in t and "u" in t]
+        self.out_features = self.offsets[-1]
         self.sparse_prefill = os.environ.get(SPARSE_PREFILL_ENV, "0") not in ("", "0")
-        self.index = len(_SHARDS)
-        _SHARDS.append(self)
+        self.index = len(_LAYERS)
+        _LAYERS.append(self)
+
+    @classmethod
+    def shard(cls, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> RSparseLayer:
+        """A layer of one shard (an rsparse shard fused with shards of other schemes)."""
+        return cls([tensors], [spec])
 
     def second(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.rsparse_linear(x, self.index, self.out_features)
@@ -126,15 +143,14 @@ class RSparseShard:
         return y
 
     def sparse(self, x: torch.Tensor) -> torch.Tensor:
-        """The R-Sparse product of every token of ``x [N, in]``."""
-        if self.alpha <= 0.0:
-            return self.u(self.vs(x))
-        with_rest = self.vs is not None
+        """The R-Sparse product of every token of ``x [N, in]``, every shard."""
+        with_rest = bool(self.low_rank)
         if x.shape[0] <= KERNEL_MAX_TOKENS:
-            y, rest = sparse_mm(x, self.weight_t, self.col_norm, self.threshold, with_rest=with_rest)
+            y, rest = segmented_sparse_mm(x, self.weight_t, self.col_norms, self.thresholds, self.splits, with_rest)
         else:
-            mask = exact_mask(x, self.col_norm, self.threshold)
-            y, rest = self.dense(x * mask), (x * ~mask if with_rest else None)
-        if with_rest:
-            y = y + self.u(self.vs(rest))
+            masks = [exact_mask(x, n, t) for n, t in zip(self.col_norms, self.thresholds)]
+            y = torch.cat([(x * m) @ w for m, w in zip(masks, self.weight_t.split(self.splits, dim=1))], dim=1)
+            rest = torch.stack([x * ~m for m in masks]) if with_rest else None
+        for segment, vs, u in self.low_rank:
+            y[:, self.offsets[segment]:self.offsets[segment + 1]] += u(vs(rest[segment]))
         return y

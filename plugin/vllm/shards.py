@@ -1,19 +1,20 @@
 """Per-scheme runtime of one shard: its dense first factor and its second op (see linear.py).
 
 Adding a scheme to the vLLM plugin means one runner here (or in its own module) and one
-line in ``SHARD_RUNNERS``.
+line in ``SHARD_RUNNERS`` (and in ``LAYER_RUNNERS`` if the shards of a fused layer run better
+as one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from slimserve.plugin.kernels.ell import EllMatmul
 from slimserve.plugin.kernels.gemm import prepacked_linear
-from slimserve.plugin.vllm.rsparse import RSparseShard
+from slimserve.plugin.vllm.rsparse import RSparseLayer
 
 
 class ShardRunner(Protocol):
@@ -55,5 +56,10 @@ SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]
     "dense": DenseShard,
     "lowrank": LowRankShard,
     "dictsparse": DictSparseShard,
-    "rsparse": RSparseShard,
+    "rsparse": RSparseLayer.shard,
+}
+# Schemes whose shards, when every shard of a layer has that scheme, run as one runner over
+# all of them (called with the shards' tensors and specs, in output order).
+LAYER_RUNNERS: dict[str, Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[Mapping[str, Any]]], ShardRunner]] = {
+    "rsparse": RSparseLayer,
 }
