@@ -35,8 +35,8 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     rsparse.add_argument("--alpha", type=float, default=0.95, help="uniform sparse share α without --search")
     rsparse.add_argument("--recipe", help="a saved rsparse_recipe.json with per-module α")
     rsparse.add_argument("--search", action="store_true",
-                         help="search per-module α (group-wise differential evolution, fitness = perplexity on "
-                              "--calib); saves rsparse_recipe.json")
+                         help="search per-module α (group-wise differential evolution from the best uniform α of "
+                              "0.9/0.95/1, fitness = perplexity on --calib); saves rsparse_recipe.json")
     rsparse.add_argument("--population", type=int, default=6, help="search population (default 6)")
     rsparse.add_argument("--generations", type=int, default=2, help="search generations per group (default 2)")
     rsparse.add_argument("--group-size", type=int, default=42, help="modules optimized together (default 42)")

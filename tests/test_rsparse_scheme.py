@@ -11,6 +11,7 @@ import torch
 
 from slimserve.loaders.checkpoint import open_checkpoint, validate_checkpoint
 from slimserve.loaders.compress.rsparse import LayerFactors, calibrate, compress_rsparse, load_recipe, rsparse_model
+from slimserve.loaders.compress.rsparse_search import UNIFORM_GRID
 from slimserve.loaders.errors import CheckpointError, CompressionError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.rsparse import budget, exact_mask, scores
@@ -195,6 +196,8 @@ def test_cli_compress_and_search_write_a_recipe(tiny_llama: Path, calib_text: Pa
                  "--quiet"]) == 0
     recipe = json.loads((tmp_path / "s" / "rsparse_recipe.json").read_text())
     assert recipe["search"]["best_ppl"] <= recipe["search"]["uniform_ppl"]
-    assert recipe["search"]["evaluations"] == 1 + 2 * (3 + 4)  # 14 modules in 2 groups of 7
+    # the uniform grid, then per group of 7 (14 modules): 3 random members and 4 children
+    assert recipe["search"]["evaluations"] == len(UNIFORM_GRID) + 2 * (3 + 4)
+    assert recipe["search"]["uniform_alpha"] in UNIFORM_GRID
     modules = open_checkpoint(tmp_path / "s").modules
     assert {m: s["alpha"] for m, s in modules.items()} == pytest.approx(recipe["alpha"])
