@@ -48,24 +48,39 @@ def sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norm: torch.Tensor, t
 
 
 def segmented_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: Sequence[float],
-                        splits: Sequence[int], with_rest: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        splits: Sequence[int], with_rest: bool = False,
+                        low_rank: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sparse_mm`` of several layers sharing the input ``x`` (q | k | v, gate | up) in one call.
 
     ``weight_t [in, Σ splits]`` holds their Wᵀ side by side, segment s owning ``splits[s]``
-    columns with its own ``col_norms[s]`` (``[S, in]`` float32) and ``thresholds[s]``. Returns
-    ``y [N, Σ splits]`` and, if asked, ``rest [S, N, in]`` with ``rest[s] = x ⊙ (1 − m_s)``.
+    columns with its own ``col_norms[s]`` (``[S, in]`` float32) and ``thresholds[s]``. With
+    ``low_rank[s] = (S_r·V_rᵀ [r, in], U_r [splits[s], r])`` (x's dtype) segment s also gets
+    ``U_r(S_r V_rᵀ(x ⊙ (1 − m_s)))``, the full R-Sparse output. Returns ``y [N, Σ splits]`` and, if
+    asked, ``rest [S, N, in]`` with ``rest[s] = x ⊙ (1 − m_s)``.
     """
+    low_rank = list(low_rank) if low_rank is not None else [None] * len(splits)
+    ext = cpu_extension() if not x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) else None
+    if ext is not None:
+        rest = x.new_empty(len(splits), *x.shape) if with_rest else None
+        empty = x.new_empty(0)
+        vs = [lr[0].contiguous() if lr is not None else empty for lr in low_rank]
+        u = [lr[1].contiguous() if lr is not None else empty for lr in low_rank]
+        if not any(lr is not None for lr in low_rank):
+            vs = u = []
+        y = ext.rsparse_sparse_mm(x, weight_t, col_norms, [float(t) for t in thresholds], list(splits), rest, vs, u)
+        return y, rest
+    segments = weight_t.split(list(splits), dim=1)
     if x.is_cuda:
-        parts = [_triton_sparse_mm(x, w, n, t, with_rest)
-                 for w, n, t in zip(weight_t.split(list(splits), dim=1), col_norms, thresholds)]
-        return torch.cat([y for y, _ in parts], dim=1), (torch.stack([r for _, r in parts]) if with_rest else None)
-    ext = cpu_extension() if x.dtype in (torch.bfloat16, torch.float32) else None
-    if ext is None:
+        parts = [_triton_sparse_mm(x, w, n, t, True) for w, n, t in zip(segments, col_norms, thresholds)]
+        ys, rests = [y for y, _ in parts], [r for _, r in parts]
+    else:
         masks = [exact_mask(x, n, t) for n, t in zip(col_norms, thresholds)]
-        y = torch.cat([(x * m) @ w for m, w in zip(masks, weight_t.split(list(splits), dim=1))], dim=1)
-        return y, (torch.stack([x * ~m for m in masks]) if with_rest else None)
-    rest = x.new_empty(len(splits), *x.shape) if with_rest else None
-    return ext.rsparse_sparse_mm(x, weight_t, col_norms, [float(t) for t in thresholds], list(splits), rest), rest
+        ys, rests = [(x * m) @ w for m, w in zip(masks, segments)], [x * ~m for m in masks]
+    for s, lr in enumerate(low_rank):
+        if lr is not None:
+            ys[s] = ys[s] + (rests[s] @ lr[0].t()) @ lr[1].t()
+    return torch.cat(ys, dim=1), (torch.stack(rests) if with_rest else None)
 
 
 def _triton_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norm: torch.Tensor, threshold: float,

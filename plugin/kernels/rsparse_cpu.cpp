@@ -3,7 +3,8 @@
 // channels that are exact for at least one token (the union over the batch) are read; each
 // token keeps its own mask through a zero coefficient. Several layers that share the input
 // (q | k | v, gate | up) run as column segments of one call, each with its own channel norms
-// and threshold, so they share one task pool across the threads. Built at first use by
+// and threshold, so they share one task pool across the threads. A segment's low-rank term for
+// its inexact channels, U_r(S_r V_rᵀ(x ⊙ (1 − m))), is added in the same pass. Built at first use by
 // slimserve/plugin/kernels/rsparse.py with torch.utils.cpp_extension.load.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -72,24 +73,63 @@ void accumulate_group(const T* const* w, const float* coef, int64_t tokens, int6
 #endif
 }
 
-// Writes the chunk's accumulators to y, undoing the even/odd layout of the vector part.
+// Writes the chunk's accumulators plus `extra` (the low-rank term in plain column order, or
+// null) to y, undoing the even/odd layout of the accumulators' vector part.
 template <typename T>
-void store_chunk(const float* acc, int64_t tokens, int64_t width_v, int64_t width, T* y, int64_t out) {
+void store_chunk(const float* acc, const float* extra, int64_t tokens, int64_t width_v, int64_t width, T* y,
+                 int64_t out) {
   for (int64_t n = 0; n < tokens; ++n) {
     const float* a = acc + n * kChunk;
+    const float* e = extra == nullptr ? nullptr : extra + n * kChunk;
+    const auto plus = [e](int64_t column) { return e == nullptr ? 0.f : e[column]; };
     T* dst = y + n * out;
     for (int64_t j = 0; j < width_v; j += kStep<T>) {
       if (std::is_same<T, float>::value) {
-        for (int64_t q = 0; q < 16; ++q) dst[j + q] = T(a[j + q]);
+        for (int64_t q = 0; q < 16; ++q) dst[j + q] = T(a[j + q] + plus(j + q));
       } else {
         for (int64_t q = 0; q < 16; ++q) {
-          dst[j + 2 * q] = T(a[j + q]);
-          dst[j + 2 * q + 1] = T(a[j + 16 + q]);
+          dst[j + 2 * q] = T(a[j + q] + plus(j + 2 * q));
+          dst[j + 2 * q + 1] = T(a[j + 16 + q] + plus(j + 2 * q + 1));
         }
       }
     }
-    for (int64_t j = width_v; j < width; ++j) dst[j] = T(a[j]);
+    for (int64_t j = width_v; j < width; ++j) dst[j] = T(a[j] + plus(j));
   }
+}
+
+// A segment's low-rank term U_r(S_r V_rᵀ(x ⊙ (1 − m))): `code` = S_r V_rᵀ(x ⊙ (1 − m)) per token,
+// computed once per call; each task then adds U_r·code for its own columns. Fusing it here
+// saves the four PyTorch calls per shard (two GEMMs, a slice, an add) that cost more than the
+// arithmetic at decode sizes (SmolLM2 at α = 0.95 ran at 0.95x dense with them).
+template <typename T>
+struct LowRank {
+  const T* vs = nullptr;  // S_r·V_rᵀ [rank, in]
+  const T* u = nullptr;   // U_r [segment out, rank]
+  int64_t rank = 0;
+  std::vector<float> code;  // [tokens, rank]
+};
+
+template <typename T>
+void low_rank_code(const T* x, const float* norm, float threshold, int64_t tokens, int64_t in, LowRank<T>& lr) {
+  std::vector<float> rest(tokens * in);
+  for (int64_t n = 0; n < tokens; ++n) {
+    for (int64_t i = 0; i < in; ++i) {
+      const float v = static_cast<float>(x[n * in + i]);
+      rest[n * in + i] = std::fabs(v) * norm[i] > threshold ? 0.f : v;
+    }
+  }
+  lr.code.assign(tokens * lr.rank, 0.f);
+  at::parallel_for(0, lr.rank, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const T* row = lr.vs + j * in;
+      for (int64_t n = 0; n < tokens; ++n) {
+        const float* r = rest.data() + n * in;
+        float sum = 0.f;
+        for (int64_t i = 0; i < in; ++i) sum += static_cast<float>(row[i]) * r[i];
+        lr.code[n * lr.rank + j] = sum;
+      }
+    }
+  });
 }
 
 // Output columns per task: at most kChunk and a whole number of vector steps, small enough
@@ -134,8 +174,9 @@ void segment_masks(const T* x, const float* norm, float threshold, T* rest, int6
 // y[:, c0:c0+width] = Σ over the segment's active rows of coef · wt[row, c0:c0+width], where
 // `wt` and `y` both have row stride `stride` (the concatenated width of all segments).
 template <typename T>
-void run_task(const T* wt, const std::vector<int64_t>& rows, const float* coef, int64_t tokens, int64_t stride,
-              int64_t c0, int64_t width, float* acc, T* y) {
+void run_task(const T* wt, const std::vector<int64_t>& rows, const float* coef, const LowRank<T>& lr,
+              int64_t segment_start, int64_t tokens, int64_t stride, int64_t c0, int64_t width, float* acc,
+              float* extra, T* y) {
 #if defined(__AVX512F__)
   const int64_t width_v = width / kStep<T> * kStep<T>;
 #else
@@ -163,14 +204,26 @@ void run_task(const T* wt, const std::vector<int64_t>& rows, const float* coef, 
       }
     }
   }
-  store_chunk(acc, tokens, width_v, width, y + c0, stride);
+  if (lr.rank > 0) {
+    for (int64_t n = 0; n < tokens; ++n) {
+      const float* code = lr.code.data() + n * lr.rank;
+      for (int64_t j = 0; j < width; ++j) {
+        const T* u = lr.u + (c0 - segment_start + j) * lr.rank;
+        float sum = 0.f;
+        for (int64_t r = 0; r < lr.rank; ++r) sum += static_cast<float>(u[r]) * code[r];
+        extra[n * kChunk + j] = sum;
+      }
+    }
+  }
+  store_chunk(acc, lr.rank > 0 ? extra : nullptr, tokens, width_v, width, y + c0, stride);
 }
 
 // Segment s owns columns [offsets[s], offsets[s+1]) of wt [in, total_out] and y [tokens, total_out],
 // with its own channel norms norms[s * in ...] and threshold.
 template <typename T>
 void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<float>& thresholds,
-               const std::vector<int64_t>& offsets, T* y, T* rest, int64_t tokens, int64_t in) {
+               const std::vector<int64_t>& offsets, std::vector<LowRank<T>>& low_rank, T* y, T* rest, int64_t tokens,
+               int64_t in) {
   const int64_t segments = static_cast<int64_t>(thresholds.size());
   const int64_t total_out = offsets.back();
   std::vector<std::vector<int64_t>> rows(segments);
@@ -178,6 +231,7 @@ void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<fl
   for (int64_t s = 0; s < segments; ++s) {
     segment_masks(x, norms + s * in, thresholds[s], rest == nullptr ? nullptr : rest + s * tokens * in, tokens, in,
                   rows[s], coef[s]);
+    if (low_rank[s].rank > 0) low_rank_code(x, norms + s * in, thresholds[s], tokens, in, low_rank[s]);
   }
   const int64_t width = task_width(total_out, kStep<T>);
   std::vector<std::array<int64_t, 3>> tasks;  // segment, first column, width
@@ -189,10 +243,11 @@ void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<fl
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> acc(tokens * kChunk);
+    std::vector<float> acc(tokens * kChunk), extra(tokens * kChunk);
     for (int64_t t = next++; t < static_cast<int64_t>(tasks.size()); t = next++) {
       const auto& [s, c0, w] = tasks[t];
-      run_task(wt, rows[s], coef[s].data(), tokens, total_out, c0, w, acc.data(), y);
+      run_task(wt, rows[s], coef[s].data(), low_rank[s], offsets[s], tokens, total_out, c0, w, acc.data(),
+               extra.data(), y);
     }
   });
 }
@@ -201,10 +256,13 @@ void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<fl
 
 // x [N, in]; weight_t [in, total_out] (x's dtype, contiguous): the segments' Wᵀ side by side,
 // segment s owning `splits[s]` columns; col_norms [S, in] float32; thresholds: S values.
+// vs / u: per segment S_r·V_rᵀ [r, in] and U_r [splits[s], r] in x's dtype (an empty tensor for a
+// segment without a low-rank term; empty lists for none), added to y inside the kernel.
 // Returns y [N, total_out]; when `rest` ([S, N, in]) is given, rest[s] receives x ⊙ (1 − m_s).
 torch::Tensor rsparse_sparse_mm(torch::Tensor x, torch::Tensor weight_t, torch::Tensor col_norms,
                                 std::vector<double> thresholds, std::vector<int64_t> splits,
-                                c10::optional<torch::Tensor> rest) {
+                                c10::optional<torch::Tensor> rest, std::vector<torch::Tensor> vs,
+                                std::vector<torch::Tensor> u) {
   TORCH_CHECK(x.dim() == 2 && weight_t.dim() == 2 && x.size(1) == weight_t.size(0), "rsparse_sparse_mm: x ",
               x.sizes(), " does not match weight_t ", weight_t.sizes());
   TORCH_CHECK(x.scalar_type() == weight_t.scalar_type(), "rsparse_sparse_mm: x and weight_t dtypes differ");
@@ -230,16 +288,35 @@ torch::Tensor rsparse_sparse_mm(torch::Tensor x, torch::Tensor weight_t, torch::
                     rest->size(2) == in && rest->scalar_type() == xc.scalar_type(),
                 "rest must be a contiguous [segments, N, in] tensor of x's dtype");
   }
+  TORCH_CHECK(vs.size() == u.size() && (vs.empty() || static_cast<int64_t>(vs.size()) == segments),
+              "rsparse_sparse_mm: give vs and u for every segment (empty tensors where a segment has none) or for none");
+  for (size_t s = 0; s < vs.size(); ++s) {
+    if (vs[s].numel() == 0) continue;
+    TORCH_CHECK(vs[s].dim() == 2 && vs[s].size(1) == in && u[s].dim() == 2 && u[s].size(0) == splits[s] &&
+                    u[s].size(1) == vs[s].size(0) && vs[s].is_contiguous() && u[s].is_contiguous() &&
+                    vs[s].scalar_type() == xc.scalar_type() && u[s].scalar_type() == xc.scalar_type(),
+                "rsparse_sparse_mm: segment ", s, " needs contiguous vs [r, ", in, "] and u [", splits[s],
+                ", r] in x's dtype, got ", vs[s].sizes(), " and ", u[s].sizes());
+  }
   const std::vector<float> t(thresholds.begin(), thresholds.end());
+  const auto run = [&](auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    std::vector<LowRank<T>> low_rank(segments);
+    for (size_t s = 0; s < vs.size(); ++s) {
+      if (vs[s].numel() == 0) continue;
+      low_rank[s].vs = vs[s].data_ptr<T>();
+      low_rank[s].u = u[s].data_ptr<T>();
+      low_rank[s].rank = vs[s].size(0);
+    }
+    sparse_mm(xc.data_ptr<T>(), weight_t.data_ptr<T>(), col_norms.data_ptr<float>(), t, offsets, low_rank,
+              y.data_ptr<T>(), rest.has_value() ? rest->data_ptr<T>() : nullptr, tokens, in);
+  };
   if (xc.scalar_type() == at::kBFloat16) {
-    sparse_mm(xc.data_ptr<c10::BFloat16>(), weight_t.data_ptr<c10::BFloat16>(), col_norms.data_ptr<float>(), t,
-              offsets, y.data_ptr<c10::BFloat16>(), rest.has_value() ? rest->data_ptr<c10::BFloat16>() : nullptr,
-              tokens, in);
+    run(static_cast<c10::BFloat16*>(nullptr));
   } else {
     TORCH_CHECK(xc.scalar_type() == at::kFloat, "rsparse_sparse_mm supports bfloat16 and float32, got ",
                 xc.scalar_type());
-    sparse_mm(xc.data_ptr<float>(), weight_t.data_ptr<float>(), col_norms.data_ptr<float>(), t, offsets,
-              y.data_ptr<float>(), rest.has_value() ? rest->data_ptr<float>() : nullptr, tokens, in);
+    run(static_cast<float*>(nullptr));
   }
   return y;
 }

@@ -111,16 +111,14 @@ class RSparseLayer:
         # A copy either way: the flat load buffers are freed after loading.
         self.weight_t = torch.cat([t["weight_t"] for t in shards], dim=1).contiguous()
         self.col_norms = torch.stack([t["col_norm"].float() for t in shards]).contiguous()
-        self.alphas = [float(spec["alpha"]) for spec in specs]
         # α = 0 keeps no exact channel: an infinite threshold makes its segment read no row.
-        self.thresholds = [float(spec["threshold"]) if a > 0.0 else math.inf for spec, a in zip(specs, self.alphas)]
+        self.thresholds = [float(spec["threshold"]) if float(spec["alpha"]) > 0.0 else math.inf for spec in specs]
         self.splits = [t["weight_t"].shape[1] for t in shards]
-        self.offsets = [sum(self.splits[:i]) for i in range(len(self.splits) + 1)]
         self.dense = prepacked_linear(self.weight_t.t())
-        # (segment, S·Vᵀ, U) of every shard with a low-rank part
-        self.low_rank = [(i, prepacked_linear(t["vs"]), prepacked_linear(t["u"]))
-                         for i, t in enumerate(shards) if "vs" in t and "u" in t]
-        self.out_features = self.offsets[-1]
+        # per shard (S·Vᵀ, U), or None without a low-rank part; the kernel adds it in the same pass
+        self.low_rank = [(t["vs"].contiguous().clone(), t["u"].contiguous().clone()) if "vs" in t and "u" in t else None
+                         for t in shards]
+        self.out_features = sum(self.splits)
         self.sparse_prefill = os.environ.get(SPARSE_PREFILL_ENV, "0") not in ("", "0")
         self.index = len(_LAYERS)
         _LAYERS.append(self)
@@ -144,13 +142,13 @@ class RSparseLayer:
 
     def sparse(self, x: torch.Tensor) -> torch.Tensor:
         """The R-Sparse product of every token of ``x [N, in]``, every shard."""
-        with_rest = bool(self.low_rank)
         if x.shape[0] <= KERNEL_MAX_TOKENS:
-            y, rest = segmented_sparse_mm(x, self.weight_t, self.col_norms, self.thresholds, self.splits, with_rest)
-        else:
-            masks = [exact_mask(x, n, t) for n, t in zip(self.col_norms, self.thresholds)]
-            y = torch.cat([(x * m) @ w for m, w in zip(masks, self.weight_t.split(self.splits, dim=1))], dim=1)
-            rest = torch.stack([x * ~m for m in masks]) if with_rest else None
-        for segment, vs, u in self.low_rank:
-            y[:, self.offsets[segment]:self.offsets[segment + 1]] += u(vs(rest[segment]))
-        return y
+            return segmented_sparse_mm(x, self.weight_t, self.col_norms, self.thresholds, self.splits,
+                                       low_rank=self.low_rank)[0]
+        parts = []
+        for norm, threshold, w, low_rank in zip(self.col_norms, self.thresholds,
+                                                self.weight_t.split(self.splits, dim=1), self.low_rank):
+            mask = exact_mask(x, norm, threshold)
+            y = (x * mask) @ w
+            parts.append(y if low_rank is None else y + ((x * ~mask) @ low_rank[0].t()) @ low_rank[1].t())
+        return torch.cat(parts, dim=1)
