@@ -55,20 +55,20 @@ def segmented_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torc
 
     ``weight_t [in, Σ splits]`` holds their Wᵀ side by side, segment s owning ``splits[s]``
     columns with its own ``col_norms[s]`` (``[S, in]`` float32) and ``thresholds[s]``. With
-    ``low_rank[s] = (S_r·V_rᵀ [r, in], U_r [splits[s], r])`` (x's dtype) segment s also gets
-    ``U_r(S_r V_rᵀ(x ⊙ (1 − m_s)))``, the full R-Sparse output. Returns ``y [N, Σ splits]`` and, if
-    asked, ``rest [S, N, in]`` with ``rest[s] = x ⊙ (1 − m_s)``.
+    ``low_rank[s] = (S_r·V_rᵀ [r, in] float32, U_rᵀ [r, splits[s]] in x's dtype)`` (see
+    ``low_rank_operands``) segment s also gets ``U_r(S_r V_rᵀ(x ⊙ (1 − m_s)))``, the full R-Sparse
+    output. Returns ``y [N, Σ splits]`` and, if asked, ``rest [S, N, in]`` with ``rest[s] = x ⊙ (1 − m_s)``.
     """
     low_rank = list(low_rank) if low_rank is not None else [None] * len(splits)
     ext = cpu_extension() if not x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) else None
     if ext is not None:
         rest = x.new_empty(len(splits), *x.shape) if with_rest else None
         empty = x.new_empty(0)
-        vs = [lr[0].contiguous() if lr is not None else empty for lr in low_rank]
-        u = [lr[1].contiguous() if lr is not None else empty for lr in low_rank]
+        vs = [lr[0] if lr is not None else empty for lr in low_rank]
+        ut = [lr[1] if lr is not None else empty for lr in low_rank]
         if not any(lr is not None for lr in low_rank):
-            vs = u = []
-        y = ext.rsparse_sparse_mm(x, weight_t, col_norms, [float(t) for t in thresholds], list(splits), rest, vs, u)
+            vs = ut = []
+        y = ext.rsparse_sparse_mm(x, weight_t, col_norms, [float(t) for t in thresholds], list(splits), rest, vs, ut)
         return y, rest
     segments = weight_t.split(list(splits), dim=1)
     if x.is_cuda:
@@ -79,8 +79,17 @@ def segmented_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torc
         ys, rests = [(x * m) @ w for m, w in zip(masks, segments)], [x * ~m for m in masks]
     for s, lr in enumerate(low_rank):
         if lr is not None:
-            ys[s] = ys[s] + (rests[s] @ lr[0].t()) @ lr[1].t()
+            ys[s] = ys[s] + (rests[s].float() @ lr[0].t()).to(x.dtype) @ lr[1]
     return torch.cat(ys, dim=1), (torch.stack(rests) if with_rest else None)
+
+
+def low_rank_operands(vs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S_r·V_rᵀ, U_r)`` as ``segmented_sparse_mm`` takes them: float32 ``[r, in]``, ``U_rᵀ [r, out]`` contiguous.
+
+    The code ``S_r V_rᵀ(x ⊙ (1 − m))`` is a few dot products per token, done in float32; ``U_rᵀ``'s
+    rows are accumulated like the rows of Wᵀ, so they keep the weights' dtype.
+    """
+    return vs.float().contiguous(), u.t().contiguous()
 
 
 def _triton_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norm: torch.Tensor, threshold: float,

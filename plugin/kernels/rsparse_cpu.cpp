@@ -73,40 +73,50 @@ void accumulate_group(const T* const* w, const float* coef, int64_t tokens, int6
 #endif
 }
 
-// Writes the chunk's accumulators plus `extra` (the low-rank term in plain column order, or
-// null) to y, undoing the even/odd layout of the accumulators' vector part.
+// Writes the chunk's accumulators to y, undoing the even/odd layout of the vector part.
 template <typename T>
-void store_chunk(const float* acc, const float* extra, int64_t tokens, int64_t width_v, int64_t width, T* y,
-                 int64_t out) {
+void store_chunk(const float* acc, int64_t tokens, int64_t width_v, int64_t width, T* y, int64_t out) {
   for (int64_t n = 0; n < tokens; ++n) {
     const float* a = acc + n * kChunk;
-    const float* e = extra == nullptr ? nullptr : extra + n * kChunk;
-    const auto plus = [e](int64_t column) { return e == nullptr ? 0.f : e[column]; };
     T* dst = y + n * out;
     for (int64_t j = 0; j < width_v; j += kStep<T>) {
       if (std::is_same<T, float>::value) {
-        for (int64_t q = 0; q < 16; ++q) dst[j + q] = T(a[j + q] + plus(j + q));
+        for (int64_t q = 0; q < 16; ++q) dst[j + q] = T(a[j + q]);
       } else {
         for (int64_t q = 0; q < 16; ++q) {
-          dst[j + 2 * q] = T(a[j + q] + plus(j + 2 * q));
-          dst[j + 2 * q + 1] = T(a[j + 16 + q] + plus(j + 2 * q + 1));
+          dst[j + 2 * q] = T(a[j + q]);
+          dst[j + 2 * q + 1] = T(a[j + 16 + q]);
         }
       }
     }
-    for (int64_t j = width_v; j < width; ++j) dst[j] = T(a[j] + plus(j));
+    for (int64_t j = width_v; j < width; ++j) dst[j] = T(a[j]);
   }
 }
 
-// A segment's low-rank term U_r(S_r V_rᵀ(x ⊙ (1 − m))): `code` = S_r V_rᵀ(x ⊙ (1 − m)) per token,
-// computed once per call; each task then adds U_r·code for its own columns. Fusing it here
-// saves the four PyTorch calls per shard (two GEMMs, a slice, an add) that cost more than the
-// arithmetic at decode sizes (SmolLM2 at α = 0.95 ran at 0.95x dense with them).
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// A segment's low-rank term U_r(S_r V_rᵀ(x ⊙ (1 − m))), added in the same pass as the exact
+// channels: per token the code S_r V_rᵀ(x ⊙ (1 − m)) is computed once per call, then its r
+// entries act as r more "rows" whose weights are the rows of U_rᵀ, accumulated by the same
+// vector loop as the rows of Wᵀ. Fusing it saves the four PyTorch calls per shard (two GEMMs,
+// a slice, an add) that cost more than their arithmetic at decode sizes (SmolLM2 at α = 0.95
+// ran at 0.95x dense with them).
 template <typename T>
 struct LowRank {
-  const T* vs = nullptr;  // S_r·V_rᵀ [rank, in]
-  const T* u = nullptr;   // U_r [segment out, rank]
+  const float* vs = nullptr;  // S_r·V_rᵀ [rank, in], float32
+  const T* ut = nullptr;      // U_rᵀ [rank, segment width]
   int64_t rank = 0;
-  std::vector<float> code;  // [tokens, rank]
+  std::vector<float> coef;  // [rank padded to kRows, tokens]: the codes, zero on padding rows
 };
 
 template <typename T>
@@ -118,18 +128,39 @@ void low_rank_code(const T* x, const float* norm, float threshold, int64_t token
       rest[n * in + i] = std::fabs(v) * norm[i] > threshold ? 0.f : v;
     }
   }
-  lr.code.assign(tokens * lr.rank, 0.f);
-  at::parallel_for(0, lr.rank, 8, [&](int64_t begin, int64_t end) {
+  const int64_t padded = (lr.rank + kRows - 1) / kRows * kRows;
+  lr.coef.assign(padded * tokens, 0.f);
+  at::parallel_for(0, lr.rank, 16, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const T* row = lr.vs + j * in;
-      for (int64_t n = 0; n < tokens; ++n) {
-        const float* r = rest.data() + n * in;
-        float sum = 0.f;
-        for (int64_t i = 0; i < in; ++i) sum += static_cast<float>(row[i]) * r[i];
-        lr.code[n * lr.rank + j] = sum;
-      }
+      for (int64_t n = 0; n < tokens; ++n) lr.coef[j * tokens + n] = dot(lr.vs + j * in, rest.data() + n * in, in);
     }
   });
+}
+
+// acc[n, :width] += Σ_k coef[k, n] · row(k)[:width] over `groups` groups of kRows rows.
+template <typename T, typename RowPointer>
+void accumulate_rows(RowPointer row, int64_t groups, const float* coef, int64_t tokens, int64_t width,
+                     int64_t width_v, float* acc) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const T* w[kRows];
+    for (int64_t r = 0; r < kRows; ++r) w[r] = row(g * kRows + r);
+    if (g + 1 < groups) {  // the next group's rows, ahead of the hardware prefetcher
+      for (int64_t r = 0; r < kRows; ++r) {
+        const char* next = reinterpret_cast<const char*>(row((g + 1) * kRows + r));
+        for (int64_t b = 0; b < width * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+      }
+    }
+    const float* cg = coef + g * kRows * tokens;
+    accumulate_group(w, cg, tokens, width_v, acc);
+    for (int64_t n = 0; n < tokens; ++n) {
+      float* a = acc + n * kChunk;
+      for (int64_t j = width_v; j < width; ++j) {
+        float s = a[j];
+        for (int64_t r = 0; r < kRows; ++r) s += cg[r * tokens + n] * static_cast<float>(w[r][j]);
+        a[j] = s;
+      }
+    }
+  }
 }
 
 // Output columns per task: at most kChunk and a whole number of vector steps, small enough
@@ -171,55 +202,8 @@ void segment_masks(const T* x, const float* norm, float threshold, T* rest, int6
   }
 }
 
-// y[:, c0:c0+width] = Σ over the segment's active rows of coef · wt[row, c0:c0+width], where
-// `wt` and `y` both have row stride `stride` (the concatenated width of all segments).
-template <typename T>
-void run_task(const T* wt, const std::vector<int64_t>& rows, const float* coef, const LowRank<T>& lr,
-              int64_t segment_start, int64_t tokens, int64_t stride, int64_t c0, int64_t width, float* acc,
-              float* extra, T* y) {
-#if defined(__AVX512F__)
-  const int64_t width_v = width / kStep<T> * kStep<T>;
-#else
-  const int64_t width_v = 0;
-#endif
-  std::fill(acc, acc + tokens * kChunk, 0.f);
-  const int64_t groups = static_cast<int64_t>(rows.size()) / kRows;
-  for (int64_t g = 0; g < groups; ++g) {
-    const T* w[kRows];
-    for (int64_t r = 0; r < kRows; ++r) w[r] = wt + rows[g * kRows + r] * stride + c0;
-    if (g + 1 < groups) {  // the next group's rows, ahead of the hardware prefetcher
-      for (int64_t r = 0; r < kRows; ++r) {
-        const char* next = reinterpret_cast<const char*>(wt + rows[(g + 1) * kRows + r] * stride + c0);
-        for (int64_t b = 0; b < width * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
-      }
-    }
-    const float* cg = coef + g * kRows * tokens;
-    accumulate_group(w, cg, tokens, width_v, acc);
-    for (int64_t n = 0; n < tokens; ++n) {
-      float* a = acc + n * kChunk;
-      for (int64_t j = width_v; j < width; ++j) {
-        float s = a[j];
-        for (int64_t r = 0; r < kRows; ++r) s += cg[r * tokens + n] * static_cast<float>(w[r][j]);
-        a[j] = s;
-      }
-    }
-  }
-  if (lr.rank > 0) {
-    for (int64_t n = 0; n < tokens; ++n) {
-      const float* code = lr.code.data() + n * lr.rank;
-      for (int64_t j = 0; j < width; ++j) {
-        const T* u = lr.u + (c0 - segment_start + j) * lr.rank;
-        float sum = 0.f;
-        for (int64_t r = 0; r < lr.rank; ++r) sum += static_cast<float>(u[r]) * code[r];
-        extra[n * kChunk + j] = sum;
-      }
-    }
-  }
-  store_chunk(acc, lr.rank > 0 ? extra : nullptr, tokens, width_v, width, y + c0, stride);
-}
-
 // Segment s owns columns [offsets[s], offsets[s+1]) of wt [in, total_out] and y [tokens, total_out],
-// with its own channel norms norms[s * in ...] and threshold.
+// with its own channel norms norms[s * in ...], threshold and (optional) low-rank term.
 template <typename T>
 void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<float>& thresholds,
                const std::vector<int64_t>& offsets, std::vector<LowRank<T>>& low_rank, T* y, T* rest, int64_t tokens,
@@ -243,11 +227,26 @@ void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<fl
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> acc(tokens * kChunk), extra(tokens * kChunk);
+    std::vector<float> acc(tokens * kChunk);
     for (int64_t t = next++; t < static_cast<int64_t>(tasks.size()); t = next++) {
       const auto& [s, c0, w] = tasks[t];
-      run_task(wt, rows[s], coef[s].data(), low_rank[s], offsets[s], tokens, total_out, c0, w, acc.data(),
-               extra.data(), y);
+#if defined(__AVX512F__)
+      const int64_t width_v = w / kStep<T> * kStep<T>;
+#else
+      const int64_t width_v = 0;
+#endif
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const auto& active = rows[s];
+      accumulate_rows<T>([&](int64_t k) { return wt + active[k] * total_out + c0; },
+                         static_cast<int64_t>(active.size()) / kRows, coef[s].data(), tokens, w, width_v, acc.data());
+      const LowRank<T>& lr = low_rank[s];
+      if (lr.rank > 0) {
+        const int64_t segment_width = offsets[s + 1] - offsets[s];
+        accumulate_rows<T>(
+            [&](int64_t k) { return lr.ut + std::min(k, lr.rank - 1) * segment_width + (c0 - offsets[s]); },
+            static_cast<int64_t>(lr.coef.size()) / (kRows * tokens), lr.coef.data(), tokens, w, width_v, acc.data());
+      }
+      store_chunk(acc.data(), tokens, width_v, w, y + c0, total_out);
     }
   });
 }
@@ -256,13 +255,13 @@ void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<fl
 
 // x [N, in]; weight_t [in, total_out] (x's dtype, contiguous): the segments' Wᵀ side by side,
 // segment s owning `splits[s]` columns; col_norms [S, in] float32; thresholds: S values.
-// vs / u: per segment S_r·V_rᵀ [r, in] and U_r [splits[s], r] in x's dtype (an empty tensor for a
-// segment without a low-rank term; empty lists for none), added to y inside the kernel.
+// vs / ut: per segment S_r·V_rᵀ [r, in] (float32) and U_rᵀ [r, splits[s]] (x's dtype), an empty
+// tensor for a segment without a low-rank term (empty lists for none); the term is added to y.
 // Returns y [N, total_out]; when `rest` ([S, N, in]) is given, rest[s] receives x ⊙ (1 − m_s).
 torch::Tensor rsparse_sparse_mm(torch::Tensor x, torch::Tensor weight_t, torch::Tensor col_norms,
                                 std::vector<double> thresholds, std::vector<int64_t> splits,
                                 c10::optional<torch::Tensor> rest, std::vector<torch::Tensor> vs,
-                                std::vector<torch::Tensor> u) {
+                                std::vector<torch::Tensor> ut) {
   TORCH_CHECK(x.dim() == 2 && weight_t.dim() == 2 && x.size(1) == weight_t.size(0), "rsparse_sparse_mm: x ",
               x.sizes(), " does not match weight_t ", weight_t.sizes());
   TORCH_CHECK(x.scalar_type() == weight_t.scalar_type(), "rsparse_sparse_mm: x and weight_t dtypes differ");
@@ -288,15 +287,15 @@ torch::Tensor rsparse_sparse_mm(torch::Tensor x, torch::Tensor weight_t, torch::
                     rest->size(2) == in && rest->scalar_type() == xc.scalar_type(),
                 "rest must be a contiguous [segments, N, in] tensor of x's dtype");
   }
-  TORCH_CHECK(vs.size() == u.size() && (vs.empty() || static_cast<int64_t>(vs.size()) == segments),
-              "rsparse_sparse_mm: give vs and u for every segment (empty tensors where a segment has none) or for none");
+  TORCH_CHECK(vs.size() == ut.size() && (vs.empty() || static_cast<int64_t>(vs.size()) == segments),
+              "rsparse_sparse_mm: give vs and ut for every segment (empty tensors where a segment has none) or for none");
   for (size_t s = 0; s < vs.size(); ++s) {
     if (vs[s].numel() == 0) continue;
-    TORCH_CHECK(vs[s].dim() == 2 && vs[s].size(1) == in && u[s].dim() == 2 && u[s].size(0) == splits[s] &&
-                    u[s].size(1) == vs[s].size(0) && vs[s].is_contiguous() && u[s].is_contiguous() &&
-                    vs[s].scalar_type() == xc.scalar_type() && u[s].scalar_type() == xc.scalar_type(),
-                "rsparse_sparse_mm: segment ", s, " needs contiguous vs [r, ", in, "] and u [", splits[s],
-                ", r] in x's dtype, got ", vs[s].sizes(), " and ", u[s].sizes());
+    TORCH_CHECK(vs[s].dim() == 2 && vs[s].size(1) == in && ut[s].dim() == 2 && ut[s].size(1) == splits[s] &&
+                    ut[s].size(0) == vs[s].size(0) && vs[s].is_contiguous() && ut[s].is_contiguous() &&
+                    vs[s].scalar_type() == at::kFloat && ut[s].scalar_type() == xc.scalar_type(),
+                "rsparse_sparse_mm: segment ", s, " needs contiguous float32 vs [r, ", in, "] and ut [r, ", splits[s],
+                "] in x's dtype, got ", vs[s].sizes(), " and ", ut[s].sizes());
   }
   const std::vector<float> t(thresholds.begin(), thresholds.end());
   const auto run = [&](auto* type_tag) {
@@ -304,8 +303,8 @@ torch::Tensor rsparse_sparse_mm(torch::Tensor x, torch::Tensor weight_t, torch::
     std::vector<LowRank<T>> low_rank(segments);
     for (size_t s = 0; s < vs.size(); ++s) {
       if (vs[s].numel() == 0) continue;
-      low_rank[s].vs = vs[s].data_ptr<T>();
-      low_rank[s].u = u[s].data_ptr<T>();
+      low_rank[s].vs = vs[s].data_ptr<float>();
+      low_rank[s].ut = ut[s].data_ptr<T>();
       low_rank[s].rank = vs[s].size(0);
     }
     sparse_mm(xc.data_ptr<T>(), weight_t.data_ptr<T>(), col_norms.data_ptr<float>(), t, offsets, low_rank,

@@ -37,7 +37,7 @@ import torch
 
 from slimserve.loaders.schemes.rsparse import exact_mask
 from slimserve.plugin.kernels.gemm import prepacked_linear
-from slimserve.plugin.kernels.rsparse import segmented_sparse_mm
+from slimserve.plugin.kernels.rsparse import low_rank_operands, segmented_sparse_mm
 
 SPARSE_PREFILL_ENV = "SLIMSERVE_RSPARSE_SPARSE_PREFILL"
 # Above this many tokens the union of active channels covers nearly every row (each token
@@ -116,8 +116,7 @@ class RSparseLayer:
         self.splits = [t["weight_t"].shape[1] for t in shards]
         self.dense = prepacked_linear(self.weight_t.t())
         # per shard (S·Vᵀ, U), or None without a low-rank part; the kernel adds it in the same pass
-        self.low_rank = [(t["vs"].contiguous().clone(), t["u"].contiguous().clone()) if "vs" in t and "u" in t else None
-                         for t in shards]
+        self.low_rank = [low_rank_operands(t["vs"], t["u"]) if "vs" in t and "u" in t else None for t in shards]
         self.out_features = sum(self.splits)
         self.sparse_prefill = os.environ.get(SPARSE_PREFILL_ENV, "0") not in ("", "0")
         self.index = len(_LAYERS)
@@ -150,5 +149,7 @@ class RSparseLayer:
                                                 self.weight_t.split(self.splits, dim=1), self.low_rank):
             mask = exact_mask(x, norm, threshold)
             y = (x * mask) @ w
-            parts.append(y if low_rank is None else y + ((x * ~mask) @ low_rank[0].t()) @ low_rank[1].t())
+            if low_rank is not None:
+                y = y + (((x * ~mask).float() @ low_rank[0].t()).to(x.dtype) @ low_rank[1])
+            parts.append(y)
         return torch.cat(parts, dim=1)
