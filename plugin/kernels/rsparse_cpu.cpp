@@ -164,13 +164,15 @@ void accumulate_rows(RowPointer row, int64_t groups, const float* coef, int64_t 
 }
 
 // Output columns per task: at most kChunk and a whole number of vector steps, small enough
-// that every thread gets several tasks. Tasks are taken from a shared counter, so segments of
+// that every thread gets about two tasks. Tasks are taken from a shared counter, so segments of
 // different widths (q 576 | k 192 | v 192) still keep both threads busy to the end. Fixed
 // 512-column tasks left a 576-wide layer as one 512- and one 64-column task (one thread idle
-// most of the time) and a 192-wide one on a single thread.
+// most of the time) and a 192-wide one on a single thread; narrower tasks than needed cut
+// each active row into more, shorter reads.
 int64_t task_width(int64_t total_out, int64_t step) {
+  constexpr int64_t kTasksPerThread = 2;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t target = (total_out + 4 * threads - 1) / (4 * threads);
+  const int64_t target = (total_out + kTasksPerThread * threads - 1) / (kTasksPerThread * threads);
   return std::min(kChunk, std::max(step, (target + step - 1) / step * step));
 }
 
