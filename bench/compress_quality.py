@@ -31,6 +31,7 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 README = BENCH / "README.md"
 SECTION = "## Compression quality on SmolLM2-135M (issue 3)"
+DEFAULT_SAMPLES = 32  # compress()'s default number of calibration windows
 CHAT_QUESTIONS = ("What is the capital of France?", "How many days are there in a week?",
                   "What color is the sky on a clear day?", "What is 2 + 3?")
 
@@ -40,6 +41,9 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "rocket", "cospadi"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
+    parser.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
+                        help="calibration windows of 512 tokens; rows with another value than the default are "
+                             "stored and shown separately (METHOD/ALLOCATION/RATIO@Nw)")
     parser.add_argument("--chat", nargs="*", default=[], metavar="METHOD/ALLOCATION/RATIO",
                         help="ask CHAT_QUESTIONS of dense and of these configurations in real vLLM")
     args = parser.parse_args()
@@ -56,14 +60,14 @@ def main() -> int:
     for ratio in args.ratios:
         for method in args.methods:
             for allocation in args.allocations:
-                name = f"{method}/{allocation}/{ratio}"
+                name = f"{method}/{allocation}/{ratio}{windows_suffix(args.calib_samples)}"
                 if name in rows:
                     continue
-                out = work / f"{method}-{allocation}-{ratio}"
+                out = work / f"{method}-{allocation}-{ratio}{windows_suffix(args.calib_samples)}"
                 start = time.time()
                 compress(model, out, method=method, ratio=ratio, allocation=allocation,
-                         calib=None if method == "svd" else calib, calib_cache=work / "grams.safetensors",
-                         progress=False)
+                         calib=None if method == "svd" else calib, calib_samples=args.calib_samples,
+                         calib_cache=work / f"grams{windows_suffix(args.calib_samples)}.safetensors", progress=False)
                 seconds = time.time() - start
                 summary = compression_summary(out)
                 ppl = perplexity(out, held_out).perplexity
@@ -75,7 +79,7 @@ def main() -> int:
                 reports = RESULTS / "reports"
                 reports.mkdir(exist_ok=True)
                 for file in (REPORT_JSON, REPORT_PNG):
-                    shutil.copy2(out / file, reports / f"{method}-{allocation}-{ratio}-{file.split('_', 1)[1]}")
+                    shutil.copy2(out / file, reports / f"{out.name}-{file.split('_', 1)[1]}")
                 shutil.rmtree(out)
                 store.write_text(json.dumps(rows, indent=1))
                 write_readme(rows)
@@ -96,10 +100,16 @@ def main() -> int:
     return 0
 
 
+def windows_suffix(samples: int) -> str:
+    """Row-name suffix of a run calibrated on a non-default number of windows."""
+    return "" if samples == DEFAULT_SAMPLES else f"@{samples}w"
+
+
 def write_readme(rows: dict) -> None:
     """Replace (or add) this benchmark's section of bench/README.md, leaving other sections alone."""
     dense = rows["dense"]["ppl"]
-    ratios = sorted({float(k.rsplit("/", 1)[1]) for k in rows if k not in ("dense", "chat")})
+    ratios = sorted({float(k.rsplit("/", 1)[1].split("@")[0]) for k in rows if k not in ("dense", "chat")})
+    variants = sorted({k.partition("@")[2] for k in rows if "@" in k}, key=lambda v: int(v.rstrip("w")))
     lines = [SECTION, "",
              f"{METRIC} of SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; see ../shared/ASSETS.md) on "
              "*Emma* (first 8 windows of 512 tokens, BOS first), calibrated on *Pride and Prejudice* "
@@ -112,18 +122,19 @@ def write_readme(rows: dict) -> None:
              f"Dense: **{dense:.2f}**", "",
              "| method | allocation | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
              "|---|---|" + "---|" * len(ratios)]
-    for method in ("svd", "svd-llm", "cospadi", "rocket"):
-        for allocation in ("uniform", "knapsack"):
-            cells = []
-            for r in ratios:
-                row = rows.get(f"{method}/{allocation}/{r}")
-                if row is None:
-                    cells.append("not run")
-                    continue
-                cells.append(f"{row['ppl']:.2f} [{row['ppl'] / dense:.2f}x] "
-                             f"({row['ratio']:.1%} / {row['bytes_ratio']:.1%} B)")
-            if any(c != "not run" for c in cells):
-                lines.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
+    for suffix, method, allocation in [(s, m, a) for s in ["", *(f"@{v}" for v in variants)]
+                                       for m in ("svd", "svd-llm", "cospadi", "rocket") for a in ("uniform", "knapsack")]:
+        cells = []
+        for r in ratios:
+            row = rows.get(f"{method}/{allocation}/{r}{suffix}")
+            if row is None:
+                cells.append("not run")
+                continue
+            cells.append(f"{row['ppl']:.2f} [{row['ppl'] / dense:.2f}x] "
+                         f"({row['ratio']:.1%} / {row['bytes_ratio']:.1%} B)")
+        if any(c != "not run" for c in cells):
+            calibration = f", {suffix[1:-1]} windows" if suffix else ""
+            lines.append(f"| {method} | {allocation}{calibration} | " + " | ".join(cells) + " |")
     lines += ["", "Per-layer reports (level, scheme, rank/atoms/nnz, errors; JSON + PNG), written by every run to "
               "`results/reports/<method>-<allocation>-<ratio>-report.*` (only the best 30 % one is committed). Raw numbers and compression times: "
               "`results/compress_quality.json`.", ""]

