@@ -70,16 +70,34 @@ def segmented_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torc
             vs = ut = []
         y = ext.rsparse_sparse_mm(x, weight_t, col_norms, [float(t) for t in thresholds], list(splits), rest, vs, ut)
         return y, rest
+    if not x.is_cuda:
+        return masked_segments(x, weight_t, col_norms, thresholds, splits, with_rest, low_rank)
     segments = weight_t.split(list(splits), dim=1)
-    if x.is_cuda:
-        parts = [_triton_sparse_mm(x, w, n, t, True) for w, n, t in zip(segments, col_norms, thresholds)]
-        ys, rests = [y for y, _ in parts], [r for _, r in parts]
-    else:
-        masks = [exact_mask(x, n, t) for n, t in zip(col_norms, thresholds)]
-        ys, rests = [(x * m) @ w for m, w in zip(masks, segments)], [x * ~m for m in masks]
+    parts = [_triton_sparse_mm(x, w, n, t, True) for w, n, t in zip(segments, col_norms, thresholds)]
+    return _add_low_rank([y for y, _ in parts], [r for _, r in parts], low_rank, with_rest)
+
+
+def masked_segments(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: Sequence[float],
+                    splits: Sequence[int], with_rest: bool = False,
+                    low_rank: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``segmented_sparse_mm`` in plain PyTorch (masked input times each segment's Wᵀ).
+
+    For steps of many tokens, whose union of active channels is nearly every row, and for CPUs
+    where the C++ kernel could not be built.
+    """
+    masks = [exact_mask(x, n, t) for n, t in zip(col_norms, thresholds)]
+    ys = [(x * m) @ w for m, w in zip(masks, weight_t.split(list(splits), dim=1))]
+    return _add_low_rank(ys, [x * ~m for m in masks], low_rank or [None] * len(splits), with_rest)
+
+
+def _add_low_rank(ys: list[torch.Tensor], rests: list[torch.Tensor],
+                  low_rank: Sequence[tuple[torch.Tensor, torch.Tensor] | None], with_rest: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Adds each segment's ``U_r(S_r V_rᵀ rest)`` to its exact part and joins the segments."""
     for s, lr in enumerate(low_rank):
         if lr is not None:
-            ys[s] = ys[s] + (rests[s].float() @ lr[0].t()).to(x.dtype) @ lr[1]
+            ys[s] = ys[s] + (rests[s].float() @ lr[0].t()).to(ys[s].dtype) @ lr[1]
     return torch.cat(ys, dim=1), (torch.stack(rests) if with_rest else None)
 
 

@@ -35,9 +35,8 @@ from typing import Any
 
 import torch
 
-from slimserve.loaders.schemes.rsparse import exact_mask
 from slimserve.plugin.kernels.gemm import prepacked_linear
-from slimserve.plugin.kernels.rsparse import low_rank_operands, segmented_sparse_mm
+from slimserve.plugin.kernels.rsparse import low_rank_operands, masked_segments, segmented_sparse_mm
 
 SPARSE_PREFILL_ENV = "SLIMSERVE_RSPARSE_SPARSE_PREFILL"
 # Above this many tokens the union of active channels covers nearly every row (each token
@@ -141,15 +140,5 @@ class RSparseLayer:
 
     def sparse(self, x: torch.Tensor) -> torch.Tensor:
         """The R-Sparse product of every token of ``x [N, in]``, every shard."""
-        if x.shape[0] <= KERNEL_MAX_TOKENS:
-            return segmented_sparse_mm(x, self.weight_t, self.col_norms, self.thresholds, self.splits,
-                                       low_rank=self.low_rank)[0]
-        parts = []
-        for norm, threshold, w, low_rank in zip(self.col_norms, self.thresholds,
-                                                self.weight_t.split(self.splits, dim=1), self.low_rank):
-            mask = exact_mask(x, norm, threshold)
-            y = (x * mask) @ w
-            if low_rank is not None:
-                y = y + (((x * ~mask).float() @ low_rank[0].t()).to(x.dtype) @ low_rank[1])
-            parts.append(y)
-        return torch.cat(parts, dim=1)
+        product = segmented_sparse_mm if x.shape[0] <= KERNEL_MAX_TOKENS else masked_segments
+        return product(x, self.weight_t, self.col_norms, self.thresholds, self.splits, low_rank=self.low_rank)[0]
