@@ -13,8 +13,8 @@ In slimserve's ``[out, in]`` layout, with ``W·S = UΣVᵀ`` the SVD of the whit
    and the masked V (same variables, same whitened objective, same keep-the-better rule) in
    closed form: deterministic, and every step can only lower the error (up to the ridge).
    On SmolLM2-135M at 30 % two rounds cut a layer's whitened error by 6-11 %, six by 7-12 %;
-   rocket + knapsack at 30 % went from 50.0 to 47.3 (2 rounds) and 46.4 -> 45.5 (2 -> 6 rounds,
-   128 calibration windows) Emma token perplexity (bench/README.md).
+   rocket + knapsack at 30 % (Emma token perplexity, bench/README.md) went from 50.0 (no
+   rounds) to 47.3 (2) and 46.4 (6); with 128 calibration windows from 46.4 (2) to 45.5 (6).
 With s = k (ks = 1) no coefficient is dropped and this is SVD-LLM, stored as ``lowrank``.
 
 Deliberate simplifications, for determinism and CPU time: the paper code's 0.5 % over-
@@ -33,8 +33,9 @@ from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitenin
 KS_GRID = (1.0, 2.0)
 IMPORTANCE_EXPONENT = 0.5
 # Rounds of (coefficient refit, dictionary refit) after step 3 for the factorizations written
-# out. The knapsack profile runs without them (~1-2 s per round on a 1536x576 layer, times 8
-# levels x 210 linears); the allocation then ranks options by the unrefined error.
+# out. The knapsack profile runs without them (6 rounds take ~1.2 s on one 1536x576 layer, one
+# thread, and the profile would pay that for 8 levels of every linear); the allocation then
+# ranks options by the unrefined error.
 REFINE_ITERATIONS = 6
 # Conjugate-gradient steps per coefficient refit (warm-started, so a few suffice: 4 already
 # matched the exact per-row solve on SmolLM2's layers).
