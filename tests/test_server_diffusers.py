@@ -114,6 +114,15 @@ def test_video_sync_and_metrics(video_server: ServerProcess) -> None:
     assert response.content[4:8] == b"ftyp"
     bad = httpx.post(video_server.base_url + "/v1/videos/sync", data={**form, "size": "20x20"}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"
+    # The tiny Wan's rotary table covers 32 patches (512 px) per axis and 32 latent frames; its pipeline's
+    # defaults (832x480, 81 frames) and larger requests are the client's to change, not a server fault.
+    for data, param in (({"prompt": "waves", "fps": "1"}, "size"), ({**form, "size": "528x16"}, "size"),
+                        ({**form, "num_frames": "129"}, "num_frames")):
+        too_big = httpx.post(video_server.base_url + "/v1/videos/sync", data=data, timeout=60)
+        assert too_big.status_code == 400, too_big.text
+        assert too_big.json()["error"]["param"] == param and "rotary position table" in too_big.json()["error"]["message"]
+    assert httpx.post(video_server.base_url + "/v1/videos/sync", data={**form, "size": "512x16"},
+                      timeout=60).status_code == 200  # the largest size it can place
     text = httpx.get(video_server.base_url + "/metrics").text
     assert metric_value(text, "slimserve:generated_video_frames_total", model_name="tiny-wan") >= 5
     assert metric_value(text, "slimserve:e2e_request_latency_seconds_count", model_name="tiny-wan") >= 1

@@ -45,6 +45,9 @@ class _DiffusersEngine(Engine):
         self.pipe.set_progress_bar_config(disable=True)
         self.call_parameters = frozenset(inspect.signature(pipe.__call__).parameters)
         self.size_multiple = _size_multiple(pipe)
+        # Wan's rotary position table has this many rows per axis (frames, height, width in
+        # patches); a larger latent grid fails deep inside the transformer.
+        self.max_patches = getattr(pipe.transformer.config, "rope_max_seq_len", None)
         self.schedule = schedule
         if schedule is not None:
             from slimserve.plugin.diffusers import apply
@@ -62,7 +65,8 @@ class _DiffusersEngine(Engine):
             if side is not None and side % self.size_multiple:
                 raise EngineRequestError(f"width and height must be multiples of {self.size_multiple} for "
                                          f"{self.model_name}", param="size")
-        steps = request.num_inference_steps or self._default_steps()
+        self._check_positions(request)
+        steps = request.num_inference_steps or int(self._default("num_inference_steps") or 50)
         args: dict[str, Any] = {
             "prompt": request.prompt,
             "num_inference_steps": steps,
@@ -97,9 +101,31 @@ class _DiffusersEngine(Engine):
             raise EngineRequestError(f"this model's sparse-attention schedule does not fit the request: {err}",
                                      param="size") from err
 
-    def _default_steps(self) -> int:
-        default = inspect.signature(self.pipe.__call__).parameters.get("num_inference_steps")
-        return int(default.default) if default is not None and default.default is not None else 50
+    def _default(self, parameter: str) -> Any:
+        """The pipeline's own default for a call parameter the request left out (None if it has none)."""
+        default = inspect.signature(self.pipe.__call__).parameters.get(parameter)
+        return None if default is None or default.default is inspect.Parameter.empty else default.default
+
+    def _check_positions(self, request: ImageRequest | VideoRequest) -> None:
+        """A 400 for a size or length past the model's position table (with the pipeline's defaults filled in)."""
+        if not self.max_patches:
+            return
+        for name in ("height", "width"):
+            side = getattr(request, name) or self._default(name)
+            if side is not None and side // self.size_multiple > self.max_patches:
+                raise EngineRequestError(
+                    f"{name} {side} is too large for {self.model_name}: its rotary position table covers "
+                    f"{self.max_patches} patches per axis, at most {self.max_patches * self.size_multiple} pixels",
+                    param="size")
+        temporal = getattr(self.pipe, "vae_scale_factor_temporal", None)
+        frames = getattr(request, "num_frames", None) or self._default("num_frames")
+        if temporal and frames:
+            patch = getattr(self.pipe.transformer.config, "patch_size", (1,))
+            latent_frames = ((int(frames) - 1) // int(temporal) + 1) // int(patch[0] if isinstance(patch, (list, tuple)) else 1)
+            if latent_frames > self.max_patches:
+                raise EngineRequestError(
+                    f"num_frames {frames} is too long for {self.model_name}: its rotary position table covers "
+                    f"{self.max_patches} latent frames", param="num_frames")
 
 
 def _size_multiple(pipe: Any) -> int:
