@@ -22,6 +22,7 @@ from pathlib import Path
 
 from slimserve.loaders.assets import ARTIFACTS, austen_text, smollm2_folder
 from slimserve.loaders.checkpoint import compression_summary
+from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from slimserve.loaders.compress.run import REPORT_JSON, REPORT_PNG, compress
 from slimserve.loaders.eval import METRIC, perplexity
 from slimserve.server.demo import build_demo_checkpoint
@@ -31,7 +32,6 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 README = BENCH / "README.md"
 SECTION = "## Compression quality on SmolLM2-135M (issue 3)"
-DEFAULT_SAMPLES = 32  # compress()'s default number of calibration windows
 CHAT_QUESTIONS = ("What is the capital of France?", "How many days are there in a week?",
                   "What color is the sky on a clear day?", "What is 2 + 3?")
 
@@ -41,8 +41,8 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "rocket", "cospadi"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
-    parser.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
-                        help="calibration windows of 512 tokens; rows with another value than the default are "
+    parser.add_argument("--calib-samples", type=int, default=DEFAULT_WINDOWS,
+                        help=f"calibration windows of {DEFAULT_SEQ_LEN} tokens; rows with another value than the default are "
                              "stored and shown separately (METHOD/ALLOCATION/RATIO@Nw)")
     parser.add_argument("--chat", nargs="*", default=[], metavar="METHOD/ALLOCATION/RATIO",
                         help="ask CHAT_QUESTIONS of dense and of these configurations in real vLLM")
@@ -57,17 +57,18 @@ def main() -> int:
     if "dense" not in rows:
         rows["dense"] = {"ppl": perplexity(model, held_out).perplexity, "ratio": 0.0, "bytes_ratio": 0.0}
         store.write_text(json.dumps(rows, indent=1))
+    suffix = windows_suffix(args.calib_samples)
     for ratio in args.ratios:
         for method in args.methods:
             for allocation in args.allocations:
-                name = f"{method}/{allocation}/{ratio}{windows_suffix(args.calib_samples)}"
+                name = f"{method}/{allocation}/{ratio}{suffix}"
                 if name in rows:
                     continue
-                out = work / f"{method}-{allocation}-{ratio}{windows_suffix(args.calib_samples)}"
+                out = work / f"{method}-{allocation}-{ratio}{suffix}"
                 start = time.time()
                 compress(model, out, method=method, ratio=ratio, allocation=allocation,
                          calib=None if method == "svd" else calib, calib_samples=args.calib_samples,
-                         calib_cache=work / f"grams{windows_suffix(args.calib_samples)}.safetensors", progress=False)
+                         calib_cache=work / f"grams{suffix}.safetensors", progress=False)
                 seconds = time.time() - start
                 summary = compression_summary(out)
                 ppl = perplexity(out, held_out).perplexity
@@ -102,7 +103,7 @@ def main() -> int:
 
 def windows_suffix(samples: int) -> str:
     """Row-name suffix of a run calibrated on a non-default number of windows."""
-    return "" if samples == DEFAULT_SAMPLES else f"@{samples}w"
+    return "" if samples == DEFAULT_WINDOWS else f"@{samples}w"
 
 
 def write_readme(rows: dict) -> None:
@@ -113,7 +114,7 @@ def write_readme(rows: dict) -> None:
     lines = [SECTION, "",
              f"{METRIC} of SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; see ../shared/ASSETS.md) on "
              "*Emma* (first 8 windows of 512 tokens, BOS first), calibrated on *Pride and Prejudice* "
-             "(32 windows of 512 tokens, seed 0). Ratio = fraction of decoder-linear parameters removed "
+             f"({DEFAULT_WINDOWS} windows of {DEFAULT_SEQ_LEN} tokens, seed 0, unless a row says otherwise). Ratio = fraction of decoder-linear parameters removed "
              "(stored values; the achieved value is in parentheses with, for dictsparse, the fraction of bytes "
              "removed once int16 indices are counted). Lower is better; in brackets: x dense.",
              "", "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py` (compression times in "

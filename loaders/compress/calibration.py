@@ -28,6 +28,9 @@ _SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 # Fewer tokens than this multiple of a linear's input width is refused: the Gram would be
 # rank-deficient or too noisy to whiten with.
 MIN_TOKENS_PER_FEATURE = 2
+# Calibration windows by default (the papers use 256 of 1024-2048 tokens; bench/README.md shows
+# what 128 bought on SmolLM2-135M).
+DEFAULT_WINDOWS, DEFAULT_SEQ_LEN = 32, 512
 
 
 def gram_key(module: str) -> str:
@@ -78,7 +81,7 @@ def calibration_spec(model_dir: str | Path, calib_file: str | Path, *, samples: 
 
 
 def load_or_collect_grams(model_dir: str | Path, calib_file: str | Path, cache: str | Path, *,
-                          samples: int = 32, seq_len: int = 512, seed: int = 0, progress: bool = True) -> Grams:
+                          samples: int = DEFAULT_WINDOWS, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0, progress: bool = True) -> Grams:
     """Grams from ``cache`` when it was computed from the same model, text and settings; else compute and save."""
     spec = calibration_spec(model_dir, calib_file, samples=samples, seq_len=seq_len, seed=seed)
     cache = Path(cache)
@@ -109,7 +112,7 @@ def calibration_windows(tokenizer, text: str, *, samples: int, seq_len: int, see
     return [[bos] + ids[i * seq_len:(i + 1) * seq_len] for i in starts]
 
 
-def collect_grams(model_dir: str | Path, calib_file: str | Path, *, samples: int = 32, seq_len: int = 512,
+def collect_grams(model_dir: str | Path, calib_file: str | Path, *, samples: int = DEFAULT_WINDOWS, seq_len: int = DEFAULT_SEQ_LEN,
                   seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """Run the dense model over the calibration windows and sum ``XᵀX`` per input group (float64).
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from slimserve.loaders.checkpoint import Checkpoint, CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.compress.allocation import cap_options, knapsack_unit, solve_knapsack
 from slimserve.loaders.compress.budget import check_ratio
-from slimserve.loaders.compress.calibration import Grams, load_or_collect_grams
+from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, Grams, load_or_collect_grams
 from slimserve.loaders.compress.cospadi import CoSpaDi
 from slimserve.loaders.compress.rocket import REFINE_ITERATIONS, Rocket
 from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dense_option, relative_errors
@@ -57,7 +57,7 @@ class LayerReport:
 
 def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: float | None = None,
              rank: int | None = None, calib: str | Path | None = None, calib_cache: str | Path | None = None,
-             allocation: str = "uniform", seed: int = 0, calib_samples: int = 32, calib_seq_len: int = 512,
+             allocation: str = "uniform", seed: int = 0, calib_samples: int = DEFAULT_WINDOWS, calib_seq_len: int = DEFAULT_SEQ_LEN,
              progress: bool = True) -> Path:
     """Compress every decoder linear of ``src`` into ``out`` and write a per-layer report beside it.
 
