@@ -43,7 +43,8 @@ class _DiffusersEngine(Engine):
         super().__init__(model_name)
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
-        self.call_parameters = frozenset(inspect.signature(pipe.__call__).parameters)
+        self.call_signature = inspect.signature(pipe.__call__).parameters
+        self.call_parameters = frozenset(self.call_signature)
         self.size_multiple = _size_multiple(pipe)
         # Wan's rotary position table has this many rows per axis (frames, height, width in
         # patches); a larger latent grid fails deep inside the transformer.
@@ -103,7 +104,7 @@ class _DiffusersEngine(Engine):
 
     def _default(self, parameter: str) -> Any:
         """The pipeline's own default for a call parameter the request left out (None if it has none)."""
-        default = inspect.signature(self.pipe.__call__).parameters.get(parameter)
+        default = self.call_signature.get(parameter)
         return None if default is None or default.default is inspect.Parameter.empty else default.default
 
     def _check_positions(self, request: ImageRequest | VideoRequest) -> None:
@@ -120,8 +121,7 @@ class _DiffusersEngine(Engine):
         temporal = getattr(self.pipe, "vae_scale_factor_temporal", None)
         frames = getattr(request, "num_frames", None) or self._default("num_frames")
         if temporal and frames:
-            patch = getattr(self.pipe.transformer.config, "patch_size", (1,))
-            latent_frames = ((int(frames) - 1) // int(temporal) + 1) // int(patch[0] if isinstance(patch, (list, tuple)) else 1)
+            latent_frames = ((int(frames) - 1) // int(temporal) + 1) // _patch_size(self.pipe)[0]
             if latent_frames > self.max_patches:
                 raise EngineRequestError(
                     f"num_frames {frames} is too long for {self.model_name}: its rotary position table covers "
@@ -131,9 +131,15 @@ class _DiffusersEngine(Engine):
 def _size_multiple(pipe: Any) -> int:
     """Pixel sizes must divide into whole VAE latents and then whole transformer patches."""
     vae_factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+    return int(vae_factor) * _patch_size(pipe)[1]
+
+
+def _patch_size(pipe: Any) -> tuple[int, int]:
+    """The transformer's (temporal, spatial) patch size: Wan's (t, h, w) or an image DiT's single int."""
     patch = getattr(pipe.transformer.config, "patch_size", 1) or 1
-    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
-    return int(vae_factor) * int(patch)
+    if isinstance(patch, (list, tuple)):
+        return (int(patch[0]) if len(patch) == 3 else 1), int(patch[-1])
+    return 1, int(patch)
 
 
 class DiffusersImageEngine(_DiffusersEngine, ImageEngine):
