@@ -105,6 +105,9 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// The R-Sparse mask: channel i of a token is exact when |x_i|·‖W[:, i]‖ > t.
+inline bool is_exact(float value, float norm, float threshold) { return std::fabs(value) * norm > threshold; }
+
 // A segment's low-rank term U_r(S_r V_rᵀ(x ⊙ (1 − m))), added in the same pass as the exact
 // channels: per token the code S_r V_rᵀ(x ⊙ (1 − m)) is computed once per call, then its r
 // entries act as r more "rows" whose weights are the rows of U_rᵀ, accumulated by the same
@@ -125,7 +128,7 @@ void low_rank_code(const T* x, const float* norm, float threshold, int64_t token
   for (int64_t n = 0; n < tokens; ++n) {
     for (int64_t i = 0; i < in; ++i) {
       const float v = static_cast<float>(x[n * in + i]);
-      rest[n * in + i] = std::fabs(v) * norm[i] > threshold ? 0.f : v;
+      rest[n * in + i] = is_exact(v, norm[i], threshold) ? 0.f : v;
     }
   }
   const int64_t padded = (lr.rank + kRows - 1) / kRows * kRows;
@@ -187,7 +190,7 @@ void segment_masks(const T* x, const float* norm, float threshold, T* rest, int6
   for (int64_t i = 0; i < in; ++i) {
     bool any = false;
     for (int64_t n = 0; n < tokens; ++n) {
-      const bool keep = std::fabs(static_cast<float>(x[n * in + i])) * norm[i] > threshold;
+      const bool keep = is_exact(static_cast<float>(x[n * in + i]), norm[i], threshold);
       any |= keep;
       if (rest != nullptr) rest[n * in + i] = keep ? T(0.f) : x[n * in + i];
     }
@@ -195,7 +198,7 @@ void segment_masks(const T* x, const float* norm, float threshold, T* rest, int6
     rows.push_back(i);
     for (int64_t n = 0; n < tokens; ++n) {
       const float v = static_cast<float>(x[n * in + i]);
-      coef.push_back(std::fabs(v) * norm[i] > threshold ? v : 0.f);
+      coef.push_back(is_exact(v, norm[i], threshold) ? v : 0.f);
     }
   }
   while (rows.size() % kRows != 0) {
