@@ -3,7 +3,7 @@
 The file format is documented in ``SCHEDULE.md`` next to this module. A schedule is bound to
 one transformer class, its layer and head counts, and the token layout it was searched at;
 :meth:`Schedule.check_model` and :meth:`Schedule.check_layout` refuse anything else with a
-:class:`~slimserve.loaders.errors.ScheduleError`.
+:class:`~slimserve.errors.ScheduleError`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.attention.patterns import Mode, PatternParams, VideoLayout, num_blocks, sparsity
-from slimserve.loaders.errors import ScheduleError
+from slimserve.errors import ScheduleError
 
 FORMAT = "slimserve.sparse_vdit"
 VERSION = 1

@@ -16,7 +16,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from slimserve.loaders.errors import SlimserveError
+from slimserve.errors import SlimserveError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "artifacts"

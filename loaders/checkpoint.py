@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import FLOAT_DTYPES, INDEX_DTYPES
 

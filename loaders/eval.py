@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from slimserve.loaders.checkpoint import iter_tensors, open_checkpoint
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 
 METRIC = "token perplexity (not lm-eval word perplexity)"
 

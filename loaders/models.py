@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 
 # Architectures whose vLLM implementation loads per-projection tensors through the
 # q/k/v -> qkv_proj and gate/up -> gate_up_proj stacking that the plugin understands.

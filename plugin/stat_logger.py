@@ -3,7 +3,7 @@
 Registered under the ``vllm.stat_logger_plugins`` entry point group. vLLM loads it in the
 API-server process of its OpenAI server (AsyncLLM only; the offline ``LLM`` ignores the
 group) and calls ``record()`` with every batch of engine statistics. The plugin copies them
-into the ``slimserve:`` families of ``slimserve.plugin.metrics``, so the dashboards and alerts
+into the ``slimserve:`` families of ``slimserve.metrics``, so the dashboards and alerts
 written for slimserve's own server also work for causal LMs served by vLLM, and it sets the
 gauges only slimserve knows: the compression ratio of the loaded checkpoint and, when vLLM
 runs slimserve's Sirius correction through its speculative-decoding path, the advance length.
@@ -11,11 +11,14 @@ runs slimserve's Sirius correction through its speculative-decoding path, the ad
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vllm.config import VllmConfig
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import IterationStats, MultiModalCacheStats, SchedulerStats
 
-from slimserve.plugin.metrics import SlimserveMetrics, compression_ratio
+from slimserve.loaders.checkpoint import compression_summary
+from slimserve.metrics import SlimserveMetrics
 
 # One set of families per served model and process: vLLM may build a logger per engine
 # index, and prometheus_client refuses to register a family twice.
@@ -26,6 +29,16 @@ def _metrics_for(model_name: str) -> SlimserveMetrics:
     if model_name not in _METRICS_BY_MODEL:
         _METRICS_BY_MODEL[model_name] = SlimserveMetrics(model_name)
     return _METRICS_BY_MODEL[model_name]
+
+
+def compression_ratio(model_dir: str | Path) -> float:
+    """Fraction of parameters the checkpoint in ``model_dir`` removed; 0.0 for a dense model.
+
+    Folders without a root ``config.json`` (diffusers pipelines) count as dense.
+    """
+    if not (Path(model_dir) / "config.json").is_file():
+        return 0.0
+    return float(compression_summary(model_dir)["ratio"])
 
 
 class SlimserveStatLogger(StatLoggerBase):

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from slimserve.plugin.metrics import SlimserveMetrics
+from slimserve.metrics import SlimserveMetrics
 from slimserve.server import media
 from slimserve.server.engines.base import (
     ChatMessage,

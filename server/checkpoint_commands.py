@@ -43,7 +43,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     def run(args: argparse.Namespace) -> int:
-        from slimserve.loaders.errors import CompressionError
+        from slimserve.errors import CompressionError
 
         if (args.method == "rsparse") != (args.sparsity is not None):
             raise CompressionError("R-Sparse is budgeted by MACs removed per token: use --method rsparse with "
@@ -64,7 +64,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
 def _run_rsparse(args: argparse.Namespace) -> int:
     from slimserve.loaders.compress.rsparse import compress_rsparse
     from slimserve.loaders.compress.rsparse_search import SearchSettings
-    from slimserve.loaders.errors import CompressionError
+    from slimserve.errors import CompressionError
 
     if args.calib is None:
         raise CompressionError("--method rsparse calibrates its thresholds: give --calib FILE (plain text)")
@@ -110,7 +110,7 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from slimserve.loaders.converters import convert_rocket, convert_svdllm
-        from slimserve.loaders.errors import CheckpointError
+        from slimserve.errors import CheckpointError
 
         if args.source_format == "rocket":
             out = convert_rocket(args.src, args.out)

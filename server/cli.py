@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slimserve`` console script; returns the process exit code."""
-    from slimserve.loaders.errors import SlimserveError
+    from slimserve.errors import SlimserveError
 
     args = build_parser().parse_args(argv)
     try:

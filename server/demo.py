@@ -26,7 +26,7 @@ def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: flo
     from slimserve.loaders.assets import austen_text, smollm2_folder
     from slimserve.loaders.checkpoint import validate_checkpoint
     from slimserve.loaders.compress.run import compress
-    from slimserve.loaders.errors import CheckpointError
+    from slimserve.errors import CheckpointError
 
     out = artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}"
     try:

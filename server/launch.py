@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 
-from slimserve.loaders.errors import SlimserveError
+from slimserve.errors import SlimserveError
 from slimserve.server.engines.base import Engine
 from slimserve.server.engines.diffusion_lm import is_diffusion_lm_config
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from slimserve.plugin.metrics import SlimserveMetrics
+from slimserve.metrics import SlimserveMetrics
 from slimserve.server.engines.base import RequestCancelled
 from slimserve.server.errors import OpenAIError
 

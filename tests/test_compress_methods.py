@@ -16,7 +16,7 @@ from slimserve.loaders.compress.cospadi import CoSpaDi
 from slimserve.loaders.compress.rocket import Rocket, refit_coefficients
 from slimserve.loaders.compress.run import PROFILE_LEVELS, REPORT_JSON, REPORT_PNG, compress, knapsack_levels, profile_layers
 from slimserve.loaders.compress.whitening import SvdLlm, Whitening, relative_errors
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 from slimserve.testing import build_tiny_causal_lm, local_text
 
 CALIBRATED = ("svd-llm", "cospadi", "rocket")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from slimserve.loaders.checkpoint import open_checkpoint, validate_checkpoint
 from slimserve.loaders.converters import convert_rocket, convert_svdllm
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 from slimserve.loaders.models import decoder_linear_modules
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from slimserve.loaders.compress.run import compress
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 from slimserve.loaders.eval import METRIC, perplexity
 from slimserve.server.cli import main
 from slimserve.testing import build_tiny_causal_lm, local_text

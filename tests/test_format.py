@@ -15,7 +15,7 @@ from slimserve.loaders.checkpoint import (
     CheckpointWriter, compression_summary, densify, open_checkpoint, validate_checkpoint,
 )
 from slimserve.loaders.compress.run import compress
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
 

@@ -12,7 +12,7 @@ import torch
 from slimserve.loaders.checkpoint import open_checkpoint, validate_checkpoint
 from slimserve.loaders.compress.rsparse import LayerFactors, calibrate, compress_rsparse, load_recipe, rsparse_model
 from slimserve.loaders.compress.rsparse_search import UNIFORM_GRID
-from slimserve.loaders.errors import CheckpointError, CompressionError
+from slimserve.errors import CheckpointError, CompressionError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.rsparse import budget, exact_mask, scores
 from slimserve.testing import local_text

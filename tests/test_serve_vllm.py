@@ -18,7 +18,7 @@ import pytest
 
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.loaders.compress.run import compress
-from slimserve.plugin.metrics import compression_ratio
+from slimserve.plugin.stat_logger import compression_ratio
 from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
 from slimserve.server.launch import EngineKind, ModelFolderError, detect_engine_kind, vllm_command
 from slimserve.server.live import ServerProcess, free_port

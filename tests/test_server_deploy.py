@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from slimserve.plugin.metrics import SlimserveMetrics
+from slimserve.metrics import SlimserveMetrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

@@ -13,7 +13,7 @@ from diffusers.models.transformers import transformer_hunyuan_video, transformer
 from slimserve.attention.kernels import fused_attention
 from slimserve.attention.patterns import Mode, PatternParams
 from slimserve.attention.schedule import Schedule
-from slimserve.loaders.errors import ScheduleError
+from slimserve.errors import ScheduleError
 from slimserve.plugin.diffusers import apply, search
 from slimserve.plugin.diffusers.tiny import tiny_inputs, tiny_transformer
 

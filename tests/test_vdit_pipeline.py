@@ -7,7 +7,7 @@ import torch
 
 from slimserve.attention.patterns import Mode
 from slimserve.attention.schedule import FILENAME, Schedule
-from slimserve.loaders.errors import ScheduleError
+from slimserve.errors import ScheduleError
 from slimserve.plugin.diffusers import apply
 from slimserve.plugin.diffusers.tiny import tiny_wan_pipeline
 from slimserve.server.cli import main

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 
 # Discretization of the whole-model dense parameter count (ROCKET's param_precision is 50,000).
 PRECISION = 50_000

@@ -6,7 +6,7 @@ parameters removed: R = 0.3 keeps 70 %.
 
 from __future__ import annotations
 
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 
 
 def check_ratio(ratio: float) -> float:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 
 # Projections that read another projection's input: their Gram is stored once, under that one.
 _SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}

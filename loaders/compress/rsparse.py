@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.compress.calibration import calibration_windows, gram_key
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 from slimserve.loaders.models import check_architecture, decoder_linear_modules
 from slimserve.loaders.schemes.rsparse import RSparseScheme, budget, scores
 

@@ -29,7 +29,7 @@ from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WIND
 from slimserve.loaders.compress.cospadi import CoSpaDi
 from slimserve.loaders.compress.rocket import REFINE_ITERATIONS, Rocket
 from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dense_option, relative_errors
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 from slimserve.loaders.models import check_architecture, decoder_linear_modules
 
 METHODS = ("svd", "svd-llm", "cospadi", "rocket")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimserve.loaders.compress.budget import lowrank_rank
-from slimserve.loaders.errors import CompressionError
+from slimserve.errors import CompressionError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
 

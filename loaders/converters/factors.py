@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from slimserve.loaders.checkpoint import CheckpointWriter
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes.base import index_dtype_for
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
 

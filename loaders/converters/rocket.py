@@ -14,7 +14,7 @@ from pathlib import Path
 
 from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.converters.factors import add_factor_pair, check_pair_shapes
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 from slimserve.loaders.models import DECODER_LINEAR, check_architecture, linear_shape
 
 _FACTOR = re.compile(r"^(?P<module>.*\.layers\.\d+\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)_(?P<which>[uv])\.weight$")

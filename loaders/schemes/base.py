@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int16, torch.int32)

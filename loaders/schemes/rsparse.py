@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes.base import Scheme, TensorSpec
 
 

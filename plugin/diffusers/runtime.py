@@ -22,7 +22,7 @@ from slimserve.attention.kernels import fused_attention
 from slimserve.attention.patterns import Mode, PatternParams, VideoLayout
 from slimserve.attention.schedule import Schedule
 from slimserve.attention.search import choose_modes
-from slimserve.loaders.errors import ScheduleError
+from slimserve.errors import ScheduleError
 from slimserve.plugin.diffusers.processors import (
     CogVideoXSparseVDiTProcessor,
     HunyuanVideoSparseVDiTProcessor,

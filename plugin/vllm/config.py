@@ -17,7 +17,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from slimserve.loaders.checkpoint import CONFIG_FILE, QUANT_METHOD, _parse_modules, validate_checkpoint
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 from slimserve.plugin.vllm.linear import SlimserveLinearMethod
 
 # Fused vLLM layers of the supported architectures and the checkpoint modules they stack.

@@ -27,7 +27,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.utils import set_weight_attrs
 
-from slimserve.loaders.errors import CheckpointError
+from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import TensorSpec, index_dtype_for
 from slimserve.plugin.kernels.gemm import prepacked_linear

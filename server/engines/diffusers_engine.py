@@ -22,7 +22,7 @@ from PIL import Image
 
 from slimserve.attention.schedule import FILENAME as SCHEDULE_FILE
 from slimserve.attention.schedule import Schedule
-from slimserve.loaders.errors import ScheduleError
+from slimserve.errors import ScheduleError
 from slimserve.server.engines.base import (
     Engine,
     EngineRequestError,

@@ -14,9 +14,6 @@ Buckets are vLLM's, so SLO thresholds are bucket boundaries on both kinds of ser
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "slimserve:"
@@ -135,19 +132,3 @@ class SlimserveMetrics:
         if ttft is not None and generated_tokens > 1:
             self.time_per_output_token.observe((e2e - ttft) / (generated_tokens - 1))
 
-
-def compression_ratio(model_dir: str | Path) -> float:
-    """Fraction of parameters the checkpoint in ``model_dir`` removed; 0.0 for a dense model.
-
-    The checkpoint format belongs to ``slimserve.loaders``; its ``compression_summary`` is
-    looked up at call time so that this module keeps working while the format evolves.
-    Folders without a root ``config.json`` (diffusers pipelines) are dense by definition here.
-    """
-    try:
-        from slimserve.loaders import checkpoint
-    except ModuleNotFoundError:
-        return 0.0
-    if not hasattr(checkpoint, "compression_summary") or not (Path(model_dir) / "config.json").is_file():
-        return 0.0
-    summary: Mapping[str, float] = checkpoint.compression_summary(model_dir)
-    return float(summary["ratio"])
