@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from slimserve.server.engines.base import EngineRequestError, RequestCancelled
 from slimserve.server.schemas import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("slimserve.server")
@@ -50,6 +51,16 @@ class OpenAIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def engine_error(exc: BaseException) -> OpenAIError:
+    """Translate what an engine raised into the error the client gets (and log the unexpected ones)."""
+    if isinstance(exc, EngineRequestError):
+        return OpenAIError(400, str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, RequestCancelled):
+        return OpenAIError(499, "client closed the request", code="client_closed_request")
+    logger.error("engine failed", exc_info=exc)
+    return OpenAIError(500, f"engine error: {type(exc).__name__}: {exc}", code="engine_error")
 
 
 def _validation_error(exc: RequestValidationError) -> OpenAIError:

@@ -1,20 +1,30 @@
 """Request and response bodies of slimserve's OpenAI-compatible API.
 
-Shapes follow openai-python 3.57 (``../shared/research/serving.md`` §1). Requests accept and
-ignore unknown fields, as vLLM does since clients send many optional OpenAI fields
-(``user``, ``logit_bias``, ...); the app logs the ignored names. Fields slimserve cannot honour
-are validated to the values it supports, so a client learns with a 400 instead of silently
-getting something else.
+Shapes follow openai-python 3.57. Requests accept and ignore unknown fields, as vLLM does
+since clients send many optional OpenAI fields (``user``, ``logit_bias``, ...); the app logs
+the ignored names. Fields slimserve cannot honour are validated to the values it supports, so
+a client learns with a 400 instead of silently getting something else.
+
+This module is the one place where request fields and their limits are declared: the JSON
+bodies and the video form (``POST /v1/videos`` is multipart, as the ``openai`` SDK sends it;
+FastAPI reads the same model from form fields) share the field types below. Limits that
+depend on the server (``ServerConfig``: steps, sides, frames, tokens) are checked by the
+routes, because they are operator settings rather than properties of the API.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
 Size = Annotated[str, StringConstraints(pattern=r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$")]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+InferenceSteps = Annotated[int, Field(ge=1, le=1000)]
+GuidanceScale = Annotated[float, Field(ge=0.0, le=100.0)]
+Side = Annotated[int, Field(ge=1, le=65536)]
 
 
 class RequestBody(BaseModel):
@@ -34,7 +44,7 @@ class TextRequestBody(RequestBody):
     max_tokens: int | None = Field(None, ge=1, le=65536)
     max_completion_tokens: int | None = Field(None, ge=1, le=65536)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     n: Literal[1] = 1
     stream: bool = False
@@ -83,18 +93,47 @@ class ChatCompletionRequest(TextRequestBody):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
 
 
-class ImageGenerationRequest(RequestBody):
+class MediaRequestBody(RequestBody):
+    """Fields every image and video request has: the prompt, the size and the diffusion knobs."""
+
     prompt: NonEmptyText
     model: str | None = None
-    n: int = Field(1, ge=1, le=10)
     size: Size = "auto"
+    # Extensions shared with vLLM-Omni and SGLang.
+    num_inference_steps: InferenceSteps | None = None
+    guidance_scale: GuidanceScale | None = None
+    negative_prompt: str | None = None
+    seed: Seed | None = None
+
+
+class ImageGenerationRequest(MediaRequestBody):
+    """``POST /v1/images/generations`` (JSON)."""
+
+    n: int = Field(1, ge=1, le=10)
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    # Extensions shared with vLLM-Omni and SGLang.
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
-    negative_prompt: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class VideoGenerationRequest(MediaRequestBody):
+    """``POST /v1/videos`` and ``/v1/videos/sync`` (form fields, as the ``openai`` SDK sends them).
+
+    ``seconds`` is OpenAI's duration; ``num_frames`` (which wins over ``seconds * fps``),
+    ``fps``, ``width`` and ``height`` (which win over ``size``) are slimserve's extensions.
+    """
+
+    seconds: Literal["4", "8", "12"] = "4"
+    width: Side | None = None
+    height: Side | None = None
+    num_frames: int | None = Field(None, ge=1, le=100000)
+    fps: int = Field(16, ge=1, le=120)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_fields_are_unset(cls, data: Any) -> Any:
+        """An empty form field means "not sent", as FastAPI treats single ``Form()`` parameters (and HTML forms)."""
+        if isinstance(data, Mapping):
+            return {name: value for name, value in data.items() if value != ""}
+        return data
 
 
 class Usage(BaseModel):

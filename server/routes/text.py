@@ -1,0 +1,206 @@
+"""``/v1/completions`` and ``/v1/chat/completions`` for text engines (diffusion LMs), streamed or not.
+
+The engine runs on a worker thread and hands its deltas to the event loop through a queue;
+``TextStream`` turns them into a JSON answer or SSE chunks and records vLLM's latency metrics
+(TTFT, inter-token latency, e2e) on the way. A stream awaits its first delta before any header
+is sent, so engine failures at start get a real status instead of a 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from slimserve.server.engines.base import (
+    ChatMessage,
+    EngineRequestError,
+    RequestCancelled,
+    TextDelta,
+    TextEngine,
+    TextRequest,
+)
+from slimserve.server.errors import OpenAIError, engine_error
+from slimserve.server.openai_format import TextFormat, usage
+from slimserve.server.runner import StepTracker
+from slimserve.server.schemas import ChatCompletionRequest, CompletionRequest, TextRequestBody
+from slimserve.server.sse import DisconnectWatcher, sse_event
+from slimserve.server.state import AppState, State
+
+router = APIRouter()
+
+_TEXT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A completion, or an SSE stream of chunks when `stream` is true.",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+}
+
+
+@router.post("/completions", response_model=None, responses=_TEXT_RESPONSES)
+async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
+    state.check_model(body.model)
+    state.note_ignored(body)
+    return await _complete(state, body, body.prompt_text(), chat=False, http_request=request)
+
+
+@router.post("/chat/completions", response_model=None, responses=_TEXT_RESPONSES)
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
+    state.check_model(body.model)
+    state.note_ignored(body)
+    messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
+    try:
+        prompt = _text_engine(state).render_chat(messages)
+    except EngineRequestError as exc:
+        raise engine_error(exc) from exc
+    return await _complete(state, body, prompt, chat=True, http_request=request)
+
+
+def _text_engine(state: AppState) -> TextEngine:
+    engine = state.engine
+    assert isinstance(engine, TextEngine), "text routes are mounted only for text engines"
+    return engine
+
+
+def _text_request(state: AppState, body: TextRequestBody, prompt: str) -> TextRequest:
+    """The engine request, after the server's limits on tokens and diffusion steps."""
+    limits = state.config
+    max_tokens = body.token_budget(limits.default_max_tokens)
+    if max_tokens > limits.max_tokens:
+        raise OpenAIError(400, f"max_tokens must be at most {limits.max_tokens}", param="max_tokens",
+                          code="invalid_value")
+    for name, value in (("steps", body.steps), ("block_length", body.block_length)):
+        if value is not None and value > limits.max_steps:
+            raise OpenAIError(400, f"{name} must be at most {limits.max_steps}", param=name, code="invalid_value")
+    return TextRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature, seed=body.seed,
+                       stop=tuple(body.stop_strings()), steps=body.steps, block_length=body.block_length)
+
+
+async def _complete(state: AppState, body: TextRequestBody, prompt: str, chat: bool,
+                    http_request: Request) -> Response:
+    """Serve a completion or chat completion, streamed or not."""
+    arrival = time.perf_counter()
+    engine = _text_engine(state)
+    request = _text_request(state, body, prompt)
+    prompt_tokens = engine.count_tokens(prompt)
+    ticket = state.runner.enqueue()
+    await ticket.wait()
+    state.metrics.prompt_tokens.inc(prompt_tokens)
+    cancel = threading.Event()
+    deltas: asyncio.Queue[TextDelta | BaseException | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    tracker = StepTracker(state.metrics, cancel)
+
+    def produce() -> None:
+        try:
+            for delta in engine.generate_text(request, tracker):
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+        except BaseException as exc:  # noqa: BLE001 - every failure is reported to the client
+            loop.call_soon_threadsafe(deltas.put_nowait, exc)
+        finally:
+            loop.call_soon_threadsafe(deltas.put_nowait, None)
+
+    state.runner.run(produce)
+    stream = TextStream(state, deltas, cancel, arrival, prompt_tokens, TextFormat(chat, engine.model_name))
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        first = await stream.first()
+        return StreamingResponse(stream.sse(first, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    async with DisconnectWatcher(http_request, cancel):
+        return JSONResponse(await stream.collect())
+
+
+class TextStream:
+    """Turns engine deltas into a response, recording vLLM's latency metrics on the way."""
+
+    def __init__(self, state: AppState, deltas: asyncio.Queue[TextDelta | BaseException | None],
+                 cancel: threading.Event, arrival: float, prompt_tokens: int, fmt: TextFormat) -> None:
+        self.metrics = state.metrics
+        self.deltas = deltas
+        self.cancel = cancel
+        self.arrival = arrival
+        self.prompt_tokens = prompt_tokens
+        self.fmt = fmt
+        self.generated = 0
+        self.ttft: float | None = None
+        self.last_output: float | None = None
+        self.finished = False
+
+    async def next(self) -> TextDelta | None:
+        """The next delta, or ``None`` at the end; engine exceptions are raised here."""
+        item = await self.deltas.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            self.metrics.request_success("abort" if isinstance(item, RequestCancelled) else "error")
+            raise engine_error(item) from item
+        if item is None:
+            return None
+        metrics = self.metrics
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.arrival
+            metrics.time_to_first_token.observe(self.ttft)
+        else:
+            assert self.last_output is not None
+            metrics.inter_token_latency.observe(now - self.last_output)
+        self.last_output = now
+        self.generated += item.num_tokens
+        metrics.generation_tokens.inc(item.num_tokens)
+        if item.finish_reason is not None:
+            self.finished = True
+            metrics.request_success(item.finish_reason)
+            metrics.observe_finished_text(e2e=now - self.arrival, ttft=self.ttft, generated_tokens=self.generated)
+        return item
+
+    async def first(self) -> TextDelta:
+        """Await the first delta before any header is sent, so start-up errors get a real status."""
+        try:
+            first = await self.next()
+        except BaseException:
+            self.abandon()
+            raise
+        assert first is not None, "a text engine must yield at least one delta"
+        return first
+
+    async def collect(self) -> dict[str, Any]:
+        """The whole answer of a non-streaming request."""
+        parts: list[str] = []
+        finish_reason = "stop"
+        try:
+            while (delta := await self.next()) is not None:
+                parts.append(delta.text)
+                finish_reason = delta.finish_reason or finish_reason
+        finally:
+            self.abandon()
+        return self.fmt.response("".join(parts), finish_reason, usage(self.prompt_tokens, self.generated))
+
+    async def sse(self, first: TextDelta, include_usage: bool) -> AsyncIterator[str]:
+        """SSE chunks; an error after the stream started is an ``error`` event, then ``[DONE]`` as always."""
+        def chunk(delta: TextDelta, is_first: bool) -> str:
+            body = self.fmt.chunk(delta.text, delta.finish_reason, is_first)
+            if include_usage:
+                body["usage"] = None
+            return sse_event(body)
+
+        try:
+            yield chunk(first, True)
+            while (delta := await self.next()) is not None:
+                yield chunk(delta, False)
+            if include_usage:
+                yield sse_event(self.fmt.usage_chunk(usage(self.prompt_tokens, self.generated)))
+        except OpenAIError as err:
+            yield sse_event(err.body())
+        finally:
+            self.abandon()
+        yield sse_event("[DONE]")
+
+    def abandon(self) -> None:
+        """Stop the engine if the response ends early (client gone, error); count it once."""
+        self.cancel.set()
+        if not self.finished:
+            self.finished = True
+            self.metrics.request_success("abort")
