@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from slimserve.server.cli import subcommand
 
-
-@subcommand
 def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compress", help="compress a dense HF model folder into a slimserve checkpoint")
     p.add_argument("src", help="dense Hugging Face model folder")
@@ -62,9 +59,9 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_rsparse(args: argparse.Namespace) -> int:
+    from slimserve.errors import CompressionError
     from slimserve.loaders.compress.rsparse import compress_rsparse
     from slimserve.loaders.compress.rsparse_search import SearchSettings
-    from slimserve.errors import CompressionError
 
     if args.calib is None:
         raise CompressionError("--method rsparse calibrates its thresholds: give --calib FILE (plain text)")
@@ -79,7 +76,6 @@ def _run_rsparse(args: argparse.Namespace) -> int:
     return 0
 
 
-@subcommand
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a dense model or a slimserve checkpoint")
     kinds = p.add_subparsers(dest="eval_kind", required=True)
@@ -100,7 +96,6 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     ppl.set_defaults(handler=run)
 
 
-@subcommand
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="convert another project's compressed checkpoint")
     p.add_argument("--from", dest="source_format", required=True, choices=["rocket", "svd-llm"])
@@ -109,8 +104,8 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="SVD-LLM only: the original dense HF model folder (config, tokenizer)")
 
     def run(args: argparse.Namespace) -> int:
-        from slimserve.loaders.converters import convert_rocket, convert_svdllm
         from slimserve.errors import CheckpointError
+        from slimserve.loaders.converters import convert_rocket, convert_svdllm
 
         if args.source_format == "rocket":
             out = convert_rocket(args.src, args.out)
@@ -125,7 +120,6 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-@subcommand
 def _add_densify(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("densify", help="write an ordinary dense HF checkpoint of the reconstructed weights")
     p.add_argument("ckpt")
@@ -140,7 +134,6 @@ def _add_densify(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-@subcommand
 def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("validate", help="check a slimserve checkpoint; exit 0 or print what is wrong")
     p.add_argument("ckpt")
@@ -155,7 +148,6 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-@subcommand
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="per-layer scheme, ranks, parameter and byte counts, overall ratio")
     p.add_argument("ckpt")
@@ -181,3 +173,6 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(handler=run)
+
+
+SUBCOMMANDS = (_add_compress, _add_eval, _add_convert, _add_densify, _add_validate, _add_inspect)

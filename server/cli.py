@@ -1,33 +1,26 @@
 """The ``slimserve`` command line.
 
-Every subcommand is a thin function over a library call that tests use directly
-(``../shared/ARCHITECTURE.md``). Each subcommand is declared by one ``_add_<name>``
-function below and listed in ``SUBCOMMANDS``; library imports happen inside the handlers
-so that ``slimserve --help`` stays fast.
+Every subcommand is a thin function over a library call that tests use directly. A module
+that declares subcommands (this one: ``serve``, ``vdit-search``; ``checkpoint_commands``;
+``demo``) lists them in its ``SUBCOMMANDS`` tuple of ``_add_<name>`` functions, and
+``build_parser`` adds them in that order; the command modules never import this one, so
+there is no import cycle. Library imports happen inside the handlers so that
+``slimserve --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def subcommand(add: Callable[[argparse._SubParsersAction], None]) -> Callable[[argparse._SubParsersAction], None]:
-    """Register an ``_add_<name>`` function that declares one subcommand."""
-    SUBCOMMANDS.append(add)
-    return add
+from slimserve.server import checkpoint_commands, demo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Modules that declare subcommands register them on import.
-    from slimserve.server import checkpoint_commands, demo  # noqa: F401
-
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
+    for add in (*SUBCOMMANDS, *checkpoint_commands.SUBCOMMANDS, *demo.SUBCOMMANDS):
         add(subparsers)
     return parser
 
@@ -45,10 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---- subcommands -------------------------------------------------------------------------
-# Add a subcommand by writing an ``@subcommand``-decorated ``_add_<name>`` below.
+# Add a subcommand by writing an ``_add_<name>`` below and listing it in ``SUBCOMMANDS``.
 
 
-@subcommand
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     def add_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--host", default="0.0.0.0")
@@ -82,7 +74,6 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=handler)
 
 
-@subcommand
 def _add_vdit_search(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "vdit-search", help="search a Sparse-vDiT attention schedule for a diffusers video pipeline",
@@ -118,6 +109,9 @@ def _add_vdit_search(subparsers: argparse._SubParsersAction) -> None:
         return 0
 
     parser.set_defaults(handler=handler)
+
+
+SUBCOMMANDS = (_add_serve, _add_vdit_search)
 
 
 if __name__ == "__main__":

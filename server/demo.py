@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimserve.server.cli import subcommand
-
 # The best method so far at a ratio where the model's answers stay sensible
 # (bench/README.md, "Compression quality on SmolLM2-135M").
 DEMO_METHOD = "rocket"
@@ -23,10 +21,10 @@ CALIBRATION_NOVEL = "prideprejudice"
 def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: float = DEMO_RATIO,
                           allocation: str = DEMO_ALLOCATION) -> Path:
     """The compressed SmolLM2 folder, built once (a valid existing one is reused)."""
+    from slimserve.errors import CheckpointError
     from slimserve.loaders.assets import austen_text, smollm2_folder
     from slimserve.loaders.checkpoint import validate_checkpoint
     from slimserve.loaders.compress.run import compress
-    from slimserve.errors import CheckpointError
 
     out = artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}"
     try:
@@ -41,21 +39,24 @@ def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: flo
 
 
 def how_to_call(host: str, port: int, model: str) -> str:
+    """Copy-pasteable curl and ``openai`` commands for the served model (lines kept short for terminals)."""
     base = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}/v1"
+    question = "What is the capital of France?"
     return f"""
 Call it (once vLLM prints "Application startup complete"):
 
   curl {base}/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32}}'
+    -d '{{"model": "{model}", "max_tokens": 32,
+         "messages": [{{"role": "user", "content": "{question}"}}]}}'
 
   .venv/bin/python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); \\
-print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'What is the capital of France?'}}]).choices[0].message.content)"
+print(c.chat.completions.create(model='{model}', \\
+    messages=[{{'role': 'user', 'content': '{question}'}}]).choices[0].message.content)"
 
 Metrics: curl {base.removesuffix('/v1')}/metrics   (vllm:* latency histograms, slimserve:* compression)
 """
 
 
-@subcommand
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="compress the real SmolLM2-135M, serve it, print how to call it")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="cache folder for built files")
@@ -83,3 +84,6 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
                      extra_args=["--max-model-len", "2048"])
 
     p.set_defaults(handler=run)
+
+
+SUBCOMMANDS = (_add_demo,)
