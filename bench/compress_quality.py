@@ -26,7 +26,7 @@ from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WIND
 from slimserve.loaders.compress.run import REPORT_JSON, REPORT_PNG, compress
 from slimserve.loaders.eval import METRIC, perplexity
 from slimserve.server.demo import build_demo_checkpoint
-from slimserve.testing import vllm_chat
+from slimserve.testing.vllm import vllm_chat
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"

@@ -25,11 +25,17 @@ from pathlib import Path
 
 import torch
 
-from slimserve.loaders.checkpoint import CheckpointWriter, compression_summary, copy_aux_files, iter_tensors, open_checkpoint
+from slimserve.loaders.checkpoint import (
+    CheckpointWriter,
+    compression_summary,
+    copy_aux_files,
+    iter_tensors,
+    open_checkpoint,
+)
 from slimserve.loaders.compress.budget import dictsparse_sizes, lowrank_rank
 from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
-from slimserve.testing import build_tiny_causal_lm
+from slimserve.testing.models import build_tiny_causal_lm
 
 MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,
              vocab_size=512, dtype=torch.bfloat16)

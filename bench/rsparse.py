@@ -33,12 +33,16 @@ from decode import MODEL, measure, update_readme  # noqa: E402
 
 from slimserve.loaders.assets import austen_text, smollm2_folder  # noqa: E402
 from slimserve.loaders.compress.rsparse import (  # noqa: E402
-    UNIFORM_ALPHA, calibrate, compress_rsparse, model_perplexity, window_ids,
+    UNIFORM_ALPHA,
+    calibrate,
+    compress_rsparse,
+    model_perplexity,
+    window_ids,
 )
 from slimserve.loaders.compress.rsparse_search import RecipeFitness, SearchSettings, search_recipe  # noqa: E402
 from slimserve.plugin.kernels.gemm import prepacked_linear  # noqa: E402
 from slimserve.plugin.kernels.rsparse import sparse_mm  # noqa: E402
-from slimserve.testing import build_tiny_causal_lm  # noqa: E402
+from slimserve.testing.models import build_tiny_causal_lm  # noqa: E402
 
 HEADING = "## R-Sparse (issue 4)"
 README = Path(__file__).with_name("README.md")

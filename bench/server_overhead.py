@@ -25,15 +25,15 @@ from pathlib import Path
 import httpx
 
 from slimserve.server.engines.base import TextRequest
-from slimserve.server.engines.trivial import TrivialEngine
-from slimserve.server.live import ServerProcess, free_port
+from slimserve.testing.live import ServerProcess, free_port
+from slimserve.testing.trivial import TrivialEngine
 
 README = Path(__file__).resolve().parent / "README.md"
 SECTION = "## FastAPI overhead (issue 5)"
 SERVER_CODE = """
 import sys, uvicorn
 from slimserve.server.app import create_app
-from slimserve.server.engines.trivial import TrivialEngine
+from slimserve.testing.trivial import TrivialEngine
 app = create_app(TrivialEngine(step_seconds=float(sys.argv[1])))
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from slimserve.attention.kernels import fused_attention, mode_attention
 from slimserve.attention.patterns import Mode, PatternParams, VideoLayout, sparsity
 from slimserve.plugin.diffusers import apply, search
-from slimserve.plugin.diffusers.tiny import tiny_transformer
+from slimserve.testing.diffusers import tiny_transformer
 
 
 def timed(fn: Callable[[], torch.Tensor], repeats: int) -> float:

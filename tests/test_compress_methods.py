@@ -10,29 +10,33 @@ from pathlib import Path
 import pytest
 import torch
 
+from slimserve.errors import CompressionError
 from slimserve.loaders.checkpoint import compression_summary, open_checkpoint, validate_checkpoint
 from slimserve.loaders.compress.allocation import cap_options, solve_knapsack
 from slimserve.loaders.compress.cospadi import CoSpaDi
 from slimserve.loaders.compress.rocket import Rocket, refit_coefficients
-from slimserve.loaders.compress.run import PROFILE_LEVELS, REPORT_JSON, REPORT_PNG, compress, knapsack_levels, profile_layers
+from slimserve.loaders.compress.run import (
+    PROFILE_LEVELS,
+    REPORT_JSON,
+    REPORT_PNG,
+    compress,
+    knapsack_levels,
+    profile_layers,
+)
 from slimserve.loaders.compress.whitening import SvdLlm, Whitening, relative_errors
-from slimserve.errors import CompressionError
-from slimserve.testing import build_tiny_causal_lm, local_text
+from slimserve.testing.models import local_text
 
 CALIBRATED = ("svd-llm", "cospadi", "rocket")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model", "llama", hidden_size=128,
-                                intermediate_size=256, num_heads=2, num_kv_heads=1, head_dim=64)
+@pytest.fixture
+def tiny(narrow_llama: Path) -> Path:
+    return narrow_llama
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(local_text())
-    return path
+@pytest.fixture
+def calib(text_file: Path) -> Path:
+    return text_file
 
 
 def _compress(tiny: Path, out: Path, calib: Path, method: str, **kw) -> Path:

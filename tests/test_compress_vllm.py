@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from slimserve.loaders.checkpoint import densify, open_checkpoint, validate_checkpoint
 from slimserve.loaders.compress.run import compress
-from slimserve.testing import build_tiny_causal_lm, hf_greedy, local_text, vllm_greedy
+from slimserve.testing.vllm import hf_greedy, vllm_greedy
 
 PROMPTS = ["The logging module", "Return a new", "class Path"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "calib.txt").write_text(local_text())
-    model = build_tiny_causal_lm(root / "model", "llama", hidden_size=128, intermediate_size=256, num_heads=2,
-                                 num_kv_heads=1, head_dim=64, num_layers=2)
-    return model, root / "calib.txt"
 
 
 # Each case is one vLLM launch (~40-80 s on 2 cores): every method and both allocations are
@@ -29,8 +18,8 @@ CASES = [("svd-llm", "knapsack"), ("cospadi", "uniform"), ("rocket", "uniform"),
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "allocation"), CASES)
-def test_served_greedy_tokens_equal_densified_export(tiny, tmp_path, method, allocation):
-    model, calib = tiny
+def test_served_greedy_tokens_equal_densified_export(narrow_llama, text_file, tmp_path, method, allocation):
+    model, calib = narrow_llama, text_file
     out = compress(model, tmp_path / "ckpt", method=method, ratio=0.3, allocation=allocation, calib=calib,
                    calib_samples=8, calib_seq_len=64, progress=False)
     ckpt = validate_checkpoint(out)

@@ -2,55 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimserve.errors import CheckpointError
 from slimserve.loaders.checkpoint import open_checkpoint, validate_checkpoint
 from slimserve.loaders.converters import convert_rocket, convert_svdllm
-from slimserve.errors import CheckpointError
 from slimserve.loaders.models import decoder_linear_modules
-
-
-def rocket_like_factors(weight: torch.Tensor, rank: int, nnz: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An (uncalibrated) ROCKET-shaped pair: dictionary [r, in] from the SVD basis, coefficients
-    [out, r] with the smallest entries of each row zeroed, stored dense as ROCKET does."""
-    _, _, vh = torch.linalg.svd(weight, full_matrices=False)
-    dictionary = vh[:rank]
-    coef = weight @ dictionary.t()
-    drop = coef.abs().argsort(dim=1)[:, : rank - nnz]
-    return dictionary, coef.scatter(1, drop, 0.0)
-
-
-def write_rocket_sep(dense_dir: Path, out: Path, *, keep_dense: set[str] = frozenset(), nnz_of: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """Write ROCKET's ``output_dir_sep`` layout from a dense model; returns each module's ``_v @ _u``."""
-    out.mkdir(parents=True)
-    state = load_file(str(dense_dir / "model.safetensors"))
-    modules = decoder_linear_modules(state)
-    reconstructions = {}
-    sep: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        module = name.removesuffix(".weight")
-        if module in modules and module not in keep_dense:
-            rank = min(tensor.shape) // 2
-            nnz = (nnz_of or {}).get(module, rank // 3)
-            u, v = rocket_like_factors(tensor, rank, nnz)
-            sep[f"{module}_u.weight"], sep[f"{module}_v.weight"] = u.contiguous(), v.contiguous()
-            reconstructions[module] = v @ u
-        else:
-            sep[name] = tensor
-    save_file(sep, str(out / "model.safetensors"))
-    config = json.loads((dense_dir / "config.json").read_text())
-    config["compression_ratio"] = {"self_attn.q_proj": {"0": {"cr": 0.3, "ks": 2.0}}}
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_llama_svd.LlamaForCausalLM"}
-    (out / "config.json").write_text(json.dumps(config))
-    (out / "modeling_llama_svd.py").write_text("# ROCKET's remote code; slimserve does not need it\n")
-    for f in dense_dir.glob("tokenizer*"):
-        (out / f.name).write_bytes(f.read_bytes())
-    return reconstructions
+from slimserve.testing.rocket_layout import write_rocket_sep
 
 
 def test_rocket_round_trip(tiny_llama: Path, tmp_path: Path) -> None:

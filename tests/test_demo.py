@@ -6,7 +6,7 @@ import pytest
 
 from slimserve.loaders.assets import ARTIFACTS
 from slimserve.server.demo import build_demo_checkpoint
-from slimserve.testing import vllm_chat
+from slimserve.testing.vllm import vllm_chat
 
 
 @pytest.mark.slow

@@ -7,24 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.loaders.compress.run import compress
 from slimserve.errors import CompressionError
+from slimserve.loaders.compress.run import compress
 from slimserve.loaders.eval import METRIC, perplexity
 from slimserve.server.cli import main
-from slimserve.testing import build_tiny_causal_lm, local_text
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model", "qwen3", hidden_size=128,
-                                intermediate_size=256, num_heads=2, num_kv_heads=1, head_dim=64)
+@pytest.fixture
+def tiny(narrow_qwen3: Path) -> Path:
+    return narrow_qwen3
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "held_out.txt"
-    path.write_text(local_text())
-    return path
+@pytest.fixture
+def text(text_file: Path) -> Path:
+    """Held out: the narrow model is random, never trained on it."""
+    return text_file
 
 
 def test_ppl_of_lossless_checkpoint_equals_dense_and_compression_raises_it(tiny, text, tmp_path):

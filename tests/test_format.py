@@ -11,11 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimserve.errors import CheckpointError
 from slimserve.loaders.checkpoint import (
-    CheckpointWriter, compression_summary, densify, open_checkpoint, validate_checkpoint,
+    CheckpointWriter,
+    compression_summary,
+    densify,
+    open_checkpoint,
+    validate_checkpoint,
 )
 from slimserve.loaders.compress.run import compress
-from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from slimserve.errors import CheckpointError, CompressionError
 from slimserve.loaders.checkpoint import open_checkpoint, validate_checkpoint
 from slimserve.loaders.compress.rsparse import LayerFactors, calibrate, compress_rsparse, load_recipe, rsparse_model
 from slimserve.loaders.compress.rsparse_search import UNIFORM_GRID
-from slimserve.errors import CheckpointError, CompressionError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.rsparse import budget, exact_mask, scores
-from slimserve.testing import local_text
 
 SCHEME = SCHEMES["rsparse"]
 OUT, IN = 96, 160
@@ -130,11 +129,9 @@ def test_bad_fields_name_the_field(fields: dict, field: str) -> None:
         SCHEME.check_fields("m", spec_of(fields), "config.json")
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(local_text())
-    return path
+@pytest.fixture
+def calib_text(text_file: Path) -> Path:
+    return text_file
 
 
 def test_compressed_checkpoint_validates_and_reproduces_the_target_sparsity(tiny_llama: Path, calib_text: Path,

@@ -17,7 +17,7 @@ import torch
 from slimserve.loaders.checkpoint import open_checkpoint
 from slimserve.loaders.compress.rsparse import compress_rsparse, rsparse_model
 from slimserve.plugin.vllm.rsparse import SPARSE_PREFILL_ENV
-from slimserve.testing import hf_greedy, local_text, vllm_greedy
+from slimserve.testing.vllm import hf_greedy, vllm_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,12 @@ def reference_greedy(model_dir: Path, prompts: list[str], *, sparse_prefill: boo
 
 
 @pytest.fixture(scope="module")
-def rsparse_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rsparse_llama(tiny_llama: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny Llama at s = 0.5 with every mode present: α = 0 (low rank), 0.6 (both) and 1 (sparse)."""
     tmp = tmp_path_factory.mktemp("rsparse_llama")
-    (tmp / "calib.txt").write_text(local_text())
     modules = [m for m in open_checkpoint(tiny_llama).tensors if m.endswith("_proj.weight")]
     recipe = {m.removesuffix(".weight"): (0.0, 0.6, 1.0)[i % 3] for i, m in enumerate(sorted(modules))}
-    out = compress_rsparse(tiny_llama, tmp / "rs", sparsity=0.5, calib=tmp / "calib.txt", recipe=recipe,
+    out = compress_rsparse(tiny_llama, tmp / "rs", sparsity=0.5, calib=text_file, recipe=recipe,
                            progress=False)
     ranks = {s["rank"] for s in open_checkpoint(out).modules.values()}
     assert 0 in ranks and len(ranks) > 2

@@ -19,19 +19,17 @@ import pytest
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.loaders.compress.run import compress
 from slimserve.plugin.stat_logger import compression_ratio
-from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
 from slimserve.server.launch import EngineKind, ModelFolderError, detect_engine_kind, vllm_command
-from slimserve.server.live import ServerProcess, free_port
-from tests.test_server_app import metric_value
-from tests.test_server_diffusers import SLIMSERVE
+from slimserve.testing.live import serve_process
+from slimserve.testing.metrics import metric_value
 
 
-def test_engine_kind_follows_the_folder(tiny_llama: Path, tmp_path: Path) -> None:
+def test_engine_kind_follows_the_folder(tiny_llama: Path, tiny_diffusion_lm: Path, tmp_path: Path) -> None:
     assert detect_engine_kind(tiny_llama) is EngineKind.VLLM
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
     assert detect_engine_kind(tmp_path / "pipe") is EngineKind.DIFFUSERS
-    assert detect_engine_kind(build_tiny_diffusion_lm(tmp_path / "dllm")) is EngineKind.DIFFUSION_LM
+    assert detect_engine_kind(tiny_diffusion_lm) is EngineKind.DIFFUSION_LM
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     with pytest.raises(ModelFolderError, match="BertModel"):
@@ -56,12 +54,10 @@ def test_dense_model_compression_ratio_is_zero(tiny_llama: Path) -> None:
 @pytest.mark.slow
 def test_vllm_server_answers_openai_and_exports_slimserve_metrics(tiny_llama: Path, tmp_path: Path) -> None:
     ckpt = compress(tiny_llama, tmp_path / "svd-0.3", ratio=0.3, progress=False)
-    port = free_port()
-    argv = [SLIMSERVE, "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-            "--served-model-name", "tiny-llama", "--api-key", "k",
-            "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
+    engine_args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with ServerProcess(argv, port, tmp_path / "vllm.log", env=env, start_timeout=240) as server:
+    with serve_process(ckpt, tmp_path / "vllm.log", served_model_name="tiny-llama", api_key="k",
+                       engine_args=engine_args, env=env, start_timeout=240) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="k", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list()] == ["tiny-llama"]
         result = client.completions.create(model="tiny-llama", prompt="Return the", max_tokens=5, temperature=0)

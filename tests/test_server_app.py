@@ -17,17 +17,9 @@ import openai
 import pytest
 
 from slimserve.server.app import ServerConfig, create_app
-from slimserve.server.engines.trivial import TrivialEngine
-from slimserve.server.live import app_in_thread
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Value of one sample in a Prometheus text exposition (0 if absent)."""
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+from slimserve.testing.live import app_in_thread
+from slimserve.testing.metrics import metric_value
+from slimserve.testing.trivial import TrivialEngine
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import sys
 import time
 from pathlib import Path
 
@@ -18,33 +17,24 @@ import openai
 import pytest
 from PIL import Image
 
-from slimserve.server.engines.tiny_models import build_tiny_pixart_sigma, build_tiny_wan
-from slimserve.server.live import ServerProcess, free_port
-from tests.test_server_app import metric_value
+from slimserve.testing.live import ServerProcess, serve_process
+from slimserve.testing.metrics import metric_value
 
 # The openai SDK marks its videos API as deprecated; slimserve still serves the shape others standardized on.
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
-SLIMSERVE = str(Path(sys.executable).parent / "slimserve")
-
-
-def serve(model_dir: Path, name: str, log: Path) -> ServerProcess:
-    port = free_port()
-    return ServerProcess([SLIMSERVE, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                          "--served-model-name", name], port, log)
-
 
 @pytest.fixture(scope="module")
-def image_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    root = tmp_path_factory.mktemp("pixart")
-    with serve(build_tiny_pixart_sigma(root / "model"), "tiny-pixart", root / "server.log") as server:
+def image_server(tiny_pixart: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    log = tmp_path_factory.mktemp("pixart_log") / "server.log"
+    with serve_process(tiny_pixart, log, served_model_name="tiny-pixart") as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def video_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    root = tmp_path_factory.mktemp("wan")
-    with serve(build_tiny_wan(root / "model"), "tiny-wan", root / "server.log") as server:
+def video_server(tiny_wan: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    log = tmp_path_factory.mktemp("wan_log") / "server.log"
+    with serve_process(tiny_wan, log, served_model_name="tiny-wan") as server:
         yield server
 
 

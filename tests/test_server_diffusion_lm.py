@@ -16,25 +16,22 @@ import torch
 
 from slimserve.server.engines.base import TextRequest
 from slimserve.server.engines.diffusion_lm import load_diffusion_lm_engine
-from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
-from slimserve.server.live import ServerProcess, free_port
-from tests.test_server_app import metric_value
-from tests.test_server_diffusers import SLIMSERVE
+from slimserve.testing.live import ServerProcess, serve_process
+from slimserve.testing.metrics import metric_value
 
 API_KEY = "test-key"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_diffusion_lm(tmp_path_factory.mktemp("dllm") / "model", steps=8, block_length=4)
+@pytest.fixture
+def model_dir(tiny_diffusion_lm: Path) -> Path:
+    """Built with 8 denoising steps in blocks of 4 tokens, which the sampler test counts on."""
+    return tiny_diffusion_lm
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    port = free_port()
-    argv = [SLIMSERVE, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-            "--served-model-name", "tiny-dllm", "--api-key", API_KEY]
-    with ServerProcess(argv, port, tmp_path_factory.mktemp("dllm_log") / "server.log") as process:
+def server(tiny_diffusion_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    log = tmp_path_factory.mktemp("dllm_log") / "server.log"
+    with serve_process(tiny_diffusion_lm, log, served_model_name="tiny-dllm", api_key=API_KEY) as process:
         yield process
 
 

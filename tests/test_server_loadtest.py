@@ -9,14 +9,13 @@ from pathlib import Path
 
 from slimserve.server.app import create_app
 from slimserve.server.engines.diffusion_lm import load_diffusion_lm_engine
-from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
-from slimserve.server.live import app_in_thread
+from slimserve.testing.live import app_in_thread
 
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "locustfile.py"
 
 
-def test_locust_headless_reports_ttft(tmp_path: Path) -> None:
-    engine = load_diffusion_lm_engine(build_tiny_diffusion_lm(tmp_path / "model"), "tiny-dllm")
+def test_locust_headless_reports_ttft(tiny_diffusion_lm: Path, tmp_path: Path) -> None:
+    engine = load_diffusion_lm_engine(tiny_diffusion_lm, "tiny-dllm")
     with app_in_thread(create_app(engine)) as base_url:
         run = subprocess.run(
             [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", base_url, "--headless",

@@ -13,8 +13,7 @@ import pytest
 
 from slimserve.server.app import create_app
 from slimserve.server.engines.diffusion_lm import load_diffusion_lm_engine
-from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
-from slimserve.server.live import app_in_thread, free_port
+from slimserve.testing.live import app_in_thread, free_port
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -26,8 +25,8 @@ def query(prometheus_url: str, expression: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(PROMETHEUS is None, reason="needs the prometheus binary (apt-get install prometheus)")
-def test_prometheus_scrapes_latency_histograms(tmp_path: Path) -> None:
-    engine = load_diffusion_lm_engine(build_tiny_diffusion_lm(tmp_path / "model"), "tiny-dllm")
+def test_prometheus_scrapes_latency_histograms(tiny_diffusion_lm: Path, tmp_path: Path) -> None:
+    engine = load_diffusion_lm_engine(tiny_diffusion_lm, "tiny-dllm")
     with app_in_thread(create_app(engine)) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
         for _ in range(3):

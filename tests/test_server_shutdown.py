@@ -9,17 +9,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from slimserve.server.engines.tiny_models import build_tiny_diffusion_lm
-from slimserve.server.live import ServerProcess, free_port
-from tests.test_server_diffusers import SLIMSERVE
+from slimserve.testing.live import serve_process
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_running_request(tmp_path: Path) -> None:
-    model_dir = build_tiny_diffusion_lm(tmp_path / "model")
-    port = free_port()
-    server = ServerProcess([SLIMSERVE, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
-                           port, tmp_path / "server.log")
+def test_sigterm_finishes_running_request(tiny_diffusion_lm: Path, tmp_path: Path) -> None:
+    server = serve_process(tiny_diffusion_lm, tmp_path / "server.log")
     with server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
         # 16 blocks of 8 tokens, 13 denoising steps each (the server's 200-step cap, rounded up to a

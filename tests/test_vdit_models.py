@@ -15,7 +15,7 @@ from slimserve.attention.patterns import Mode, PatternParams
 from slimserve.attention.schedule import Schedule
 from slimserve.errors import ScheduleError
 from slimserve.plugin.diffusers import apply, search
-from slimserve.plugin.diffusers.tiny import tiny_inputs, tiny_transformer
+from slimserve.testing.diffusers import tiny_inputs, tiny_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

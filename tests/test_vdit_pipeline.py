@@ -9,9 +9,8 @@ from slimserve.attention.patterns import Mode
 from slimserve.attention.schedule import FILENAME, Schedule
 from slimserve.errors import ScheduleError
 from slimserve.plugin.diffusers import apply
-from slimserve.plugin.diffusers.tiny import tiny_wan_pipeline
 from slimserve.server.cli import main
-from slimserve.testing import train_tokenizer
+from slimserve.testing.diffusers import build_tiny_wan
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -21,11 +20,8 @@ CALL = dict(height=64, width=64, num_frames=9, num_inference_steps=3, guidance_s
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vdit")
-    train_tokenizer(root / "tokenizer", vocab_size=300)
-    folder = root / "tiny-wan"
-    tiny_wan_pipeline(str(root / "tokenizer")).save_pretrained(folder)
-    return folder
+    """A Wan folder of its own: the search writes its schedule into it (conftest's ``tiny_wan`` stays dense)."""
+    return build_tiny_wan(tmp_path_factory.mktemp("vdit") / "tiny-wan")
 
 
 def generate(pipe) -> torch.Tensor:

@@ -8,26 +8,23 @@ import httpx
 import pytest
 
 from slimserve.attention.schedule import Schedule
-from slimserve.plugin.diffusers.tiny import tiny_wan_pipeline
 from slimserve.server.cli import main
-from slimserve.testing import train_tokenizer
-from tests.test_server_app import metric_value
-from tests.test_server_diffusers import serve
+from slimserve.testing.diffusers import build_tiny_wan
+from slimserve.testing.live import serve_process
+from slimserve.testing.metrics import metric_value
 
 pytestmark = pytest.mark.slow
 
 
 def test_served_pipeline_runs_with_its_searched_schedule(tmp_path: Path) -> None:
-    train_tokenizer(tmp_path / "tokenizer", vocab_size=300)
-    model_dir = tmp_path / "tiny-wan"
-    tiny_wan_pipeline(str(tmp_path / "tokenizer")).save_pretrained(model_dir)
+    model_dir = build_tiny_wan(tmp_path / "tiny-wan")  # its own folder: the search writes its schedule into it
     assert main(["vdit-search", str(model_dir), "--prompt", "a red car drives through the rain", "--steps", "2",
                  "--height", "64", "--width", "64", "--num-frames", "9", "--guidance-scale", "1",
                  "--block-size", "8", "--backend", "flex_eager", "--lambda", "0.01", "--epsilon", "10"]) == 0
     schedule = Schedule.load(model_dir)
     assert schedule.density() < 1.0
 
-    with serve(model_dir, "tiny-wan-sparse", tmp_path / "server.log") as server:
+    with serve_process(model_dir, tmp_path / "server.log", served_model_name="tiny-wan-sparse") as server:
         form = {"prompt": "a cat sleeps on a sofa", "size": "64x64", "num_frames": "9", "num_inference_steps": "2",
                 "guidance_scale": "1"}
         response = httpx.post(server.base_url + "/v1/videos/sync", data=form, timeout=600)

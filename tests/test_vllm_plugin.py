@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from slimserve.loaders.checkpoint import densify, open_checkpoint
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.converters import convert_rocket
-from slimserve.testing import hf_greedy, vllm_greedy
-from test_converters import write_rocket_sep
+from slimserve.testing.rocket_layout import write_rocket_sep
+from slimserve.testing.vllm import hf_greedy, vllm_greedy
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A model-free engine for the app's unit tests and the HTTP-overhead benchmark.
+"""A model-free engine for the app's tests and the HTTP-overhead benchmark.
 
 It answers every task instantly (or after a fixed ``step_seconds``), so what a test or the
 benchmark measures is the FastAPI layer itself: queueing, streaming, metrics, errors. It

@@ -2,7 +2,8 @@
 
 Two forms: ``app_in_thread`` runs a FastAPI app under uvicorn inside this process (fast to
 start, shares the engine object with the caller), and ``ServerProcess`` runs a command such as
-``slimserve serve DIR`` as a child process, exactly as a user would.
+``slimserve serve DIR`` as a child process, exactly as a user would (``serve_process`` builds
+that command line).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,6 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+# The ``slimserve`` console script of the running interpreter's environment (not whatever is first on PATH).
+SLIMSERVE = str(Path(sys.executable).parent / "slimserve")
 
 
 def free_port() -> int:
@@ -111,3 +116,21 @@ class ServerProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def serve_process(model_dir: str | Path, log_path: str | Path, *, served_model_name: str | None = None,
+                  api_key: str | None = None, engine_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                  start_timeout: float = 120.0) -> ServerProcess:
+    """``slimserve serve MODEL_DIR`` on a free loopback port, as a user would start it (not yet started).
+
+    ``engine_args`` follow ``--`` and go to the engine unchanged (vLLM's own flags for a causal LM).
+    """
+    port = free_port()
+    argv = [SLIMSERVE, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    if served_model_name is not None:
+        argv += ["--served-model-name", served_model_name]
+    if api_key is not None:
+        argv += ["--api-key", api_key]
+    if engine_args:
+        argv += ["--", *engine_args]
+    return ServerProcess(argv, port, log_path, env=env, start_timeout=start_timeout)
