@@ -121,6 +121,7 @@ print("compiled kernel OK from", slimserve.__file__)
 def test_wheel_ships_kernel_sources_and_runs_a_compiled_kernel(tmp_path: Path) -> None:
     """Build the wheel, install it outside the tree, and run the compiled ELL kernel built from its sources."""
     source = tmp_path / "src"
+    source.mkdir()
     for name in BUILD_INPUTS:
         src = REPO / name
         if src.is_dir():
