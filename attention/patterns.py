@@ -3,7 +3,7 @@
 A video DiT's self-attention runs over ``F`` frames of ``P`` tokens each, stored frame-major
 (token index ``f * P + p``), plus text tokens that some models put before the video
 (CogVideoX) and some after it (HunyuanVideo); Wan has none. Sparse-vDiT
-(``../shared/research/sparse_vdit.md``) observes that every head follows one of a few fixed
+(``docs/methods/sparse_vdit.md``) observes that every head follows one of a few fixed
 patterns, so each (step, layer, head) gets one :class:`Mode`:
 
 - ``FULL``: dense attention.
@@ -17,7 +17,7 @@ patterns, so each (step, layer, head) gets one :class:`Mode`:
 
 Text rows and text columns are always dense (the text covers <1 % of the map but carries
 the conditioning). Masks are built once per (mode, layout, parameters, stripe columns) and
-cached, because ``create_block_mask`` costs as much as a masked call (cpu_perf.md).
+cached, because ``create_block_mask`` costs as much as a masked call (docs/methods/cpu_kernels.md).
 """
 
 from __future__ import annotations

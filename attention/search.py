@@ -7,7 +7,7 @@ full attention. The chosen per-head outputs are returned so the caller feeds the
 (the search is greedy along the sparse trajectory, not the dense one).
 
 The cost uses ``lam * (1 - S_i)`` (Eq. 2 and Figure 5); Algorithm 1's ``lam * S_i`` would
-reward density and is read as a typo (sparse_vdit.md §3).
+reward density and is read as a typo (docs/methods/sparse_vdit.md, "The offline search").
 """
 
 from __future__ import annotations

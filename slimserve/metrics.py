@@ -6,7 +6,7 @@ diffusion LM, ``slimserve.server``) and the vLLM stat-logger plugin
 Both import this module, which depends on ``prometheus_client`` only, so the FastAPI server
 does not pay vLLM's import time and ``plugin`` never imports ``server``.
 
-Names mirror vLLM's (``../shared/research/serving.md`` §2.1) with a ``slimserve:`` prefix, so
+Names mirror vLLM's (``docs/methods/serving.md``, "Metric names") with a ``slimserve:`` prefix, so
 a dashboard written for one engine works for every engine. vLLM unregisters every collector
 named ``vllm:*`` when it builds its own logger, which is another reason not to reuse its prefix.
 Buckets are vLLM's, so SLO thresholds are bucket boundaries on both kinds of server.

@@ -1,4 +1,4 @@
-"""CoSpaDi: whitened sparse dictionary learning (arXiv 2509.22075, §2 of compression.md).
+"""CoSpaDi: whitened sparse dictionary learning (arXiv 2509.22075; docs/methods/compression.md).
 
 Minimize ``‖W·S − C·D‖_F`` over a dictionary D ``[k, in]`` (unit-norm atoms, whitened space)
 and coefficients C ``[out, k]`` with exactly s nonzeros per output row, by alternating

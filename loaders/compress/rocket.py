@@ -1,4 +1,4 @@
-"""ROCKET's single-step sparse-dictionary factorization (arXiv 2602.11008, §1.1 of compression.md).
+"""ROCKET's single-step sparse-dictionary factorization (arXiv 2602.11008; docs/methods/compression.md).
 
 In slimserve's ``[out, in]`` layout, with ``W·S = UΣVᵀ`` the SVD of the whitened weight:
 1. basis: the top-k right singular vectors (rows of Vᵀ) are the eigenbasis of the whitened

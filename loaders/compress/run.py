@@ -186,7 +186,7 @@ def knapsack_levels(profile: dict[str, dict[float, tuple[int, float, float]]], r
     """ROCKET's allocation for the global ``ratio``: one profiled level (or dense) per module.
 
     Objective: the summed relative weight-space error ``‖W − Ŵ‖/‖W‖`` (ROCKET's own metric,
-    compression.md §1.2), over the options left by ROCKET's error cap (``cap_options``) with the
+    docs/methods/compression.md), over the options left by ROCKET's error cap (``cap_options``) with the
     reference = mean error at the profiled level nearest above ``ratio``. On SmolLM2-135M at
     30 % the equal-weight summed relative *whitened* error without the cap made SVD-LLM 4.4x
     worse than uniform; this objective beats uniform (bench/README.md, issue 3).

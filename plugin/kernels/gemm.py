@@ -2,7 +2,7 @@
 
 On CPU, vLLM's dense linear runs oneDNN (or its small-GEMM kernel) on weights prepacked at
 load time; plain ``F.linear`` on bf16 is several times slower there, which alone makes a
-factorized model slower than its dense original (../shared/research/cpu_perf.md). Every
+factorized model slower than its dense original (docs/methods/cpu_kernels.md). Every
 factor product therefore goes through ``prepacked_linear``.
 """
 

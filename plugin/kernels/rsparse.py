@@ -6,8 +6,8 @@ the active rows into a copy followed by a matmul reads them twice, so both paths
 stream the active rows straight from ``weight_t``:
 
 - CPU: a C++ extension (``rsparse_cpu.cpp``, AVX-512 inner loops, bf16 and float32) built with
-  ``torch.utils.cpp_extension.load`` at first use and cached in torch's extension folder
-  (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``);
+  ``torch.utils.cpp_extension.load`` at first use by ``cpp.py``, which caches the build per CPU
+  and logs it;
 - CUDA: a small Triton kernel whose weight loads are masked per row, so inactive rows issue no
   memory transactions. It runs only when a GPU and triton are present; there is no GPU here,
   so it is tested only through triton's interpreter (``TRITON_INTERPRET=1``).
