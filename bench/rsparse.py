@@ -32,14 +32,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from decode import MODEL, measure, update_readme  # noqa: E402
 
 from slimserve.loaders.assets import austen_text, smollm2_folder  # noqa: E402
-from slimserve.loaders.compress.rsparse import (  # noqa: E402
-    UNIFORM_ALPHA,
-    calibrate,
-    compress_rsparse,
-    model_perplexity,
-    window_ids,
-)
+from slimserve.loaders.compress.rsparse import UNIFORM_ALPHA, calibrate, compress_rsparse  # noqa: E402
 from slimserve.loaders.compress.rsparse_search import RecipeFitness, SearchSettings, search_recipe  # noqa: E402
+from slimserve.loaders.eval import windows_perplexity  # noqa: E402
+from slimserve.loaders.windows import perplexity_windows  # noqa: E402
 from slimserve.plugin.kernels.gemm import prepacked_linear  # noqa: E402
 from slimserve.plugin.kernels.rsparse import sparse_mm  # noqa: E402
 from slimserve.testing.models import build_tiny_causal_lm  # noqa: E402
@@ -115,8 +111,9 @@ def quality_part(settings: SearchSettings, eval_windows: int, eval_seq_len: int)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    windows = window_ids(tokenizer, held_out.read_text(), windows=eval_windows, seq_len=eval_seq_len)
-    dense_ppl = model_perplexity(model, windows)
+    windows = perplexity_windows(tokenizer, held_out.read_text(), windows=eval_windows, seq_len=eval_seq_len,
+                                 source=str(held_out))
+    dense_ppl = windows_perplexity(model, windows)
     result = search_recipe(model, calibrated, 0.5, text=calib, settings=settings, tokenizer=tokenizer)
     evaluate = RecipeFitness(model, calibrated, 0.5, windows)
     uniform = evaluate([UNIFORM_ALPHA] * len(calibrated.modules))

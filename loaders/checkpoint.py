@@ -113,7 +113,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     ckpt = Checkpoint(path=root, config=config, tensors=_read_headers(root))
     qc = config.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
-        ckpt.modules = _parse_modules(qc, config_path)
+        ckpt.modules = parse_modules(qc, config_path)
     return ckpt
 
 
@@ -145,8 +145,14 @@ def _read_headers(root: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def _parse_modules(qc: Mapping[str, Any], config_path: Path) -> dict[str, dict[str, Any]]:
-    """Check the quantization_config header and every module entry (names, scheme, sizes)."""
+def parse_modules(qc: Mapping[str, Any], config_path: Path) -> dict[str, dict[str, Any]]:
+    """The module entries of a ``quantization_config`` dict, after checking its header and every entry.
+
+    Checks the format version, that every entry names a known scheme, has positive
+    ``in_features``/``out_features`` and the scheme's own fields; reads no tensor. Engines that
+    receive the quantization config without the folder (vLLM's ``from_config``) call this with
+    the config dict; ``config_path`` is only named in errors. Raises ``CheckpointError``.
+    """
     version = qc.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise CheckpointError(
@@ -212,7 +218,8 @@ def validate_checkpoint(path: str | Path, check_values: bool = True) -> Checkpoi
         leftovers = [n for n in ckpt.tensors if n.rsplit(".", 1)[0] == module and n not in expected_names
                      and not n.endswith(".bias")]
         if leftovers:
-            raise CheckpointError(f"unexpected tensor for a {spec['scheme']} module", file=ckpt.tensors[leftovers[0]].file,
+            raise CheckpointError(f"unexpected tensor for a {spec['scheme']} module",
+                                  file=ckpt.tensors[leftovers[0]].file,
                                   tensor=leftovers[0], expected=f"only {sorted(expected_names)} (and a bias)")
     if check_values:
         for module, spec in ckpt.modules.items():
@@ -344,7 +351,8 @@ class CheckpointWriter:
             for name in names:
                 self._weight_map[name] = final
         if total > 1:
-            (self.out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": self._weight_map}, indent=1))
+            index = {"metadata": {}, "weight_map": self._weight_map}
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
         config = dict(self.config)
         if self.modules:
             config["quantization_config"] = {

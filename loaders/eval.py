@@ -3,8 +3,9 @@
 This is *token* perplexity (exp of the mean next-token negative log-likelihood over the
 model's own tokens), the metric SVD-LLM and ASVD report; it is not lm-eval's *word*
 perplexity (which CoSpaDi and ROCKET report) and the two must never be compared. A
-slimserve checkpoint is reconstructed to dense weights in memory (as ``densify`` would) and
-run with transformers, so the number measures the compression, not a serving kernel.
+slimserve checkpoint runs in transformers with every compressed linear computing its
+scheme's reference forward (``loaders/reference.py``) on every token, so the number measures
+the compression as the scheme computes it (R-Sparse's masks included), not a serving kernel.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from slimserve.loaders.checkpoint import iter_tensors, open_checkpoint
 from slimserve.errors import CompressionError
+from slimserve.loaders.checkpoint import open_checkpoint
+from slimserve.loaders.reference import reference_model
+from slimserve.loaders.windows import perplexity_windows
 
 METRIC = "token perplexity (not lm-eval word perplexity)"
 
@@ -35,35 +38,14 @@ class PerplexityResult:
                 f"({self.windows} windows of {self.seq_len} tokens, BOS first) on {self.text}")
 
 
-def load_dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A transformers causal LM with dense weights; slimserve modules are reconstructed in memory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    ckpt = open_checkpoint(model_dir)
-    if ckpt.quantization_config is None:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-    config_dict = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {name: t.to(dtype) for name, t in iter_tensors(ckpt) if ckpt.module_of(name) is None}
-    state.update({f"{m}.weight": ckpt.reconstruct(m).to(dtype) for m in ckpt.modules})
-    missing = set(model.state_dict()) - set(state)
-    if config.tie_word_embeddings:
-        missing.discard("lm_head.weight")
-    if missing:
-        raise CompressionError(f"{model_dir}: no stored weights for {sorted(missing)[:3]} after reconstruction")
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    return model.eval()
-
-
 def method_name(model_dir: str | Path) -> str:
-    """``dense`` or the producer recorded in the checkpoint (``rocket ratio=0.3 allocation=knapsack``)."""
+    """``dense`` or the checkpoint's producer (``rocket ratio=0.3 allocation=knapsack``, ``rsparse sparsity=0.5``)."""
     qc = open_checkpoint(model_dir).quantization_config
     if qc is None:
         return "dense"
     producer = qc.get("producer", {})
-    extras = " ".join(f"{k}={producer[k]}" for k in ("ratio", "rank", "allocation") if producer.get(k) is not None)
+    extras = " ".join(f"{k}={producer[k]}" for k in ("ratio", "sparsity", "rank", "allocation")
+                      if producer.get(k) is not None)
     return f"{producer.get('method', 'slimserve')} {extras}".strip()
 
 
@@ -79,22 +61,21 @@ def perplexity(model_dir: str | Path, text_file: str | Path, *, seq_len: int = 5
     text_path = Path(text_file)
     if not text_path.is_file():
         raise CompressionError(f"--text {text_file}: file not found")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    needed = windows * seq_len
-    text = text_path.read_text()
-    ids = tok(text[: needed * 12], add_special_tokens=False).input_ids
-    if len(ids) < needed:
-        ids = tok(text, add_special_tokens=False).input_ids
-    if len(ids) < needed:
-        raise CompressionError(f"--text {text_file}: has {len(ids)} tokens, need {needed} "
-                               f"({windows} windows of {seq_len}); use a longer text or a smaller --seq-len")
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    model = load_dense_model(model_dir, dtype)
-    total_nll = 0.0
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    chunks = perplexity_windows(tokenizer, text_path.read_text(), windows=windows, seq_len=seq_len,
+                                source=f"--text {text_file}")
+    return PerplexityResult(perplexity=windows_perplexity(reference_model(model_dir, dtype), chunks),
+                            tokens=windows * seq_len, windows=windows, seq_len=seq_len, method=method_name(model_dir),
+                            text=text_path.name)
+
+
+def windows_perplexity(model: torch.nn.Module, windows: list[list[int]]) -> float:
+    """Token perplexity of a causal LM over token windows: every token after the first is scored."""
+    total_nll, count = 0.0, 0
     with torch.inference_mode():
-        for w in range(windows):
-            chunk = torch.tensor([[bos] + ids[w * seq_len:(w + 1) * seq_len]])
+        for window in windows:
+            chunk = torch.tensor([window])
             logits = model(chunk).logits[0, :-1].float()
             total_nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
-    return PerplexityResult(perplexity=math.exp(total_nll / needed), tokens=needed, windows=windows,
-                            seq_len=seq_len, method=method_name(model_dir), text=text_path.name)
+            count += len(window) - 1
+    return math.exp(total_nll / count)

@@ -12,7 +12,20 @@ from slimserve.errors import CompressionError
 # q/k/v -> qkv_proj and gate/up -> gate_up_proj stacking that the plugin understands.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
+# Projections that read the same input, by the fused layer vLLM stacks them into (in output
+# order). The compressor keeps one calibration input per group (under its first member) and the
+# vLLM plugin maps a fused layer back to its checkpoint modules, both from this one table.
+FUSED_LAYERS: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                            "gate_up_proj": ("gate_proj", "up_proj")}
+
 DECODER_LINEAR = re.compile(r"^(?P<module>.*\.layers\.\d+\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)\.weight$")
+
+
+def shared_input_module(module: str) -> str:
+    """The module whose input ``module`` reads: the first projection of its fused group, else itself."""
+    head, _, proj = module.rpartition(".")
+    first = next((group[0] for group in FUSED_LAYERS.values() if proj in group), proj)
+    return f"{head}.{first}"
 
 
 def check_architecture(config: Mapping[str, Any], source: str) -> str:

@@ -51,9 +51,40 @@ def test_text_too_short_or_missing(tiny, tmp_path):
     assert main(["eval", "ppl", str(tiny), "--text", str(tmp_path / "nope.txt")]) == 2
 
 
+def test_rsparse_checkpoint_scores_its_sparse_forward_as_its_compressor_did(tiny, text, tmp_path):
+    """The searched recipe's fitness (every token through R-Sparse's masks) is the compressor's number.
+
+    ``eval ppl`` once reconstructed the dense W here and reported the dense model's perplexity.
+    """
+    from slimserve.loaders.compress.rsparse import RECIPE_FILE, compress_rsparse
+    from slimserve.loaders.compress.rsparse_search import SearchSettings
+
+    settings = SearchSettings(population=4, generations=1, group_size=7, windows=2, seq_len=64)
+    ckpt = compress_rsparse(tiny, tmp_path / "rs", sparsity=0.5, calib=text, search=True, settings=settings,
+                            progress=False, log=lambda _line: None)
+    compressor = json.loads((ckpt / RECIPE_FILE).read_text())["search"]["best_ppl"]
+    evaluated = perplexity(ckpt, text, seq_len=settings.seq_len, windows=settings.windows)
+    dense = perplexity(tiny, text, seq_len=settings.seq_len, windows=settings.windows)
+    assert evaluated.method == "rsparse sparsity=0.5"
+    assert evaluated.perplexity == pytest.approx(compressor, rel=1e-5)
+    assert evaluated.perplexity != pytest.approx(dense.perplexity, rel=1e-3)
+
+
+def test_dictsparse_checkpoint_scores_its_sparse_product_like_its_dense_reconstruction(tiny, text, tmp_path):
+    """The ELL coefficient gather runs on the model's [batch, seq, k] activations, not only on 2-D inputs."""
+    from slimserve.loaders.checkpoint import densify, open_checkpoint
+
+    ckpt = compress(tiny, tmp_path / "cospadi", method="cospadi", ratio=0.3, calib=text, calib_samples=4,
+                    calib_seq_len=128, progress=False)
+    assert "dictsparse" in {spec["scheme"] for spec in open_checkpoint(ckpt).modules.values()}
+    sparse = perplexity(ckpt, text, seq_len=64, windows=2).perplexity
+    dense = perplexity(densify(ckpt, tmp_path / "dense"), text, seq_len=64, windows=2).perplexity
+    assert sparse == pytest.approx(dense, rel=1e-4)
+
+
 @pytest.mark.slow
 def test_real_smollm2_dense_perplexity_matches_assets_note():
-    """ASSETS.md measured 22.7 on Pride and Prejudice (8 x 512 tokens, BOS first)."""
+    """docs/methods/assets.md: 22.7 measured on Pride and Prejudice (8 x 512 tokens, BOS first)."""
     from slimserve.loaders.assets import austen_text, smollm2_folder
 
     result = perplexity(smollm2_folder(), austen_text("prideprejudice"))

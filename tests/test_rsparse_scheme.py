@@ -1,4 +1,4 @@
-"""R-Sparse scheme invariants (../shared/research/rsparse.md §14) on the reference forward and the compressor."""
+"""R-Sparse scheme invariants (docs/methods/rsparse.md) on the reference forward and the compressor."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 
 from slimserve.errors import CheckpointError, CompressionError
 from slimserve.loaders.checkpoint import open_checkpoint, validate_checkpoint
-from slimserve.loaders.compress.rsparse import LayerFactors, calibrate, compress_rsparse, load_recipe, rsparse_model
+from slimserve.loaders.compress.rsparse import LayerFactors, calibrate, compress_rsparse, load_recipe
 from slimserve.loaders.compress.rsparse_search import UNIFORM_GRID
+from slimserve.loaders.reference import reference_model
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.rsparse import budget, exact_mask, scores
 
@@ -163,7 +164,7 @@ def test_reference_model_is_dense_in_prefill_and_sparse_in_decode(tiny_llama: Pa
 
     ckpt_dir = compress_rsparse(tiny_llama, tmp_path / "rs", sparsity=0.5, calib=calib_text, progress=False)
     dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
-    serving, everywhere = rsparse_model(ckpt_dir), rsparse_model(ckpt_dir, sparse_prefill=True)
+    serving, everywhere = reference_model(ckpt_dir, dense_prefill=True), reference_model(ckpt_dir)
     ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
     with torch.no_grad():
         torch.testing.assert_close(serving(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from slimserve.loaders.checkpoint import open_checkpoint
-from slimserve.loaders.compress.rsparse import compress_rsparse, rsparse_model
+from slimserve.loaders.compress.rsparse import compress_rsparse
+from slimserve.loaders.reference import reference_model
 from slimserve.plugin.vllm.rsparse import SPARSE_PREFILL_ENV
 from slimserve.testing.vllm import hf_greedy, vllm_greedy
 
@@ -29,7 +30,7 @@ def reference_greedy(model_dir: Path, prompts: list[str], *, sparse_prefill: boo
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = rsparse_model(model_dir, sparse_prefill=sparse_prefill)
+    model = reference_model(model_dir, dense_prefill=not sparse_prefill)
     results = []
     with torch.no_grad():
         for prompt in prompts:

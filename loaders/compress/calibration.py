@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from slimserve.errors import CompressionError
+from slimserve.loaders.models import shared_input_module
+from slimserve.loaders.windows import calibration_windows
 
-# Projections that read another projection's input: their Gram is stored once, under that one.
-_SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 # Fewer tokens than this multiple of a linear's input width is refused: the Gram would be
 # rank-deficient or too noisy to whiten with.
 MIN_TOKENS_PER_FEATURE = 2
@@ -34,9 +33,8 @@ DEFAULT_WINDOWS, DEFAULT_SEQ_LEN = 32, 512
 
 
 def gram_key(module: str) -> str:
-    """The module whose input Gram ``module`` uses (itself, or q_proj / gate_proj for shared inputs)."""
-    head, _, proj = module.rpartition(".")
-    return f"{head}.{_SHARED_INPUT.get(proj, proj)}"
+    """The module whose input Gram ``module`` uses: projections reading one input share one Gram."""
+    return shared_input_module(module)
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,8 @@ def calibration_spec(model_dir: str | Path, calib_file: str | Path, *, samples: 
 
 
 def load_or_collect_grams(model_dir: str | Path, calib_file: str | Path, cache: str | Path, *,
-                          samples: int = DEFAULT_WINDOWS, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0, progress: bool = True) -> Grams:
+                          samples: int = DEFAULT_WINDOWS, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
+                          progress: bool = True) -> Grams:
     """Grams from ``cache`` when it was computed from the same model, text and settings; else compute and save."""
     spec = calibration_spec(model_dir, calib_file, samples=samples, seq_len=seq_len, seed=seed)
     cache = Path(cache)
@@ -99,20 +98,8 @@ def load_or_collect_grams(model_dir: str | Path, calib_file: str | Path, cache: 
     return Grams(cache, spec, tokens)
 
 
-def calibration_windows(tokenizer, text: str, *, samples: int, seq_len: int, seed: int) -> list[list[int]]:
-    """``samples`` distinct windows of BOS + ``seq_len`` tokens, drawn without overlap by ``seed``."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    available = len(ids) // seq_len
-    if available < samples:
-        raise CompressionError(
-            f"calibration text has {len(ids)} tokens, enough for {available} windows of {seq_len}; "
-            f"asked for {samples} (use a longer --calib text, fewer --calib-samples or a smaller --calib-seq-len)")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    starts = sorted(random.Random(seed).sample(range(available), samples))
-    return [[bos] + ids[i * seq_len:(i + 1) * seq_len] for i in starts]
-
-
-def collect_grams(model_dir: str | Path, calib_file: str | Path, *, samples: int = DEFAULT_WINDOWS, seq_len: int = DEFAULT_SEQ_LEN,
+def collect_grams(model_dir: str | Path, calib_file: str | Path, *, samples: int = DEFAULT_WINDOWS,
+                  seq_len: int = DEFAULT_SEQ_LEN,
                   seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """Run the dense model over the calibration windows and sum ``XᵀX`` per input group (float64).
 
@@ -141,7 +128,8 @@ def collect_grams(model_dir: str | Path, calib_file: str | Path, *, samples: int
     narrowest_ok = MIN_TOKENS_PER_FEATURE * max(g.shape[0] for g in grams.values())
     if tokens < narrowest_ok:
         raise CompressionError(
-            f"too little calibration data: {tokens} tokens for linears with up to {narrowest_ok // MIN_TOKENS_PER_FEATURE} "
+            f"too little calibration data: {tokens} tokens for linears with up to "
+            f"{narrowest_ok // MIN_TOKENS_PER_FEATURE} "
             f"inputs; the Gram XᵀX is not well posed below {narrowest_ok} tokens "
             f"(raise --calib-samples or --calib-seq-len)")
     try:

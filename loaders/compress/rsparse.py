@@ -1,15 +1,15 @@
 """R-Sparse compression: calibrated thresholds, budgeted ranks, and the model-level reference.
 
-Per decoder linear at sparsity s and sparse share α (../shared/research/rsparse.md §2-3):
+Per decoder linear at sparsity s and sparse share α (docs/methods/rsparse.md, "Budget per layer"):
 ``c = max(⌊in·(1−s)·α⌋, 1)`` exact channels expected, rank ``r`` from the remaining budget,
 and the threshold t = the ``q = 1 − (1−s)·α`` quantile of the scores ``|x_i|·‖W[:, i]‖₂``
 over every (token, channel) element of the calibration input, as the official code does
 (one 512-token window, seed 42, by default). The low-rank factors are the top-r singular
 triplets of the full W (float64 SVD), stored as ``u = U_r`` and ``vs = S_r V_rᵀ``.
 
-``RSparseLinear`` / ``rsparse_model`` run the same product inside a transformers model (the
-reference for vLLM's greedy output, the perplexity of a checkpoint, and the search's
-fitness), with prefill dense and single-token steps sparse, or every token sparse.
+The product itself is the scheme's reference forward (``loaders/schemes/rsparse.py``); a
+whole checkpoint runs it through ``loaders/reference.py``, which ``eval ppl``, the search's
+fitness and the vLLM tests share.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
-from slimserve.loaders.compress.calibration import calibration_windows, gram_key
 from slimserve.errors import CompressionError
+from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
+from slimserve.loaders.compress.calibration import gram_key
 from slimserve.loaders.models import check_architecture, decoder_linear_modules
-from slimserve.loaders.schemes.rsparse import RSparseScheme, budget, scores
+from slimserve.loaders.schemes.rsparse import budget, scores
+from slimserve.loaders.windows import calibration_windows
 
-SCHEME = RSparseScheme()
 # The official calibration: one 512-token train window, seed 42.
 CALIB_SAMPLES, CALIB_SEQ_LEN, CALIB_SEED = 1, 512, 42
 # The paper's uniform baseline (chosen there by grid search).
@@ -143,7 +143,8 @@ def calibrate(src: str | Path, calib: str | Path, *, samples: int = CALIB_SAMPLE
         raise CompressionError(f"--calib {calib}: calibration text file not found")
     modules = decoder_linear_modules(ckpt.tensors)
     if not modules:
-        raise CompressionError(f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
+        raise CompressionError(
+            f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     inputs = collect_inputs(model, tokenizer, calib_path.read_text(), samples=samples, seq_len=seq_len, seed=seed)
@@ -218,70 +219,3 @@ def load_recipe(recipe: Mapping[str, float] | str | Path, modules: list[str]) ->
     if bad:
         raise CompressionError(f"{where}: α outside [0, 1]: {dict(list(bad.items())[:3])}")
     return {m: float(recipe[m]) for m in modules}
-
-
-class RSparseLinear(torch.nn.Module):
-    """A transformers linear replaced by the R-Sparse reference product.
-
-    ``sparse_prefill=False`` is the serving protocol: a forward over several positions of a
-    sequence (prefill, perplexity windows) is dense, a single-position forward (decode) is sparse.
-    """
-
-    def __init__(self, spec: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
-                 sparse_prefill: bool) -> None:
-        super().__init__()
-        self.spec = spec
-        self.tensors = tensors
-        self.bias = bias
-        self.sparse_prefill = sparse_prefill
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sparse_prefill or x.shape[-2] == 1:
-            y = SCHEME.forward(self.spec, self.tensors, x)
-        else:
-            y = x @ self.tensors["weight_t"].to(x.dtype)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
-
-
-def replace_linears(model: torch.nn.Module, modules: Mapping[str, tuple[dict, dict[str, torch.Tensor]]],
-                    sparse_prefill: bool) -> torch.nn.Module:
-    """Swap each named linear of ``model`` for an ``RSparseLinear`` with the given spec and tensors."""
-    named = dict(model.named_modules())
-    for name, (spec, tensors) in modules.items():
-        parent, _, leaf = name.rpartition(".")
-        old = named[name]
-        setattr(named[parent], leaf, RSparseLinear(spec, tensors, old.bias, sparse_prefill))
-    return model
-
-
-def rsparse_model(model_dir: str | Path, *, sparse_prefill: bool = False,
-                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A transformers model of an rsparse checkpoint running the reference R-Sparse forward."""
-    from slimserve.loaders.eval import load_dense_model
-
-    ckpt = open_checkpoint(model_dir)
-    model = load_dense_model(model_dir, dtype)
-    modules = {m: (spec, {k: v.to(dtype) for k, v in ckpt.module_tensors(m).items()})
-               for m, spec in ckpt.modules.items() if spec["scheme"] == "rsparse"}
-    return replace_linears(model, modules, sparse_prefill)
-
-
-def window_ids(tokenizer, text: str, *, windows: int, seq_len: int) -> list[list[int]]:
-    """Consecutive windows of BOS + ``seq_len`` tokens from the text's start (as loaders/eval.py counts them)."""
-    ids = tokenizer(text[: windows * seq_len * 12], add_special_tokens=False).input_ids
-    if len(ids) < windows * seq_len:
-        raise CompressionError(f"text has {len(ids)} tokens, need {windows * seq_len} ({windows} windows of {seq_len})")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [[bos] + ids[w * seq_len:(w + 1) * seq_len] for w in range(windows)]
-
-
-def model_perplexity(model: torch.nn.Module, windows: list[list[int]]) -> float:
-    """Token perplexity of ``model`` over the windows (every text token scored, BOS first)."""
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for window in windows:
-            chunk = torch.tensor([window])
-            logits = model(chunk).logits[0, :-1].float()
-            total += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
-            count += len(window) - 1
-    return math.exp(total / count)

@@ -2,7 +2,7 @@
 
 The paper (Algorithm 1) searches the per-layer sparse share with an evolutionary algorithm,
 fitness = perplexity on calibration text; its code is not released. This follows the public
-third-party reimplementation (../shared/research/rsparse.md §8): the α vector is split into
+third-party reimplementation (docs/methods/rsparse.md, "Recipe search"): the α vector is split into
 groups of consecutive modules; one group is optimized at a time while the others stay at
 their best-so-far values; each generation makes one DE/rand/1 child per member
 (``x1 + F·(x2 − x3)``, binomial crossover, clipped to [0, 1]) and keeps the best of parents
@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from slimserve.loaders.compress.rsparse import (
-    UNIFORM_ALPHA, Calibrated, RSparseLinear, model_perplexity, replace_linears, window_ids,
-)
+from slimserve.loaders.compress.rsparse import UNIFORM_ALPHA, Calibrated
+from slimserve.loaders.eval import windows_perplexity
+from slimserve.loaders.reference import SchemeLinear, replace_linears
+from slimserve.loaders.windows import perplexity_windows
 
 # Uniform α values tried first; the best on the fitness text seeds the search.
 UNIFORM_GRID = (0.9, UNIFORM_ALPHA, 1.0)
@@ -76,9 +77,9 @@ class RecipeFitness:
         self.windows = windows
         self.evaluations = 0
         first = {m: self._module(m, UNIFORM_ALPHA) for m in calibrated.modules}
-        replace_linears(model, first, sparse_prefill=True)
+        replace_linears(model, first)
         named = dict(model.named_modules())
-        self.layers: dict[str, RSparseLinear] = {m: named[m] for m in calibrated.modules}
+        self.layers: dict[str, SchemeLinear] = {m: named[m] for m in calibrated.modules}
         self.current: dict[str, float] = {m: UNIFORM_ALPHA for m in calibrated.modules}
 
     def _module(self, module: str, alpha: float) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -93,11 +94,12 @@ class RecipeFitness:
                 layer.spec, layer.tensors = self._module(module, alpha)
                 self.current[module] = alpha
         self.evaluations += 1
-        return model_perplexity(self.model, self.windows)
+        return windows_perplexity(self.model, self.windows)
 
 
 def differential_evolution(fitness: Callable[[list[float]], float], start: list[float], start_fit: float,
-                           settings: SearchSettings, log: Callable[[str], None]) -> tuple[list[float], float, list[dict]]:
+                           settings: SearchSettings,
+                           log: Callable[[str], None]) -> tuple[list[float], float, list[dict]]:
     """Group-wise DE from ``start`` (fitness ``start_fit``, values in [0, 1]); the best vector, its fitness, history."""
     rng = random.Random(settings.seed)
     best, best_fit = list(start), start_fit
@@ -142,7 +144,8 @@ def search_recipe(model: torch.nn.Module, calibrated: Calibrated, sparsity: floa
     settings = settings or SearchSettings()
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
-    windows = window_ids(tokenizer, Path(text).read_text(), windows=settings.windows, seq_len=settings.seq_len)
+    windows = perplexity_windows(tokenizer, Path(text).read_text(), windows=settings.windows, seq_len=settings.seq_len,
+                                 source=f"search text {text}")
     fitness = RecipeFitness(model, calibrated, sparsity, windows)
     began = time.perf_counter()
     uniform = {alpha: fitness([alpha] * len(calibrated.modules)) for alpha in UNIFORM_GRID}
@@ -155,6 +158,7 @@ def search_recipe(model: torch.nn.Module, calibrated: Calibrated, sparsity: floa
                           best_ppl=best_fit, evaluations=fitness.evaluations, seconds=time.perf_counter() - began,
                           settings=settings, history=history)
     log(f"rsparse search: {result.evaluations} evaluations in {result.seconds:.0f} s; perplexity "
-        f"{result.uniform_ppl:.3f} (uniform α={start_alpha:.2f}) -> {result.best_ppl:.3f}; mean α {sum(best) / len(best):.3f}, "
+        f"{result.uniform_ppl:.3f} (uniform α={start_alpha:.2f}) -> {result.best_ppl:.3f}; "
+        f"mean α {sum(best) / len(best):.3f}, "
         f"{sum(a >= 1.0 for a in best)} of {len(best)} modules pure sparse")
     return result

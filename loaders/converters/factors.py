@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from slimserve.loaders.checkpoint import CheckpointWriter
 from slimserve.errors import CheckpointError
-from slimserve.loaders.schemes.base import index_dtype_for
+from slimserve.loaders.checkpoint import CheckpointWriter
+from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
 
 
@@ -28,14 +28,15 @@ def add_factor_pair(writer: CheckpointWriter, module: str, first: torch.Tensor, 
 
     A second factor with zeros (ROCKET's sparse coefficients, written dense) is re-encoded as
     ``dictsparse`` with s = the largest nonzero count of any row, when that is smaller in bytes
-    than keeping it dense; otherwise the pair is ``lowrank``. Returns the scheme chosen.
+    (indices included, as each scheme counts them) than keeping it dense; otherwise the pair is
+    ``lowrank``. Returns the scheme chosen.
     """
     out_features, rank = second.shape
     in_features = first.shape[1]
     nnz = int((second != 0).sum(dim=1).max())
-    float_bytes = dtype.itemsize
-    index_bytes = index_dtype_for({"atoms": rank}).itemsize
-    if nnz * (float_bytes + index_bytes) < rank * float_bytes:
+    shape = {"in_features": in_features, "out_features": out_features}
+    sparse_bytes = SCHEMES["dictsparse"].stored_bytes({**shape, "atoms": rank, "nnz": nnz}, dtype.itemsize)
+    if sparse_bytes < SCHEMES["lowrank"].stored_bytes({**shape, "rank": rank}, dtype.itemsize):
         values, indices = dense_to_coef(second, nnz)
         writer.add_module(module, "dictsparse",
                           {"dictionary": first.to(dtype), "coef_values": values.to(dtype), "coef_indices": indices},

@@ -21,18 +21,27 @@ INDEX_DTYPES = (torch.int16, torch.int32)
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One stored tensor of a scheme: its name suffix, shape and kind ("float" or "index").
+    """One stored tensor of a scheme: its name suffix, shape, and for an index tensor its dtype.
 
     ``out_dim`` / ``in_dim`` name the axis indexed by the layer's output / input features, if
     any: tensor parallelism splits a column-parallel layer along ``out_dim`` and a row-parallel
     layer along ``in_dim``; a tensor without that axis is replicated.
+
+    ``index_dtype`` is set exactly for index tensors: the dtype writers store and engines load
+    them in, chosen by the scheme (which alone knows what the indices address), so byte counts,
+    converters and the vLLM plugin never re-derive it. Float tensors take the checkpoint's dtype.
     """
 
     suffix: str
     shape: tuple[int, ...]
-    kind: str = "float"
     out_dim: int | None = None
     in_dim: int | None = None
+    index_dtype: torch.dtype | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"index"`` or ``"float"``: what validation and error messages call the tensor."""
+        return "float" if self.index_dtype is None else "index"
 
 
 class Scheme:
@@ -81,14 +90,14 @@ class Scheme:
         """Bytes actually stored, indices included."""
         total = 0
         for t in self.tensor_specs(spec):
-            itemsize = float_bytes if t.kind == "float" else index_dtype_for(spec).itemsize
+            itemsize = float_bytes if t.index_dtype is None else t.index_dtype.itemsize
             total += _numel(t.shape) * itemsize
         return total
 
 
-def index_dtype_for(spec: Mapping[str, Any]) -> torch.dtype:
-    """Smallest index dtype that addresses every atom/column of the module."""
-    return torch.int16 if int(spec.get("atoms", 0)) <= torch.iinfo(torch.int16).max else torch.int32
+def smallest_index_dtype(count: int) -> torch.dtype:
+    """The narrowest of ``INDEX_DTYPES`` that can address ``count`` positions (int16 up to 32767)."""
+    return torch.int16 if count <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def _numel(shape: tuple[int, ...]) -> int:

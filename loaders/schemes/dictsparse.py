@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from slimserve.errors import CheckpointError
-from slimserve.loaders.schemes.base import Scheme, TensorSpec
+from slimserve.loaders.schemes.base import Scheme, TensorSpec, smallest_index_dtype
 
 
 class DictSparseScheme(Scheme):
@@ -34,7 +34,7 @@ class DictSparseScheme(Scheme):
         return [
             TensorSpec("dictionary", (k, spec["in_features"]), in_dim=1),
             TensorSpec("coef_values", (out, s), out_dim=0),
-            TensorSpec("coef_indices", (out, s), kind="index", out_dim=0),
+            TensorSpec("coef_indices", (out, s), out_dim=0, index_dtype=smallest_index_dtype(k)),
         ]
 
     def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
@@ -93,5 +93,4 @@ def dense_to_coef(coef: torch.Tensor, nnz: int) -> tuple[torch.Tensor, torch.Ten
     order = torch.argsort(coef.abs(), dim=1, descending=True, stable=True)[:, :nnz]
     indices, _ = torch.sort(order, dim=1)
     values = torch.gather(coef, 1, indices)
-    index_dtype = torch.int16 if atoms <= torch.iinfo(torch.int16).max else torch.int32
-    return values, indices.to(index_dtype)
+    return values, indices.to(smallest_index_dtype(atoms))

@@ -6,7 +6,7 @@ self-attention call: q, k and v are computed exactly as the stock code does, the
 searched) per-head modes. Where the current (step, layer) keeps every head dense, the stock
 processor runs unchanged, so a dense schedule is bit-exact with the unpatched model.
 
-Token layouts differ (sparse_vdit.md §1): Wan's self-attention sees video only (text enters
+Token layouts differ (docs/methods/sparse_vdit.md, "Token layout"): Wan's self-attention sees video only (text enters
 through cross-attention, left stock); HunyuanVideo puts text after the video and pads it with
 an attention mask; CogVideoX puts text first and calls SDPA directly, so diffusers' backend
 switch never reaches it and only a processor can.
@@ -14,7 +14,7 @@ switch never reaches it and only a processor can.
 
 from __future__ import annotations
 
-from typing import Protocol
+from abc import ABC, abstractmethod
 
 import torch
 from diffusers.models.attention_processor import Attention, CogVideoXAttnProcessor2_0
@@ -22,15 +22,35 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, _get_qkv_projections
 
+from slimserve.attention.patterns import VideoLayout
 
-class Controller(Protocol):
-    """What a processor asks about the current (step, layer): see ``plugin.diffusers.runtime``."""
 
-    def dense(self, layer: int) -> bool: ...
+class Controller(ABC):
+    """State shared by one transformer's processors: the current step and token layout.
 
+    The runtime (``plugin.diffusers.runtime``) calls ``begin`` before each transformer forward;
+    the processors ask ``dense`` and ``attend`` per layer. A schedule runs through one subclass,
+    the search through another.
+    """
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.step = 0
+        self.layout: VideoLayout | None = None
+
+    @abstractmethod
+    def begin(self, timestep: float, layout: VideoLayout) -> None:
+        """Called before each transformer forward with its timestep and token layout."""
+
+    @abstractmethod
+    def dense(self, layer: int) -> bool:
+        """True when every head of ``layer`` is FULL at the current step (stock path)."""
+
+    @abstractmethod
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """Attention of ``layer`` at the current step, ``(batch, heads, seq, dim)`` in and out."""
 
 
 class _SparseVDiTProcessor:
@@ -71,7 +91,9 @@ class WanSparseVDiTProcessor(_SparseVDiTProcessor, WanAttnProcessor):
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         if rotary_emb is not None:
             query, key = _wan_rope(query, *rotary_emb), _wan_rope(key, *rotary_emb)
-        out = self.controller.attend(self.layer, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None)
+        out = self.controller.attend(
+            self.layer, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None
+        )
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -93,7 +115,9 @@ class HunyuanVideoSparseVDiTProcessor(_SparseVDiTProcessor, HunyuanVideoAttnProc
         dual_stream = attn.add_q_proj is not None
         if not dual_stream:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        query, key, value = (
+            proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -147,7 +171,8 @@ class CogVideoXSparseVDiTProcessor(_SparseVDiTProcessor, CogVideoXAttnProcessor2
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size = hidden_states.shape[0]
         query, key, value = (
-            proj(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v)
+            proj(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            for proj in (attn.to_q, attn.to_k, attn.to_v)
         )
         if attn.norm_q is not None:
             query = attn.norm_q(query)

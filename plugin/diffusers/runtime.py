@@ -9,7 +9,6 @@ transformer twice per step under classifier-free guidance while CogVideoX batche
 from __future__ import annotations
 
 import inspect
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from slimserve.attention.search import choose_modes
 from slimserve.errors import ScheduleError
 from slimserve.plugin.diffusers.processors import (
     CogVideoXSparseVDiTProcessor,
+    Controller,
     HunyuanVideoSparseVDiTProcessor,
     WanSparseVDiTProcessor,
 )
@@ -73,6 +73,17 @@ SPECS: dict[str, ModelSpec] = {
 }
 
 
+def load_pipeline(model_dir: str | Path) -> Any:
+    """The diffusers pipeline of a model folder (``model_index.json``) in float32, as served and searched.
+
+    Serving and ``vdit-search`` load through this one function so that a schedule is searched
+    on exactly the pipeline (class, dtype) it will run on.
+    """
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
 def transformer_of(pipe_or_transformer: Any) -> nn.Module:
     """The video transformer of a pipeline, or the argument itself."""
     return getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
@@ -83,29 +94,6 @@ def spec_of(transformer: nn.Module) -> ModelSpec:
     if name not in SPECS:
         raise ScheduleError(f"Sparse-vDiT does not support {name}", field="model_class", expected=" or ".join(SPECS))
     return SPECS[name]
-
-
-class Controller(ABC):
-    """State shared by one transformer's processors: the current step and token layout."""
-
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-        self.step = 0
-        self.layout: VideoLayout | None = None
-
-    @abstractmethod
-    def begin(self, timestep: float, layout: VideoLayout) -> None:
-        """Called before each transformer forward with its timestep and token layout."""
-
-    @abstractmethod
-    def dense(self, layer: int) -> bool:
-        """True when every head of ``layer`` is FULL at the current step (stock path)."""
-
-    @abstractmethod
-    def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Attention of ``layer`` at the current step, ``(batch, heads, seq, dim)`` in and out."""
 
 
 class ScheduleController(Controller):
@@ -147,7 +135,8 @@ class SearchController(Controller):
 
     def begin(self, timestep: float, layout: VideoLayout) -> None:
         if self.layout is not None and layout != self.layout:
-            raise ScheduleError(f"calibration inputs changed layout to {layout}", field="layout", expected=str(self.layout))
+            raise ScheduleError(f"calibration inputs changed layout to {layout}", field="layout",
+                                expected=str(self.layout))
         self.layout = layout
         if self.params is None:
             self.params = PatternParams.for_layout(layout, self.block_size)
@@ -239,9 +228,12 @@ def search(
     finally:
         installed.remove()
     num_layers = len(installed.modules)
-    modes = [[controller.choices[(s, l)][0] for l in range(num_layers)] for s in range(len(controller.timesteps))]
+    modes = [[controller.choices[(step, layer)][0] for layer in range(num_layers)]
+             for step in range(len(controller.timesteps))]
     stripes = {
-        (s, l, h): cols for (s, l), (_, layer_stripes) in controller.choices.items() for h, cols in layer_stripes.items()
+        (step, layer, head): cols
+        for (step, layer), (_, layer_stripes) in controller.choices.items()
+        for head, cols in layer_stripes.items()
     }
     return Schedule(
         model_class=type(transformer).__name__,
@@ -273,9 +265,7 @@ def search_folder(
     The schedule goes next to the model (``<model_dir>/sparse_vdit_schedule.json``) unless
     ``out`` names another file or folder.
     """
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
+    pipe = load_pipeline(model_dir)
     generator = torch.Generator().manual_seed(seed)
     schedule = search(
         pipe, prompts, lam=lam, eps=eps, block_size=block_size, backend=backend, generator=generator,

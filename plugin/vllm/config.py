@@ -16,12 +16,10 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from slimserve.loaders.checkpoint import CONFIG_FILE, QUANT_METHOD, _parse_modules, validate_checkpoint
 from slimserve.errors import CheckpointError
+from slimserve.loaders.checkpoint import CONFIG_FILE, QUANT_METHOD, parse_modules, validate_checkpoint
+from slimserve.loaders.models import FUSED_LAYERS
 from slimserve.plugin.vllm.linear import SlimserveLinearMethod
-
-# Fused vLLM layers of the supported architectures and the checkpoint modules they stack.
-DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -57,7 +55,7 @@ class SlimserveConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SlimserveConfig:
-        modules = _parse_modules(config, Path(CONFIG_FILE))
+        modules = parse_modules(config, Path(CONFIG_FILE))
         return cls(modules, int(config["format_version"]))
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
@@ -81,8 +79,8 @@ class SlimserveConfig(QuantizationConfig):
 
     def _shard_modules(self, prefix: str) -> list[str]:
         parent, _, leaf = prefix.rpartition(".")
-        packed = self.packed_modules_mapping or DEFAULT_PACKED_MODULES
-        shards = packed.get(leaf) or DEFAULT_PACKED_MODULES.get(leaf)
+        # vLLM's mapping for the model when it set one, else the fused layers of the supported architectures.
+        shards = (self.packed_modules_mapping or {}).get(leaf) or FUSED_LAYERS.get(leaf)
         if not shards:
             return [prefix]
         return [f"{parent}.{name}" if parent else name for name in shards]

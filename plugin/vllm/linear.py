@@ -29,7 +29,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
-from slimserve.loaders.schemes.base import TensorSpec, index_dtype_for
+from slimserve.loaders.schemes.base import TensorSpec
 from slimserve.plugin.kernels.gemm import prepacked_linear
 from slimserve.plugin.vllm.shards import LAYER_RUNNERS, SHARD_RUNNERS
 
@@ -91,8 +91,8 @@ class SlimserveLinearMethod(LinearMethodBase):
         row_parallel = isinstance(layer, RowParallelLinear)
         slots: dict[str, list[_Slot | None]] = {}
         sizes: dict[str, int] = {}
-        index_dtype = torch.int16
-        for i, (module, spec, local_out) in enumerate(zip(self.shard_modules, self.shard_specs, output_partition_sizes)):
+        shards = zip(self.shard_modules, self.shard_specs, output_partition_sizes)
+        for i, (module, spec, local_out) in enumerate(shards):
             full_out, full_in = spec["out_features"], spec["in_features"]
             split_out = local_out != full_out
             split_in = input_size_per_partition != full_in
@@ -102,8 +102,6 @@ class SlimserveLinearMethod(LinearMethodBase):
                     f"[{local_out}, {input_size_per_partition}]", field=f"quantization_config.modules.{module}")
             shard_rank = tp_rank // kv_replicas if (is_qkv and i > 0) else tp_rank
             local_spec = dict(spec, out_features=local_out, in_features=input_size_per_partition)
-            if spec["scheme"] == "dictsparse":
-                index_dtype = max(index_dtype, index_dtype_for(spec), key=lambda d: d.itemsize)
             for tspec in SCHEMES[spec["scheme"]].tensor_specs(local_spec):
                 shard_slots = slots.setdefault(tspec.suffix, [None] * len(self.shard_specs))
                 shard_slots[i] = _Slot(
@@ -114,8 +112,10 @@ class SlimserveLinearMethod(LinearMethodBase):
                 )
                 sizes[tspec.suffix] = sizes.get(tspec.suffix, 0) + shard_slots[i].numel
         for suffix, total in sizes.items():
-            kind = next(s for s in slots[suffix] if s is not None).spec.kind
-            dtype = params_dtype if kind == "float" else index_dtype
+            # One flat buffer per suffix: index tensors take the widest dtype any shard's scheme asks for.
+            index_dtypes = [s.spec.index_dtype for s in slots[suffix]
+                            if s is not None and s.spec.index_dtype is not None]
+            dtype = max(index_dtypes, key=lambda d: d.itemsize) if index_dtypes else params_dtype
             param = torch.nn.Parameter(torch.empty(total, dtype=dtype), requires_grad=False)
             set_weight_attrs(param, {"weight_loader": self._make_loader(layer, slots[suffix])})
             layer.register_parameter(suffix, param)
@@ -130,7 +130,8 @@ class SlimserveLinearMethod(LinearMethodBase):
             if slot is None:
                 raise CheckpointError("unexpected tensor for this module's scheme",
                                       tensor=f"{self.shard_modules[min(index, len(self.shard_modules) - 1)]}.?",
-                                      expected=f"only tensors of scheme {self.shard_specs[min(index, len(self.shard_specs) - 1)]['scheme']}")
+                                      expected="only tensors of scheme "
+                                               f"{self.shard_specs[min(index, len(self.shard_specs) - 1)]['scheme']}")
             tensor = loaded
             spec = slot.spec
             if slot.split_out:

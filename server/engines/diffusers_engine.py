@@ -1,7 +1,7 @@
 """Engines over diffusers pipelines: text-to-image and text-to-video DiTs.
 
-A folder with ``model_index.json`` is loaded with ``DiffusionPipeline.from_pretrained``; the
-pipeline's output decides the task (``frames`` means video). Optional request fields are
+A folder with ``model_index.json`` is loaded by the plugin's ``load_pipeline`` (the loader
+``vdit-search`` uses); the pipeline's output decides the task (``frames`` means video). Optional request fields are
 passed only when the pipeline's ``__call__`` accepts them, because pipelines differ in what
 they take (PixArt has no ``num_frames``, Wan no ``num_images_per_prompt``).
 
@@ -166,12 +166,12 @@ def load_diffusers_engine(model_dir: str | Path, model_name: str,
     A Sparse-vDiT schedule saved next to the model by ``slimserve vdit-search``
     (``sparse_vdit_schedule.json``) is installed unless another ``schedule`` is given.
     """
-    from diffusers import DiffusionPipeline
+    from slimserve.plugin.diffusers.runtime import load_pipeline
 
     if schedule is None and (Path(model_dir) / SCHEDULE_FILE).is_file():
         schedule = Schedule.load(model_dir)
 
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
+    pipe = load_pipeline(model_dir)
     produces_video = "num_frames" in inspect.signature(pipe.__call__).parameters
     engine_class = DiffusersVideoEngine if produces_video else DiffusersImageEngine
     return engine_class(pipe, model_name, schedule)
