@@ -1,7 +1,7 @@
 """Real vLLM serves rsparse checkpoints token for token like the plain PyTorch R-Sparse reference.
 
 The reference is transformers with every decoder linear replaced by the scheme's reference
-forward (``rsparse_model``), greedy, one prompt at a time: its prefill is one multi-token
+forward (``loaders/reference.py``), greedy, one prompt at a time: its prefill is one multi-token
 forward (dense in the serving protocol) and each decode step one single-token forward (sparse).
 vLLM batches the four prompts' decode steps together, so this also checks per-token masks in
 a batch and the prefill/decode detection from the forward context.
