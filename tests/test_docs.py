@@ -52,6 +52,17 @@ def test_the_architecture_draws_every_room() -> None:
         assert f"`{room}`" in text, f"docs/ARCHITECTURE.md does not describe {room}"
 
 
+def test_every_doc_the_code_cites_exists() -> None:
+    """Docstrings and READMEs cite method notes as ``docs/<name>.md``; each must be in the repository."""
+    cited: dict[str, str] = {}
+    for path in _tracked_files():
+        if path.suffix in (".py", ".md", ".toml", ".cpp") and "docs/" in (text := path.read_text(errors="replace")):
+            for name in re.findall(r"(?<![\w./-])docs/[\w./-]*\.md", text):
+                cited.setdefault(name, str(path.relative_to(REPO)))
+    missing = {name: where for name, where in cited.items() if not (REPO / name).is_file()}
+    assert not missing, f"cited docs that do not exist (doc: first file citing it): {missing}"
+
+
 def test_relative_links_in_docs_and_readmes_resolve() -> None:
     pages = [*REPO.glob("docs/**/*.md"), *REPO.glob("*.md"), *REPO.glob("*/README.md"), *REPO.glob("*/*/README.md")]
     broken = []
