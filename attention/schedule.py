@@ -48,7 +48,7 @@ class Schedule:
         return self.modes[step][layer]
 
     def stripes_at(self, step: int, layer: int) -> dict[int, tuple[int, ...]]:
-        return {h: cols for (s, l, h), cols in self.stripes.items() if s == step and l == layer}
+        return {h: cols for (s, at_layer, h), cols in self.stripes.items() if s == step and at_layer == layer}
 
     def is_dense(self, step: int, layer: int) -> bool:
         return all(mode is Mode.FULL for mode in self.modes[step][layer])
@@ -128,7 +128,8 @@ class Schedule:
             "timesteps": self.timesteps,
             "modes": [["".join(m.char for m in heads) for heads in layers] for layers in self.modes],
             "stripes": [
-                {"step": s, "layer": l, "head": h, "blocks": list(cols)} for (s, l, h), cols in sorted(self.stripes.items())
+                {"step": s, "layer": layer, "head": h, "blocks": list(cols)}
+                for (s, layer, h), cols in sorted(self.stripes.items())
             ],
         }
 
@@ -184,12 +185,14 @@ class Schedule:
         raw_modes = need(data, "modes", list)
         if len(raw_modes) != len(timesteps):
             raise ScheduleError(
-                f"{len(raw_modes)} steps of modes", file=path, field="modes", expected=f"{len(timesteps)} (one per timestep)"
+                f"{len(raw_modes)} steps of modes", file=path, field="modes",
+                expected=f"{len(timesteps)} (one per timestep)"
             )
         modes: list[list[list[Mode]]] = []
         for step, layers in enumerate(raw_modes):
             if not isinstance(layers, list) or len(layers) != num_layers:
-                raise ScheduleError("wrong number of layers", file=path, field="modes", step=step, expected=f"{num_layers}")
+                raise ScheduleError("wrong number of layers", file=path, field="modes", step=step,
+                                    expected=f"{num_layers}")
             modes.append([])
             for layer, heads in enumerate(layers):
                 if not isinstance(heads, str) or len(heads) != num_heads or set(heads) - set("FSDMV"):
@@ -201,16 +204,17 @@ class Schedule:
         total_blocks = num_blocks(layout, params.block_size)
         stripes: dict[tuple[int, int, int], tuple[int, ...]] = {}
         for entry in need(data, "stripes", list):
-            s, l, h = (need(entry, k, int, "stripes[].") for k in ("step", "layer", "head"))
+            step, layer, head = (need(entry, k, int, "stripes[].") for k in ("step", "layer", "head"))
             blocks = need(entry, "blocks", list, "stripes[].")
-            in_range = 0 <= s < len(modes) and 0 <= l < num_layers and 0 <= h < num_heads
-            if not in_range or modes[s][l][h] is not Mode.STRIPE:
+            in_range = 0 <= step < len(modes) and 0 <= layer < num_layers and 0 <= head < num_heads
+            if not in_range or modes[step][layer][head] is not Mode.STRIPE:
                 raise ScheduleError("stripe columns for a head that is not a STRIPE head", file=path,
-                                    field="stripes", step=s, layer=l, head=h, expected="mode V at this position")
+                                    field="stripes", step=step, layer=layer, head=head,
+                                    expected="mode V at this position")
             if not blocks or not all(isinstance(b, int) and 0 <= b < total_blocks for b in blocks):
-                raise ScheduleError(f"blocks {blocks}", file=path, field="stripes", step=s, layer=l, head=h,
-                                    expected=f"a non-empty list of key-block indices in [0, {total_blocks})")
-            stripes[(s, l, h)] = tuple(blocks)
+                raise ScheduleError(f"blocks {blocks}", file=path, field="stripes", step=step, layer=layer,
+                                    head=head, expected=f"a non-empty list of key-block indices in [0, {total_blocks})")
+            stripes[(step, layer, head)] = tuple(blocks)
         for step, layers in enumerate(modes):
             for layer, heads in enumerate(layers):
                 for head, mode in enumerate(heads):

@@ -22,9 +22,9 @@ from slimserve.attention.patterns import (
     Mode,
     PatternParams,
     VideoLayout,
-    text_blocks,
     num_blocks,
     sparsity,
+    text_blocks,
 )
 
 # Query rows sampled to estimate key-column mass for stripe heads: enough to find the heavy

@@ -65,7 +65,8 @@ def test_round_trip_and_ratio(svd_ckpt: Path, tiny_llama: Path) -> None:
     summary = compression_summary(svd_ckpt)
     # every layer keeps at most 70 %: r = floor(0.7·out·in/(out+in))
     assert 0.30 <= summary["ratio"] < 0.32
-    assert summary["stored_params"] == sum(s["rank"] * (s["in_features"] + s["out_features"]) for s in ckpt.modules.values())
+    assert summary["stored_params"] == sum(s["rank"] * (s["in_features"] + s["out_features"])
+                                           for s in ckpt.modules.values())
     dense = open_checkpoint(tiny_llama)
     # untouched tensors are copied bit for bit
     assert torch.equal(ckpt.tensor("model.embed_tokens.weight"), dense.tensor("model.embed_tokens.weight"))
@@ -127,9 +128,11 @@ DICT_CASES = {
                            [f"tensor '{DICT_MODULE}.coef_indices'", "12", "[0, 12)"]),
     "unsorted indices": (dict(tensors=lambda s: s[f"{DICT_MODULE}.coef_indices"][0].copy_(
         s[f"{DICT_MODULE}.coef_indices"][0].flip(0))), [f"tensor '{DICT_MODULE}.coef_indices'", "strictly increasing"]),
-    "float indices": (dict(tensors=lambda s: s.__setitem__(f"{DICT_MODULE}.coef_indices", s[f"{DICT_MODULE}.coef_indices"].float())),
+    "float indices": (dict(tensors=lambda s: s.__setitem__(f"{DICT_MODULE}.coef_indices",
+                                                           s[f"{DICT_MODULE}.coef_indices"].float())),
                       [f"tensor '{DICT_MODULE}.coef_indices'", "torch.int16 or torch.int32"]),
-    "nnz larger than atoms": (dict(config=lambda c: c["quantization_config"]["modules"][DICT_MODULE].__setitem__("nnz", 13)),
+    "nnz larger than atoms": (dict(config=lambda c: c["quantization_config"]["modules"][DICT_MODULE]
+                                   .__setitem__("nnz", 13)),
                               ["nnz <= atoms"]),
 }
 

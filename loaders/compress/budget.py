@@ -11,7 +11,8 @@ from slimserve.errors import CompressionError
 
 def check_ratio(ratio: float) -> float:
     if not 0.0 <= ratio < 1.0:
-        raise CompressionError(f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of parameters removed)")
+        raise CompressionError(
+            f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of parameters removed)")
     return ratio
 
 

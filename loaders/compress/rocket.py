@@ -104,7 +104,9 @@ def ridge_dictionary(sparse: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 def refit_coefficients(coef: torch.Tensor, support: torch.Tensor, dictionary: torch.Tensor, target: torch.Tensor,
                        steps: int = CG_STEPS) -> torch.Tensor:
-    """Per output row o, the least-squares values on its fixed support: ``argmin ‖target_o − c·D‖``, c zero off ``support[o]``.
+    """Per output row o, the least-squares values on its fixed support.
+
+    ``argmin ‖target_o − c·D‖`` with c zero off ``support[o]``.
 
     Solves every row's normal equations ``(c·D·Dᵀ)⊙M = (target·Dᵀ)⊙M`` at once by ``steps``
     conjugate-gradient steps warm-started at ``coef``: each step is one ``[out, k]·[k, k]`` GEMM.

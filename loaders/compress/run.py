@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from slimserve.errors import CompressionError
 from slimserve.loaders.checkpoint import Checkpoint, CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.compress.allocation import cap_options, knapsack_unit, solve_knapsack
 from slimserve.loaders.compress.budget import check_ratio
@@ -29,7 +30,6 @@ from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WIND
 from slimserve.loaders.compress.cospadi import CoSpaDi
 from slimserve.loaders.compress.rocket import REFINE_ITERATIONS, Rocket
 from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dense_option, relative_errors
-from slimserve.errors import CompressionError
 from slimserve.loaders.models import check_architecture, decoder_linear_modules
 
 METHODS = ("svd", "svd-llm", "cospadi", "rocket")
@@ -57,7 +57,8 @@ class LayerReport:
 
 def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: float | None = None,
              rank: int | None = None, calib: str | Path | None = None, calib_cache: str | Path | None = None,
-             allocation: str = "uniform", seed: int = 0, calib_samples: int = DEFAULT_WINDOWS, calib_seq_len: int = DEFAULT_SEQ_LEN,
+             allocation: str = "uniform", seed: int = 0, calib_samples: int = DEFAULT_WINDOWS,
+             calib_seq_len: int = DEFAULT_SEQ_LEN,
              progress: bool = True) -> Path:
     """Compress every decoder linear of ``src`` into ``out`` and write a per-layer report beside it.
 
@@ -81,11 +82,13 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
         raise CompressionError(f"--method {method} is calibrated: give --calib FILE (plain text, e.g. a novel)")
     ckpt = open_checkpoint(src)
     if ckpt.quantization_config is not None:
-        raise CompressionError(f"{src} is already a slimserve checkpoint; compress its dense original or `slimserve densify` it first")
+        raise CompressionError(f"{src} is already a slimserve checkpoint; compress its dense original "
+                               "or `slimserve densify` it first")
     check_architecture(ckpt.config, str(src))
     modules = decoder_linear_modules(ckpt.tensors)
     if not modules:
-        raise CompressionError(f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
+        raise CompressionError(
+            f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
     dtype = ckpt.float_dtype or ckpt.tensors[f"{modules[0]}.weight"].dtype
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +159,8 @@ def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int
 
 
 def profile_layers(modules: list[str], layer: LayerFactory, method: str, progress: bool,
-                   cache: Path | None = None, key: dict | None = None) -> dict[str, dict[float, tuple[int, float, float]]]:
+                   cache: Path | None = None,
+                   key: dict | None = None) -> dict[str, dict[float, tuple[int, float, float]]]:
     """Per module: {level: (stored params, relative whitened error, relative weight error)}, 0.0 = keep dense.
 
     The profile depends on the model, the Grams and the method, not on the ratio, so with a

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimserve.loaders.compress.budget import lowrank_rank
 from slimserve.errors import CompressionError
+from slimserve.loaders.compress.budget import lowrank_rank
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
 
@@ -57,7 +57,7 @@ def dense_option(weight: torch.Tensor) -> Factorization:
 
 
 def dictsparse_option(coef: torch.Tensor, whitened_dictionary: torch.Tensor, nnz: int,
-                      whitening: "Whitening") -> Factorization:
+                      whitening: Whitening) -> Factorization:
     """Store ``W ≈ coef · dictionary · S⁻¹`` (coef ``[out, k]`` with ``nnz`` nonzeros per row) as dictsparse."""
     atoms, in_features = whitened_dictionary.shape
     values, indices = dense_to_coef(coef, nnz)

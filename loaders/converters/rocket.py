@@ -12,12 +12,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from slimserve.errors import CheckpointError
 from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.converters.factors import add_factor_pair, check_pair_shapes
-from slimserve.errors import CheckpointError
 from slimserve.loaders.models import DECODER_LINEAR, check_architecture, linear_shape
 
-_FACTOR = re.compile(r"^(?P<module>.*\.layers\.\d+\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)_(?P<which>[uv])\.weight$")
+_FACTOR = re.compile(
+    r"^(?P<module>.*\.layers\.\d+\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)_(?P<which>[uv])\.weight$")
 
 
 def convert_rocket(src: str | Path, out: str | Path) -> Path:
@@ -25,8 +26,9 @@ def convert_rocket(src: str | Path, out: str | Path) -> Path:
     check_architecture(ckpt.config, str(src))
     pairs: dict[str, dict[str, str]] = {}
     writer_config = {k: v for k, v in ckpt.config.items() if k not in ("compression_ratio", "auto_map")}
-    writer = CheckpointWriter(out, writer_config, producer={"converted_from": "rocket", "source": Path(src).name,
-                                                            "rocket_compression_ratio": ckpt.config.get("compression_ratio")})
+    producer = {"converted_from": "rocket", "source": Path(src).name,
+                "rocket_compression_ratio": ckpt.config.get("compression_ratio")}
+    writer = CheckpointWriter(out, writer_config, producer=producer)
     dtype = ckpt.float_dtype
     for name, tensor in iter_tensors(ckpt):
         if m := _FACTOR.match(name):
@@ -47,7 +49,8 @@ def convert_rocket(src: str | Path, out: str | Path) -> Path:
         first, second = ckpt.tensor(names["u"]), ckpt.tensor(names["v"])
         check_pair_shapes(module, first, second, linear_shape(ckpt.config, module),
                           file=str(ckpt.tensors[names["v"]].file), first_name=names["u"], second_name=names["v"],
-                          layout="ROCKET layout: _u [r, in] applied first, _v [out, r] (is this an SVD-LLM checkpoint?)")
+                          layout="ROCKET layout: _u [r, in] applied first, _v [out, r] "
+                                 "(is this an SVD-LLM checkpoint?)")
         add_factor_pair(writer, module, first, second, dtype or first.dtype)
     copy_aux_files(src, out)
     return writer.finish()

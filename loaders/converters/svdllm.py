@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from slimserve.errors import CheckpointError
 from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.converters.factors import add_factor_pair, check_pair_shapes
-from slimserve.errors import CheckpointError
 from slimserve.loaders.models import DECODER_LINEAR, check_architecture, linear_shape
 
-_FACTOR = re.compile(r"^(?P<parent>.*\.layers\.\d+\.(?:self_attn|mlp))\.(?P<proj>q|k|v|o|gate|up|down)_(?P<which>[uv])_proj\.weight$")
+_FACTOR = re.compile(
+    r"^(?P<parent>.*\.layers\.\d+\.(?:self_attn|mlp))\.(?P<proj>q|k|v|o|gate|up|down)_(?P<which>[uv])_proj\.weight$")
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -70,7 +71,8 @@ def convert_svdllm(src: str | Path, out: str | Path, base: str | Path) -> Path:
             written.add(name)
     if not pairs:
         raise CheckpointError("no SVD-LLM factor tensors found", file=src,
-                              expected="tensors named like 'model.layers.0.self_attn.q_u_proj.weight' / 'q_v_proj.weight'")
+                              expected="tensors named like 'model.layers.0.self_attn.q_u_proj.weight' / "
+                                       "'q_v_proj.weight'")
     for module, factors in sorted(pairs.items()):
         stem = module.rsplit("_proj", 1)[0]
         for which in "uv":

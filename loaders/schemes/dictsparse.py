@@ -70,8 +70,16 @@ class DictSparseScheme(Scheme):
 
     def forward(self, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         z = x @ tensors["dictionary"].to(x.dtype).t()  # [N, k]
-        gathered = z[:, tensors["coef_indices"].long()]  # [N, out, s]: only the stored atoms
-        return (gathered * tensors["coef_values"].to(x.dtype)).sum(dim=-1)
+        return ell_product(z, tensors["coef_values"], tensors["coef_indices"])
+
+
+def ell_product(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``z [N, k] · Cᵀ`` for C as ELL ``values, indices [out, s]``, reading only the stored atoms, in z's dtype.
+
+    The plain-PyTorch definition the compiled ELL kernel is tested against and falls back to.
+    """
+    gathered = z[:, indices.long()]  # [N, out, s]
+    return (gathered * values.to(z.dtype)).sum(dim=-1)
 
 
 def coef_to_dense(values: torch.Tensor, indices: torch.Tensor, atoms: int) -> torch.Tensor:

@@ -21,7 +21,8 @@ class LowRankScheme(Scheme):
 
     def tensor_specs(self, spec: Mapping[str, Any]) -> list[TensorSpec]:
         r = spec["rank"]
-        return [TensorSpec("u", (spec["out_features"], r), out_dim=0), TensorSpec("v", (r, spec["in_features"]), in_dim=1)]
+        return [TensorSpec("u", (spec["out_features"], r), out_dim=0),
+                TensorSpec("v", (r, spec["in_features"]), in_dim=1)]
 
     def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
         super().check_fields(module, spec, file)

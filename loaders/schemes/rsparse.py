@@ -60,9 +60,10 @@ class RSparseScheme(Scheme):
     def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
         where = f"quantization_config.modules.{module}"
         rank = spec.get("rank")
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= min(spec["in_features"], spec["out_features"]):
+        largest = min(spec["in_features"], spec["out_features"])
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= largest:
             raise CheckpointError(f"module '{module}' has rank={rank!r}", file=file, field=f"{where}.rank",
-                                  expected=f"an integer in [0, min(out, in)] = [0, {min(spec['in_features'], spec['out_features'])}]")
+                                  expected=f"an integer in [0, min(out, in)] = [0, {largest}]")
         ranges = {"sparsity": (0.0, 1.0, "a number in [0, 1)"), "alpha": (0.0, 1.0, "a number in [0, 1]")}
         for name, (low, high, text) in ranges.items():
             value = spec.get(name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from slimserve.loaders.schemes.dictsparse import ell_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
 
@@ -28,8 +29,7 @@ def ell_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> 
     ext = _cpu_kernel() if z.device.type == "cpu" else None
     if ext is not None:
         return ext.ell_matmul(z, values, indices).to(z.dtype)
-    gathered = z[:, indices.long()]  # [N, out, s]
-    return (gathered * values.to(z.dtype)).sum(dim=-1)
+    return ell_product(z, values, indices)
 
 
 @ell_matmul.register_fake
