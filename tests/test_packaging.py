@@ -71,6 +71,20 @@ def test_every_runtime_import_is_declared_outside_the_test_extra() -> None:
     assert not problems, "undeclared runtime imports:\n" + "\n".join(problems)
 
 
+def test_every_subpackage_is_listed_for_the_wheel() -> None:
+    """setuptools ships only the packages pyproject lists; an unlisted one works editable and is missing installed."""
+    config = _pyproject()["tool"]["setuptools"]
+    folder_of = {package: Path(folder) for package, folder in config["package-dir"].items()}
+    listed = set(config["packages"])
+    found = set()
+    for package, folder in folder_of.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                relative = init.parent.relative_to(REPO / folder).parts
+                found.add(".".join((package, *relative)))
+    assert found - listed == set(), f"packages missing from [tool.setuptools] packages: {sorted(found - listed)}"
+
+
 def test_failed_kernel_build_warns_or_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
     """No silent fallback: a kernel that cannot be built is a WARNING, or an error when one is demanded."""
