@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -73,3 +74,45 @@ def test_relative_links_in_docs_and_readmes_resolve() -> None:
             if not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO)} -> {target}")
     assert not broken, "broken relative links:\n" + "\n".join(broken)
+
+
+# What docs/ARCHITECTURE.md draws: each room may import only these (the hall is "slimserve").
+ALLOWED_IMPORTS = {
+    "slimserve": set(),
+    "loaders": {"slimserve"},
+    "attention": {"slimserve"},
+    "plugin": {"slimserve", "loaders", "attention"},
+    "server": {"slimserve", "loaders", "attention", "plugin"},
+}
+ROOM_OF_PACKAGE = {"loaders": "loaders", "attention": "attention", "plugin": "plugin", "server": "server",
+                   "errors": "slimserve", "metrics": "slimserve", "testing": "testing"}
+
+
+def _slimserve_imports(path: Path) -> set[str]:
+    """Rooms a module imports (lazy imports inside functions included), by ``slimserve.<part>``."""
+    rooms = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "vllm":
+                rooms.add("vllm")
+            elif parts[0] == "slimserve" and len(parts) > 1:
+                rooms.add(ROOM_OF_PACKAGE.get(parts[1], parts[1]))
+    return rooms
+
+
+def test_imports_point_the_way_the_architecture_draws() -> None:
+    """server -> plugin -> loaders, plugin -> attention, server -> attention, every room -> the hall;
+    only plugin imports vLLM; nothing shipped imports slimserve.testing."""
+    wrong = []
+    for room, allowed in ALLOWED_IMPORTS.items():
+        for path in sorted((REPO / room).rglob("*.py")):
+            if path.is_relative_to(REPO / "slimserve" / "testing"):
+                continue
+            own = "slimserve" if room == "slimserve" else room
+            extra = _slimserve_imports(path) - allowed - {own} - ({"vllm"} if room == "plugin" else set())
+            if extra:
+                wrong.append(f"{path.relative_to(REPO)} imports {sorted(extra)}")
+    assert not wrong, "imports against the drawn direction:\n" + "\n".join(wrong)
