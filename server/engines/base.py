@@ -18,10 +18,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from slimserve.attention.sparsed import SparsedParams
 
 StepCallback = Callable[[int, int], None]
 FinishReason = Literal["stop", "length"]
@@ -80,6 +83,17 @@ class TextRequest:
     # Diffusion-LM knobs (``extra_body`` fields); ``None`` keeps the model's defaults.
     steps: int | None = None
     block_length: int | None = None
+    # SparseD for diffusion LMs: ``None`` keeps the engine's default, ``False`` turns it off.
+    sparsed: SparsedParams | Literal[False] | None = None
+
+
+@dataclass(frozen=True)
+class SparseAttentionStats:
+    """What a request's sparse attention kept and what choosing it cost (exported as ``slimserve:`` metrics)."""
+
+    kept_density: float
+    selection_seconds: float
+    layers: int
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class TextDelta:
     text: str
     num_tokens: int
     finish_reason: FinishReason | None = None
+    sparse_attention: SparseAttentionStats | None = None  # on the last delta of a sparse-attention request
 
 
 class TextEngine(Engine):
@@ -108,6 +123,21 @@ class TextEngine(Engine):
     @abstractmethod
     def generate_text(self, request: TextRequest, on_step: StepCallback) -> Iterator[TextDelta]:
         """Yield the completion in order; the last delta has ``finish_reason`` set."""
+
+    def max_positions(self) -> int | None:
+        """Prompt plus completion tokens the model can attend over; ``None`` when it declares no limit.
+
+        The app refuses a prompt longer than this minus ``max_tokens`` before queueing it.
+        """
+        return None
+
+    def forward_passes(self, request: TextRequest) -> int | None:
+        """Model forward passes ``request`` really costs (a diffusion LM rounds steps up to whole blocks).
+
+        The app refuses requests above its ``max_steps``; ``None`` means the engine does not count
+        steps (an autoregressive engine is bounded by ``max_tokens`` instead).
+        """
+        return None
 
 
 @dataclass(frozen=True)
