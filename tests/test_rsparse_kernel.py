@@ -106,6 +106,24 @@ def test_triton_kernel_in_the_interpreter() -> None:
     assert "TRITON_OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.fixture
+def vllm_config():
+    """A vLLM config set as current, as while vLLM loads a model: R-Sparse layers enter its forward context."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    config = VllmConfig()
+    with set_current_vllm_config(config):
+        yield config
+
+
+def in_step(config, attn_metadata=None):
+    """The forward context of one vLLM step (``None`` metadata: a profiling or warm-up run)."""
+    from vllm.forward_context import create_forward_context, override_forward_context
+
+    meta = attn_metadata if attn_metadata is None else {"model.layers.0.self_attn.attn": attn_metadata}
+    return override_forward_context(create_forward_context(meta, config))
+
+
 def runner(alpha: float, dtype: torch.dtype = torch.float32):
     from slimserve.loaders.compress.rsparse import LayerFactors
     from slimserve.plugin.vllm.rsparse import RSparseLayer
@@ -121,7 +139,7 @@ def runner(alpha: float, dtype: torch.dtype = torch.float32):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("tokens", [1, 8, 20])
-def test_runner_sparse_path_equals_the_reference(alpha: float, tokens: int) -> None:
+def test_runner_sparse_path_equals_the_reference(alpha: float, tokens: int, vllm_config) -> None:
     shard, spec, tensors, x = runner(alpha)
     torch.testing.assert_close(shard.sparse(x[:tokens]), SCHEMES["rsparse"].forward(spec, tensors, x[:tokens]),
                                rtol=1e-4, atol=1e-4)
@@ -129,7 +147,7 @@ def test_runner_sparse_path_equals_the_reference(alpha: float, tokens: int) -> N
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 8, 20])
-def test_a_fused_layer_runs_its_shards_side_by_side(tokens: int, dtype: torch.dtype) -> None:
+def test_a_fused_layer_runs_its_shards_side_by_side(tokens: int, dtype: torch.dtype, vllm_config) -> None:
     """gate | up | another shard with α = 0, 0.6, 1: each output slice equals that shard's own R-Sparse forward.
 
     With at most 16 tokens the kernel adds the low-rank terms itself; 20 tokens take the PyTorch path.
@@ -145,33 +163,65 @@ def test_a_fused_layer_runs_its_shards_side_by_side(tokens: int, dtype: torch.dt
     got = layer.sparse(x)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
-    torch.testing.assert_close(layer.second(x), torch.cat([x @ t["weight_t"] for _, _, t, _ in shards], dim=1),
-                               rtol=1e-4, atol=1e-4)  # no forward context: dense
+    with in_step(vllm_config):  # a profiling run: dense
+        torch.testing.assert_close(layer.second(x), torch.cat([x @ t["weight_t"] for _, _, t, _ in shards], dim=1),
+                                   rtol=1e-4, atol=1e-4)
 
 
-def test_runner_is_dense_outside_decode_and_sparse_in_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm.config import VllmConfig
-    from vllm.forward_context import create_forward_context, override_forward_context
-
+def test_runner_is_dense_outside_decode_and_sparse_in_decode_steps(monkeypatch: pytest.MonkeyPatch,
+                                                                    vllm_config) -> None:
     from slimserve.plugin.vllm import rsparse
 
     shard, spec, tensors, x = runner(0.6)
     dense = x @ tensors["weight_t"]
     sparse = SCHEMES["rsparse"].forward(spec, tensors, x)
     assert not torch.allclose(dense, sparse, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(shard.second(x), dense, rtol=1e-4, atol=1e-4)  # no forward context: vLLM warm-up
-    config = VllmConfig()
     # vLLM's CPU attention metadata carries the step's max_query_len and query_start_loc
     decode = SimpleNamespace(max_query_len=1, query_start_loc=torch.arange(21))
     prefill = SimpleNamespace(max_query_len=20, query_start_loc=torch.tensor([0, 20]))
     mixed = SimpleNamespace(max_query_len=17, query_start_loc=torch.tensor([0, 1, 18, 19, 20]))  # rows 0, 18, 19
-    for meta, rows in ((decode, list(range(20))), (prefill, []), (mixed, [0, 18, 19])):
-        with override_forward_context(create_forward_context({"model.layers.0.self_attn.attn": meta}, config)):
+    for meta, rows in ((decode, list(range(20))), (prefill, []), (mixed, [0, 18, 19]), (None, [])):
+        with in_step(vllm_config, meta):  # None: a profiling run, which has no attention metadata
             expected = dense.clone()
             expected[rows] = sparse[rows]
             torch.testing.assert_close(shard.second(x), expected, rtol=1e-4, atol=1e-4)
-    with override_forward_context(create_forward_context(None, config)):  # profiling run
-        torch.testing.assert_close(shard.second(x), dense, rtol=1e-4, atol=1e-4)
+    assert shard.rows == {"sparse": 23, "dense": 57}
     monkeypatch.setenv(rsparse.SPARSE_PREFILL_ENV, "1")
     everywhere, *_ = runner(0.6)
-    torch.testing.assert_close(everywhere.second(x), sparse, rtol=1e-4, atol=1e-4)
+    with in_step(vllm_config, prefill):
+        torch.testing.assert_close(everywhere.second(x), sparse, rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_modes_override_the_token_kinds(vllm_config) -> None:
+    """Sirius's modes: ``dense`` keeps a decode step dense (a verification pass), ``sparse`` makes a prefill sparse."""
+    from slimserve.plugin.vllm import rsparse
+
+    shard, spec, tensors, x = runner(0.6)
+    dense = x @ tensors["weight_t"]
+    sparse = SCHEMES["rsparse"].forward(spec, tensors, x)
+    decode = SimpleNamespace(max_query_len=1, query_start_loc=torch.arange(21))
+    prefill = SimpleNamespace(max_query_len=20, query_start_loc=torch.tensor([0, 20]))
+    layers = rsparse.context_layers(vllm_config.compilation_config.static_forward_context)
+    assert layers == [shard]
+    for mode, meta, expected in (("dense", decode, dense), ("sparse", prefill, sparse)):
+        rsparse.set_mode(layers, mode)
+        with in_step(vllm_config, meta):
+            torch.testing.assert_close(shard.second(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_live_in_their_engines_forward_context(vllm_config) -> None:
+    """Each engine's layers are found by name in its own context; a layer outside a forward pass is an error."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from slimserve.plugin.vllm import rsparse
+
+    first, *_ = runner(0.0)
+    second, *_ = runner(1.0)
+    assert (first.name, second.name) == ("slimserve_rsparse.0", "slimserve_rsparse.1")
+    other = VllmConfig()
+    with set_current_vllm_config(other):
+        third, *_ = runner(0.6)
+    assert third.name == "slimserve_rsparse.0"
+    assert rsparse.context_layers(other.compilation_config.static_forward_context) == [third]
+    with pytest.raises(RuntimeError, match="forward context"):
+        first.second(torch.zeros(1, 160))

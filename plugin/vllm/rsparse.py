@@ -23,25 +23,37 @@ Memory: W is held twice, packed for prefill and column-major (``weight_t``) for 
 The whole forward is the custom op ``slimserve::rsparse_linear``: under vLLM's default
 torch.compile mode a traced Python branch on the step's token kinds would be frozen at
 trace time, and the C++ kernel cannot be traced at all, so the op is opaque to the compiler
-and decides per step at run time.
+and decides per step at run time. The op finds its layer by name in vLLM's forward context
+(``no_compile_layers``, which is the compilation config's ``static_forward_context``, where
+vLLM's own attention layers live), so the layers belong to their engine and go with it.
+
+Modes: ``serving`` (above), ``dense`` (every token dense) and ``sparse`` (every token sparse).
+Sirius sets ``dense`` on every layer when it loads, and ``sparse`` only while its drafter runs
+(``set_mode``): a verification pass is dense even for a request that had no drafts in that
+step, which token-kind detection would take for a decode.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
 from slimserve.plugin.kernels.gemm import prepacked_linear
-from slimserve.plugin.kernels.rsparse import low_rank_operands, masked_segments, segmented_sparse_mm
+from slimserve.plugin.kernels.rsparse import cpu_extension, low_rank_operands, masked_segments, segmented_sparse_mm
 
 SPARSE_PREFILL_ENV = "SLIMSERVE_RSPARSE_SPARSE_PREFILL"
 # Above this many tokens the union of active channels covers nearly every row (each token
 # keeps about half), so streaming rows one by one loses to the packed dense GEMM.
 KERNEL_MAX_TOKENS = 16
+# Name prefix of R-Sparse layers in vLLM's static forward context (attention layers use their module path).
+CONTEXT_PREFIX = "slimserve_rsparse."
+_ROWS_KEY = "slimserve_rsparse_decode_rows"
+
+Mode = Literal["serving", "dense", "sparse"]
 
 
 def decode_rows() -> torch.Tensor | bool:
@@ -50,49 +62,58 @@ def decode_rows() -> torch.Tensor | bool:
     ``True``: all of them (a pure decode step); ``False``: none (prefill steps, and vLLM's
     profiling and warm-up runs, which have no attention metadata); otherwise the row indices
     of the decode tokens in a step that mixes them with (chunked) prefill. Computed once per
-    step from the attention metadata's ``max_query_len`` and ``query_start_loc`` and reused by
-    every layer of that step.
+    step from the attention metadata's ``max_query_len`` and ``query_start_loc`` and kept in
+    the step's forward context (``additional_kwargs``, which vLLM creates fresh for every
+    forward), so every layer of that step reuses it.
     """
-    global _step_cache
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     if not is_forward_context_available():
         return False
-    meta = get_forward_context().attn_metadata
+    context = get_forward_context()
+    if _ROWS_KEY in context.additional_kwargs:
+        return context.additional_kwargs[_ROWS_KEY]
+    meta = context.attn_metadata
     if isinstance(meta, list):
         meta = meta[0] if meta else None
     if isinstance(meta, dict):
         meta = next(iter(meta.values()), None)
-    if meta is None:
-        return False
-    if _step_cache[0] is meta:  # the cache holds meta, so its identity cannot be reused meanwhile
-        return _step_cache[1]
     rows: torch.Tensor | bool = False
-    if getattr(meta, "max_query_len", 0) == 1:
+    if meta is not None and getattr(meta, "max_query_len", 0) == 1:
         rows = True
-    elif getattr(meta, "query_start_loc", None) is not None:
+    elif meta is not None and getattr(meta, "query_start_loc", None) is not None:
         starts = meta.query_start_loc.cpu()
         single = (starts[1:] - starts[:-1]) == 1
         if single.any():
             rows = starts[:-1][single].long()
-    _step_cache = (meta, rows)
+    context.additional_kwargs[_ROWS_KEY] = rows
     return rows
 
 
-_step_cache: tuple[object, torch.Tensor | bool] = (None, False)
-# Every loaded layer, addressed by index from the custom op (graphs hold ints, not objects).
-_LAYERS: list[RSparseLayer] = []
-
-
 @torch.library.custom_op("slimserve::rsparse_linear", mutates_args=())
-def rsparse_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    """The R-Sparse layer ``layer`` applied to ``x [N, in]`` (dense or sparse per token kind)."""
-    return _LAYERS[layer].forward(x)
+def rsparse_linear(x: torch.Tensor, layer: str, out_features: int) -> torch.Tensor:
+    """The R-Sparse layer named ``layer`` in vLLM's forward context applied to ``x [N, in]``."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        raise RuntimeError(f"R-Sparse layer {layer} ran outside a vLLM forward context (set_forward_context)")
+    return get_forward_context().no_compile_layers[layer].forward(x)
 
 
 @rsparse_linear.register_fake
-def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, layer: str, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
+
+
+def context_layers(static_forward_context: Mapping[str, Any]) -> list[RSparseLayer]:
+    """Every R-Sparse layer of one engine, from its compilation config's ``static_forward_context``."""
+    return [layer for name, layer in static_forward_context.items() if name.startswith(CONTEXT_PREFIX)]
+
+
+def set_mode(layers: Iterable[RSparseLayer], mode: Mode) -> None:
+    """Put ``layers`` in ``mode`` (read by the custom op at run time, so compiled graphs follow it)."""
+    for layer in layers:
+        layer.mode = mode
 
 
 class RSparseLayer:
@@ -114,12 +135,32 @@ class RSparseLayer:
         self.thresholds = [float(spec["threshold"]) if float(spec["alpha"]) > 0.0 else math.inf for spec in specs]
         self.splits = [t["weight_t"].shape[1] for t in shards]
         self.dense = prepacked_linear(self.weight_t.t())
+        if not self.weight_t.is_cuda:
+            cpu_extension()  # build the decode kernel at load (vLLM's warm-up runs only prefill), logged
         # per shard (S·Vᵀ, U), or None without a low-rank part; the kernel adds it in the same pass
         self.low_rank = [low_rank_operands(t["vs"], t["u"]) if "vs" in t and "u" in t else None for t in shards]
         self.out_features = sum(self.splits)
-        self.sparse_prefill = os.environ.get(SPARSE_PREFILL_ENV, "0") not in ("", "0")
-        self.index = len(_LAYERS)
-        _LAYERS.append(self)
+        sparse_prefill = os.environ.get(SPARSE_PREFILL_ENV, "0") not in ("", "0")
+        self.mode: Mode = "sparse" if sparse_prefill else "serving"
+        # Tokens this layer computed each way: Sirius's tests check that only its drafter runs sparse.
+        self.rows = {"dense": 0, "sparse": 0}
+        self.name = self._register()
+
+    def _register(self) -> str:
+        """Enter this layer in the static forward context of the vLLM config being loaded; returns its name.
+
+        vLLM loads a model inside ``set_current_vllm_config``; the name is the layer's load order,
+        the same in every worker, so compiled graphs (which hold the name) match across ranks.
+        """
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+        if config is None:
+            raise RuntimeError("R-Sparse layers are built while vLLM loads a model (inside set_current_vllm_config)")
+        context = config.compilation_config.static_forward_context
+        name = f"{CONTEXT_PREFIX}{len(context_layers(context))}"
+        context[name] = self
+        return name
 
     @classmethod
     def shard(cls, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> RSparseLayer:
@@ -127,15 +168,22 @@ class RSparseLayer:
         return cls([tensors], [spec])
 
     def second(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.slimserve.rsparse_linear(x, self.index, self.out_features)
+        return torch.ops.slimserve.rsparse_linear(x, self.name, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = True if self.sparse_prefill else decode_rows()
+        if self.mode == "serving":
+            rows = decode_rows()
+        else:
+            rows = self.mode == "sparse"
         if rows is True:
+            self.rows["sparse"] += x.shape[0]
             return self.sparse(x)
         y = self.dense(x)
+        self.rows["dense"] += x.shape[0]
         if rows is not False:  # a step mixing prefill and decode: decode tokens stay sparse
             y[rows] = self.sparse(x[rows])
+            self.rows["sparse"] += len(rows)
+            self.rows["dense"] -= len(rows)
         return y
 
     def sparse(self, x: torch.Tensor) -> torch.Tensor:
