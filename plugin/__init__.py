@@ -13,5 +13,7 @@ def register() -> None:
     if _registered:
         return
     from slimserve.plugin.vllm import config  # noqa: F401  (decorator registers "slimserve")
+    from slimserve.plugin.vllm.sirius import install
 
+    install()  # Sirius's drafter for the draft_model method (plugin/vllm/sirius.py)
     _registered = True

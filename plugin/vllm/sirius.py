@@ -1,0 +1,201 @@
+"""Sirius in vLLM: the model's own sparse mode drafts, the same weights verify, one KV cache.
+
+Sirius (docs/methods/sirius.md) is self-speculative decoding. Every period of K tokens the
+contextually sparse model (R-Sparse layers in ``sparse`` mode) proposes K−1 tokens one at a
+time, and the full model checks them in one parallel pass, which also overwrites their K/V
+with full-model K/V. In vLLM that is the ``draft_model`` speculative method with
+``num_speculative_tokens = K − 1`` and this drafter in place of ``DraftModelProposer``:
+
+- ``load_model`` takes the *target* model as the draft model: no second copy of the weights
+  and no draft attention layers, so vLLM allocates no second KV cache. The drafter's layers
+  are the target's, and its K/V go into the slots vLLM reserves for a draft model (its
+  lookahead of ``num_speculative_tokens`` per request); the next verification pass rewrites them.
+- ``set_inputs_first_pass`` feeds one token per request: the token the target just sampled,
+  at the position after its last accepted token. vLLM's draft-model first pass re-runs every
+  token the target verified in that step (a separate draft model needs them in its own
+  cache); here they would overwrite the target's dense K/V with sparse K/V.
+- ``propose`` runs with every R-Sparse layer in ``sparse`` mode and sets ``dense`` again
+  afterwards, so everything outside the drafter (prefill, verification) is dense, whatever
+  the step's token kinds.
+
+The drafter is installed by rebinding ``DraftModelProposer`` in vLLM's GPU model runner module
+(which the CPU runner inherits): the runner builds its drafter from that name. A drafter whose
+engine has no Sirius settings in ``additional_config`` behaves exactly like vLLM's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+from slimserve.errors import SlimserveError
+from slimserve.plugin.vllm.rsparse import RSparseLayer, context_layers, set_mode
+
+#: Key of Sirius's settings in vLLM's ``additional_config`` (engine argument ``--additional-config``).
+CONFIG_KEY = "slimserve_sirius"
+#: The vLLM release whose runner, drafter and rejection-sampler internals this module was written against.
+SUPPORTED_VLLM = "0.32."
+DEFAULT_PERIOD = 16
+DEFAULT_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class SiriusSettings:
+    """One server's Sirius settings.
+
+    ``period`` K: the full model checks every K tokens, so the drafter proposes K − 1.
+    ``threshold``: the paper's acceptance rule (a draft token stays while the full model gives it
+    probability ≥ threshold at temperature 0.6); ``lossless`` uses vLLM's exact greedy check instead.
+    """
+
+    period: int = DEFAULT_PERIOD
+    threshold: float = DEFAULT_THRESHOLD
+    lossless: bool = False
+
+    def __post_init__(self) -> None:
+        if self.period < 2:
+            raise SlimserveError("must be at least 2 (one draft token per check)", field="sirius.period",
+                                 expected=f"an integer >= 2, got {self.period}")
+        if self.threshold < 0:
+            raise SlimserveError("must not be negative", field="sirius.threshold",
+                                 expected=f"a probability threshold >= 0, got {self.threshold}")
+
+    def engine_args(self, model: str) -> dict[str, Any]:
+        """The vLLM engine arguments that turn Sirius on for ``model`` (``LLM(**...)``, ``EngineArgs``).
+
+        Checks the installed vLLM first: on another release the plugin leaves vLLM's drafter in
+        place, which would load a second copy of the model and draft densely.
+        """
+        import vllm
+
+        check_vllm_version(vllm.__version__)
+        return {
+            "speculative_config": {"method": "draft_model", "model": model,
+                                   "num_speculative_tokens": self.period - 1},
+            "additional_config": {CONFIG_KEY: {"period": self.period, "threshold": self.threshold,
+                                               "lossless": self.lossless}},
+        }
+
+    @classmethod
+    def of(cls, vllm_config: Any) -> SiriusSettings | None:
+        """The settings an engine runs with, or None where Sirius is off."""
+        extra = getattr(vllm_config, "additional_config", None)
+        if not isinstance(extra, dict) or CONFIG_KEY not in extra:
+            return None
+        return cls(**extra[CONFIG_KEY])
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse a vLLM whose internals Sirius was not written against, before it reaches a runner."""
+    if not version.startswith(SUPPORTED_VLLM):
+        raise SlimserveError(
+            "Sirius replaces vLLM's draft-model proposer and rejection sampler, internals that change "
+            "between releases", field="vllm version",
+            expected=f"vLLM {SUPPORTED_VLLM}x, found {version}")
+
+
+class SiriusProposer(DraftModelProposer):
+    """vLLM's draft-model proposer whose draft model is the target model itself, run sparse.
+
+    Without Sirius settings in the engine's ``additional_config`` every method defers to
+    ``DraftModelProposer``. ``drafted_rows`` counts the tokens it pushed through the model (each
+    layer's sparse rows must equal it: the tests' check that nothing else runs sparse).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sirius = SiriusSettings.of(self.vllm_config)
+        self.sparse_layers: list[RSparseLayer] = []
+        self.drafted_rows = 0
+        self._rejected: torch.Tensor | None = None
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        if self.sirius is None:
+            return super().load_model(target_model)
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+        self.model = target_model
+        layers = get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase)  # type: ignore[type-abstract]
+        # The drafter attends with the target's own layers and writes into their cache.
+        self._draft_attn_layer_names = {name for name, layer in layers.items()
+                                        if layer.get_kv_cache_spec(self.vllm_config) is not None}
+        self.sparse_layers = context_layers(self.vllm_config.compilation_config.static_forward_context)
+        set_mode(self.sparse_layers, "dense")
+        return None
+
+    def propose(self, num_speculative_tokens: int, *args: Any, num_rejected_tokens_gpu: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        if self.sirius is None:
+            return super().propose(num_speculative_tokens, *args, num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+                                   **kwargs)
+        # Consumed by set_inputs_first_pass; withheld from the base class, whose only other use of
+        # it corrects the sequence lengths of its many-token first pass, which this drafter does not run.
+        self._rejected = num_rejected_tokens_gpu
+        set_mode(self.sparse_layers, "sparse")
+        try:
+            drafts = super().propose(num_speculative_tokens, *args, num_rejected_tokens_gpu=None, **kwargs)
+        finally:
+            set_mode(self.sparse_layers, "dense")
+            self._rejected = None
+        self.drafted_rows += drafts.shape[0] * max(num_speculative_tokens, 1)
+        return drafts
+
+    def set_inputs_first_pass(self, target_token_ids: torch.Tensor, next_token_ids: torch.Tensor,
+                              target_positions: torch.Tensor, target_hidden_states: torch.Tensor,
+                              token_indices_to_sample: torch.Tensor | None, cad: Any,
+                              num_rejected_tokens_gpu: torch.Tensor | None) -> tuple[int, torch.Tensor, Any]:
+        if self.sirius is None:
+            return super().set_inputs_first_pass(target_token_ids, next_token_ids, target_positions,
+                                                 target_hidden_states, token_indices_to_sample, cad,
+                                                 num_rejected_tokens_gpu)
+        from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+
+        batch = cad.batch_size()
+        last = cad.query_start_loc[1:batch + 1].long() - 1  # each request's last token in the step
+        if self._rejected is not None:
+            last = last - self._rejected[:batch].long()
+        positions = target_positions[last].long() + 1  # the sampled token's position: it has no K/V yet
+        beyond = positions >= self.max_model_len
+        positions = torch.where(beyond, torch.zeros_like(positions), positions)
+        blocks = cad.block_table_tensor[torch.arange(batch, device=positions.device), positions // self.block_size]
+        slots = blocks.long() * self.block_size + positions % self.block_size
+        slots = torch.where(beyond, torch.full_like(slots, PADDING_SLOT_ID), slots)
+        self.input_ids[:batch] = next_token_ids[:batch]
+        self._set_positions(batch, positions)
+        seq_lens = (positions + 1).to(cad.seq_lens.dtype)
+        query_start = self.arange[:batch + 1].to(cad.query_start_loc.dtype)
+        one_token = type(cad)(
+            query_start_loc=query_start,
+            query_start_loc_cpu=query_start.cpu(),
+            seq_lens=seq_lens,
+            seq_lens_cpu_upper_bound=seq_lens.cpu(),
+            num_reqs=batch,
+            num_actual_tokens=batch,
+            max_query_len=1,
+            max_seq_len=int(seq_lens.max()) if batch else 0,
+            block_table_tensor=cad.block_table_tensor,
+            slot_mapping=slots,
+            causal=True,
+            dcp_local_seq_lens=cad.dcp_local_seq_lens,
+        )
+        return batch, self.arange[:batch].clone(), one_token
+
+
+def install() -> bool:
+    """Make vLLM's model runner build ``SiriusProposer`` for the ``draft_model`` method (idempotent).
+
+    Returns False (and changes nothing) on a vLLM other than the supported release; turning Sirius
+    on there fails in ``SiriusSettings.engine_args`` with a message naming both versions.
+    """
+    import vllm
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        return False
+    from vllm.v1.worker import gpu_model_runner
+
+    gpu_model_runner.DraftModelProposer = SiriusProposer  # type: ignore[misc]
+    return True
