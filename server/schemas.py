@@ -39,6 +39,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SparsedBody(BaseModel):
+    """SparseD's knobs (``attention/sparsed.py``): full attention for the first ``skip`` of the steps
+    (``skip >= 1``: never sparse), then per head the top ``rho`` of each region's ``block``-token key blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    skip: float = Field(0.2, ge=0.0, le=1.0)
+    rho: float = Field(0.3, gt=0.0, le=1.0)
+    block: int = Field(128, ge=16, le=4096, multiple_of=16)
+
+
 class TextRequestBody(RequestBody):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=65536)
@@ -52,6 +63,8 @@ class TextRequestBody(RequestBody):
     # Diffusion-LM extensions, sent through ``extra_body``.
     steps: int | None = Field(None, ge=1, le=4096)
     block_length: int | None = Field(None, ge=1, le=4096)
+    # SparseD: ``true`` for the defaults, an object to set them, ``false`` to turn off a model's default.
+    sparsed: bool | SparsedBody | None = None
 
     def token_budget(self, default: int) -> int:
         """``max_completion_tokens`` (the newer name) wins over ``max_tokens``."""

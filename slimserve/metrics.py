@@ -35,6 +35,9 @@ DENOISE_STEP_BUCKETS = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
 )
 
+# Fractions of attention tiles computed (1 = dense).
+DENSITY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
 
 class SlimserveMetrics:
     """Every ``slimserve:`` metric family, bound to one model name on one registry.
@@ -108,6 +111,14 @@ class SlimserveMetrics:
             "model_compression_ratio",
             "Fraction of decoder-linear parameters the loaded checkpoint removed (0 = dense).",
         )
+        self.sparsed_kept_density = histogram(
+            "sparsed_kept_density",
+            "Per SparseD request: fraction of (query block, key block) attention tiles kept, over layers and heads.",
+            DENSITY_BUCKETS)
+        self.sparsed_selection_seconds = histogram(
+            "sparsed_mask_selection_seconds",
+            "Per SparseD request: time spent scoring tiles and building block masks (once per layer).",
+            DENOISE_STEP_BUCKETS)
         self.sirius_advances = counter(
             "sirius_advances", "Sirius correction rounds (drafts verified); pair with sirius_advance_tokens.",
         )

@@ -12,11 +12,12 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from slimserve.attention.sparsed import SparsedParams
 from slimserve.server.engines.base import (
     ChatMessage,
     EngineRequestError,
@@ -28,7 +29,7 @@ from slimserve.server.engines.base import (
 from slimserve.server.errors import OpenAIError, engine_error
 from slimserve.server.openai_format import TextFormat, usage
 from slimserve.server.runner import StepTracker
-from slimserve.server.schemas import ChatCompletionRequest, CompletionRequest, TextRequestBody
+from slimserve.server.schemas import ChatCompletionRequest, CompletionRequest, SparsedBody, TextRequestBody
 from slimserve.server.sse import DisconnectWatcher, sse_event
 from slimserve.server.state import AppState, State
 
@@ -76,7 +77,16 @@ def _text_request(state: AppState, body: TextRequestBody, prompt: str) -> TextRe
         if value is not None and value > limits.max_steps:
             raise OpenAIError(400, f"{name} must be at most {limits.max_steps}", param=name, code="invalid_value")
     return TextRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature, seed=body.seed,
-                       stop=tuple(body.stop_strings()), steps=body.steps, block_length=body.block_length)
+                       stop=tuple(body.stop_strings()), steps=body.steps, block_length=body.block_length,
+                       sparsed=_sparsed_params(body.sparsed))
+
+
+def _sparsed_params(field: bool | SparsedBody | None) -> SparsedParams | Literal[False] | None:
+    """The engine's SparseD setting: ``None`` keeps the model's default, ``False`` turns it off."""
+    if field is None or field is False:
+        return field
+    knobs = SparsedBody() if field is True else field
+    return SparsedParams(skip=knobs.skip, rho=knobs.rho, block=knobs.block)
 
 
 async def _complete(state: AppState, body: TextRequestBody, prompt: str, chat: bool,
@@ -150,6 +160,9 @@ class TextStream:
         self.last_output = now
         self.generated += item.num_tokens
         metrics.generation_tokens.inc(item.num_tokens)
+        if item.sparse_attention is not None:
+            metrics.sparsed_kept_density.observe(item.sparse_attention.kept_density)
+            metrics.sparsed_selection_seconds.observe(item.sparse_attention.selection_seconds)
         if item.finish_reason is not None:
             self.finished = True
             metrics.request_success(item.finish_reason)
