@@ -42,10 +42,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    from slimserve.server.config import ALL_INTERFACES, API_KEY_ENV, LOOPBACK, default_host, resolve_api_key
+
     def add_options(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--host", default="0.0.0.0")
+        parser.add_argument("--host", default=None,
+                            help=f"listen address (default {LOOPBACK}; {ALL_INTERFACES} when an API key is set)")
         parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+        parser.add_argument("--api-key", default=None,
+                            help=f"require 'Authorization: Bearer KEY' on /v1 routes; visible to every local user in "
+                                 f"the process list, so prefer ${API_KEY_ENV} or --api-key-file")
+        parser.add_argument("--api-key-file", default=None,
+                            help=f"file holding the API key (a mounted secret); else ${API_KEY_ENV} is read")
         parser.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
         parser.add_argument("--max-running", type=int, default=1, help="requests run at once (slimserve app)")
         parser.add_argument("--max-waiting", type=int, default=16, help="queued requests before 429 (slimserve app)")
@@ -67,8 +74,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         trailing = argparse.ArgumentParser(prog="slimserve serve MODEL")
         add_options(trailing)
         trailing.parse_args(args.rest[:split], namespace=args)
-        return serve(args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
-                     api_key=args.api_key, extra_args=args.rest[split + 1:], max_running=args.max_running,
+        api_key = args.api_key or resolve_api_key(args.api_key_file)
+        return serve(args.model, served_model_name=args.served_model_name, host=default_host(args.host, api_key),
+                     port=args.port, api_key=api_key, extra_args=args.rest[split + 1:], max_running=args.max_running,
                      max_waiting=args.max_waiting)
 
     parser.set_defaults(handler=handler)

@@ -3,11 +3,16 @@
 Every failure a client can see goes through here, including FastAPI's own validation
 errors and unknown routes, so the ``openai`` SDK always raises the right typed exception
 (``BadRequestError``, ``AuthenticationError``, ``RateLimitError``, ...).
+
+An unexpected failure is answered with a generic 500 naming only the request id (also sent as
+the ``x-request-id`` header of every response); its details (exception, paths, tracebacks) go
+to the server log under that id, never to the client.
 """
 
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,9 +20,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimserve.server.engines.base import EngineRequestError, RequestCancelled
+from slimserve.server.media import VideoEncodingError
 from slimserve.server.schemas import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("slimserve.server")
+
+# The id of the request being served, set by ``middleware.RequestIdMiddleware``; tasks a request
+# starts (a video job) inherit it, so their log lines name the request that created them.
+REQUEST_ID: ContextVar[str] = ContextVar("slimserve_request_id", default="-")
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -57,10 +67,21 @@ def engine_error(exc: BaseException) -> OpenAIError:
     """Translate what an engine raised into the error the client gets (and log the unexpected ones)."""
     if isinstance(exc, EngineRequestError):
         return OpenAIError(400, str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, VideoEncodingError):
+        if exc.rejected_size:
+            return OpenAIError(400, str(exc), param="size", code="unsupported_size")
+        return internal_error(exc, "video encoding failed")
     if isinstance(exc, RequestCancelled):
         return OpenAIError(499, "client closed the request", code="client_closed_request")
-    logger.error("engine failed", exc_info=exc)
-    return OpenAIError(500, f"engine error: {type(exc).__name__}: {exc}", code="engine_error")
+    return internal_error(exc, "engine failed")
+
+
+def internal_error(exc: BaseException, what: str) -> OpenAIError:
+    """Log ``exc`` in full under the request id; the client learns only that id."""
+    request_id = REQUEST_ID.get()
+    logger.error("%s (request id %s)", what, request_id, exc_info=exc)
+    return OpenAIError(500, f"internal server error; quote request id {request_id} to the operator",
+                       code="internal_error", headers={"x-request-id": request_id})
 
 
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
@@ -97,5 +118,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return OpenAIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+        return internal_error(exc, f"unhandled error on {request.method} {request.url.path}").response()

@@ -4,6 +4,8 @@ Engines are synchronous PyTorch code; the event loop must stay free to accept re
 stream tokens and notice disconnects. ``EngineRunner`` admits at most ``max_running``
 requests onto the engine at once, lets at most ``max_waiting`` more wait, and refuses the
 rest with 429 so that a burst becomes a fast, retryable error instead of unbounded latency.
+Once the server is shutting down (``stop_admitting``, called on SIGTERM) every new request is
+refused with 503 at once, while admitted ones finish.
 A slot is released when the engine call returns, not when the client leaves, so a
 cancelled request never overlaps the next one on the engine.
 """
@@ -76,10 +78,15 @@ class EngineRunner:
         self.slots = asyncio.Semaphore(max_running)
         self.waiting = 0
         self.running = 0
+        self.admitting = True
         self.executor = ThreadPoolExecutor(max_running, thread_name_prefix="slimserve-engine")
 
     def enqueue(self) -> Ticket:
-        """Join the queue, or raise 429 when it is full."""
+        """Join the queue, or raise 503 when the server is shutting down and 429 when the queue is full."""
+        if not self.admitting:
+            self.metrics.admission_rejection("shutting_down")
+            raise OpenAIError(503, "server is shutting down; retry on another replica", code="shutting_down",
+                              headers={"Retry-After": "5"})
         if self.waiting >= self.max_waiting and (self.slots.locked() or self.waiting > 0):
             self.metrics.admission_rejection("queue_full")
             raise OpenAIError(429, f"server busy: {self.running} running and {self.waiting} waiting requests; "
@@ -101,6 +108,10 @@ class EngineRunner:
 
         future.add_done_callback(release)
         return future
+
+    def stop_admitting(self) -> None:
+        """Refuse new requests from now on (safe to call from a signal handler: it only sets a flag)."""
+        self.admitting = False
 
     def close(self) -> None:
         """Wait for running engine calls, then stop the threads."""

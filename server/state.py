@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
 from typing import Annotated, Any
 
@@ -44,19 +46,45 @@ class AppState:
         self.metrics.attention_skipped_heads.set(report.skipped_heads)
         self.metrics.model_compression_ratio.set(report.compression_ratio)
         self._runner: EngineRunner | None = None
-        self.videos = VideoJobStore()
+        self.videos = VideoJobStore(config.max_video_jobs, config.max_video_bytes, config.video_ttl_seconds)
         self._last_ignored_warning = float("-inf")
 
     # ---- lifecycle (the app's lifespan) -------------------------------------------------
 
     def start(self) -> None:
-        """Create the runner; its semaphore must belong to the server's event loop, hence not in ``__init__``."""
+        """Create the runner and the job folder; the runner's semaphore must belong to the server's loop."""
         self._runner = EngineRunner(self.config.max_running, self.config.max_waiting, self.metrics)
+        self.videos.open()
+        self._refuse_new_work_on_sigterm()
 
     async def stop(self) -> None:
-        """Let video jobs finish, then wait for engine threads and stop them."""
-        await self.videos.drain()
+        """Refuse new work, give video jobs ``drain_seconds``, stop the engine threads, delete job results."""
+        self.runner.stop_admitting()
+        await self.videos.drain(self.config.drain_seconds)
         self.runner.close()
+        self.videos.close()
+
+    def _refuse_new_work_on_sigterm(self) -> None:
+        """Answer 503 from the moment SIGTERM arrives, not only once uvicorn reaches the lifespan shutdown.
+
+        uvicorn first waits (up to its graceful timeout) for open connections; requests arriving
+        on them meanwhile would otherwise still be queued. uvicorn installs its own handler before
+        the lifespan starts (and restores the original afterwards); this one runs first and hands
+        over to it. Signal handlers exist only in the main thread, so an app served from another
+        thread (tests) keeps uvicorn's handling alone.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):  # no server handler to hand over to: leave SIGTERM's default alone
+            return
+        runner = self.runner
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            runner.stop_admitting()
+            previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     @property
     def runner(self) -> EngineRunner:
@@ -82,15 +110,41 @@ class AppState:
             raise OpenAIError(400, f"at most {self.config.max_steps} steps are allowed on this server",
                               param="num_inference_steps", code="invalid_value")
 
-    def parse_size(self, size: str) -> tuple[int | None, int | None]:
-        """``"WxH"`` as integers within ``max_side``; ``"auto"`` leaves the choice to the engine."""
-        if size == "auto":
-            return None, None
-        width, height = (int(side) for side in size.split("x"))
-        if max(width, height) > self.config.max_side:
-            raise OpenAIError(400, f"size {size} exceeds {self.config.max_side} pixels per side",
-                              param="size", code="invalid_value")
-        return width, height
+    def media_size(self, size: str, width: int | None = None,
+                   height: int | None = None) -> tuple[int | None, int | None]:
+        """Width and height within ``max_side``: from ``"WxH"`` unless ``width``/``height`` (videos) override it.
+
+        ``"auto"`` leaves the choice to the engine. Each side is checked under the field it came
+        from, so ``width=4000`` is refused like ``size=4000x16``.
+        """
+        sides: dict[str, int | None] = {"width": None, "height": None}
+        if size != "auto":
+            for name, side in zip(sides, size.split("x"), strict=True):
+                sides[name] = int(side)
+                self._check_side("size", int(side))
+        for name, side in (("width", width), ("height", height)):
+            if side is not None:
+                self._check_side(name, side)
+                sides[name] = side
+        return sides["width"], sides["height"]
+
+    def _check_side(self, param: str, side: int) -> None:
+        if side > self.config.max_side:
+            raise OpenAIError(400, f"{param}: {side} pixels exceeds this server's {self.config.max_side} pixels "
+                                   "per side", param=param, code="invalid_value")
+
+    def check_pixels(self, width: int | None, height: int | None, frames: int, n: int, param: str) -> None:
+        """Refuse a request whose width x height x frames x n (its render and encoding cost) exceeds ``max_pixels``.
+
+        An ``"auto"`` size is the engine's default and is bounded by the model itself.
+        """
+        if width is None or height is None:
+            return
+        pixels = width * height * frames * n
+        if pixels > self.config.max_pixels:
+            raise OpenAIError(400, f"{width}x{height} pixels x {frames} frames x {n} outputs = {pixels} pixels "
+                                   f"exceeds this server's budget of {self.config.max_pixels}; ask for a smaller "
+                                   "size, fewer frames or fewer outputs", param=param, code="invalid_value")
 
     async def finish_media(self, work: asyncio.Future[Any], arrival: float) -> Any:
         """Await an image or video render, recording its outcome; engine failures become OpenAI errors."""

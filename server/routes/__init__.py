@@ -32,7 +32,9 @@ def authenticate(state: State,
     api_key = state.config.api_key
     if api_key is None:
         return
-    if credentials is None or not secrets.compare_digest(credentials.credentials, api_key):
+    # Compared as UTF-8 bytes: ``compare_digest`` refuses non-ASCII ``str``, and any token a client sends must be a 401.
+    sent = credentials.credentials.encode("utf-8", "surrogateescape") if credentials is not None else None
+    if sent is None or not secrets.compare_digest(sent, api_key.encode("utf-8")):
         raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key",
                           headers={"WWW-Authenticate": "Bearer"})
 

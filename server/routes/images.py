@@ -26,7 +26,8 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
     state.check_model(body.model)
     state.note_ignored(body)
     state.check_steps(body.num_inference_steps)
-    width, height = state.parse_size(body.size)
+    width, height = state.media_size(body.size)
+    state.check_pixels(width, height, 1, body.n, param="n")
     image_request = ImageRequest(prompt=body.prompt, n=body.n, width=width, height=height,
                                  num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
                                  negative_prompt=body.negative_prompt, seed=body.seed)

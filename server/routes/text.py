@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from slimserve.attention.sparsed import SparsedParams
 from slimserve.server.engines.base import (
@@ -54,7 +55,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     state.note_ignored(body)
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
     try:
-        prompt = _text_engine(state).render_chat(messages)
+        prompt = await run_in_threadpool(_text_engine(state).render_chat, messages)
     except EngineRequestError as exc:
         raise engine_error(exc) from exc
     return await _complete(state, body, prompt, chat=True, http_request=request)
@@ -76,9 +77,15 @@ def _text_request(state: AppState, body: TextRequestBody, prompt: str) -> TextRe
     for name, value in (("steps", body.steps), ("block_length", body.block_length)):
         if value is not None and value > limits.max_steps:
             raise OpenAIError(400, f"{name} must be at most {limits.max_steps}", param=name, code="invalid_value")
-    return TextRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature, seed=body.seed,
-                       stop=tuple(body.stop_strings()), steps=body.steps, block_length=body.block_length,
-                       sparsed=_sparsed_params(body.sparsed))
+    request = TextRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature, seed=body.seed,
+                          stop=tuple(body.stop_strings()), steps=body.steps, block_length=body.block_length,
+                          sparsed=_sparsed_params(body.sparsed))
+    passes = _text_engine(state).forward_passes(request)
+    if passes is not None and passes > limits.max_steps:
+        raise OpenAIError(400, f"this request needs {passes} forward passes (steps rounded up to whole blocks of "
+                               f"max_tokens / block_length), more than this server's {limits.max_steps}; raise "
+                               "block_length or lower max_tokens or steps", param="steps", code="invalid_value")
+    return request
 
 
 def _sparsed_params(field: bool | SparsedBody | None) -> SparsedParams | Literal[False] | None:
@@ -89,13 +96,24 @@ def _sparsed_params(field: bool | SparsedBody | None) -> SparsedParams | Literal
     return SparsedParams(skip=knobs.skip, rho=knobs.rho, block=knobs.block)
 
 
+def _check_prompt_length(state: AppState, prompt_tokens: int, max_tokens: int) -> None:
+    """Refuse a prompt that leaves no room for ``max_tokens`` in the model's positions (vLLM's check, too)."""
+    declared = _text_engine(state).max_positions()
+    positions = min(declared, state.config.max_model_len) if declared is not None else state.config.max_model_len
+    if prompt_tokens + max_tokens > positions:
+        raise OpenAIError(400, f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}, more than "
+                               f"the {positions} positions this model serves; shorten the prompt or lower max_tokens",
+                          param="prompt", code="context_length_exceeded")
+
+
 async def _complete(state: AppState, body: TextRequestBody, prompt: str, chat: bool,
                     http_request: Request) -> Response:
     """Serve a completion or chat completion, streamed or not."""
     arrival = time.perf_counter()
     engine = _text_engine(state)
     request = _text_request(state, body, prompt)
-    prompt_tokens = engine.count_tokens(prompt)
+    prompt_tokens = await run_in_threadpool(engine.count_tokens, prompt)
+    _check_prompt_length(state, prompt_tokens, request.max_tokens)
     ticket = state.runner.enqueue()
     await ticket.wait()
     state.metrics.prompt_tokens.inc(prompt_tokens)

@@ -2,7 +2,8 @@
 
 ``POST /v1/videos`` validates, queues and returns the job at once; the render runs as an
 asyncio task that holds its place in the runner's queue like any request, so jobs and
-synchronous requests share one admission limit. Jobs live in ``jobs.VideoJobStore``.
+synchronous requests share one admission limit. Jobs live in ``jobs.VideoJobStore``, which
+bounds them by count, bytes and age; results are files on disk, served from there.
 """
 
 from __future__ import annotations
@@ -37,15 +38,23 @@ async def create_video(form: VideoForm, state: State) -> VideoObject:
     video = VideoObject(id="video_" + uuid.uuid4().hex, model=state.engine.model_name, status="queued", progress=0,
                         created_at=int(time.time()), prompt=form.prompt, seconds=seconds, size=size)
     job = VideoJob(video=video, request=request)
-    job.task = asyncio.create_task(_run_job(state, job, state.runner.enqueue()))
-    state.videos.add(job)
+    state.videos.add(job)  # 429 when the store is full of live jobs, before taking a queue place
+    try:
+        ticket = state.runner.enqueue()
+    except OpenAIError:
+        state.videos.delete(video.id)
+        raise
+    job.task = asyncio.create_task(_run_job(state, job, ticket))
     return video
 
 
 @router.get("/videos", response_model=VideoList)
-async def list_videos(state: State, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> VideoList:
-    videos = state.videos.latest(limit)
-    return VideoList(data=videos, first_id=videos[0].id if videos else None, last_id=videos[-1].id if videos else None)
+async def list_videos(state: State, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                      after: Annotated[str | None, Query(max_length=100)] = None,
+                      order: Annotated[Literal["asc", "desc"], Query()] = "desc") -> VideoList:
+    videos, has_more = state.videos.page(limit, after, order)
+    return VideoList(data=videos, has_more=has_more, first_id=videos[0].id if videos else None,
+                     last_id=videos[-1].id if videos else None)
 
 
 @router.get("/videos/{video_id}", response_model=VideoObject)
@@ -67,9 +76,10 @@ async def video_content(video_id: str, state: State,
     if job.video.status != "completed":
         raise OpenAIError(400, f"video {video_id} is {job.video.status}, not completed",
                           param="video_id", code="video_not_ready")
-    if variant == "thumbnail":
-        return Response(job.thumbnail, media_type="image/png")
-    return Response(job.content, media_type="video/mp4")
+    path = job.thumbnail_path if variant == "thumbnail" else job.content_path
+    assert path is not None, "a completed job has its files"
+    # Read now rather than streaming the file: an eviction right after must not cut the download.
+    return Response(path.read_bytes(), media_type="image/png" if variant == "thumbnail" else "video/mp4")
 
 
 @router.post("/videos/sync", response_class=Response, responses={200: {"content": {"video/mp4": {}}}})
@@ -87,12 +97,12 @@ def _video_request(state: AppState, form: VideoGenerationRequest) -> tuple[Video
     state.check_model(form.model)
     state.note_ignored(form)
     state.check_steps(form.num_inference_steps)
-    width, height = state.parse_size(form.size)
-    width, height = form.width or width, form.height or height
+    width, height = state.media_size(form.size, form.width, form.height)
     num_frames = form.num_frames or int(form.seconds) * form.fps
     if num_frames > state.config.max_frames:
         raise OpenAIError(400, f"at most {state.config.max_frames} frames are allowed on this server",
                           param="num_frames", code="invalid_value")
+    state.check_pixels(width, height, num_frames, 1, param="num_frames")
     request = VideoRequest(prompt=form.prompt, width=width, height=height, num_frames=num_frames, fps=form.fps,
                            num_inference_steps=form.num_inference_steps, guidance_scale=form.guidance_scale,
                            negative_prompt=form.negative_prompt, seed=form.seed)
@@ -102,12 +112,19 @@ def _video_request(state: AppState, form: VideoGenerationRequest) -> tuple[Video
 
 
 async def _render(state: AppState, request: VideoRequest, ticket: Ticket, cancel: threading.Event,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[bytes, bytes]:
-    """Wait in the queue, render and encode one video; returns the MP4 and a PNG thumbnail."""
+                  progress: Callable[[int, int], None] | None = None,
+                  on_engine: Callable[[], None] | None = None) -> tuple[bytes, bytes]:
+    """Wait in the queue, render and encode one video; returns the MP4 and a PNG thumbnail.
+
+    ``on_engine`` is called once the request holds an engine slot (from then on it must not be
+    cancelled as a task, only through ``cancel``).
+    """
     arrival = time.perf_counter()
     engine = state.engine
     assert isinstance(engine, VideoEngine), "video routes are mounted only for video engines"
     await ticket.wait()
+    if on_engine is not None:
+        on_engine()
     tracker = StepTracker(state.metrics, cancel, progress)
 
     def render() -> tuple[bytes, bytes, int]:
@@ -121,9 +138,13 @@ async def _render(state: AppState, request: VideoRequest, ticket: Ticket, cancel
 
 async def _run_job(state: AppState, job: VideoJob, ticket: Ticket) -> None:
     """Render a job in the background; its failure is the job's status, not an HTTP error."""
+
+    def hold_engine() -> None:
+        job.on_engine = True
+
     try:
-        content, thumbnail = await _render(state, job.request, ticket, job.cancel, job.progress)
+        content, thumbnail = await _render(state, job.request, ticket, job.cancel, job.progress, hold_engine)
     except OpenAIError as err:
-        job.fail(err)
+        state.videos.fail(job, err)
         return
-    job.complete(content, thumbnail)
+    state.videos.complete(job, content, thumbnail)
