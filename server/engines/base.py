@@ -139,21 +139,6 @@ class TextEngine(Engine):
         """
         return None
 
-    def max_positions(self) -> int | None:
-        """Prompt plus completion tokens the model can attend over; ``None`` when it declares no limit.
-
-        The app refuses a prompt longer than this minus ``max_tokens`` before queueing it.
-        """
-        return None
-
-    def forward_passes(self, request: TextRequest) -> int | None:
-        """Model forward passes ``request`` really costs (a diffusion LM rounds steps up to whole blocks).
-
-        The app refuses requests above its ``max_steps``; ``None`` means the engine does not count
-        steps (an autoregressive engine is bounded by ``max_tokens`` instead).
-        """
-        return None
-
 
 @dataclass(frozen=True)
 class ImageRequest:
