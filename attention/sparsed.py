@@ -12,7 +12,7 @@ from one full-attention step, and reused by every later step:
    ``O(block * length)`` per head) and keeps the top ``floor(n * rho) + 1`` key blocks among the
    prompt's blocks and, separately, among the generation's blocks ("isolated selection"):
    generation tokens get little attention early on and a joint ranking would starve them.
-   A block straddling the prompt/generation boundary counts as prompt.
+   A block straddling the prompt/generation boundary counts as prompt (see ``prompt_block_count``).
 3. :func:`tile_block_mask` turns the kept tiles into a FlexAttention ``BlockMask`` directly from
    their KV-block indices (``create_block_mask`` evaluates a ``mask_mod`` over every position and
    costs seconds cold); :func:`sparse_attention` runs it.
@@ -69,9 +69,15 @@ def kept_blocks(num_blocks: int, rho: float) -> int:
     return min(num_blocks, math.floor(num_blocks * rho) + 1)
 
 
-def prompt_block_count(prompt_length: int, block: int) -> int:
-    """Key blocks that count as prompt: every block that starts inside the prompt."""
-    return -(-prompt_length // block)
+def prompt_block_count(prompt_length: int, length: int, block: int) -> int:
+    """Key blocks that count as prompt: every block that starts inside the prompt.
+
+    A block straddling the boundary counts as prompt (as in the authors' code), unless the
+    generation fits inside it: then it counts as generation, so generation keys keep a block.
+    """
+    num_blocks = -(-length // block)
+    straddled = -(-prompt_length // block)
+    return min(straddled, num_blocks - 1) if length > prompt_length else num_blocks
 
 
 def _tile_means(probabilities: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
@@ -113,7 +119,7 @@ def select_tiles(query: torch.Tensor, key: torch.Tensor, prompt_length: int, par
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     block = params.block
     num_blocks = -(-length // block)
-    boundary = min(prompt_block_count(prompt_length, block), num_blocks)
+    boundary = prompt_block_count(prompt_length, length, block)
     keep = torch.empty(batch, heads, num_blocks, num_blocks, dtype=torch.bool, device=query.device)
     for row in range(num_blocks):
         rows = query[:, :, row * block:(row + 1) * block].float()
