@@ -135,12 +135,14 @@ def tile_density(keep: torch.Tensor) -> float:
     return float(keep.float().mean())
 
 
-def tile_block_mask(keep: torch.Tensor, block: int, length: int) -> BlockMask:
+def tile_block_mask(keep: torch.Tensor, block: int, length: int, eager: bool = True) -> BlockMask:
     """A FlexAttention ``BlockMask`` with ``keep``'s tiles as full blocks, built from their indices.
 
-    Full blocks skip the ``mask_mod`` in the compiled kernel; the ``mask_mod`` (the same tiles at
-    token resolution) is what FlexAttention's eager path and ``create_mask`` evaluate, and it reads
-    only ``keep[..., q // block, kv // block]``, which exists for every padded position too.
+    The compiled kernel never calls the ``mask_mod`` of full blocks (and torch 2.13's CPU template
+    fails to build one that reads a captured tensor), so ``eager=False`` leaves it out. FlexAttention's
+    eager path and ``create_mask`` evaluate only the ``mask_mod``, so ``eager=True`` gives them the
+    same tiles at token resolution: ``keep[..., q // block, kv // block]``, which exists for every
+    padded position too.
     """
     counts = keep.sum(-1, dtype=torch.int32)
     # Kept block indices first, in ascending order; entries past a row's count are ignored.
@@ -150,7 +152,7 @@ def tile_block_mask(keep: torch.Tensor, block: int, length: int) -> BlockMask:
         return keep[b, h, q_idx // block, kv_idx // block]
 
     return BlockMask.from_kv_blocks(torch.zeros_like(counts), order, counts, order, BLOCK_SIZE=block,
-                                    mask_mod=mask_mod, seq_lengths=(length, length))
+                                    mask_mod=mask_mod if eager else None, seq_lengths=(length, length))
 
 
 def dense_tile_mask(keep: torch.Tensor, block: int, length: int) -> torch.Tensor:
@@ -176,7 +178,8 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """Block-sparse attention over ``mask``'s tiles (GQA through ``enable_gqa``).
 
     ``compiled=False`` runs FlexAttention's eager path, which materializes the scores: for tests
-    and small shapes, where compiling would dominate.
+    and small shapes, where compiling would dominate. The mask must be built for the same path
+    (:func:`tile_block_mask`'s ``eager``).
     """
     kernel = compiled_flex_attention() if compiled else flex_attention
     return kernel(query, key, value, block_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
@@ -191,8 +194,8 @@ class LayerTiles:
     mask: BlockMask | None  # None: the density is too high for the sparse kernel to win
 
     @classmethod
-    def build(cls, keep: torch.Tensor, block: int, length: int,
-              dense_above: float = DENSE_ABOVE_DENSITY) -> LayerTiles:
+    def build(cls, keep: torch.Tensor, block: int, length: int, dense_above: float = DENSE_ABOVE_DENSITY,
+              compiled: bool = True) -> LayerTiles:
         density = tile_density(keep)
-        mask = None if density > dense_above else tile_block_mask(keep, block, length)
+        mask = None if density > dense_above else tile_block_mask(keep, block, length, eager=not compiled)
         return cls(keep, density, mask)

@@ -66,7 +66,8 @@ class SparsedRequest:
         if self.step >= self.select_step:
             start = time.perf_counter()
             keep = select_tiles(query, key, self.prompt_length, self.params, scale)
-            self.layers[layer] = LayerTiles.build(keep, self.params.block, query.shape[2], self.dense_above)
+            self.layers[layer] = LayerTiles.build(keep, self.params.block, query.shape[2], self.dense_above,
+                                                  compiled=self.compiled)
             self.selection_seconds += time.perf_counter() - start
             self.selections += 1
         return None
