@@ -23,6 +23,7 @@ from enum import Enum
 from pathlib import Path
 
 from slimserve.errors import SlimserveError
+from slimserve.plugin.vllm.sirius_settings import SiriusSettings, vllm_cli_args
 from slimserve.server.engines.base import Engine
 from slimserve.server.engines.diffusion_lm import is_diffusion_lm_config
 
@@ -75,16 +76,20 @@ def vllm_command(
     api_key: str | None = None,
     extra_args: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
+    sirius: SiriusSettings | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start vLLM's OpenAI server on ``model_dir``.
 
-    ``extra_args`` (everything after ``--`` on the command line) are passed to vLLM verbatim
-    and come last, so they can override anything slimserve sets.
+    ``sirius`` turns on Sirius (vLLM's draft-model speculative decoding with slimserve's drafter,
+    see plugin/vllm/sirius.py). ``extra_args`` (everything after ``--`` on the command line) are
+    passed to vLLM verbatim and come last, so they can override anything slimserve sets.
     """
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", served_model_name, "--host", host, "--port", str(port)]
     if api_key is not None:
         argv += ["--api-key", api_key]
+    if sirius is not None:
+        argv += vllm_cli_args(str(model_dir), sirius)
     argv += list(extra_args)
     env = dict(os.environ if environ is None else environ)
     for name, value in VLLM_CPU_ENV_DEFAULTS.items():
@@ -116,14 +121,18 @@ def serve(
     max_running: int = 1,
     max_waiting: int = 16,
     graceful_timeout: float = 60.0,
+    sirius: SiriusSettings | None = None,
 ) -> int:
     """Serve ``model_dir`` until interrupted; for causal LMs, replace this process with vLLM."""
     kind = detect_engine_kind(model_dir)
     name = served_model_name or Path(model_dir).resolve().name
     if kind is EngineKind.VLLM:
         argv, env = vllm_command(model_dir, served_model_name=name, host=host, port=port, api_key=api_key,
-                                 extra_args=extra_args)
+                                 extra_args=extra_args, sirius=sirius)
         os.execve(argv[0], argv, env)
+    if sirius is not None:
+        raise ModelFolderError(f"Sirius is a speculative decoder for causal LMs served by vLLM, but {model_dir} is "
+                               f"served by slimserve's {kind.value} engine")
     if extra_args:
         raise ModelFolderError(f"extra arguments {list(extra_args)} are for vLLM, but {model_dir} is served "
                                f"by slimserve's {kind.value} engine")

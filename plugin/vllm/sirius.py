@@ -25,76 +25,14 @@ engine has no Sirius settings in ``additional_config`` behaves exactly like vLLM
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from slimserve.errors import SlimserveError
 from slimserve.plugin.vllm.rsparse import RSparseLayer, context_layers, set_mode
-
-#: Key of Sirius's settings in vLLM's ``additional_config`` (engine argument ``--additional-config``).
-CONFIG_KEY = "slimserve_sirius"
-#: The vLLM release whose runner, drafter and rejection-sampler internals this module was written against.
-SUPPORTED_VLLM = "0.32."
-DEFAULT_PERIOD = 16
-DEFAULT_THRESHOLD = 0.1
-
-
-@dataclass(frozen=True)
-class SiriusSettings:
-    """One server's Sirius settings.
-
-    ``period`` K: the full model checks every K tokens, so the drafter proposes K − 1.
-    ``threshold``: the paper's acceptance rule (a draft token stays while the full model gives it
-    probability ≥ threshold at temperature 0.6); ``lossless`` uses vLLM's exact greedy check instead.
-    """
-
-    period: int = DEFAULT_PERIOD
-    threshold: float = DEFAULT_THRESHOLD
-    lossless: bool = False
-
-    def __post_init__(self) -> None:
-        if self.period < 2:
-            raise SlimserveError("must be at least 2 (one draft token per check)", field="sirius.period",
-                                 expected=f"an integer >= 2, got {self.period}")
-        if self.threshold < 0:
-            raise SlimserveError("must not be negative", field="sirius.threshold",
-                                 expected=f"a probability threshold >= 0, got {self.threshold}")
-
-    def engine_args(self, model: str) -> dict[str, Any]:
-        """The vLLM engine arguments that turn Sirius on for ``model`` (``LLM(**...)``, ``EngineArgs``).
-
-        Checks the installed vLLM first: on another release the plugin leaves vLLM's drafter in
-        place, which would load a second copy of the model and draft densely.
-        """
-        import vllm
-
-        check_vllm_version(vllm.__version__)
-        return {
-            "speculative_config": {"method": "draft_model", "model": model,
-                                   "num_speculative_tokens": self.period - 1},
-            "additional_config": {CONFIG_KEY: {"period": self.period, "threshold": self.threshold,
-                                               "lossless": self.lossless}},
-        }
-
-    @classmethod
-    def of(cls, vllm_config: Any) -> SiriusSettings | None:
-        """The settings an engine runs with, or None where Sirius is off."""
-        extra = getattr(vllm_config, "additional_config", None)
-        if not isinstance(extra, dict) or CONFIG_KEY not in extra:
-            return None
-        return cls(**extra[CONFIG_KEY])
-
-
-def check_vllm_version(version: str) -> None:
-    """Refuse a vLLM whose internals Sirius was not written against, before it reaches a runner."""
-    if not version.startswith(SUPPORTED_VLLM):
-        raise SlimserveError(
-            "Sirius replaces vLLM's draft-model proposer and rejection sampler, internals that change "
-            "between releases", field="vllm version",
-            expected=f"vLLM {SUPPORTED_VLLM}x, found {version}")
+from slimserve.plugin.vllm.sirius_settings import LIKELIHOOD_TEMPERATURE, SUPPORTED_VLLM, SiriusSettings
 
 
 class SiriusProposer(DraftModelProposer):
@@ -108,6 +46,7 @@ class SiriusProposer(DraftModelProposer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sirius = SiriusSettings.of(self.vllm_config)
+        self._runner = kwargs.get("runner")
         self.sparse_layers: list[RSparseLayer] = []
         self.drafted_rows = 0
         self._rejected: torch.Tensor | None = None
@@ -125,6 +64,11 @@ class SiriusProposer(DraftModelProposer):
                                         if layer.get_kv_cache_spec(self.vllm_config) is not None}
         self.sparse_layers = context_layers(self.vllm_config.compilation_config.static_forward_context)
         set_mode(self.sparse_layers, "dense")
+        if not self.sirius.lossless:
+            # The runner built its rejection sampler after this drafter; it loads the model later.
+            runner = self._runner
+            runner.rejection_sampler = ThresholdRejectionSampler(runner.sampler, self.speculative_config,
+                                                                 self.device, threshold=self.sirius.threshold)
         return None
 
     def propose(self, num_speculative_tokens: int, *args: Any, num_rejected_tokens_gpu: torch.Tensor | None = None,
@@ -183,6 +127,54 @@ class SiriusProposer(DraftModelProposer):
             dcp_local_seq_lens=cad.dcp_local_seq_lens,
         )
         return batch, self.arange[:batch].clone(), one_token
+
+
+class ThresholdRejectionSampler(RejectionSampler):
+    """Sirius's acceptance rule for greedy requests; vLLM's own rule for the others.
+
+    A greedy request keeps the longest prefix of its draft tokens to which the full model gives
+    probability ``softmax(z / 0.6)[token] >= threshold``, then the full model's argmax at the first
+    token it refused (or its bonus token when it refused none). ``threshold > 1`` refuses
+    everything (plain greedy decoding, one token per check); ``threshold = 0`` keeps every draft.
+    """
+
+    def __init__(self, *args: Any, threshold: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.threshold = threshold
+
+    def forward(self, metadata: Any, draft_probs: torch.Tensor | None, logits: torch.Tensor,
+                sampling_metadata: Any) -> Any:
+        # vLLM's output first: the bonus tokens, every non-greedy request, and the logprobs plumbing.
+        target = logits[metadata.target_logits_indices].float()  # the base class may modify logits in place
+        bonus = logits[metadata.bonus_logits_indices].argmax(dim=-1)
+        output = super().forward(metadata, draft_probs, logits, sampling_metadata)
+        greedy = _greedy_rows(sampling_metadata, len(metadata.num_draft_tokens))
+        if not greedy.any():
+            return output
+        likely = target.div(LIKELIHOOD_TEMPERATURE).softmax(dim=-1)
+        likely = likely.gather(1, metadata.draft_token_ids.long()[:, None])[:, 0] >= self.threshold
+        best = target.argmax(dim=-1)
+        tokens = output.sampled_token_ids
+        start = 0
+        for row, drafts in enumerate(metadata.num_draft_tokens):
+            stop = start + drafts
+            if greedy[row] and drafts:
+                refused = (~likely[start:stop]).nonzero()
+                kept = int(refused[0]) if len(refused) else drafts
+                tokens[row, :kept] = metadata.draft_token_ids[start:start + kept].to(tokens.dtype)
+                tokens[row, kept] = best[start + kept] if kept < drafts else bonus[row]
+                tokens[row, kept + 1:] = PLACEHOLDER_TOKEN_ID
+            start = stop
+        return output
+
+
+def _greedy_rows(sampling_metadata: Any, batch: int) -> torch.Tensor:
+    """Which requests of the step sample greedily (temperature 0; vLLM leaves temperature None when all do)."""
+    if sampling_metadata.all_greedy or sampling_metadata.temperature is None:
+        return torch.ones(batch, dtype=torch.bool)
+    from vllm.v1.sample.sampler import _SAMPLING_EPS
+
+    return (sampling_metadata.temperature[:batch] < _SAMPLING_EPS).cpu()
 
 
 def install() -> bool:

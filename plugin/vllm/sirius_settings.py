@@ -1,0 +1,85 @@
+"""Sirius's per-server settings and how they become vLLM engine arguments (importable without vLLM).
+
+Kept apart from ``sirius.py`` (the drafter and sampler, which import vLLM's runner internals) so
+the command line can build and check them cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from slimserve.errors import SlimserveError
+
+#: Key of Sirius's settings in vLLM's ``additional_config`` (engine argument ``--additional-config``).
+CONFIG_KEY = "slimserve_sirius"
+#: The vLLM release whose runner, drafter and rejection-sampler internals this module was written against.
+SUPPORTED_VLLM = "0.32."
+DEFAULT_PERIOD = 16
+DEFAULT_THRESHOLD = 0.1
+#: The paper's temperature for the full model's likelihood of a draft token (hard-coded in its code too).
+LIKELIHOOD_TEMPERATURE = 0.6
+
+
+@dataclass(frozen=True)
+class SiriusSettings:
+    """One server's Sirius settings.
+
+    ``period`` K: the full model checks every K tokens, so the drafter proposes K − 1.
+    ``threshold``: the paper's acceptance rule (a draft token stays while the full model gives it
+    probability ≥ threshold at temperature 0.6); ``lossless`` uses vLLM's exact greedy check instead.
+    """
+
+    period: int = DEFAULT_PERIOD
+    threshold: float = DEFAULT_THRESHOLD
+    lossless: bool = False
+
+    def __post_init__(self) -> None:
+        if self.period < 2:
+            raise SlimserveError("must be at least 2 (one draft token per check)", field="sirius.period",
+                                 expected=f"an integer >= 2, got {self.period}")
+        if self.threshold < 0:
+            raise SlimserveError("must not be negative", field="sirius.threshold",
+                                 expected=f"a probability threshold >= 0, got {self.threshold}")
+
+    def engine_args(self, model: str) -> dict[str, Any]:
+        """The vLLM engine arguments that turn Sirius on for ``model`` (``LLM(**...)``, ``EngineArgs``).
+
+        Checks the installed vLLM first: on another release the plugin leaves vLLM's drafter in
+        place, which would load a second copy of the model and draft densely.
+        """
+        import vllm
+
+        check_vllm_version(vllm.__version__)
+        return {
+            "speculative_config": {"method": "draft_model", "model": model,
+                                   "num_speculative_tokens": self.period - 1},
+            "additional_config": {CONFIG_KEY: {"period": self.period, "threshold": self.threshold,
+                                               "lossless": self.lossless}},
+        }
+
+    @classmethod
+    def of(cls, vllm_config: Any) -> SiriusSettings | None:
+        """The settings an engine runs with, or None where Sirius is off."""
+        extra = getattr(vllm_config, "additional_config", None)
+        if not isinstance(extra, dict) or CONFIG_KEY not in extra:
+            return None
+        return cls(**extra[CONFIG_KEY])
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse a vLLM whose internals Sirius was not written against, before it reaches a runner."""
+    if not version.startswith(SUPPORTED_VLLM):
+        raise SlimserveError(
+            "Sirius replaces vLLM's draft-model proposer and rejection sampler, internals that change "
+            "between releases", field="vllm version",
+            expected=f"vLLM {SUPPORTED_VLLM}x, found {version}")
+
+
+def vllm_cli_args(model: str, settings: SiriusSettings) -> list[str]:
+    """``settings.engine_args`` as options of vLLM's OpenAI server (JSON values, as its parser takes them)."""
+    import json
+
+    engine = settings.engine_args(model)
+    return ["--speculative-config", json.dumps(engine["speculative_config"]),
+            "--additional-config", json.dumps(engine["additional_config"])]

@@ -1,0 +1,92 @@
+"""Sirius without an engine: serve flags -> vLLM arguments, the version check, and the threshold rule on logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimserve.errors import SlimserveError
+from slimserve.plugin.vllm.sirius_settings import SiriusSettings, check_vllm_version
+from slimserve.server.cli import build_parser, sirius_settings
+from slimserve.server.launch import vllm_command
+
+
+def test_serve_flags_become_vllm_speculative_and_additional_config(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--sirius-period", "8", "--sirius-lossless", str(tmp_path)])
+    settings = sirius_settings(args)
+    assert settings == SiriusSettings(period=8, threshold=0.1, lossless=True)
+    assert sirius_settings(build_parser().parse_args(["serve", str(tmp_path)])) is None
+    assert sirius_settings(build_parser().parse_args(["serve", "--sirius-threshold", "0", str(tmp_path)])) == \
+        SiriusSettings(period=16, threshold=0.0)
+    argv, _ = vllm_command(tmp_path, served_model_name="m", sirius=settings)
+    speculative = json.loads(argv[argv.index("--speculative-config") + 1])
+    # the model drafts for itself: K − 1 drafts per check
+    assert speculative == {"method": "draft_model", "model": str(tmp_path), "num_speculative_tokens": 7}
+    assert json.loads(argv[argv.index("--additional-config") + 1]) == {
+        "slimserve_sirius": {"period": 8, "threshold": 0.1, "lossless": True}}
+    assert "--speculative-config" not in vllm_command(tmp_path, served_model_name="m")[0]
+
+
+def test_bad_settings_and_other_vllm_releases_are_refused() -> None:
+    with pytest.raises(SlimserveError, match="sirius.period"):
+        SiriusSettings(period=1)
+    with pytest.raises(SlimserveError, match="sirius.threshold"):
+        SiriusSettings(threshold=-0.5)
+    check_vllm_version("0.32.0")
+    with pytest.raises(SlimserveError, match="0.33.1"):
+        check_vllm_version("0.33.1")
+
+
+def _step(drafts: list[list[int]], vocab: int = 8):
+    """Spec-decode metadata for ``drafts`` and logits with one row per draft and one bonus row per request."""
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    meta = SpecDecodeMetadata.make_dummy(drafts, torch.device("cpu"))
+    counts = [len(d) for d in drafts]
+    ends = np.cumsum([c + 1 for c in counts])
+    starts = ends - np.array(counts) - 1
+    meta.target_logits_indices = torch.tensor([s + i for s, c in zip(starts, counts) for i in range(c)])
+    meta.bonus_logits_indices = torch.tensor(ends - 1)
+    return meta, torch.zeros(int(ends[-1]), vocab)
+
+
+def test_threshold_rule_keeps_likely_drafts_then_the_full_models_token() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.sample.sampler import Sampler
+
+    from slimserve.plugin.vllm.sirius import ThresholdRejectionSampler
+
+    current_platform.register_triton_kernel_overrides()  # the C++ rejection kernels, as a CPU worker does
+    meta, logits = _step([[1, 2, 3], [4, 5]])
+    # request 0: the full model prefers 0 everywhere but gives draft 1 and 2 p ≈ 0.27 at T = 0.6; draft 3 is unlikely
+    logits[0, [0, 1]] = torch.tensor([1.0, 0.5])
+    logits[1, [0, 2]] = torch.tensor([1.0, 0.5])
+    logits[2, 0] = 4.0
+    logits[3, 6] = 3.0  # bonus row of request 0 (unused: a draft was refused)
+    # request 1: every draft is the argmax, so everything is kept and the bonus token follows
+    logits[4, 4] = 3.0
+    logits[5, 5] = 3.0
+    logits[6, 7] = 3.0
+    metadata = _greedy_metadata(2)
+    lenient = ThresholdRejectionSampler(Sampler(), threshold=0.15)(meta, None, logits.clone(), metadata)
+    assert lenient.sampled_token_ids.tolist() == [[1, 2, 0, -1], [4, 5, 7, -1]]
+    strict = ThresholdRejectionSampler(Sampler(), threshold=1.5)(meta, None, logits.clone(), metadata)
+    assert strict.sampled_token_ids.tolist() == [[0, -1, -1, -1], [4, -1, -1, -1]]  # plain greedy, one token
+    keep_all = ThresholdRejectionSampler(Sampler(), threshold=0.0)(meta, None, logits.clone(), metadata)
+    assert keep_all.sampled_token_ids.tolist() == [[1, 2, 3, 6], [4, 5, 7, -1]]
+
+
+def _greedy_metadata(batch: int):
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    return SamplingMetadata(
+        temperature=None, all_greedy=True, all_random=False, top_p=None, top_k=None, generators={},
+        max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
+        frequency_penalties=torch.zeros(batch), presence_penalties=torch.zeros(batch),
+        repetition_penalties=torch.ones(batch), output_token_ids=[[] for _ in range(batch)],
+        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
