@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from slimserve.server import checkpoint_commands, demo
+
+if TYPE_CHECKING:
+    from slimserve.plugin.vllm.sirius_settings import SiriusSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +60,13 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
         parser.add_argument("--max-running", type=int, default=1, help="requests run at once (slimserve app)")
         parser.add_argument("--max-waiting", type=int, default=16, help="queued requests before 429 (slimserve app)")
+        parser.add_argument("--sirius-period", type=int, default=None,
+                            help="turn on Sirius (causal LMs): the full model checks the sparse drafts every K tokens "
+                                 "(default 16 when another --sirius option is given)")
+        parser.add_argument("--sirius-threshold", type=float, default=None,
+                            help="Sirius keeps a draft token the full model gives probability >= T (default 0.1)")
+        parser.add_argument("--sirius-lossless", action="store_true", default=None,
+                            help="Sirius keeps only drafts equal to the full model's greedy token (exact output)")
 
     parser = subparsers.add_parser(
         "serve", help="serve a model folder over an OpenAI-compatible HTTP API",
@@ -77,9 +88,20 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         api_key = args.api_key or resolve_api_key(args.api_key_file)
         return serve(args.model, served_model_name=args.served_model_name, host=default_host(args.host, api_key),
                      port=args.port, api_key=api_key, extra_args=args.rest[split + 1:], max_running=args.max_running,
-                     max_waiting=args.max_waiting)
+                     max_waiting=args.max_waiting, sirius=sirius_settings(args))
 
     parser.set_defaults(handler=handler)
+
+
+def sirius_settings(args: argparse.Namespace) -> SiriusSettings | None:
+    """Sirius's settings from the serve options, or None when no ``--sirius-*`` option was given."""
+    from slimserve.plugin.vllm.sirius_settings import DEFAULT_PERIOD, DEFAULT_THRESHOLD, SiriusSettings
+
+    if args.sirius_period is None and args.sirius_threshold is None and not args.sirius_lossless:
+        return None
+    return SiriusSettings(period=args.sirius_period or DEFAULT_PERIOD,
+                          threshold=DEFAULT_THRESHOLD if args.sirius_threshold is None else args.sirius_threshold,
+                          lossless=bool(args.sirius_lossless))
 
 
 def _add_vdit_search(subparsers: argparse._SubParsersAction) -> None:
