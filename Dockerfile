@@ -1,7 +1,9 @@
 # CPU image of slimserve: `slimserve serve /models/<name>` picks vLLM (causal LMs) or slimserve's
 # FastAPI app (diffusers pipelines, diffusion LMs) from the folder.
 #   docker build -t slimserve:cpu .
-#   docker run -p 8000:8000 -v $PWD/model:/models/model slimserve:cpu serve /models/model --port 8000
+#   docker run -p 8000:8000 -e SLIMSERVE_API_KEY -v $PWD/model:/models/model slimserve:cpu
+# With a key (SLIMSERVE_API_KEY or --api-key-file) the server listens on every interface; without one it
+# stays on loopback, unreachable from outside the container, unless --host 0.0.0.0 says otherwise.
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -29,8 +31,9 @@ COPY server server
 RUN pip install ".[cpu,serve,compress]" \
     && { pip uninstall -y torchvision torchaudio torchcodec || true; }
 
-RUN useradd --create-home slimserve
-USER slimserve
+# A fixed uid, so that Kubernetes' runAsNonRoot/runAsUser can name it.
+RUN useradd --create-home --uid 1000 slimserve
+USER 1000
 # The C++ kernels (package data) are compiled once here, as the serving user, so the first
 # request does not wait for the compiler and a machine that cannot build them fails the image.
 # (Builds are cached per CPU: a host with other CPU flags builds its own at first start and logs it.)
@@ -39,4 +42,4 @@ ell._cpu_kernel(); rsparse.cpu_extension()"
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health')" || exit 1
 ENTRYPOINT ["slimserve"]
-CMD ["serve", "/models/model", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve", "/models/model", "--port", "8000"]
