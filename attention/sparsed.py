@@ -136,10 +136,12 @@ def tile_density(keep: torch.Tensor) -> float:
 
 
 def tile_block_mask(keep: torch.Tensor, block: int, length: int, eager: bool = True) -> BlockMask:
-    """A FlexAttention ``BlockMask`` with ``keep``'s tiles as full blocks, built from their indices.
+    """A FlexAttention ``BlockMask`` of ``keep``'s tiles, built from their KV-block indices.
 
-    The compiled kernel never calls the ``mask_mod`` of full blocks (and torch 2.13's CPU template
-    fails to build one that reads a captured tensor), so ``eager=False`` leaves it out. FlexAttention's
+    The compiled kernel needs no ``mask_mod``: a tile is all kept or all skipped, so ``eager=False``
+    leaves the default (keep everything inside a listed block). torch 2.13's CPU template fails
+    to build both a ``mask_mod`` that reads a captured tensor and "full" blocks, so the tiles are
+    listed as ordinary blocks. FlexAttention's
     eager path and ``create_mask`` evaluate only the ``mask_mod``, so ``eager=True`` gives them the
     same tiles at token resolution: ``keep[..., q // block, kv // block]``, which exists for every
     padded position too.
@@ -151,8 +153,8 @@ def tile_block_mask(keep: torch.Tensor, block: int, length: int, eager: bool = T
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return keep[b, h, q_idx // block, kv_idx // block]
 
-    return BlockMask.from_kv_blocks(torch.zeros_like(counts), order, counts, order, BLOCK_SIZE=block,
-                                    mask_mod=mask_mod if eager else None, seq_lengths=(length, length))
+    return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=block, mask_mod=mask_mod if eager else None,
+                                    seq_lengths=(length, length))
 
 
 def dense_tile_mask(keep: torch.Tensor, block: int, length: int) -> torch.Tensor:
