@@ -19,6 +19,7 @@ from vllm.v1.metrics.stats import IterationStats, MultiModalCacheStats, Schedule
 
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.metrics import SlimserveMetrics
+from slimserve.plugin.vllm.sirius_settings import SiriusSettings
 
 # One set of families per served model and process: vLLM may build a logger per engine
 # index, and prometheus_client refuses to register a family twice.
@@ -51,7 +52,7 @@ class SlimserveStatLogger(StatLoggerBase):
         # vLLM's CPU and GPU paths run causal attention densely.
         self.metrics.attention_density.set(1.0)
         self.metrics.attention_skipped_heads.set(0)
-        self.counts_sirius = vllm_config.speculative_config is not None
+        self.counts_sirius = SiriusSettings.of(vllm_config) is not None
 
     def record(
         self,
@@ -70,6 +71,11 @@ class SlimserveStatLogger(StatLoggerBase):
                 # Each round commits its accepted draft tokens plus the verifier's own token.
                 metrics.sirius_advances.inc(spec.num_drafts)
                 metrics.sirius_advance_tokens.inc(spec.num_accepted_tokens + spec.num_drafts)
+                metrics.sirius_rollback_tokens.inc(spec.num_draft_tokens - spec.num_accepted_tokens)
+                # A round all of whose drafts were kept reached the last draft position (every round drafts K − 1,
+                # except near max_model_len, where a shortened round counts as corrected).
+                kept_all = spec.num_accepted_tokens_per_pos[-1] if spec.num_accepted_tokens_per_pos else 0
+                metrics.sirius_corrections.inc(spec.num_drafts - kept_all)
         if iteration_stats is None:
             return
         metrics.prompt_tokens.inc(iteration_stats.num_prompt_tokens)

@@ -127,6 +127,15 @@ class SlimserveMetrics:
             "Tokens committed by Sirius rounds; rate(sirius_advance_tokens)/rate(sirius_advances) is the mean "
             "advance length.",
         )
+        self.sirius_corrections = counter(
+            "sirius_corrections",
+            "Sirius rounds in which the full model refused a draft token and put its own in its place; divide by "
+            "sirius_advance_tokens for corrections per generated token.",
+        )
+        self.sirius_rollback_tokens = counter(
+            "sirius_rollback_tokens",
+            "Draft tokens Sirius rolled back; divide by sirius_corrections for the mean rollback length.",
+        )
         self.attention_density.set(1.0)
 
     def request_success(self, finished_reason: str) -> None:

@@ -90,3 +90,30 @@ def _greedy_metadata(batch: int):
         frequency_penalties=torch.zeros(batch), presence_penalties=torch.zeros(batch),
         repetition_penalties=torch.ones(batch), output_token_ids=[[] for _ in range(batch)],
         allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+
+
+def test_stat_logger_counts_sirius_rounds_corrections_and_rollbacks(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY, generate_latest
+    from vllm.v1.spec_decode.metrics import SpecDecodingStats
+
+    from slimserve.plugin.stat_logger import SlimserveStatLogger
+    from slimserve.testing.metrics import metric_value
+
+    engine = SiriusSettings(period=4).engine_args(str(tmp_path))
+    config = SimpleNamespace(model_config=SimpleNamespace(served_model_name="sirius-unit", model=str(tmp_path)),
+                             additional_config=engine["additional_config"], speculative_config=object())
+    logger = SlimserveStatLogger(config)
+    # three rounds of 3 drafts: all kept, 1 kept, none kept -> 4 kept, 5 rolled back, 2 corrections, 7 tokens
+    spec = SpecDecodingStats(num_spec_tokens=3, num_drafts=3, num_draft_tokens=9, num_accepted_tokens=4,
+                             num_accepted_tokens_per_pos=[2, 1, 1], num_draft_tokens_per_pos=[3, 3, 3])
+    logger.record(SimpleNamespace(num_running_reqs=1, num_waiting_reqs=0, spec_decoding_stats=spec), None)
+    text = generate_latest(REGISTRY).decode()
+    values = {name: metric_value(text, f"slimserve:sirius_{name}_total", model_name="sirius-unit")
+              for name in ("advances", "advance_tokens", "corrections", "rollback_tokens")}
+    assert values == {"advances": 3, "advance_tokens": 7, "corrections": 2, "rollback_tokens": 5}
+    # a speculative decoder other than Sirius is not counted as Sirius
+    other = SlimserveStatLogger(SimpleNamespace(model_config=config.model_config, additional_config={},
+                                                speculative_config=object()))
+    assert not other.counts_sirius
