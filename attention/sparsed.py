@@ -40,7 +40,7 @@ BLOCK_MULTIPLE = 16
 # Above this kept-tile fraction a layer runs unmasked SDPA instead: the block-sparse kernel no
 # longer wins (crossover measured by bench/sparsed.py, see bench/README.md), and full attention is
 # what the sparse run approximates, so nothing is lost.
-DENSE_ABOVE_DENSITY = 0.6
+DENSE_ABOVE_DENSITY = 0.3
 
 
 @dataclass(frozen=True)
