@@ -101,3 +101,30 @@ def test_metrics_after_streaming(client: openai.OpenAI, server: ServerProcess) -
         assert metric_value(text, f"slimserve:{name}_count", **labels) >= 1, name
     assert metric_value(text, "slimserve:generation_tokens_total", **labels) >= 8
     assert metric_value(text, "slimserve:prompt_tokens_total", **labels) >= 1
+
+
+def test_forward_passes_and_positions_follow_the_sampler(model_dir: Path) -> None:
+    engine = load_diffusion_lm_engine(model_dir, "tiny-dllm")
+    # The issue-13 probe: one step asked, but 300 one-token blocks need one pass each.
+    assert engine.forward_passes(TextRequest(prompt="a", max_tokens=300, block_length=1, steps=1)) == 300
+    # The folder's defaults (8 steps, blocks of 4): 10 tokens -> 3 blocks -> 8 rounded up to 9, as the sampler runs.
+    steps: list[tuple[int, int]] = []
+    request = TextRequest(prompt="hello", max_tokens=10, temperature=0.0)
+    list(engine.generate_text(request, lambda done, total: steps.append((done, total))))
+    assert engine.forward_passes(request) == len(steps) == 9
+    assert engine.max_positions() == engine.model.config.max_position_embeddings
+
+
+def test_probe_over_max_steps_is_400_before_running(model_dir: Path) -> None:
+    from slimserve.server.app import ServerConfig, create_app
+    from slimserve.testing.live import app_in_thread
+
+    engine = load_diffusion_lm_engine(model_dir, "tiny-dllm")
+    with app_in_thread(create_app(engine, ServerConfig(max_steps=200))) as base_url:
+        probe = httpx.post(base_url + "/v1/completions",
+                           json={"prompt": "a", "max_tokens": 300, "block_length": 1, "steps": 1})
+        within = httpx.post(base_url + "/v1/completions",
+                            json={"prompt": "a", "max_tokens": 8, "block_length": 4, "steps": 2})
+    assert probe.status_code == 400 and probe.json()["error"]["param"] == "steps"
+    assert "300 forward passes" in probe.json()["error"]["message"]
+    assert within.status_code == 200

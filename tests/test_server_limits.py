@@ -233,7 +233,6 @@ def test_diffusion_lm_prompt_past_its_positions_is_400(dllm: str) -> None:
     assert_error(response, 400, "prompt")
 
 
-@pytest.mark.xfail(strict=True, reason="DiffusionLMEngine does not yet declare forward_passes() (engine owner)")
 def test_diffusion_lm_real_step_count_over_max_steps_is_400(dllm: str) -> None:
     response = httpx.post(dllm + "/v1/completions", json={"prompt": "a", "max_tokens": 300, "block_length": 1,
                                                           "steps": 1})

@@ -94,12 +94,30 @@ class DiffusionLMEngine(TextEngine):
         return self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True)
 
-    def generate_text(self, request: TextRequest, on_step: StepCallback) -> Iterator[TextDelta]:
+    def schedule(self, request: TextRequest) -> tuple[int, int, int]:
+        """``(block_length, num_blocks, steps)`` the sampler runs for ``request``, defaults applied.
+
+        Steps are rounded up to a whole number per semi-autoregressive block, at least one each:
+        ``max_tokens=300, block_length=1, steps=1`` runs 300 forward passes, not 1.
+        """
         block_length = request.block_length or self.default_block_length or request.max_tokens
         num_blocks = -(-request.max_tokens // block_length)
         steps = max(request.steps or self.default_steps or num_blocks * block_length, num_blocks)
         if steps % num_blocks:
             steps += num_blocks - steps % num_blocks
+        return block_length, num_blocks, steps
+
+    def forward_passes(self, request: TextRequest) -> int:
+        """Every denoising step runs the whole decoder once, so the passes are the rounded-up steps."""
+        return self.schedule(request)[2]
+
+    def max_positions(self) -> int | None:
+        """The decoder's position table (RoPE was trained up to it): prompt, masks and all must fit."""
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        return int(positions) if positions else None
+
+    def generate_text(self, request: TextRequest, on_step: StepCallback) -> Iterator[TextDelta]:
+        block_length, num_blocks, steps = self.schedule(request)
         steps_per_block = steps // num_blocks
         generator = torch.Generator("cpu").manual_seed(request.seed if request.seed is not None else 0)
 
@@ -108,6 +126,12 @@ class DiffusionLMEngine(TextEngine):
         if self.logit_shift and prompt_length == 0:
             raise EngineRequestError("this model reads each token's logits from the token before it; "
                                      "the prompt must not be empty", param="prompt")
+        positions = self.max_positions()
+        if positions is not None and prompt_length + num_blocks * block_length > positions:
+            # The server checked prompt + max_tokens; whole blocks of masks can reach past that.
+            raise EngineRequestError(
+                f"the prompt ({prompt_length} tokens) plus {num_blocks} blocks of {block_length} masks exceed the "
+                f"model's {positions} positions; lower block_length or max_tokens", param="block_length")
         masks = torch.full((1, num_blocks * block_length), self.mask_token_id, dtype=torch.long)
         sequence = torch.cat([prompt_ids, masks], dim=1)
         params = self.default_sparsed if request.sparsed is None else request.sparsed or None
