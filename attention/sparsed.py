@@ -8,9 +8,10 @@ from one full-attention step, and reused by every later step:
 1. Steps ``0 .. select_step`` run full attention; ``select_step = floor(T * skip) + 1``, as in
    the authors' code, so ``skip >= 1`` never goes sparse.
 2. At ``select_step``, :func:`select_tiles` scores each ``(query block, key block)`` tile by
-   its mean softmax probability (fp32, one query block at a time, so memory stays
-   ``O(block * length)`` per head) and keeps the top ``floor(n * rho) + 1`` key blocks among the
-   prompt's blocks and, separately, among the generation's blocks ("isolated selection"):
+   its mean softmax probability (fp32, as one SDPA pass against one-hot block indicators, so
+   it costs about one dense attention call and never holds ``[L, L]`` scores) and keeps the
+   top ``floor(n * rho) + 1`` key blocks among the prompt's blocks and, separately, among the
+   generation's blocks ("isolated selection"):
    generation tokens get little attention early on and a joint ranking would starve them.
    A block straddling the prompt/generation boundary counts as prompt (see ``prompt_block_count``).
 3. :func:`tile_block_mask` turns the kept tiles into a FlexAttention ``BlockMask`` directly from
@@ -80,14 +81,78 @@ def prompt_block_count(prompt_length: int, length: int, block: int) -> int:
     return min(straddled, num_blocks - 1) if length > prompt_length else num_blocks
 
 
-def _tile_means(probabilities: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
-    """Mean probability per key block of ``[B, H, rows, L]`` fp32 rows (ragged last block included)."""
-    length = probabilities.shape[-1]
-    padded = F.pad(probabilities, (0, num_blocks * block - length))
-    sums = padded.unflatten(-1, (num_blocks, block)).sum(dim=(-3, -1))  # [B, H, num_blocks]
-    widths = torch.full((num_blocks,), float(block), device=probabilities.device)
+def _block_indicator(length: int, block: int, device: torch.device, width: int) -> torch.Tensor:
+    """``[length, width]`` fp32 one-hot: key ``c`` has a 1 in column ``c // block`` (later columns stay 0)."""
+    indicator = torch.zeros(length, width, device=device)
+    keys = torch.arange(length, device=device)
+    indicator[keys, keys // block] = 1.0
+    return indicator
+
+
+def block_mass_full_passes(query: torch.Tensor, key: torch.Tensor, block: int, scale: float) -> torch.Tensor:
+    """``[B, H_q, L, nb]``: each query row's softmax probability summed over each key block's keys.
+
+    ``softmax(QK^T * scale) @ V`` with ``V`` the one-hot block indicator of each key is exactly that,
+    so it costs one fused SDPA pass and never materializes ``[L, L]`` probabilities. SDPA kernels
+    are only fast when the value width equals the query's (``head_dim``), so each pass covers
+    ``head_dim`` blocks; more blocks take more passes over all keys (see :func:`block_mass`).
+    """
+    batch, heads, length, dim = query.shape
+    num_blocks = -(-length // block)
+    indicator = _block_indicator(length, block, query.device, num_blocks)
+    masses = []
+    for first in range(0, num_blocks, dim):
+        columns = indicator[:, first:first + dim]
+        values = F.pad(columns, (0, dim - columns.shape[1])).expand(batch, key.shape[1], length, dim).contiguous()
+        mass = F.scaled_dot_product_attention(query, key, values, scale=scale, enable_gqa=heads != key.shape[1])
+        masses.append(mass[..., :columns.shape[1]])
+    return torch.cat(masses, dim=-1)
+
+
+def block_mass(query: torch.Tensor, key: torch.Tensor, block: int, scale: float) -> torch.Tensor:
+    """:func:`block_mass_full_passes` in one pass over the keys for any number of blocks (CPU).
+
+    The keys are split into groups of ``head_dim`` blocks: each group's SDPA returns its mass
+    normalized within the group plus the group's logsumexp, and rescaling by
+    ``exp(lse_group - lse_all)`` restores the full softmax. Only the private CPU flash op returns
+    the logsumexp, so other devices (and block counts that fit one pass) take the full passes.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    num_blocks = -(-length // block)
+    if num_blocks <= dim or query.device.type != "cpu":
+        return block_mass_full_passes(query, key, block, scale)
+    # The private op has no GQA: a key head's query heads are stacked along the sequence
+    # (bidirectional rows attend independently, so this is the same attention).
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    masses, lses = [], []
+    for first in range(0, num_blocks, dim):
+        group_keys = key[:, :, first * block:(first + dim) * block].contiguous()
+        values = _block_indicator(group_keys.shape[2], block, query.device, dim)
+        values = values.expand(batch, kv_heads, group_keys.shape[2], dim).contiguous()
+        mass, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            grouped, group_keys, values, 0.0, False, attn_mask=None, scale=scale)
+        masses.append(mass[..., :-(-group_keys.shape[2] // block)])
+        lses.append(lse)
+    lse_all = torch.logsumexp(torch.stack(lses), dim=0)
+    mass = torch.cat([m * torch.exp(lse - lse_all).unsqueeze(-1) for m, lse in zip(masses, lses, strict=True)], -1)
+    return mass.reshape(batch, heads, length, num_blocks)
+
+
+def tile_means(query: torch.Tensor, key: torch.Tensor, block: int, scale: float) -> torch.Tensor:
+    """Mean softmax probability of every ``(query block, key block)`` tile, ``[B, H_q, nb, nb]`` fp32.
+
+    SparseD's ``avgpool(softmax(QK^T * scale), block)``, computed in fp32 for about the cost of one
+    dense attention pass (:func:`block_mass`), then summed over each query block's rows and divided
+    by the tile's real size (ragged last tiles included).
+    """
+    length = query.shape[2]
+    num_blocks = -(-length // block)
+    row_mass = block_mass(query.float(), key.float(), block, scale)
+    tiles = F.pad(row_mass, (0, 0, 0, num_blocks * block - length)).unflatten(-2, (num_blocks, block)).sum(-2)
+    widths = torch.full((num_blocks,), float(block), device=query.device)
     widths[-1] = length - (num_blocks - 1) * block
-    return sums / (widths * probabilities.shape[-2])
+    return tiles / (widths[:, None] * widths[None, :])
 
 
 def _top_columns(scores: torch.Tensor, first: int, last: int, rho: float) -> torch.Tensor:
@@ -111,23 +176,15 @@ def select_tiles(query: torch.Tensor, key: torch.Tensor, prompt_length: int, par
     SparseD's LLaDA code ranks at ``1/sqrt(heads)``, which looks like a slip, so the model's own
     temperature is used for every architecture.
     """
-    batch, heads, length, dim = query.shape
+    heads, dim = query.shape[1], query.shape[-1]
     if heads % key.shape[1]:
         raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({key.shape[1]})")
-    group = heads // key.shape[1]
-    keys = key.float().repeat_interleave(group, dim=1) if group > 1 else key.float()
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    block = params.block
-    num_blocks = -(-length // block)
-    boundary = prompt_block_count(prompt_length, length, block)
-    keep = torch.empty(batch, heads, num_blocks, num_blocks, dtype=torch.bool, device=query.device)
-    for row in range(num_blocks):
-        rows = query[:, :, row * block:(row + 1) * block].float()
-        probabilities = torch.softmax(rows @ keys.transpose(-1, -2) * scale, dim=-1)
-        scores = _tile_means(probabilities, block, num_blocks)
-        keep[:, :, row] = (_top_columns(scores, 0, boundary, params.rho)
-                           | _top_columns(scores, boundary, num_blocks, params.rho))
-    return keep
+    scores = tile_means(query, key, params.block, scale)
+    num_blocks = scores.shape[-1]
+    boundary = prompt_block_count(prompt_length, query.shape[2], params.block)
+    return (_top_columns(scores, 0, boundary, params.rho)
+            | _top_columns(scores, boundary, num_blocks, params.rho))
 
 
 def tile_density(keep: torch.Tensor) -> float:

@@ -11,12 +11,15 @@ import torch.nn.functional as F
 from slimserve.attention.sparsed import (
     LayerTiles,
     SparsedParams,
+    block_mass,
+    block_mass_full_passes,
     dense_tile_mask,
     kept_blocks,
     prompt_block_count,
     select_tiles,
     sparse_attention,
     tile_block_mask,
+    tile_means,
 )
 
 
@@ -58,6 +61,22 @@ def test_tile_scores_are_mean_probabilities_of_the_full_softmax() -> None:
         top = tiles[..., first:last].topk(kept_blocks(last - first, rho), dim=-1).indices + first
         expected.scatter_(-1, top, True)
     assert torch.equal(select_tiles(q, k, prompt, SparsedParams(rho=rho, block=block)), expected)
+
+
+def test_tile_means_over_several_sdpa_passes_equal_the_pooled_softmax() -> None:
+    """More key blocks than head_dim (two indicator passes), GQA and a ragged last tile in both directions."""
+    length, block = 300, 16
+    q, k, _ = _qkv(length, heads=4, kv_heads=2, dim=16)
+    scale = 0.3
+    probabilities = torch.softmax(q @ k.repeat_interleave(2, 1).transpose(-1, -2) * scale, dim=-1)
+    blocks = math.ceil(length / block)
+    assert blocks > q.shape[-1]
+    padded = F.pad(probabilities, (0, blocks * block - length, 0, blocks * block - length), value=float("nan"))
+    expected = padded.unflatten(-1, (blocks, block)).unflatten(-3, (blocks, block)).nanmean(dim=(-3, -1))
+    torch.testing.assert_close(tile_means(q, k, block, scale), expected, atol=1e-7, rtol=1e-5)
+    # The one-pass logsumexp split (CPU) and the full passes (other devices) agree.
+    torch.testing.assert_close(block_mass(q, k, block, scale), block_mass_full_passes(q, k, block, scale),
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_gqa_query_heads_read_their_groups_key_head() -> None:
