@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -234,7 +235,7 @@ def compiled_flex_attention():
 
 def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockMask,
                      scale: float | None = None, compiled: bool = True) -> torch.Tensor:
-    """Block-sparse attention over ``mask``'s tiles (GQA through ``enable_gqa``).
+    """FlexAttention over ``mask``'s tiles (GQA through ``enable_gqa``); the alternative to :func:`gathered_attention`.
 
     ``compiled=False`` runs FlexAttention's eager path, which materializes the scores: for tests
     and small shapes, where compiling would dominate. The mask must be built for the same path
@@ -244,17 +245,99 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return kernel(query, key, value, block_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
 
 
+def kept_block_rows(keep: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, H_q, nb, kept]`` row numbers into keys laid out ``[B * H_kv * nb, block * D]``.
+
+    Every query block keeps the same number of key blocks (one budget per region, see
+    :func:`select_tiles`), which is what lets :func:`gathered_attention` batch them as one SDPA.
+    """
+    batch, heads, num_blocks, _ = keep.shape
+    counts = keep.sum(-1)
+    kept = int(counts.flatten()[0])
+    if not bool((counts == kept).all()):
+        raise ValueError("gathered attention needs the same number of kept key blocks in every query block")
+    order = torch.argsort(keep.to(torch.int8), dim=-1, descending=True, stable=True)[..., :kept]
+    key_head = torch.arange(heads, device=keep.device) // (heads // kv_heads)
+    base = (torch.arange(batch, device=keep.device)[:, None] * kv_heads + key_head[None, :]) * num_blocks
+    return base[:, :, None, None] + order
+
+
+def gathered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor,
+                       block: int, scale: float | None = None, chunk_bytes: int = 256 << 20) -> torch.Tensor:
+    """Block-sparse attention as dense SDPA over each query block's gathered key/value blocks.
+
+    ``rows`` comes from :func:`kept_block_rows`. For every (head, query block) the kept key and
+    value blocks are copied side by side (``index_select`` of whole ``block * D`` rows) and the
+    query block attends to them with the fused SDPA kernel, all (head, query block) pairs as one
+    batch. Nothing is compiled, so a new sequence length costs nothing extra (FlexAttention on
+    CPU compiles per length). A ragged last key block is padded; a key-validity mask broadcast
+    over the query rows hides the padding. Heads are processed in chunks of about
+    ``chunk_bytes`` of gathered keys and values.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    num_blocks, kept = rows.shape[-2], rows.shape[-1]
+    padding = num_blocks * block - length
+    if padding:
+        query, key, value = (F.pad(t, (0, 0, 0, padding)) for t in (query, key, value))
+    query = query.reshape(batch, heads, num_blocks, block, dim)
+    key_rows = key.reshape(batch * kv_heads * num_blocks, block * dim)
+    value_rows = value.reshape(batch * kv_heads * num_blocks, block * dim)
+    valid = None
+    if padding:
+        valid = torch.ones(batch * kv_heads * num_blocks, block, dtype=torch.bool, device=query.device)
+        valid.view(batch, kv_heads, num_blocks, block)[:, :, -1, block - padding:] = False
+    per_head = num_blocks * kept * block * dim * key.element_size() * 2
+    step = max(1, chunk_bytes // per_head)
+    outputs = []
+    for first in range(0, heads, step):
+        chunk = rows[:, first:first + step]
+        pairs = chunk.shape[1] * num_blocks
+        flat = chunk.reshape(-1)
+        keys = key_rows.index_select(0, flat).view(batch, pairs, kept * block, dim)
+        values = value_rows.index_select(0, flat).view(batch, pairs, kept * block, dim)
+        mask = None if valid is None else valid.index_select(0, flat).view(batch, pairs, 1, kept * block)
+        queries = query[:, first:first + step].reshape(batch, pairs, block, dim)
+        outputs.append(F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+                       .view(batch, chunk.shape[1], num_blocks * block, dim))
+    output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    return output[:, :, :length] if padding else output
+
+
+SparseKernel = Literal["gather", "flex", "flex_eager"]
+
+
 @dataclass
 class LayerTiles:
-    """One layer's choice for the rest of a request: its tiles, their density and the built mask."""
+    """One layer's choice for the rest of a request: its tiles, their density and what the kernel needs.
+
+    ``kernel`` picks the block-sparse implementation: ``"gather"`` (:func:`gathered_attention`,
+    the fastest on CPU and never compiled), ``"flex"`` (compiled FlexAttention) or
+    ``"flex_eager"`` (FlexAttention's eager path, for small shapes). All three compute the same
+    masked attention.
+    """
 
     keep: torch.Tensor
     density: float
-    mask: BlockMask | None  # None: the density is too high for the sparse kernel to win
+    block: int
+    kernel: SparseKernel
+    plan: torch.Tensor | BlockMask | None  # None: the density is too high for a sparse kernel to win
 
     @classmethod
-    def build(cls, keep: torch.Tensor, block: int, length: int, dense_above: float = DENSE_ABOVE_DENSITY,
-              compiled: bool = True) -> LayerTiles:
+    def build(cls, keep: torch.Tensor, block: int, length: int, kv_heads: int,
+              dense_above: float = DENSE_ABOVE_DENSITY, kernel: SparseKernel = "gather") -> LayerTiles:
         density = tile_density(keep)
-        mask = None if density > dense_above else tile_block_mask(keep, block, length, eager=not compiled)
-        return cls(keep, density, mask)
+        plan: torch.Tensor | BlockMask | None = None
+        if density <= dense_above:
+            plan = (kept_block_rows(keep, kv_heads) if kernel == "gather"
+                    else tile_block_mask(keep, block, length, eager=kernel == "flex_eager"))
+        return cls(keep, density, block, kernel, plan)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float | None) -> torch.Tensor | None:
+        """The layer's block-sparse attention ``[B, H, L, D]``, or None where dense SDPA should run."""
+        if self.plan is None:
+            return None
+        if isinstance(self.plan, BlockMask):
+            return sparse_attention(query, key, value, self.plan, scale, compiled=self.kernel == "flex")
+        return gathered_attention(query, key, value, self.plan, self.block, scale)

@@ -41,7 +41,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def engine(tiny: TinyDLM) -> DiffusionLMEngine:
-    return load_diffusion_lm_engine(tiny.path, "tiny", compiled_sparse_kernel=False)
+    return load_diffusion_lm_engine(tiny.path, "tiny")
 
 
 def _tokens(engine: DiffusionLMEngine, request: TextRequest) -> str:

@@ -14,6 +14,8 @@ from slimserve.attention.sparsed import (
     block_mass,
     block_mass_full_passes,
     dense_tile_mask,
+    gathered_attention,
+    kept_block_rows,
     kept_blocks,
     prompt_block_count,
     select_tiles,
@@ -102,13 +104,36 @@ def test_ragged_length_equals_dense_sdpa_with_the_same_mask(length: int) -> None
     torch.testing.assert_close(sparse_attention(q, k, v, mask, compiled=False), reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("length", "heads", "kv_heads"), [(256, 4, 2), (300, 6, 2), (97, 3, 3)])
+def test_gathered_kernel_equals_dense_sdpa_with_the_same_mask(length: int, heads: int, kv_heads: int) -> None:
+    """The engine's default kernel: ragged last tiles (padding masked), GQA rows, chunked over heads."""
+    q, k, v = _qkv(length, heads=heads, kv_heads=kv_heads)
+    block = 32
+    keep = select_tiles(q, k, length // 2, SparsedParams(rho=0.2, block=block))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_tile_mask(keep, block, length),
+                                               enable_gqa=heads != kv_heads)
+    rows = kept_block_rows(keep, kv_heads)
+    for chunk_bytes in (1, 1 << 30):  # one head per chunk, then all heads at once
+        out = gathered_attention(q, k, v, rows, block, chunk_bytes=chunk_bytes)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    tiles = LayerTiles.build(keep, block, length, kv_heads, dense_above=1.0)
+    torch.testing.assert_close(tiles.attend(q, k, v, None), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_gathered_kernel_refuses_unequal_row_budgets() -> None:
+    keep = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    keep[..., 0, :2] = keep[..., 1, :1] = keep[..., 2, :1] = True
+    with pytest.raises(ValueError, match="same number"):
+        kept_block_rows(keep, 1)
+
+
 def test_rho_one_keeps_every_tile_and_falls_back_to_dense() -> None:
     q, k, _ = _qkv(200)
     keep = select_tiles(q, k, 50, SparsedParams(rho=1.0, block=32))
     assert keep.all()
-    tiles = LayerTiles.build(keep, 32, 200)
-    assert tiles.density == 1.0 and tiles.mask is None
-    assert LayerTiles.build(keep, 32, 200, dense_above=1.5).mask is not None
+    tiles = LayerTiles.build(keep, 32, 200, kv_heads=2)
+    assert tiles.density == 1.0 and tiles.plan is None
+    assert LayerTiles.build(keep, 32, 200, kv_heads=2, dense_above=1.5).plan is not None
 
 
 def test_select_step_follows_the_reference_code() -> None:

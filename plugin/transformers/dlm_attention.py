@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimserve.attention.sparsed import DENSE_ABOVE_DENSITY, LayerTiles, SparsedParams, select_tiles, sparse_attention
+from slimserve.attention.sparsed import DENSE_ABOVE_DENSITY, LayerTiles, SparsedParams, SparseKernel, select_tiles
 
 IMPLEMENTATION = "slimserve_dlm"
 
@@ -38,7 +38,7 @@ class SparsedRequest:
     params: SparsedParams
     prompt_length: int
     total_steps: int
-    compiled: bool = True
+    kernel: SparseKernel = "gather"
     dense_above: float = DENSE_ABOVE_DENSITY
     step: int = 0
     layers: dict[int, LayerTiles] = field(default_factory=dict)
@@ -60,14 +60,14 @@ class SparsedRequest:
         """This layer's sparse output, or None when the step runs dense (choosing tiles if it is time)."""
         tiles = self.layers.get(layer)
         if tiles is not None:
-            if self.step <= self.select_step or tiles.mask is None:
+            if self.step <= self.select_step:
                 return None
-            return sparse_attention(query, key, value, tiles.mask, scale, compiled=self.compiled)
+            return tiles.attend(query, key, value, scale)
         if self.step >= self.select_step:
             start = time.perf_counter()
             keep = select_tiles(query, key, self.prompt_length, self.params, scale)
-            self.layers[layer] = LayerTiles.build(keep, self.params.block, query.shape[2], self.dense_above,
-                                                  compiled=self.compiled)
+            self.layers[layer] = LayerTiles.build(keep, self.params.block, query.shape[2], key.shape[1],
+                                                  self.dense_above, self.kernel)
             self.selection_seconds += time.perf_counter() - start
             self.selections += 1
         return None

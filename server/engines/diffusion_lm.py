@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from slimserve.attention.sparsed import SparsedParams
+from slimserve.attention.sparsed import SparsedParams, SparseKernel
 from slimserve.errors import CheckpointError
 from slimserve.plugin.transformers.dlm_attention import SparsedRequest, make_bidirectional
 from slimserve.server.engines.base import (
@@ -73,7 +73,7 @@ class DiffusionLMEngine(TextEngine):
 
     def __init__(self, model: Any, tokenizer: Any, model_name: str, *, mask_token_id: int,
                  steps: int | None, block_length: int | None, logit_shift: int = 0,
-                 sparsed: SparsedParams | None = None, compiled_sparse_kernel: bool = True) -> None:
+                 sparsed: SparsedParams | None = None, sparse_kernel: SparseKernel = "gather") -> None:
         super().__init__(model_name)
         self.model = make_bidirectional(model.eval())
         self.tokenizer = tokenizer
@@ -82,7 +82,7 @@ class DiffusionLMEngine(TextEngine):
         self.default_block_length = block_length
         self.logit_shift = logit_shift
         self.default_sparsed = sparsed
-        self.compiled_sparse_kernel = compiled_sparse_kernel
+        self.sparse_kernel = sparse_kernel
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
@@ -136,7 +136,7 @@ class DiffusionLMEngine(TextEngine):
         sequence = torch.cat([prompt_ids, masks], dim=1)
         params = self.default_sparsed if request.sparsed is None else request.sparsed or None
         sparsed = None if params is None else SparsedRequest(params, prompt_length, steps,
-                                                             compiled=self.compiled_sparse_kernel)
+                                                             kernel=self.sparse_kernel)
 
         emitted_tokens = 0
         emitted_text = ""
@@ -327,7 +327,7 @@ def load_mapped_model(model_dir: Path, config: Any, rename: Callable[[str], str 
 
 
 def load_diffusion_lm_engine(model_dir: str | Path, model_name: str,
-                             compiled_sparse_kernel: bool = True) -> DiffusionLMEngine:
+                             sparse_kernel: SparseKernel = "gather") -> DiffusionLMEngine:
     """Load a LLaDA, Dream or slimserve diffusion-LM folder (layouts in the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -356,7 +356,7 @@ def load_diffusion_lm_engine(model_dir: str | Path, model_name: str,
         model, load_tokenizer(model_dir), model_name, mask_token_id=int(settings["mask_token_id"]),
         steps=settings.get("steps"), block_length=settings.get("block_length"),
         logit_shift=int(settings.get("logit_shift", 0)),
-        sparsed=None if sparsed is None else SparsedParams(**sparsed), compiled_sparse_kernel=compiled_sparse_kernel)
+        sparsed=None if sparsed is None else SparsedParams(**sparsed), sparse_kernel=sparse_kernel)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
