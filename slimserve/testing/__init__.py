@@ -9,6 +9,7 @@ build their own tiny models and start real servers on loopback. Shipped code (``
 - ``diffusers``: tiny video transformers (Wan, HunyuanVideo, CogVideoX) with inputs; tiny PixArt-Sigma and Wan
   pipeline folders.
 - ``diffusion_lm``: a tiny masked-diffusion LM folder for the server's own text engine.
+- ``dlm``: tiny LLaDA and Dream checkpoints in their original tensor naming, with their reference models.
 - ``rocket_layout``: ROCKET's checkpoint layout written from a dense model, for converter and plugin tests.
 - ``live``: a FastAPI app on a thread or ``slimserve serve`` as a child process, always stopped.
 - ``trivial``: a model-free engine that isolates the HTTP layer.
