@@ -4,16 +4,73 @@
 process (API server, engine core, each worker), so it must be idempotent and cheap.
 """
 
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from importlib.abc import MetaPathFinder
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+
+#: The module whose ``DraftModelProposer`` name vLLM's model runner (GPU and CPU) builds its drafter from.
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+
 _registered = False
 
 
 def register() -> None:
-    """Register slimserve's quantization method (weight schemes) with vLLM."""
+    """Register slimserve's quantization method (weight schemes) with vLLM; arm Sirius's drafter."""
     global _registered
     if _registered:
         return
     from slimserve.plugin.vllm import config  # noqa: F401  (decorator registers "slimserve")
+
+    after_import(RUNNER_MODULE, _install_sirius)
+    _registered = True
+
+
+def _install_sirius(runner_module: ModuleType) -> None:
     from slimserve.plugin.vllm.sirius import install
 
-    install()  # Sirius's drafter for the draft_model method (plugin/vllm/sirius.py)
-    _registered = True
+    install(runner_module)
+
+
+def after_import(name: str, then: Callable[[ModuleType], None]) -> None:
+    """Call ``then(module)`` once module ``name`` is imported: now if it already is, else when it finishes loading.
+
+    Sirius's drafter replaces a name in vLLM's model-runner module. Importing that module (and the
+    drafter, which imports vLLM's speculative-decoding stack) costs seconds of CPU; only worker
+    processes need it, and they import it anyway. The API server never does, so it pays nothing.
+    """
+    module = sys.modules.get(name)
+    if module is not None:
+        then(module)
+        return
+    sys.meta_path.insert(0, _AfterImport(name, then))
+
+
+class _AfterImport(MetaPathFinder):
+    """One-shot import hook: finds ``name`` with the other finders and runs ``then`` after its code ran."""
+
+    def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
+        self.name = name
+        self.then = then
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+                  ) -> ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot, and the lookup below must not find this hook again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+        then = self.then
+
+        def exec_module(module: ModuleType) -> None:
+            load(module)
+            then(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]  # this spec's own loader instance
+        return spec

@@ -19,12 +19,15 @@ with full-model K/V. In vLLM that is the ``draft_model`` speculative method with
   the step's token kinds.
 
 The drafter is installed by rebinding ``DraftModelProposer`` in vLLM's GPU model runner module
-(which the CPU runner inherits): the runner builds its drafter from that name. A drafter whose
+(which the CPU runner inherits): the runner builds its drafter from that name. The plugin does it
+when a process imports that module (``slimserve.plugin.after_import``), so processes without a
+model runner (the API server) never import this module. A drafter whose
 engine has no Sirius settings in ``additional_config`` behaves exactly like vLLM's.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -177,17 +180,17 @@ def _greedy_rows(sampling_metadata: Any, batch: int) -> torch.Tensor:
     return (sampling_metadata.temperature[:batch] < _SAMPLING_EPS).cpu()
 
 
-def install() -> bool:
+def install(runner_module: ModuleType) -> bool:
     """Make vLLM's model runner build ``SiriusProposer`` for the ``draft_model`` method (idempotent).
 
-    Returns False (and changes nothing) on a vLLM other than the supported release; turning Sirius
-    on there fails in ``SiriusSettings.engine_args`` with a message naming both versions.
+    ``runner_module`` is ``vllm.v1.worker.gpu_model_runner`` (the CPU runner subclasses its runner);
+    the plugin calls this as soon as a process has imported it. Returns False (and changes nothing)
+    on a vLLM other than the supported release; turning Sirius on there fails in
+    ``SiriusSettings.engine_args`` with a message naming both versions.
     """
     import vllm
 
     if not vllm.__version__.startswith(SUPPORTED_VLLM):
         return False
-    from vllm.v1.worker import gpu_model_runner
-
-    gpu_model_runner.DraftModelProposer = SiriusProposer  # type: ignore[misc]
+    runner_module.DraftModelProposer = SiriusProposer  # type: ignore[attr-defined]
     return True
