@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimserve.errors import CheckpointError
+from slimserve.loaders.config import ModelSizes, model_sizes, read_json_object
+from slimserve.loaders.models import DECODER_LINEAR, expected_tensor_shape, layer_index, linear_shape
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import FLOAT_DTYPES, INDEX_DTYPES
 
@@ -40,6 +42,8 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 _CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Elements checked for NaN/Inf at a time: bounds the temporary mask for a multi-GiB embedding.
+_FINITE_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError("not a directory", file=root, expected="a Hugging Face model folder")
     if not config_path.is_file():
         raise CheckpointError("missing", file=config_path, expected="config.json in the model folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"invalid JSON: {err}", file=config_path) from None
+    config = read_json_object(config_path, expected="the model's config.json: a JSON object of fields")
     ckpt = Checkpoint(path=root, config=config, tensors=_read_headers(root))
     qc = config.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
@@ -118,13 +119,23 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _read_headers(root: Path) -> dict[str, TensorInfo]:
+    """Every tensor's header, from the files the index names (or every ``*.safetensors`` without one).
+
+    Index entries are confined to the folder (no absolute path, no ``..``) before any file is
+    opened; a tensor stored in two files, or missing from the file the index names, is refused,
+    because which copy an engine loads would depend on its file order.
+    """
     index_path = root / INDEX_FILE
+    listed: dict[str, Path] | None = None
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"unreadable index: {err}", file=index_path, field="weight_map") from None
-        files = sorted({root / f for f in weight_map.values()})
+        index = read_json_object(index_path, expected='a JSON object with "weight_map": {tensor name: file name}')
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"is {type(weight_map).__name__ if weight_map is not None else 'missing'}",
+                                  file=index_path, field="weight_map",
+                                  expected="an object mapping each tensor name to a safetensors file in the folder")
+        listed = {name: _confined_file(root, entry, index_path, name) for name, entry in weight_map.items()}
+        files = sorted(set(listed.values()))
     else:
         files = sorted(root.glob("*.safetensors"))
     if not files:
@@ -133,16 +144,54 @@ def _read_headers(root: Path) -> dict[str, TensorInfo]:
     for file in files:
         if not file.is_file():
             raise CheckpointError("listed in the index but missing", file=file)
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    tensors[name] = TensorInfo(file, tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            if isinstance(err, CheckpointError):
-                raise
-            raise CheckpointError(f"unreadable safetensors file: {err}", file=file) from None
+        for name, info in _file_headers(file).items():
+            if name in tensors:
+                raise CheckpointError(f"stored twice, in {tensors[name].file.name} and {file.name}", file=file,
+                                      tensor=name, expected="each tensor name in exactly one safetensors file")
+            tensors[name] = info
+    for name, file in (listed or {}).items():
+        if tensors.get(name) is None or tensors[name].file != file:
+            raise CheckpointError(f"the index places tensor '{name}' in {file.name}, which does not hold it",
+                                  file=index_path, field=f"weight_map.{name}",
+                                  expected="every listed tensor stored in its listed file")
     return tensors
+
+
+def _confined_file(root: Path, entry: object, index_path: Path, tensor: str) -> Path:
+    """The shard an index entry names, refused unless it is a plain relative path inside the folder.
+
+    The check is on the name, not on the resolved path: a Hugging Face cache snapshot's files are
+    symlinks into a blob store outside the folder, and those stay loadable.
+    """
+    if not isinstance(entry, str) or not entry.endswith(".safetensors"):
+        raise CheckpointError(f"file name {entry!r}", file=index_path, field=f"weight_map.{tensor}",
+                              expected="the name of a .safetensors file in the model folder")
+    pure = PurePosixPath(entry)
+    if pure.is_absolute() or PureWindowsPath(entry).drive or "\\" in entry or ".." in pure.parts:
+        raise CheckpointError(f"file name {entry!r} points outside the model folder", file=index_path,
+                              field=f"weight_map.{tensor}", expected="a path inside the model folder")
+    return root / pure
+
+
+def _file_headers(file: Path) -> dict[str, TensorInfo]:
+    """Shape and dtype of every tensor in one safetensors file (its header only)."""
+    tensors = {}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                tensors[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"unreadable safetensors file: {err}", file=file,
+                              expected="a complete safetensors file") from None
+    infos = {}
+    for name, (shape, dtype_name) in tensors.items():
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CheckpointError(f"has dtype {dtype_name}", file=file, tensor=name,
+                                  expected=f"one of {', '.join(_SAFETENSORS_DTYPES)}")
+        infos[name] = TensorInfo(file, shape, dtype)
+    return infos
 
 
 def parse_modules(qc: Mapping[str, Any], config_path: Path) -> dict[str, dict[str, Any]]:
@@ -186,52 +235,116 @@ def parse_modules(qc: Mapping[str, Any], config_path: Path) -> dict[str, dict[st
 def validate_checkpoint(path: str | Path, check_values: bool = True) -> Checkpoint:
     """Check a slimserve checkpoint completely; raise ``CheckpointError`` at the first problem.
 
-    Headers (presence, shape, dtype, leftovers) are checked for every module before any value
-    is read; then, with ``check_values``, each module's values are loaded one at a time and
-    checked for NaN/Inf and scheme-specific rules (index ranges and order).
+    Headers are checked first, for every tensor, before any value is read: each listed module
+    against its scheme and against the layer shape config.json's sizes give, every other tensor
+    (embeddings, norms, dense linears, biases) for a float dtype and the shape those sizes fix.
+    Then, with ``check_values``, values are streamed one tensor (or one module) at a time and
+    checked for NaN/Inf and the schemes' own rules (index ranges and order), so a checkpoint
+    larger than memory validates too.
     """
     ckpt = open_checkpoint(path)
     config_path = ckpt.path / CONFIG_FILE
     if ckpt.quantization_config is None:
         raise CheckpointError("not a slimserve checkpoint", file=config_path, field="quantization_config",
                               expected=f'"quant_method": "{QUANT_METHOD}"')
+    sizes = model_sizes(ckpt.config, config_path)
     float_dtype = ckpt.float_dtype
     for module, spec in ckpt.modules.items():
-        expected_names = set()
-        for t in SCHEMES[spec["scheme"]].tensor_specs(spec):
-            name = f"{module}.{t.suffix}"
-            expected_names.add(name)
-            info = ckpt.tensors.get(name)
-            if info is None:
-                raise CheckpointError("missing", file=ckpt.path, tensor=name,
-                                      expected=f"a {t.kind} tensor of shape {list(t.shape)} ({spec['scheme']} scheme)")
-            if info.shape != t.shape:
-                raise CheckpointError(f"has shape {list(info.shape)}", file=info.file, tensor=name,
-                                      expected=f"shape {list(t.shape)} for {spec['scheme']} {_describe(spec)}")
-            if t.kind == "float":
-                allowed = (float_dtype,) if float_dtype is not None else FLOAT_DTYPES
-            else:
-                allowed = INDEX_DTYPES
-            if info.dtype not in allowed:
-                raise CheckpointError(f"has dtype {info.dtype}", file=info.file, tensor=name,
-                                      expected=f"dtype {' or '.join(str(d) for d in allowed)}")
-        leftovers = [n for n in ckpt.tensors if n.rsplit(".", 1)[0] == module and n not in expected_names
-                     and not n.endswith(".bias")]
-        if leftovers:
-            raise CheckpointError(f"unexpected tensor for a {spec['scheme']} module",
-                                  file=ckpt.tensors[leftovers[0]].file,
-                                  tensor=leftovers[0], expected=f"only {sorted(expected_names)} (and a bias)")
+        _check_module_against_config(module, spec, sizes, config_path)
+        _check_module_headers(ckpt, module, spec, float_dtype)
+    ordinary = [name for name in ckpt.tensors if ckpt.module_of(name) is None]
+    for name in ordinary:
+        _check_ordinary_header(name, ckpt.tensors[name], sizes)
     if check_values:
         for module, spec in ckpt.modules.items():
             tensors = ckpt.module_tensors(module)
             files = {s: str(ckpt.tensors[f"{module}.{s}"].file) for s in tensors}
             for suffix, value in tensors.items():
-                if value.is_floating_point() and not torch.isfinite(value).all():
-                    bad = "NaN" if torch.isnan(value).any() else "Inf"
-                    raise CheckpointError(f"contains {bad}", file=files[suffix], tensor=f"{module}.{suffix}",
-                                          expected="finite values")
+                _check_finite(f"{module}.{suffix}", value, files[suffix])
             SCHEMES[spec["scheme"]].check_values(module, spec, tensors, files)
+        for name, value in iter_tensors(ckpt, ordinary):
+            _check_finite(name, value, ckpt.tensors[name].file)
     return ckpt
+
+
+def _check_layer(name: str, sizes: ModelSizes, file: Path, field: str | None = None) -> None:
+    layer = layer_index(name)
+    if layer is not None and layer >= sizes.num_hidden_layers:
+        raise CheckpointError(f"belongs to layer {layer}, but config.json has num_hidden_layers="
+                              f"{sizes.num_hidden_layers}", file=file, tensor=None if field else name, field=field,
+                              expected=f"layers 0..{sizes.num_hidden_layers - 1}")
+
+
+def _check_module_against_config(module: str, spec: Mapping[str, Any], sizes: ModelSizes, config_path: Path) -> None:
+    """A listed module must be a decoder linear of this model, with the shape config.json's sizes give it."""
+    where = f"quantization_config.modules.{module}"
+    if not DECODER_LINEAR.match(f"{module}.weight"):
+        raise CheckpointError("is not a decoder linear", file=config_path, field=where,
+                              expected="a name like 'model.layers.0.self_attn.q_proj'")
+    _check_layer(module, sizes, config_path, field=where)
+    out_features, in_features = linear_shape(sizes, module)
+    if (spec["out_features"], spec["in_features"]) != (out_features, in_features):
+        raise CheckpointError(
+            f"declares [out_features, in_features] = [{spec['out_features']}, {spec['in_features']}]",
+            file=config_path, field=where,
+            expected=f"[{out_features}, {in_features}] from config.json's hidden_size={sizes.hidden_size}, "
+                     f"intermediate_size={sizes.intermediate_size}, heads={sizes.num_attention_heads}/"
+                     f"{sizes.num_key_value_heads}, head_dim={sizes.head_dim}")
+
+
+def _check_module_headers(ckpt: Checkpoint, module: str, spec: Mapping[str, Any],
+                          float_dtype: torch.dtype | None) -> None:
+    """Presence, shape and dtype of a listed module's tensors, and no tensor its scheme does not store."""
+    expected_names = set()
+    for t in SCHEMES[spec["scheme"]].tensor_specs(spec):
+        name = f"{module}.{t.suffix}"
+        expected_names.add(name)
+        info = ckpt.tensors.get(name)
+        if info is None:
+            raise CheckpointError("missing", file=ckpt.path, tensor=name,
+                                  expected=f"a {t.kind} tensor of shape {list(t.shape)} ({spec['scheme']} scheme)")
+        if info.shape != t.shape:
+            raise CheckpointError(f"has shape {list(info.shape)}", file=info.file, tensor=name,
+                                  expected=f"shape {list(t.shape)} for {spec['scheme']} {_describe(spec)}")
+        if t.kind == "float":
+            allowed = (float_dtype,) if float_dtype is not None else FLOAT_DTYPES
+        else:
+            allowed = INDEX_DTYPES
+        if info.dtype not in allowed:
+            raise CheckpointError(f"has dtype {info.dtype}", file=info.file, tensor=name,
+                                  expected=f"dtype {' or '.join(str(d) for d in allowed)}")
+    leftovers = [n for n in ckpt.tensors if n.rsplit(".", 1)[0] == module and n not in expected_names
+                 and not n.endswith(".bias")]
+    if leftovers:
+        raise CheckpointError(f"unexpected tensor for a {spec['scheme']} module",
+                              file=ckpt.tensors[leftovers[0]].file,
+                              tensor=leftovers[0], expected=f"only {sorted(expected_names)} (and a bias)")
+
+
+def _check_ordinary_header(name: str, info: TensorInfo, sizes: ModelSizes) -> None:
+    """A tensor outside the listed modules: a float dtype, and the shape config.json fixes for its name."""
+    if info.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"has dtype {info.dtype}", file=info.file, tensor=name,
+                              expected=f"a float dtype ({', '.join(str(d) for d in FLOAT_DTYPES)})")
+    _check_layer(name, sizes, info.file)
+    shape = expected_tensor_shape(sizes, name)
+    if shape is not None and info.shape != shape:
+        raise CheckpointError(f"has shape {list(info.shape)}", file=info.file, tensor=name,
+                              expected=f"shape {list(shape)} from config.json (hidden_size={sizes.hidden_size}, "
+                                       f"intermediate_size={sizes.intermediate_size}, vocab_size={sizes.vocab_size}, "
+                                       f"head_dim={sizes.head_dim})")
+
+
+def _check_finite(name: str, value: torch.Tensor, file: str | Path) -> None:
+    """Refuse NaN or Inf, looking at a bounded slice at a time (index tensors are integers and skipped)."""
+    if not value.is_floating_point():
+        return
+    flat = value.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        if not torch.isfinite(chunk).all():
+            bad = "NaN" if torch.isnan(chunk).any() else "Inf"
+            raise CheckpointError(f"contains {bad}", file=file, tensor=name, expected="finite values")
 
 
 def _describe(spec: Mapping[str, Any]) -> str:
@@ -374,14 +487,14 @@ def copy_aux_files(src: str | Path, dst: str | Path) -> None:
                 shutil.copy2(file, dst / file.name)
 
 
-def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every stored tensor, one file open at a time."""
+def iter_tensors(ckpt: Checkpoint, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every stored tensor (or those in ``names``), one file open and one tensor in memory at a time."""
     by_file: dict[Path, list[str]] = {}
-    for name, info in ckpt.tensors.items():
-        by_file.setdefault(info.file, []).append(name)
-    for file, names in sorted(by_file.items()):
+    for name in ckpt.tensors if names is None else names:
+        by_file.setdefault(ckpt.tensors[name].file, []).append(name)
+    for file, file_names in sorted(by_file.items()):
         with safe_open(str(file), framework="pt") as f:
-            for name in names:
+            for name in file_names:
                 yield name, f.get_tensor(name)
 
 

@@ -36,7 +36,9 @@ def dict_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-module dictsparse checkpoint written through the public writer."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("dict") / "ckpt"
-    writer = CheckpointWriter(out, {"architectures": ["LlamaForCausalLM"], "dtype": "float32"})
+    config = {"architectures": ["LlamaForCausalLM"], "dtype": "float32", "hidden_size": 16, "intermediate_size": 8,
+              "vocab_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    writer = CheckpointWriter(out, config)
     values, indices = dense_to_coef(torch.randn(16, 12), 5)
     writer.add_module("model.layers.0.mlp.down_proj", "dictsparse",
                       {"dictionary": torch.randn(12, 8), "coef_values": values, "coef_indices": indices},

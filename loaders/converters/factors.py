@@ -6,14 +6,28 @@ import torch
 
 from slimserve.errors import CheckpointError
 from slimserve.loaders.checkpoint import CheckpointWriter
+from slimserve.loaders.config import ModelSizes
+from slimserve.loaders.models import linear_shape
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
+
+
+def check_dense_linear(name: str, tensor: torch.Tensor, sizes: ModelSizes, *, file: str) -> None:
+    """Refuse an uncompressed decoder linear that is not a float ``[out, in]`` matrix of the base model's layer."""
+    expected = linear_shape(sizes, name.removesuffix(".weight"))
+    if tuple(tensor.shape) != expected or not tensor.is_floating_point():
+        raise CheckpointError(f"has shape {list(tensor.shape)} and dtype {tensor.dtype}", file=file, tensor=name,
+                              expected=f"a float matrix of shape {list(expected)} (from the base config.json)")
 
 
 def check_pair_shapes(module: str, first: torch.Tensor, second: torch.Tensor, expected: tuple[int, int],
                       *, file: str, first_name: str, second_name: str, layout: str) -> None:
     """Refuse a pair whose product is not the layer's ``[out, in]`` (e.g. the other project's orientation)."""
     out_features, in_features = expected
+    for name, factor in ((first_name, first), (second_name, second)):
+        if not factor.is_floating_point() or not torch.isfinite(factor).all():
+            raise CheckpointError(f"has dtype {factor.dtype} or non-finite values", file=file, tensor=name,
+                                  expected="a finite float factor")
     if first.dim() != 2 or second.dim() != 2 or first.shape[1] != in_features or second.shape[0] != out_features \
             or first.shape[0] != second.shape[1]:
         raise CheckpointError(

@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 
 from slimserve.errors import CheckpointError
-from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
-from slimserve.loaders.converters.factors import add_factor_pair, check_pair_shapes
+from slimserve.loaders.checkpoint import CONFIG_FILE, CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
+from slimserve.loaders.config import model_sizes
+from slimserve.loaders.converters.factors import add_factor_pair, check_dense_linear, check_pair_shapes
 from slimserve.loaders.models import DECODER_LINEAR, check_architecture, linear_shape
 
 _FACTOR = re.compile(
@@ -24,6 +25,7 @@ _FACTOR = re.compile(
 def convert_rocket(src: str | Path, out: str | Path) -> Path:
     ckpt = open_checkpoint(src)
     check_architecture(ckpt.config, str(src))
+    sizes = model_sizes(ckpt.config, ckpt.path / CONFIG_FILE)
     pairs: dict[str, dict[str, str]] = {}
     writer_config = {k: v for k, v in ckpt.config.items() if k not in ("compression_ratio", "auto_map")}
     producer = {"converted_from": "rocket", "source": Path(src).name,
@@ -34,6 +36,7 @@ def convert_rocket(src: str | Path, out: str | Path) -> Path:
         if m := _FACTOR.match(name):
             pairs.setdefault(m.group("module"), {})[m.group("which")] = name
         elif m := DECODER_LINEAR.match(name):
+            check_dense_linear(name, tensor, sizes, file=str(ckpt.tensors[name].file))
             writer.add_module(m.group("module"), "dense", {"weight": tensor},
                               in_features=tensor.shape[1], out_features=tensor.shape[0])
         else:
@@ -47,7 +50,7 @@ def convert_rocket(src: str | Path, out: str | Path) -> Path:
                 raise CheckpointError("missing", file=ckpt.path, tensor=f"{module}_{which}.weight",
                                       expected=f"both {module}_u.weight and {module}_v.weight")
         first, second = ckpt.tensor(names["u"]), ckpt.tensor(names["v"])
-        check_pair_shapes(module, first, second, linear_shape(ckpt.config, module),
+        check_pair_shapes(module, first, second, linear_shape(sizes, module),
                           file=str(ckpt.tensors[names["v"]].file), first_name=names["u"], second_name=names["v"],
                           layout="ROCKET layout: _u [r, in] applied first, _v [out, r] "
                                  "(is this an SVD-LLM checkpoint?)")
