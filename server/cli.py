@@ -67,6 +67,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                             help="Sirius keeps a draft token the full model gives probability >= T (default 0.1)")
         parser.add_argument("--sirius-lossless", action="store_true", default=None,
                             help="Sirius keeps only drafts equal to the full model's greedy token (exact output)")
+        parser.add_argument("--sirius-sparse", default=None, metavar="cats:S",
+                            help="Sirius drafts with CATS-style MLP activation sparsity S on any checkpoint "
+                                 "(default: the checkpoint's R-Sparse layers)")
 
     parser = subparsers.add_parser(
         "serve", help="serve a model folder over an OpenAI-compatible HTTP API",
@@ -97,11 +100,12 @@ def sirius_settings(args: argparse.Namespace) -> SiriusSettings | None:
     """Sirius's settings from the serve options, or None when no ``--sirius-*`` option was given."""
     from slimserve.plugin.vllm.sirius_settings import DEFAULT_PERIOD, DEFAULT_THRESHOLD, SiriusSettings
 
-    if args.sirius_period is None and args.sirius_threshold is None and not args.sirius_lossless:
+    if (args.sirius_period is None and args.sirius_threshold is None and not args.sirius_lossless
+            and args.sirius_sparse is None):
         return None
     return SiriusSettings(period=args.sirius_period or DEFAULT_PERIOD,
                           threshold=DEFAULT_THRESHOLD if args.sirius_threshold is None else args.sirius_threshold,
-                          lossless=bool(args.sirius_lossless))
+                          lossless=bool(args.sirius_lossless), sparse=args.sirius_sparse)
 
 
 def _add_vdit_search(subparsers: argparse._SubParsersAction) -> None:

@@ -27,7 +27,9 @@ def test_serve_flags_become_vllm_speculative_and_additional_config(tmp_path: Pat
     # the model drafts for itself: K − 1 drafts per check
     assert speculative == {"method": "draft_model", "model": str(tmp_path), "num_speculative_tokens": 7}
     assert json.loads(argv[argv.index("--additional-config") + 1]) == {
-        "slimserve_sirius": {"period": 8, "threshold": 0.1, "lossless": True}}
+        "slimserve_sirius": {"period": 8, "threshold": 0.1, "lossless": True, "sparse": None}}
+    cats = sirius_settings(build_parser().parse_args(["serve", "--sirius-sparse", "cats:0.5", str(tmp_path)]))
+    assert cats == SiriusSettings(sparse="cats:0.5") and cats.cats_sparsity == 0.5
     assert "--speculative-config" not in vllm_command(tmp_path, served_model_name="m")[0]
 
 
@@ -36,6 +38,9 @@ def test_bad_settings_and_other_vllm_releases_are_refused() -> None:
         SiriusSettings(period=1)
     with pytest.raises(SlimserveError, match="sirius.threshold"):
         SiriusSettings(threshold=-0.5)
+    for sparse in ("cats:1.5", "cats", "topk:0.5"):
+        with pytest.raises(SlimserveError, match="sirius.sparse"):
+            SiriusSettings(sparse=sparse)
     check_vllm_version("0.32.0")
     with pytest.raises(SlimserveError, match="0.33.1"):
         check_vllm_version("0.33.1")
@@ -117,3 +122,23 @@ def test_stat_logger_counts_sirius_rounds_corrections_and_rollbacks(tmp_path: Pa
     other = SlimserveStatLogger(SimpleNamespace(model_config=config.model_config, additional_config={},
                                                 speculative_config=object()))
     assert not other.counts_sirius
+
+
+def test_cats_drafter_keeps_each_tokens_largest_gate_activations_only_while_sparse() -> None:
+    from slimserve.plugin.vllm.sirius import CatsActivation
+
+    def dense(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(x[..., :64]) * x[..., 64:]
+
+    layer = CatsActivation(dense, 0.75, "cats.0")
+    x = torch.randn(5, 128)
+    assert torch.equal(layer.forward(x), dense(x))  # dense mode: the model's own activation
+    layer.mode = "sparse"
+    y = layer.forward(x)
+    gate = torch.nn.functional.silu(x[:, :64])
+    for row in range(5):
+        kept = gate[row].abs().topk(16).indices  # 1 - 0.75 of 64
+        expected = torch.zeros(64)
+        expected[kept] = (gate[row] * x[row, 64:])[kept]
+        assert torch.equal(y[row], expected)
+    assert layer.rows == {"dense": 5, "sparse": 5}

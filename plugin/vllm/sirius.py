@@ -14,7 +14,8 @@ with full-model K/V. In vLLM that is the ``draft_model`` speculative method with
   at the position after its last accepted token. vLLM's draft-model first pass re-runs every
   token the target verified in that step (a separate draft model needs them in its own
   cache); here they would overwrite the target's dense K/V with sparse K/V.
-- ``propose`` runs with every R-Sparse layer in ``sparse`` mode and sets ``dense`` again
+- ``propose`` runs with every R-Sparse layer (or, with ``sparse="cats:s"``, every CATS
+  activation, ``CatsActivation``) in ``sparse`` mode and sets ``dense`` again
   afterwards, so everything outside the drafter (prefill, verification) is dense, whatever
   the step's token kinds.
 
@@ -27,6 +28,7 @@ engine has no Sirius settings in ``additional_config`` behaves exactly like vLLM
 
 from __future__ import annotations
 
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -34,7 +36,8 @@ import torch
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from slimserve.plugin.vllm.rsparse import RSparseLayer, context_layers, set_mode
+from slimserve.errors import SlimserveError
+from slimserve.plugin.vllm.rsparse import Mode, RSparseLayer, context_layers, set_mode
 from slimserve.plugin.vllm.sirius_settings import LIKELIHOOD_TEMPERATURE, SUPPORTED_VLLM, SiriusSettings
 
 
@@ -50,7 +53,7 @@ class SiriusProposer(DraftModelProposer):
         super().__init__(*args, **kwargs)
         self.sirius = SiriusSettings.of(self.vllm_config)
         self._runner = kwargs.get("runner")
-        self.sparse_layers: list[RSparseLayer] = []
+        self.sparse_layers: list[RSparseLayer | CatsActivation] = []
         self.drafted_rows = 0
         self._rejected: torch.Tensor | None = None
 
@@ -65,7 +68,11 @@ class SiriusProposer(DraftModelProposer):
         # The drafter attends with the target's own layers and writes into their cache.
         self._draft_attn_layer_names = {name for name, layer in layers.items()
                                         if layer.get_kv_cache_spec(self.vllm_config) is not None}
-        self.sparse_layers = context_layers(self.vllm_config.compilation_config.static_forward_context)
+        context = self.vllm_config.compilation_config.static_forward_context
+        if self.sirius.cats_sparsity is not None:
+            self.sparse_layers = CatsActivation.install(target_model, self.sirius.cats_sparsity, context)
+        else:
+            self.sparse_layers = context_layers(context)
         set_mode(self.sparse_layers, "dense")
         if not self.sirius.lossless:
             # The runner built its rejection sampler after this drafter; it loads the model later.
@@ -130,6 +137,71 @@ class SiriusProposer(DraftModelProposer):
             dcp_local_seq_lens=cad.dcp_local_seq_lens,
         )
         return batch, self.arange[:batch].clone(), one_token
+
+
+CATS_PREFIX = "slimserve_cats."
+
+
+@torch.library.custom_op("slimserve::cats_silu_and_mul", mutates_args=())
+def cats_silu_and_mul(x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The ``CatsActivation`` named ``layer`` in vLLM's forward context applied to ``x [N, 2d]``."""
+    from vllm.forward_context import get_forward_context
+
+    return get_forward_context().no_compile_layers[layer].forward(x)
+
+
+@cats_silu_and_mul.register_fake
+def _(x: torch.Tensor, layer: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+class CatsActivation:
+    """CATS-style activation sparsity of one SwiGLU MLP, on while Sirius drafts (``--sirius-sparse cats:s``).
+
+    ``silu(g) * u`` with, per token, only the ``k = round((1 − s)·d)`` entries of ``silu(g)`` largest in
+    magnitude kept. CATS (Lee et al. 2024) zeroes activations under a threshold calibrated to reach
+    ``s`` on average; a per-token top-k reaches exactly ``s`` on every token and needs no calibration
+    text, so any dense checkpoint can be served this way. It emulates the drafter's arithmetic
+    (accuracy); the down projection still reads every row, so it saves no time on its own.
+
+    Like the R-Sparse layers, the mode is read at run time inside an opaque custom op, so vLLM's
+    compiled graphs follow ``set_mode``; ``rows`` counts tokens computed each way.
+    """
+
+    def __init__(self, dense: Any, sparsity: float, name: str) -> None:
+        self.dense = dense  # the SiluAndMul's own forward: dense results are vLLM's, bit for bit
+        self.sparsity = sparsity
+        self.name = name
+        self.mode: Mode = "dense"
+        self.rows = {"dense": 0, "sparse": 0}
+
+    @classmethod
+    def install(cls, model: torch.nn.Module, sparsity: float, context: dict[str, Any]) -> list[CatsActivation]:
+        """Route every ``SiluAndMul`` of ``model`` through the custom op; returns the new layers."""
+        from vllm.model_executor.layers.activation import SiluAndMul
+
+        layers = []
+        for module in model.modules():
+            if isinstance(module, SiluAndMul):
+                layer = cls(module.forward, sparsity, f"{CATS_PREFIX}{len(layers)}")
+                context[layer.name] = layer
+                module.forward = partial(torch.ops.slimserve.cats_silu_and_mul, layer=layer.name)
+                layers.append(layer)
+        if not layers:
+            raise SlimserveError("no SwiGLU activation (vLLM SiluAndMul) to sparsify", field="sirius.sparse",
+                                 expected="a model whose MLP uses SiluAndMul (Llama, Qwen, Mistral, Gemma-style)")
+        return layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode != "sparse":
+            self.rows["dense"] += x.shape[0]
+            return self.dense(x)
+        self.rows["sparse"] += x.shape[0]
+        half = x.shape[-1] // 2
+        gate = torch.nn.functional.silu(x[..., :half])
+        keep = max(1, round((1.0 - self.sparsity) * half))
+        smallest = gate.abs().topk(half - keep, dim=-1, largest=False).indices
+        return gate.scatter(-1, smallest, 0.0) * x[..., half:]
 
 
 class ThresholdRejectionSampler(RejectionSampler):

@@ -28,11 +28,15 @@ class SiriusSettings:
     ``period`` K: the full model checks every K tokens, so the drafter proposes K − 1.
     ``threshold``: the paper's acceptance rule (a draft token stays while the full model gives it
     probability ≥ threshold at temperature 0.6); ``lossless`` uses vLLM's exact greedy check instead.
+    ``sparse``: how the drafter is sparse. None: the checkpoint's own R-Sparse layers. ``"cats:s"``:
+    CATS-style MLP activation sparsity on any (dense) checkpoint: each token keeps the ``1 − s``
+    fraction of its gate activations ``silu(x W_gate)`` largest in magnitude and zeroes the rest.
     """
 
     period: int = DEFAULT_PERIOD
     threshold: float = DEFAULT_THRESHOLD
     lossless: bool = False
+    sparse: str | None = None
 
     def __post_init__(self) -> None:
         if self.period < 2:
@@ -41,6 +45,23 @@ class SiriusSettings:
         if self.threshold < 0:
             raise SlimserveError("must not be negative", field="sirius.threshold",
                                  expected=f"a probability threshold >= 0, got {self.threshold}")
+        if self.sparse is not None:
+            self.cats_sparsity  # noqa: B018  (validates)
+
+    @property
+    def cats_sparsity(self) -> float | None:
+        """The fraction of MLP activations the CATS drafter zeroes, or None for R-Sparse layers."""
+        if self.sparse is None:
+            return None
+        method, _, value = self.sparse.partition(":")
+        try:
+            sparsity = float(value)
+        except ValueError:
+            sparsity = -1.0
+        if method != "cats" or not 0.0 < sparsity < 1.0:
+            raise SlimserveError("unknown drafter sparsity", field="sirius.sparse",
+                                 expected=f"'cats:s' with 0 < s < 1 (e.g. cats:0.5), got {self.sparse!r}")
+        return sparsity
 
     def engine_args(self, model: str) -> dict[str, Any]:
         """The vLLM engine arguments that turn Sirius on for ``model`` (``LLM(**...)``, ``EngineArgs``).
@@ -55,7 +76,7 @@ class SiriusSettings:
             "speculative_config": {"method": "draft_model", "model": model,
                                    "num_speculative_tokens": self.period - 1},
             "additional_config": {CONFIG_KEY: {"period": self.period, "threshold": self.threshold,
-                                               "lossless": self.lossless}},
+                                               "lossless": self.lossless, "sparse": self.sparse}},
         }
 
     @classmethod
