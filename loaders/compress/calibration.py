@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,5 +146,12 @@ def collect_grams(model_dir: str | Path, calib_file: str | Path, *, samples: int
 def _accumulate(gram: torch.Tensor):
     def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).float()
-        gram.add_((x.t() @ x).double())
+        # XᵀX of x / max|x| in float32, rescaled in float64: no under- or overflow for tiny or huge activations.
+        peak = float(x.abs().max())
+        if not math.isfinite(peak):
+            gram.fill_(math.inf)  # reported by the whitening, by layer name
+            return
+        if peak > 0:
+            x = x / peak
+            gram.add_((x.t() @ x).double() * peak**2)
     return hook

@@ -22,7 +22,13 @@ import math
 import torch
 
 from slimserve.loaders.compress.budget import dictsparse_sizes
-from slimserve.loaders.compress.whitening import Factorization, Whitening, dense_option, dictsparse_option
+from slimserve.loaders.compress.whitening import (
+    Factorization,
+    Whitening,
+    check_whitened,
+    dense_option,
+    dictsparse_option,
+)
 
 ITERATIONS = 1
 OMP_STEPS = 2
@@ -34,7 +40,10 @@ def sparse_code(signals: torch.Tensor, atoms: torch.Tensor, nnz: int, steps: int
     """Code each row of ``signals [n, d]`` with ``nnz`` rows of ``atoms [k, d]``; returns dense ``[n, k]``.
 
     Works on the k×k atom Gram (Batch-OMP style): correlations of the residual are
-    ``Aᵀy − G·x`` and each support's least-squares refit is a small Cholesky solve.
+    ``Aᵀy − G·x`` and each support's least-squares refit is a small Cholesky solve. A support
+    whose atoms are linearly dependent (duplicate or zero atoms, a rank-deficient weight: OMP
+    then picks atoms the residual no longer correlates with) has a singular sub-Gram; those rows
+    get the minimum-norm least-squares solution instead, which puts no weight on a redundant atom.
     """
     n, k = signals.shape[0], atoms.shape[0]
     gram = atoms @ atoms.t()
@@ -53,9 +62,19 @@ def sparse_code(signals: torch.Tensor, atoms: torch.Tensor, nnz: int, steps: int
             sub = gram[idx[:, :, None], idx[:, None, :]]
             sub.diagonal(dim1=1, dim2=2).add_(ridge)
             rhs = target[start:start + _ROW_CHUNK].gather(1, idx).unsqueeze(-1)
-            values = torch.cholesky_solve(rhs, torch.linalg.cholesky(sub)).squeeze(-1)
+            values = _solve_support(sub, rhs)
             coef[start:start + _ROW_CHUNK].scatter_(1, idx, values)
     return coef
+
+
+def _solve_support(sub: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve the batched ``sub · x = rhs`` (``sub`` symmetric PSD); Cholesky, min-norm where it is singular."""
+    factor, info = torch.linalg.cholesky_ex(sub)
+    values = torch.cholesky_solve(rhs, factor).squeeze(-1)
+    singular = (info != 0) | ~torch.isfinite(values).all(dim=1)
+    if singular.any():
+        values[singular] = (torch.linalg.pinv(sub[singular], hermitian=True) @ rhs[singular]).squeeze(-1)
+    return values
 
 
 def ksvd_update(signals: torch.Tensor, atoms: torch.Tensor, coef: torch.Tensor) -> None:
@@ -88,7 +107,11 @@ class CoSpaDi:
         self.seed = seed
         self.iterations = iterations
         self.atoms_per_nnz = atoms_per_nnz
-        self.whitened = whitening.whiten(weight).float()
+        whitened = whitening.whiten(weight)
+        # Factorize W·S / ‖W·S‖ (unit norm, float32-safe for weights of any scale); the scale goes back
+        # into the coefficients when the factorization is stored.
+        self.scale = check_whitened(whitened, whitening.module)
+        self.whitened = (whitened / self.scale).float()
         self.whitened_norm = float(self.whitened.norm())
 
     def at_ratio(self, ratio: float) -> tuple[Factorization, float]:
@@ -106,4 +129,4 @@ class CoSpaDi:
             ksvd_update(self.whitened, dictionary, coef)
         coef = sparse_code(self.whitened, dictionary, nnz)
         error = float((self.whitened - coef @ dictionary).norm()) / max(self.whitened_norm, 1e-30)
-        return dictsparse_option(coef, dictionary, nnz, self.whitening), error
+        return dictsparse_option(coef.double() * self.scale, dictionary, nnz, self.whitening), error

@@ -53,7 +53,8 @@ class Rocket:
         self.refine_iterations = refine_iterations
         self.svd = SvdLlm(weight, whitening)
         # The SVD needs float64 (S can be ill-conditioned); the sparse refit is well posed in float32.
-        self.whitened = whitening.whiten(weight).float()
+        # Like the SVD, the refit works on W·S / ‖W·S‖ (scale-free); the scale returns in the coefficients.
+        self.whitened = (whitening.whiten(weight) / self.svd.scale).float()
         self.whitened_norm = float(self.whitened.norm())
         # ‖S⁻ᵀ bᵢ‖^λ per basis vector, for the importance score.
         self.atom_scale = self.svd.basis.norm(dim=1).pow(IMPORTANCE_EXPONENT)
@@ -88,7 +89,7 @@ class Rocket:
             dictionary = ridge_dictionary(sparse, self.whitened)
             best = min(best, (self.relative_error(sparse, dictionary), sparse, dictionary), key=lambda b: b[0])
         error, sparse, dictionary = best
-        return dictsparse_option(sparse, dictionary, nnz, self.whitening), error
+        return dictsparse_option(sparse.double() * self.svd.scale, dictionary, nnz, self.whitening), error
 
     def relative_error(self, sparse: torch.Tensor, dictionary: torch.Tensor) -> float:
         """``‖W·S − C·D‖ / ‖W·S‖`` (whitened: the output error on the calibration activations)."""

@@ -60,12 +60,33 @@ def dictsparse_option(coef: torch.Tensor, whitened_dictionary: torch.Tensor, nnz
                       whitening: Whitening) -> Factorization:
     """Store ``W ≈ coef · dictionary · S⁻¹`` (coef ``[out, k]`` with ``nnz`` nonzeros per row) as dictsparse."""
     atoms, in_features = whitened_dictionary.shape
-    values, indices = dense_to_coef(coef, nnz)
+    dictionary = whitening.unwhiten(whitened_dictionary)
+    coef = coef.double()
+    # Balance each atom against its coefficients (same product): neither factor under- or overflows
+    # float32 when the whitening's scale is far from the weight's (very small or large activations).
+    balance = _balance(coef.norm(dim=0), dictionary.norm(dim=1))
+    values, indices = dense_to_coef(coef / balance, nnz)
     return Factorization(
         "dictsparse",
-        {"dictionary": whitening.unwhiten(whitened_dictionary).float(), "coef_values": values.float(),
+        {"dictionary": (dictionary * balance[:, None]).float(), "coef_values": values.float(),
          "coef_indices": indices},
         {"atoms": atoms, "nnz": nnz}, out_features=coef.shape[0], in_features=in_features)
+
+
+def _balance(left_norms: torch.Tensor, right_norms: torch.Tensor) -> torch.Tensor:
+    """Per component, the factor f with ‖left/f‖ = ‖right·f‖ (1 where either side is zero)."""
+    usable = (left_norms > 0) & (right_norms > 0)
+    return torch.where(usable, (left_norms / right_norms.where(usable, 1.0)).sqrt(), 1.0)
+
+
+def check_whitened(whitened: torch.Tensor, module: str) -> float:
+    """``‖W·S‖`` of one layer (1.0 for an all-zero weight), refusing NaN/Inf by the layer's name."""
+    if not torch.isfinite(whitened).all():
+        raise CompressionError(
+            "the weight (or the weight times its calibration whitening) has NaN or Inf values; check the dense "
+            "checkpoint with a finite-values scan, or compress without calibration (--method svd)", layer=module)
+    norm = float(whitened.norm())
+    return norm if norm > 0 else 1.0
 
 
 class Whitening:
@@ -77,6 +98,7 @@ class Whitening:
 
     def __init__(self, gram: torch.Tensor | None, in_features: int, module: str = "") -> None:
         self.ridge = 0.0
+        self.module = module
         if gram is None:
             self.factor = None
             return
@@ -84,6 +106,10 @@ class Whitening:
             raise CompressionError(f"{module}: calibration Gram has shape {list(gram.shape)}, "
                                    f"expected [{in_features}, {in_features}] (stale --calib-cache?)")
         g = gram.double()
+        if not torch.isfinite(g).all():
+            raise CompressionError("the calibration Gram XᵀX has NaN or Inf values: the dense model's activations "
+                                   "are not finite on the --calib text (NaN/Inf weights, or float32 overflow); "
+                                   "check the dense checkpoint's weights", layer=module)
         scale = float(g.diagonal().mean())
         if not scale > 0:
             raise CompressionError(f"{module}: the calibration inputs of this layer are all zero; "
@@ -135,9 +161,13 @@ class SvdLlm:
     def __init__(self, weight: torch.Tensor, whitening: Whitening) -> None:
         self.weight = weight
         self.whitening = whitening
-        self.u, self.sigma, self.vh = torch.linalg.svd(whitening.whiten(weight).float(), full_matrices=False)
+        whitened = whitening.whiten(weight)
+        # The SVD runs on W·S / ‖W·S‖ (float32-safe at any weight scale); sigma is of that unit-norm matrix.
+        self.scale = check_whitened(whitened, whitening.module)
+        self.u, self.sigma, self.vh = torch.linalg.svd((whitened / self.scale).float(), full_matrices=False)
         # Row i is vᵢᵀS⁻¹, i.e. (S⁻ᵀvᵢ)ᵀ: the basis vector back in the original input space.
-        self.basis = whitening.unwhiten(self.vh).float()
+        self.basis64 = whitening.unwhiten(self.vh)
+        self.basis = self.basis64.float()
         energy = self.sigma.double().square()
         # tail[r] = Σ_{i >= r} σᵢ²: the whitened squared error of keeping rank r.
         self.tail = energy.flip(0).cumsum(0).flip(0).tolist() + [0.0]
@@ -155,7 +185,9 @@ class SvdLlm:
         """Rank-``rank`` factors (capped at min(out, in)) and their whitened relative error."""
         out_features, in_features = self.weight.shape
         rank = min(rank, out_features, in_features)
-        root = self.sigma[:rank].sqrt()
-        fact = Factorization("lowrank", {"u": self.u[:, :rank] * root, "v": root[:, None] * self.basis[:rank]},
+        u = self.u[:, :rank].double() * (self.sigma[:rank].double() * self.scale)
+        v = self.basis64[:rank]
+        balance = _balance(u.norm(dim=0), v.norm(dim=1))
+        fact = Factorization("lowrank", {"u": (u / balance).float(), "v": (v * balance[:, None]).float()},
                              {"rank": rank}, out_features=out_features, in_features=in_features)
         return fact, (self.tail[rank] / max(self.total, 1e-300)) ** 0.5
