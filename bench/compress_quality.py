@@ -42,8 +42,8 @@ def main() -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
     parser.add_argument("--calib-samples", type=int, default=DEFAULT_WINDOWS,
-                        help=f"calibration windows of {DEFAULT_SEQ_LEN} tokens; rows with another value than the default are "
-                             "stored and shown separately (METHOD/ALLOCATION/RATIO@Nw)")
+                        help=f"calibration windows of {DEFAULT_SEQ_LEN} tokens; rows with another value than "
+                             "the default are stored and shown separately (METHOD/ALLOCATION/RATIO@Nw)")
     parser.add_argument("--chat", nargs="*", default=[], metavar="METHOD/ALLOCATION/RATIO",
                         help="ask CHAT_QUESTIONS of dense and of these configurations in real vLLM")
     args = parser.parse_args()
@@ -92,7 +92,8 @@ def main() -> int:
             answers = vllm_chat(model, list(CHAT_QUESTIONS))
         else:  # built (and kept) exactly as `make demo` would build it with these settings
             method, allocation, ratio = name.split("/")
-            answers = vllm_chat(build_demo_checkpoint(ARTIFACTS, method, float(ratio), allocation), list(CHAT_QUESTIONS))
+            checkpoint = build_demo_checkpoint(ARTIFACTS, method, float(ratio), allocation)
+            answers = vllm_chat(checkpoint, list(CHAT_QUESTIONS))
         rows = json.loads(store.read_text())
         rows.setdefault("chat", {})[name] = answers
         store.write_text(json.dumps(rows, indent=1))
@@ -114,7 +115,8 @@ def write_readme(rows: dict) -> None:
     lines = [SECTION, "",
              f"{METRIC} of SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; see docs/methods/assets.md) on "
              "*Emma* (first 8 windows of 512 tokens, BOS first), calibrated on *Pride and Prejudice* "
-             f"({DEFAULT_WINDOWS} windows of {DEFAULT_SEQ_LEN} tokens, seed 0, unless a row says otherwise). Ratio = fraction of decoder-linear parameters removed "
+             f"({DEFAULT_WINDOWS} windows of {DEFAULT_SEQ_LEN} tokens, seed 0, unless a row says otherwise). "
+             "Ratio = fraction of decoder-linear parameters removed "
              "(stored values; the achieved value is in parentheses with, for dictsparse, the fraction of bytes "
              "removed once int16 indices are counted). Lower is better; in brackets: x dense.",
              "", "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py` (compression times in "
@@ -123,8 +125,9 @@ def write_readme(rows: dict) -> None:
              f"Dense: **{dense:.2f}**", "",
              "| method | allocation | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
              "|---|---|" + "---|" * len(ratios)]
+    methods = ("svd", "svd-llm", "cospadi", "rocket")
     for suffix, method, allocation in [(s, m, a) for s in ["", *(f"@{v}" for v in variants)]
-                                       for m in ("svd", "svd-llm", "cospadi", "rocket") for a in ("uniform", "knapsack")]:
+                                       for m in methods for a in ("uniform", "knapsack")]:
         cells = []
         for r in ratios:
             row = rows.get(f"{method}/{allocation}/{r}{suffix}")
@@ -137,7 +140,8 @@ def write_readme(rows: dict) -> None:
             calibration = f", {suffix[1:-1]} windows" if suffix else ""
             lines.append(f"| {method} | {allocation}{calibration} | " + " | ".join(cells) + " |")
     lines += ["", "Per-layer reports (level, scheme, rank/atoms/nnz, errors; JSON + PNG), written by every run to "
-              "`results/reports/<method>-<allocation>-<ratio>-report.*` (only the best 30 % one is committed). Raw numbers and compression times: "
+              "`results/reports/<method>-<allocation>-<ratio>-report.*` (only the best 30 % one is committed). "
+              "Raw numbers and compression times: "
               "`results/compress_quality.json`.", ""]
     if rows.get("chat"):
         lines += ["Greedy chat answers (real vLLM, bfloat16, chat template, at most 48 tokens), "

@@ -104,8 +104,8 @@ def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
             tensors = {"dictionary": torch.randn(k, in_features, generator=generator) * scale,
                        "coef_values": values, "coef_indices": indices}
             fields = {"atoms": k, "nnz": s}
-        writer.add_module(module, scheme, {k: v.to(MODEL["dtype"]) if v.is_floating_point() else v for k, v in tensors.items()},
-                          in_features=in_features, out_features=out_features, **fields)
+        stored = {k: v.to(MODEL["dtype"]) if v.is_floating_point() else v for k, v in tensors.items()}
+        writer.add_module(module, scheme, stored, in_features=in_features, out_features=out_features, **fields)
     copy_aux_files(dense_dir, out)
     return writer.finish()
 

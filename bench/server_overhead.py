@@ -62,8 +62,9 @@ def over_http(base_url: str, requests: int, max_tokens: int) -> tuple[list[float
             first = None
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 for line in response.iter_lines():
-                    if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                        first = time.perf_counter()
+                    if first is None and line.startswith("data: {"):
+                        if json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                            first = time.perf_counter()
             e2es.append(time.perf_counter() - start)
             assert first is not None and response.status_code == 200
             ttfts.append(first - start)

@@ -45,7 +45,9 @@ def row(name: str, density: float, seconds: float, dense: float) -> str:
     return f"| {name} | {density:.1%} | {seconds * 1e3:.0f} | {dense / seconds:.2f}x |"
 
 
-def attention_table(layout: VideoLayout, params: PatternParams, head_dims: list[int], heads: int, repeats: int) -> list[str]:
+def attention_table(
+    layout: VideoLayout, params: PatternParams, head_dims: list[int], heads: int, repeats: int
+) -> list[str]:
     lines = ["| kernel | tiles computed | ms | vs dense SDPA |", "|---|---|---|---|"]
     total = -(-layout.seq_len // params.block_size)
     stripe = tuple(range(0, total, total // params.stripe_blocks))[: params.stripe_blocks]
@@ -153,8 +155,8 @@ def main() -> None:
     installed = apply(model, schedule, backend="flex")
     sparse_step = timed(lambda: model(**step_inputs).sample, args.repeats)
     layer_density = statistics.mean(
-        1 - sparsity(m, layout, schedule.params, schedule.stripes.get((0, l, h)))
-        for l in range(schedule.num_layers) for h, m in enumerate(schedule.modes_at(0, l))
+        1 - sparsity(m, layout, schedule.params, schedule.stripes.get((0, layer, h)))
+        for layer in range(schedule.num_layers) for h, m in enumerate(schedule.modes_at(0, layer))
     )
     print(row("transformer step 0 (2 layers)", layer_density, sparse_step, dense_step))
 

@@ -189,8 +189,8 @@ def test_cli_compress_and_search_write_a_recipe(tiny_llama: Path, calib_text: Pa
     assert {s["alpha"] for s in open_checkpoint(tmp_path / "c").modules.values()} == {0.95}
     assert main(["compress", str(tiny_llama), str(tmp_path / "x"), "--method", "rsparse", "--ratio", "0.5",
                  "--calib", str(calib_text)]) == 2  # R-Sparse is budgeted by --sparsity
-    assert main(["compress", str(tiny_llama), str(tmp_path / "s"), "--method", "rsparse", "--sparsity", "0.5", "--calib",
-                 str(calib_text), "--search", "--population", "4", "--generations", "1", "--group-size", "7",
+    assert main(["compress", str(tiny_llama), str(tmp_path / "s"), "--method", "rsparse", "--sparsity", "0.5",
+                 "--calib", str(calib_text), "--search", "--population", "4", "--generations", "1", "--group-size", "7",
                  "--quiet"]) == 0
     recipe = json.loads((tmp_path / "s" / "rsparse_recipe.json").read_text())
     assert recipe["search"]["best_ppl"] <= recipe["search"]["uniform_ppl"]

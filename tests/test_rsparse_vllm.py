@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The quick brown fox", "Return a new list of", "import json", "Create a logger with"]
 
 
-def reference_greedy(model_dir: Path, prompts: list[str], *, sparse_prefill: bool, max_tokens: int = 16) -> list[list[int]]:
+def reference_greedy(
+    model_dir: Path, prompts: list[str], *, sparse_prefill: bool, max_tokens: int = 16
+) -> list[list[int]]:
     """Greedy decoding with the reference model: one prefill forward, then one forward per token with the KV cache."""
     from transformers import AutoTokenizer
 

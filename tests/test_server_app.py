@@ -101,7 +101,8 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI) -> None:
 def test_unknown_route_and_malformed_json(server: str) -> None:
     missing = httpx.get(server + "/v1/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
-    malformed = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    json_header = {"content-type": "application/json"}
+    malformed = httpx.post(server + "/v1/completions", content=b"{not json", headers=json_header)
     assert malformed.status_code == 400 and "error" in malformed.json()
 
 

@@ -110,7 +110,8 @@ def test_video_sync_and_metrics(video_server: ServerProcess) -> None:
                         ({**form, "num_frames": "129"}, "num_frames")):
         too_big = httpx.post(video_server.base_url + "/v1/videos/sync", data=data, timeout=60)
         assert too_big.status_code == 400, too_big.text
-        assert too_big.json()["error"]["param"] == param and "rotary position table" in too_big.json()["error"]["message"]
+        error = too_big.json()["error"]
+        assert error["param"] == param and "rotary position table" in error["message"]
     assert httpx.post(video_server.base_url + "/v1/videos/sync", data={**form, "size": "512x16"},
                       timeout=60).status_code == 200  # the largest size it can place
     text = httpx.get(video_server.base_url + "/metrics").text

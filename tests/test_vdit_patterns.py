@@ -127,10 +127,12 @@ def test_head_fusion_equals_per_head():
     fused = fused_attention(q, k, v, modes, layout, params, stripes, backend="flex_eager")
     for h, mode in enumerate(modes):
         cols = (stripes[h],) if mode is Mode.STRIPE else None
-        one = mode_attention(q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], mode, layout, params, cols, "flex_eager")
+        head = slice(h, h + 1)
+        one = mode_attention(q[:, head], k[:, head], v[:, head], mode, layout, params, cols, "flex_eager")
         torch.testing.assert_close(fused[:, h : h + 1], one, atol=1e-6, rtol=1e-6)
     assert torch.count_nonzero(fused[:, 2]) == 0
-    torch.testing.assert_close(fused[:, 4], F.scaled_dot_product_attention(q[:, 4], k[:, 4], v[:, 4]), atol=1e-6, rtol=0)
+    dense_head = F.scaled_dot_product_attention(q[:, 4], k[:, 4], v[:, 4])
+    torch.testing.assert_close(fused[:, 4], dense_head, atol=1e-6, rtol=0)
 
 
 def test_compiled_flex_matches_sdpa_reference():

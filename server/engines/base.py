@@ -54,7 +54,7 @@ class SparsityReport:
     compression_ratio: float = 0.0
 
 
-class Engine(ABC):
+class Engine:
     """Common part of every engine: the served name and what it saves."""
 
     def __init__(self, model_name: str) -> None:
@@ -109,7 +109,7 @@ class TextDelta:
     sparse_attention: SparseAttentionStats | None = None  # on the last delta of a sparse-attention request
 
 
-class TextEngine(Engine):
+class TextEngine(Engine, ABC):
     """An engine that completes text (served on ``/v1/completions`` and ``/v1/chat/completions``)."""
 
     @abstractmethod
@@ -152,7 +152,7 @@ class ImageRequest:
     seed: int | None = None
 
 
-class ImageEngine(Engine):
+class ImageEngine(Engine, ABC):
     """An engine that renders images (served on ``/v1/images/generations``)."""
 
     @abstractmethod
@@ -181,7 +181,7 @@ class Video:
     fps: int
 
 
-class VideoEngine(Engine):
+class VideoEngine(Engine, ABC):
     """An engine that renders videos (served on ``/v1/videos``)."""
 
     @abstractmethod
