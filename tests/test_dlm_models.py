@@ -126,3 +126,19 @@ def test_served_with_sparsed_through_the_openai_api(tiny: TinyDLM, engine: Diffu
         text = httpx.get(base_url + "/metrics").text
     assert metric_value(text, "slimserve:sparsed_kept_density_count", model_name="tiny") == 2
     assert metric_value(text, "slimserve:sparsed_mask_selection_seconds_sum", model_name="tiny") > 0
+
+
+@pytest.mark.parametrize("kernel", ["gather", "flex_eager"])
+def test_sparse_kernel_with_every_tile_kept_equals_dense_in_the_model(engine: DiffusionLMEngine,
+                                                                      kernel: str) -> None:
+    """The sparse kernels really run inside the decoder (threshold lifted) and match dense attention."""
+    ids = torch.randint(0, engine.mask_token_id, (1, 70), generator=torch.Generator().manual_seed(1))
+    state = dlm_attention.SparsedRequest(SparsedParams(skip=0.0, rho=1.0, block=16), prompt_length=50,
+                                         total_steps=4, kernel=kernel, dense_above=1.0)
+    with torch.no_grad():
+        dense = engine.model.base_model(input_ids=ids).last_hidden_state
+        for step in range(state.select_step + 2):  # dense steps, the selecting step, then one sparse step
+            state.step = step
+            hidden = engine.model.base_model(input_ids=ids, sparsed=state).last_hidden_state
+    assert all(tiles.plan is not None for tiles in state.layers.values())
+    torch.testing.assert_close(hidden, dense, atol=1e-5, rtol=1e-5)
