@@ -1,8 +1,17 @@
-"""Sirius in real vLLM (fp32 tiny Llama): the invariants of docs/methods/sirius.md, each in a fresh engine.
+"""Sirius in real vLLM (fp32 tiny Llama): the invariants of docs/methods/sirius.md.
 
-Every run is one vLLM engine in a child process (``run_sirius``) that returns the greedy tokens,
-vLLM's spec-decode counters and what the worker holds: each R-Sparse layer's dense/sparse row
-counts, the tokens the drafter pushed through the model, and the KV cache it allocated.
+Each engine configuration starts one vLLM engine in a child process (``run_engine``) that runs
+several phases and returns everything the tests check, so the file costs seven engine starts:
+
+- ``main``: the four PROMPTS, greedy, batched: tokens, vLLM's spec-decode counters, each R-Sparse
+  layer's dense/sparse row counts, the tokens the drafter pushed through the model, the KV cache.
+- ``kv``: prompt 0 plus its ``main`` output prefilled densely as a new prompt (prefix cache not
+  read): K/V of every position the Sirius run had verified, compared with that dense prefill.
+- ``mixed``: a batch mixing greedy and sampled requests of different lengths: the greedy ones must
+  come out as in ``main``.
+- ``prefix``: a 150-token prompt and its greedy output, as a new prompt, with the prefix cache read
+  (its blocks then hold positions Sirius generated) and not read.
+- refused dense drafts: the verifier's logits where a dense drafter's token was refused.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +34,44 @@ from slimserve.testing.vllm import hf_greedy
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["The quick brown fox", "Return a new list of", "import json", "Create a logger with"]
+MAX_TOKENS = 24
 
 _SCRIPT = r"""
 import json, sys
+import torch
 from vllm import LLM, SamplingParams
+
+
+def setup(worker):
+    # Record each request's KV blocks (by prompt) at every step, and the verifier's view of refused drafts.
+    runner = worker.model_runner
+    runner.probe_blocks = {}
+    runner.probe_refused = []
+    execute = runner.execute_model
+
+    def execute_model(*args, **kwargs):
+        for state in runner.requests.values():
+            runner.probe_blocks[json.dumps(list(state.prompt_token_ids))] = list(state.block_ids[0])
+        return execute(*args, **kwargs)
+
+    runner.execute_model = execute_model
+    sampler = getattr(runner, "rejection_sampler", None)
+    if sampler is not None:
+        forward = sampler.forward
+
+        def checked(metadata, draft_probs, logits, sampling_metadata):
+            target = logits[metadata.target_logits_indices].float()
+            drafts = metadata.draft_token_ids.long()
+            best = target.max(dim=-1).values
+            chosen = target.gather(1, drafts[:, None])[:, 0]
+            index = [i for n in metadata.num_draft_tokens for i in range(n)]  # each draft's place in its round
+            for row in (target.argmax(dim=-1) != drafts).nonzero()[:, 0].tolist():
+                runner.probe_refused.append({"gap": float(best[row] - chosen[row]), "index": index[row],
+                                             "scale": float(target[row].abs().max())})
+            return forward(metadata, draft_probs, logits, sampling_metadata)
+
+        sampler.forward = checked
+    return True
 
 
 def probe(worker):
@@ -35,39 +79,101 @@ def probe(worker):
     context = runner.compilation_config.static_forward_context
     drafter = getattr(runner, "drafter", None)
     kv = runner.kv_cache_config
-    return {"rows": [dict(layer.rows) for name, layer in context.items() if name.startswith("slimserve_rsparse.")],
+    return {"rows": [dict(layer.rows) for name, layer in context.items()
+                     if name.startswith(("slimserve_rsparse.", "slimserve_cats."))],
             "drafted": getattr(drafter, "drafted_rows", None),
             "drafter": type(drafter).__name__ if drafter is not None else None,
             "sampler": type(getattr(runner, "rejection_sampler", None)).__name__,
             "kv_layers": sorted(n for g in kv.kv_cache_groups for n in g.layer_names),
-            "kv_bytes": sum(t.size for t in kv.kv_cache_tensors)}
+            "refused": runner.probe_refused}
+
+
+def kv_difference(worker, first, second, positions):
+    # Max |K/V(first) - K/V(second)| over positions [0, positions) of two requests, every attention layer.
+    # The CPU cache packs K per ISA, so the packing of slot i is learnt by packing the value i + 1.
+    from vllm._custom_ops import cpu_attn_reshape_and_cache
+    runner = worker.model_runner
+    context = runner.compilation_config.static_forward_context
+    blocks_a, blocks_b = runner.probe_blocks[json.dumps(first)], runner.probe_blocks[json.dumps(second)]
+    assert not set(blocks_a) & set(blocks_b), "the dense prefill reused the Sirius request's blocks"
+    worst, scale = 0.0, 0.0
+    for name in sorted(n for g in runner.kv_cache_config.kv_cache_groups for n in g.layer_names):
+        layer = context[name]
+        cache = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
+        _, heads, block, _ = cache.shape
+        view = cache.view(cache.shape[0], heads, block * 2, -1)
+        keys, values = view.chunk(2, dim=2)
+        head = keys.shape[-1]
+        index = (torch.arange(block, dtype=cache.dtype) + 1)[:, None, None].expand(block, heads, head).contiguous()
+        key_map, value_map = torch.zeros(1, heads, block * 2, head, dtype=cache.dtype).chunk(2, dim=2)
+        cpu_attn_reshape_and_cache(index, index, key_map, value_map, torch.arange(block), layer.isa)
+        for n in range(0, positions, block):
+            block_a, block_b = blocks_a[n // block], blocks_b[n // block]
+            for maps, tensor in ((key_map, keys), (value_map, values)):
+                keep = (maps[0] >= 1) & (maps[0] <= positions - n)
+                a, b = tensor[block_a][keep], tensor[block_b][keep]
+                worst = max(worst, float((a - b).abs().max()))
+                scale = max(scale, float(b.abs().max()))
+    return {"max_abs_diff": worst, "max_abs": scale}
+
+
+def spec_counters(llm):
+    return {m.name: m.value for m in llm.get_metrics()
+            if ("spec_decode" in m.name or "prefix_cache" in m.name) and hasattr(m, "value")}
 
 
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     engine = {}
     if args["sirius"] is not None:
-        from slimserve.plugin.vllm.sirius import SiriusSettings
+        from slimserve.plugin.vllm.sirius_settings import SiriusSettings
         engine = SiriusSettings(**args["sirius"]).engine_args(args["model"])
     llm = LLM(model=args["model"], dtype="float32", enforce_eager=args["enforce_eager"], max_model_len=256,
-              max_num_seqs=4, seed=0, disable_log_stats=False, enable_prefix_caching=args["prefix_caching"], **engine)
-    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
-    outs = llm.generate(args["prompts"], params, use_tqdm=False)
-    counters = {m.name: m.value for m in llm.get_metrics() if "spec_decode" in m.name and hasattr(m, "value")}
-    print("SIRIUS_RUN=" + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "counters": counters,
-                                      "worker": llm.collective_rpc(probe)[0]}), flush=True)
+              max_num_seqs=4, seed=0, disable_log_stats=False, enable_prefix_caching=True, block_size=32,
+              **engine)
+    llm.collective_rpc(setup)
+    greedy = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
+    outs = llm.generate(args["prompts"], greedy, use_tqdm=False)
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "counters": spec_counters(llm)}
+    if "kv" in args["phases"]:
+        first = list(outs[0].prompt_token_ids)
+        second = first + result["tokens"][0]
+        dense = SamplingParams(temperature=0.0, max_tokens=1, skip_reading_prefix_cache=True)
+        llm.generate([{"prompt_token_ids": second}], dense, use_tqdm=False)
+        # Positions the Sirius run verified: all but its last token, whose K/V a drafter may have written.
+        result["kv"] = llm.collective_rpc(kv_difference, args=(first, second, len(second) - 1))[0]
+    if "mixed" in args["phases"]:
+        params = [greedy, SamplingParams(temperature=0.9, seed=3, max_tokens=17, ignore_eos=True),
+                  SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+                  SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True, logprobs=2)]
+        mixed = llm.generate(args["prompts"], params, use_tqdm=False)
+        result["mixed"] = [list(o.outputs[0].token_ids) for o in mixed]
+    if "prefix" in args["phases"]:
+        # A prompt whose cached blocks hold positions Sirius generated, read from the cache and recomputed.
+        long = args["long_prompt"]
+        cold = list(llm.generate([{"prompt_token_ids": long}], greedy, use_tqdm=False)[0].outputs[0].token_ids)
+        again = [{"prompt_token_ids": long + cold}]
+        before = spec_counters(llm).get("vllm:prefix_cache_hits", 0)
+        warm = llm.generate(again, greedy, use_tqdm=False)[0].outputs[0].token_ids
+        hits = spec_counters(llm).get("vllm:prefix_cache_hits", 0) - before
+        uncached = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True,
+                                  skip_reading_prefix_cache=True)
+        off = llm.generate(again, uncached, use_tqdm=False)[0].outputs[0].token_ids
+        result["prefix"] = {"warm": list(warm), "off": list(off), "hits": hits}
+    result["worker"] = llm.collective_rpc(probe)[0]
+    print("SIRIUS_RUN=" + json.dumps(result), flush=True)
 """
 
 
-def run_sirius(model: Path, sirius: dict[str, Any] | None, *, prefix_caching: bool = True, enforce_eager: bool = True,
-               max_tokens: int = 24) -> dict[str, Any]:
-    """Greedy tokens, spec-decode counters and the worker's state of one vLLM engine (Sirius off if None)."""
+def run_engine(model: Path, sirius: dict[str, Any] | None, *, phases: tuple[str, ...] = (),
+               enforce_eager: bool = True, long_prompt: list[int] | None = None) -> dict[str, Any]:
+    """Run one vLLM engine (Sirius off if ``sirius`` is None) through ``main`` and ``phases``; see module docstring."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # collective_rpc ships the probe function by value
-    args = {"model": str(model), "sirius": sirius, "prompts": PROMPTS, "prefix_caching": prefix_caching,
-            "enforce_eager": enforce_eager, "max_tokens": max_tokens}
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # collective_rpc ships the probe functions by value
+    args = {"model": str(model), "sirius": sirius, "prompts": PROMPTS, "phases": list(phases),
+            "enforce_eager": enforce_eager, "max_tokens": MAX_TOKENS, "long_prompt": long_prompt}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1200)
     for line in proc.stdout.splitlines():
         if line.startswith("SIRIUS_RUN="):
             return json.loads(line.removeprefix("SIRIUS_RUN="))
@@ -79,6 +185,18 @@ def advance_length(run: dict[str, Any]) -> float:
     counters = run["counters"]
     drafts = counters["vllm:spec_decode_num_drafts"]
     return (counters["vllm:spec_decode_num_accepted_tokens"] + drafts) / drafts
+
+
+def memo(build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """One engine run per configuration, whichever test asks first (module fixtures can't take arguments)."""
+    cached: list[dict[str, Any]] = []
+
+    def get() -> dict[str, Any]:
+        if not cached:
+            cached.append(build())
+        return cached[0]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -95,52 +213,128 @@ def rsparse_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def plain_greedy(tiny_llama: Path) -> list[list[int]]:
     """The dense model's greedy tokens: what lossless Sirius must produce (its full model is the dense W)."""
-    return hf_greedy(tiny_llama, PROMPTS, max_tokens=24)
+    return hf_greedy(tiny_llama, PROMPTS, max_tokens=MAX_TOKENS)
 
 
-def test_dense_drafter_equals_plain_greedy_with_no_extra_kv_cache(tiny_llama: Path,
-                                                                 plain_greedy: list[list[int]]) -> None:
-    plain = run_sirius(tiny_llama, None)
-    sirius = run_sirius(tiny_llama, {"period": 4, "lossless": True})
-    assert plain["tokens"] == plain_greedy
-    assert sirius["tokens"] == plain_greedy
-    assert sirius["worker"]["drafter"] == "SiriusProposer" and plain["worker"]["drafter"] is None
-    # the drafter attends with the target's layers: the same cache layers and bytes as without Sirius
-    assert sirius["worker"]["kv_layers"] == plain["worker"]["kv_layers"]
-    assert sirius["worker"]["kv_bytes"] == plain["worker"]["kv_bytes"]
-    # a dense drafter is the full model: nearly every draft is accepted (see the test below for why not all)
-    assert advance_length(sirius) > 3.5
+@pytest.fixture(scope="module")
+def long_prompt(tiny_llama: Path) -> list[int]:
+    """150 tokens of text: with 24 generated, positions 150-159 of the fifth 32-token block are Sirius's."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)(local_text(4000))["input_ids"][:150]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llama: Path, rsparse_llama: Path, long_prompt: list[int]) -> dict[str, Callable[[], dict[str, Any]]]:
+    """The eight engine configurations, each started at most once."""
+    return {
+        "dense K4": memo(lambda: run_engine(tiny_llama, {"period": 4, "lossless": True}, phases=("kv",))),
+        "lossless K2": memo(lambda: run_engine(rsparse_llama, {"period": 2, "lossless": True})),
+        "lossless K4": memo(lambda: run_engine(rsparse_llama, {"period": 4, "lossless": True},
+                                               phases=("kv", "mixed", "prefix"), long_prompt=long_prompt)),
+        "lossless K16": memo(lambda: run_engine(rsparse_llama, {"period": 16, "lossless": True})),
+        # vLLM's default compiled mode (torch.compile), with the threshold sampler
+        "thr0.1 K4 compiled": memo(lambda: run_engine(rsparse_llama, {"period": 4, "threshold": 0.1},
+                                                      phases=("kv", "mixed", "prefix"), enforce_eager=False,
+                                                      long_prompt=long_prompt)),
+        "thr1.5 K4": memo(lambda: run_engine(rsparse_llama, {"period": 4, "threshold": 1.5})),
+        "thr0 K4": memo(lambda: run_engine(rsparse_llama, {"period": 4, "threshold": 0.0})),
+        "cats K4": memo(lambda: run_engine(tiny_llama, {"period": 4, "lossless": True, "sparse": "cats:0.5"})),
+    }
+
+
+def attention_layers(model: Path) -> list[str]:
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    return sorted(f"model.layers.{i}.self_attn.attn" for i in range(layers))
+
+
+def assert_kv_matches_dense_prefill(run: dict[str, Any]) -> None:
+    """K/V of every verified position equal a dense prefill of the same tokens (fp32 summation order aside)."""
+    kv = run["kv"]
+    assert kv["max_abs"] > 0.1  # the compared entries were written
+    assert kv["max_abs_diff"] < 1e-4 * kv["max_abs"], kv
+
+
+def test_dense_drafter_equals_plain_greedy_in_the_target_kv_cache(tiny_llama: Path, engines: dict[str, Any],
+                                                                   plain_greedy: list[list[int]]) -> None:
+    run = engines["dense K4"]()
+    assert run["tokens"] == plain_greedy
+    assert run["worker"]["drafter"] == "SiriusProposer"
+    # the drafter attends with the target's layers: no draft layers, so no second KV cache group
+    assert run["worker"]["kv_layers"] == attention_layers(tiny_llama)
+    assert_kv_matches_dense_prefill(run)
+    # A dense drafter is the full model: the verifier keeps every draft (AAL = K). Where it refused one,
+    # the probe records the verifier's logit gap and the draft's place in its round.
+    counters = run["counters"]
+    assert run["worker"]["refused"] == []
+    assert counters["vllm:spec_decode_num_accepted_tokens"] == counters["vllm:spec_decode_num_draft_tokens"]
+    assert advance_length(run) == 4
 
 
 @pytest.mark.parametrize("period", [2, 4, 16])
-def test_rsparse_drafter_with_lossless_acceptance_equals_plain_greedy(rsparse_llama: Path, period: int,
+def test_rsparse_drafter_with_lossless_acceptance_equals_plain_greedy(period: int, engines: dict[str, Any],
                                                                       plain_greedy: list[list[int]]) -> None:
-    run = run_sirius(rsparse_llama, {"period": period, "lossless": True})
+    run = engines[f"lossless K{period}"]()
     assert run["tokens"] == plain_greedy
     assert run["worker"]["sampler"] == "RejectionSampler"
     drafted = run["worker"]["drafted"]
     assert drafted > 0 and run["worker"]["rows"]
     for rows in run["worker"]["rows"]:
-        # sparse rows come only from the drafter; prefill and verification passes are dense
+        # sparse rows come only from the drafter; prefill and verification passes make no sparse call
         assert rows["sparse"] == drafted and rows["dense"] > 0
     # the sparse drafter really differs from the full model: some drafts are refused
     assert advance_length(run) < period
 
 
-def test_prefix_caching_on_and_off_give_identical_tokens(rsparse_llama: Path) -> None:
-    settings = {"period": 4, "threshold": 0.1}
-    cached = run_sirius(rsparse_llama, settings, prefix_caching=True)
-    uncached = run_sirius(rsparse_llama, settings, prefix_caching=False)
-    assert cached["tokens"] == uncached["tokens"]
-    assert cached["worker"]["sampler"] == "ThresholdRejectionSampler"
+@pytest.mark.parametrize("config", ["lossless K4", "thr0.1 K4 compiled"])
+def test_kv_at_verified_positions_equals_a_dense_prefill(config: str, engines: dict[str, Any]) -> None:
+    run = engines[config]()
+    assert run["counters"]["vllm:spec_decode_num_draft_tokens"] > run["counters"][
+        "vllm:spec_decode_num_accepted_tokens"]  # sparse drafts were written into the cache and overwritten
+    assert_kv_matches_dense_prefill(run)
 
 
-def test_threshold_above_one_is_plain_greedy_and_zero_keeps_every_draft(rsparse_llama: Path,
-                                                                      plain_greedy: list[list[int]]) -> None:
-    strict = run_sirius(rsparse_llama, {"period": 4, "threshold": 1.5})
+@pytest.mark.parametrize("config", ["lossless K4", "thr0.1 K4 compiled"])
+def test_batched_requests_with_different_settings_do_not_interfere(config: str, engines: dict[str, Any]) -> None:
+    run = engines[config]()
+    greedy, sampled, short, with_logprobs = run["mixed"]
+    assert greedy == run["tokens"][0]
+    assert short == run["tokens"][2][:9]
+    assert with_logprobs == run["tokens"][3]
+    assert len(sampled) == 17 and sampled != run["tokens"][1][:17]
+
+
+@pytest.mark.parametrize("config", ["lossless K4", "thr0.1 K4 compiled"])
+def test_prefix_caching_on_and_off_give_identical_tokens(config: str, engines: dict[str, Any]) -> None:
+    prefix = engines[config]()["prefix"]
+    assert prefix["hits"] >= 160  # five full blocks, the fifth partly generated by Sirius
+    assert prefix["warm"] == prefix["off"]
+
+
+def test_threshold_sampler_in_compiled_mode(engines: dict[str, Any]) -> None:
+    run = engines["thr0.1 K4 compiled"]()
+    assert run["worker"]["sampler"] == "ThresholdRejectionSampler"
+    for rows in run["worker"]["rows"]:
+        assert rows["sparse"] == run["worker"]["drafted"]
+    assert advance_length(run) > 1
+
+
+def test_threshold_above_one_is_plain_greedy(engines: dict[str, Any], plain_greedy: list[list[int]]) -> None:
+    strict = engines["thr1.5 K4"]()
     assert strict["tokens"] == plain_greedy
     assert strict["counters"]["vllm:spec_decode_num_accepted_tokens"] == 0  # AAL 1
-    lenient = run_sirius(rsparse_llama, {"period": 4, "threshold": 0.0})
-    counters = lenient["counters"]
+
+
+def test_threshold_zero_keeps_every_draft(engines: dict[str, Any], plain_greedy: list[list[int]]) -> None:
+    counters = engines["thr0 K4"]()["counters"]
     assert counters["vllm:spec_decode_num_accepted_tokens"] == counters["vllm:spec_decode_num_draft_tokens"]
-    assert lenient["tokens"] != plain_greedy  # the sparse model's own text, checked every 4 tokens
+    assert engines["thr0 K4"]()["tokens"] != plain_greedy  # the sparse model's own text, checked every 4 tokens
+
+
+def test_cats_drafter_on_a_dense_checkpoint_with_lossless_acceptance_equals_plain_greedy(
+        engines: dict[str, Any], plain_greedy: list[list[int]]) -> None:
+    run = engines["cats K4"]()
+    assert run["tokens"] == plain_greedy
+    rows = run["worker"]["rows"]  # the CATS activations' row counts (one per MLP)
+    assert len(rows) == 2 and all(r["sparse"] == run["worker"]["drafted"] > 0 and r["dense"] > 0 for r in rows)
+    assert advance_length(run) < 4  # half the gate activations zeroed: the drafts really differ

@@ -122,11 +122,14 @@ class SiriusProposer(DraftModelProposer):
         self._set_positions(batch, positions)
         seq_lens = (positions + 1).to(cad.seq_lens.dtype)
         query_start = self.arange[:batch + 1].to(cad.query_start_loc.dtype)
+        # Copies, not .cpu(): on a CPU engine that returns the same tensor, and the base class's later
+        # draft steps add 1 to seq_lens and to the upper bound, so aliased lengths grew by 2 per step
+        # (the drafter then attended to stale slots past its last token).
         one_token = type(cad)(
             query_start_loc=query_start,
-            query_start_loc_cpu=query_start.cpu(),
+            query_start_loc_cpu=query_start.to("cpu", copy=True),
             seq_lens=seq_lens,
-            seq_lens_cpu_upper_bound=seq_lens.cpu(),
+            seq_lens_cpu_upper_bound=seq_lens.to("cpu", copy=True),
             num_reqs=batch,
             num_actual_tokens=batch,
             max_query_len=1,
