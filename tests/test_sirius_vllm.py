@@ -1,7 +1,7 @@
 """Sirius in real vLLM (fp32 tiny Llama): the invariants of docs/methods/sirius.md.
 
 Each engine configuration starts one vLLM engine in a child process (``run_engine``) that runs
-several phases and returns everything the tests check, so the file costs seven engine starts:
+several phases and returns everything the tests check, so the file costs eight engine starts:
 
 - ``main``: the four PROMPTS, greedy, batched: tokens, vLLM's spec-decode counters, each R-Sparse
   layer's dense/sparse row counts, the tokens the drafter pushed through the model, the KV cache.
