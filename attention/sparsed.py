@@ -42,7 +42,7 @@ BLOCK_MULTIPLE = 16
 # Above this kept-tile fraction a layer runs unmasked SDPA instead: the gathered kernel no longer
 # wins. Measured by bench/sparsed.py (bench/README.md) on 2 loaded Xeon cores: a density sweep puts
 # the crossover between 40 % (1.12x) and 50 % kept at 4k and 8k tokens, but SparseD's own tiles at
-# 31 % kept gave only 1.11x at 8k and 0.91x at 12k, so the threshold keeps that margin. Full
+# 31 % kept gave only 1.11x at 8k and 0.91-1.20x at 12k, so the threshold keeps that margin. Full
 # attention is what the sparse run approximates, so nothing is lost.
 DENSE_ABOVE_DENSITY = 0.3
 
