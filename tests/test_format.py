@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from slimserve.errors import CheckpointError
 from slimserve.loaders.checkpoint import (
@@ -22,6 +18,7 @@ from slimserve.loaders.checkpoint import (
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
+from slimserve.testing.edit import edited_copy
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -44,21 +41,6 @@ def dict_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       {"dictionary": torch.randn(12, 8), "coef_values": values, "coef_indices": indices},
                       in_features=8, out_features=16, atoms=12, nnz=5)
     return writer.finish()
-
-
-def mutate(src: Path, dst: Path, *, tensors: Callable[[dict], None] | None = None,
-           config: Callable[[dict], None] | None = None) -> Path:
-    """Copy a checkpoint, editing its tensors and/or config.json."""
-    shutil.copytree(src, dst)
-    if tensors is not None:
-        state = load_file(str(dst / "model.safetensors"))
-        tensors(state)
-        save_file(state, str(dst / "model.safetensors"))
-    if config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        config(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def test_round_trip_and_ratio(svd_ckpt: Path, tiny_llama: Path) -> None:
@@ -146,7 +128,7 @@ MALFORMED = [("svd_ckpt", case, *LOWRANK_CASES[case]) for case in sorted(LOWRANK
 @pytest.mark.parametrize(("base", "case", "edits", "words"), MALFORMED, ids=[m[1] for m in MALFORMED])
 def test_malformed_checkpoint_names_the_problem(base: str, case: str, edits: dict, words: list[str],
                                                 request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    broken = mutate(request.getfixturevalue(base), tmp_path / "broken", **edits)
+    broken = edited_copy(request.getfixturevalue(base), tmp_path / "broken", **edits)
     with pytest.raises(CheckpointError) as info:
         validate_checkpoint(broken)
     for word in words:

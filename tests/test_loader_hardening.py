@@ -22,6 +22,7 @@ from slimserve.loaders.checkpoint import CheckpointWriter, open_checkpoint, vali
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.converters import convert_svdllm
 from slimserve.server.cli import main
+from slimserve.testing.edit import edited_copy
 
 REPO = Path(__file__).resolve().parents[1]
 EMBED = "model.embed_tokens.weight"
@@ -30,20 +31,6 @@ EMBED = "model.embed_tokens.weight"
 @pytest.fixture(scope="module")
 def svd_ckpt(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compress(tiny_llama, tmp_path_factory.mktemp("svd") / "ckpt", ratio=0.3, progress=False)
-
-
-def edited(src: Path, dst: Path, *, tensors: Callable[[dict], None] | None = None,
-           config: Callable[[dict], None] | None = None) -> Path:
-    shutil.copytree(src, dst)
-    if tensors is not None:
-        state = load_file(str(dst / "model.safetensors"))
-        tensors(state)
-        save_file(state, str(dst / "model.safetensors"))
-    if config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        config(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def set_value(name: str, index: tuple[int, ...], value: float) -> Callable[[dict], None]:
@@ -80,7 +67,7 @@ ORDINARY_CASES = {
 @pytest.mark.parametrize("case", sorted(ORDINARY_CASES))
 def test_every_tensor_is_validated_against_config(case: str, svd_ckpt: Path, tmp_path: Path) -> None:
     edits, words = ORDINARY_CASES[case]
-    broken = edited(svd_ckpt, tmp_path / "broken", **edits)
+    broken = edited_copy(svd_ckpt, tmp_path / "broken", **edits)
     with pytest.raises(CheckpointError) as info:
         validate_checkpoint(broken)
     for word in words:
@@ -207,7 +194,7 @@ def test_serve_on_a_malformed_config_exits_2(content: bytes, tmp_path: Path,
 
 def test_validate_cli_names_nan_in_embeddings(svd_ckpt: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    broken = edited(svd_ckpt, tmp_path / "broken", tensors=set_value(EMBED, (0, 0), float("inf")))
+    broken = edited_copy(svd_ckpt, tmp_path / "broken", tensors=set_value(EMBED, (0, 0), float("inf")))
     assert main(["validate", str(svd_ckpt)]) == 0
     capsys.readouterr()
     assert main(["validate", str(broken)]) == 2

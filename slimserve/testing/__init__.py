@@ -10,6 +10,7 @@ build their own tiny models and start real servers on loopback. Shipped code (``
   pipeline folders.
 - ``diffusion_lm``: a tiny masked-diffusion LM folder for the server's own text engine.
 - ``dlm``: tiny LLaDA and Dream checkpoints in their original tensor naming, with their reference models.
+- ``edit``: damaged copies of a checkpoint (tensors or config.json edited).
 - ``rocket_layout``: ROCKET's checkpoint layout written from a dense model, for converter and plugin tests.
 - ``live``: a FastAPI app on a thread or ``slimserve serve`` as a child process, always stopped.
 - ``trivial``: a model-free engine that isolates the HTTP layer.
