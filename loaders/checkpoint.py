@@ -362,6 +362,7 @@ class ModuleSummary:
     fields: dict[str, int | float]
     dense_params: int
     stored_params: int
+    dense_bytes: int
     stored_bytes: int
 
 
@@ -374,8 +375,9 @@ def summarize(ckpt: Checkpoint) -> list[ModuleSummary]:
         fields = {k: v for k, v in spec.items() if k not in ("scheme", "in_features", "out_features")}
         rows.append(ModuleSummary(
             name=name, scheme=spec["scheme"], shape=(spec["out_features"], spec["in_features"]), fields=fields,
-            dense_params=spec["out_features"] * spec["in_features"],
-            stored_params=scheme.stored_params(spec), stored_bytes=scheme.stored_bytes(spec, float_bytes),
+            dense_params=spec["out_features"] * spec["in_features"], stored_params=scheme.stored_params(spec),
+            dense_bytes=spec["out_features"] * spec["in_features"] * float_bytes,
+            stored_bytes=scheme.stored_bytes(spec, float_bytes),
         ))
     return rows
 

@@ -15,10 +15,14 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
                         "dictionary learning; rocket: eigenbasis + sparse coefficients + ridge refit; rsparse: "
                         "R-Sparse rank-aware activation sparsity (budgeted by --sparsity) (default: svd)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters removed (0.3 keeps 70%%)")
+    budget.add_argument("--ratio", type=float, help="fraction of decoder-linear bytes (or, with --budget params, "
+                                                    "parameters) removed (0.3 keeps 70%%)")
     budget.add_argument("--rank", type=int, help="svd only: one fixed rank for every decoder linear")
     budget.add_argument("--sparsity", type=float, help="rsparse only: fraction of each linear's MACs removed per "
                                                        "decoded token (e.g. 0.5)")
+    p.add_argument("--budget", default="bytes", choices=["bytes", "params"],
+                   help="what --ratio counts: bytes stored, values and indices (default), or float parameters "
+                        "with indices not counted, as the papers count (for comparison tables)")
     p.add_argument("--allocation", default="uniform",
                    help="uniform: every linear loses --ratio; knapsack: profile every linear and pick per-layer "
                         "levels for the least summed error under the global budget (default: uniform)")
@@ -50,7 +54,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         from slimserve.loaders.compress.run import REPORT_JSON, compress
 
         out = compress(args.src, args.out, method=args.method, ratio=args.ratio, rank=args.rank, calib=args.calib,
-                       calib_cache=args.calib_cache, allocation=args.allocation, seed=args.seed,
+                       calib_cache=args.calib_cache, allocation=args.allocation, budget=args.budget, seed=args.seed,
                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, progress=not args.quiet)
         print(f"wrote {out} (per-layer report: {out / REPORT_JSON})")
         return 0
@@ -161,12 +165,14 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         if args.json:
             print(json.dumps({"modules": [r.__dict__ for r in rows], "total": total}, indent=1))
             return 0
-        print(f"{'module':<44} {'scheme':<10} {'shape':<13} {'fields':<20} {'params':>10} {'kept':>6} {'bytes':>11}")
+        print(f"{'module':<44} {'scheme':<10} {'shape':<13} {'fields':<20} {'params':>10} {'kept':>6} {'bytes':>11} "
+              f"{'kept':>6}")
         for r in rows:
             fields = " ".join(f"{k}={v}" for k, v in r.fields.items())
             shape = f"{r.shape[0]}x{r.shape[1]}"
             print(f"{r.name:<44} {r.scheme:<10} {shape:<13} {fields:<20} {r.stored_params:>10} "
-                  f"{r.stored_params / r.dense_params:>6.1%} {human_bytes(r.stored_bytes):>11}")
+                  f"{r.stored_params / r.dense_params:>6.1%} {human_bytes(r.stored_bytes):>11} "
+                  f"{r.stored_bytes / r.dense_bytes:>6.1%}")
         print(f"decoder linears: {total['stored_params']:,} of {total['dense_params']:,} parameters kept; "
               f"compression ratio {total['ratio']:.1%} (parameters removed), {total['bytes_ratio']:.1%} of bytes "
               f"removed with indices counted ({human_bytes(total['stored_bytes'])} stored)")

@@ -1,13 +1,14 @@
-"""Global allocation of the parameter budget across layers (ROCKET's multiple-choice knapsack).
+"""Global allocation of the byte (or parameter) budget across layers (ROCKET's multiple-choice knapsack).
 
 Every layer offers a few options (keep dense, or compress at one of the profiled levels),
-each with a cost (stored float values, indices not counted, as the papers count) and an
+each with a cost (stored bytes with indices counted, or with ``--budget params`` stored float
+values only, as the papers count) and an
 error (ROCKET's relative weight-space error ``‖W − Ŵ‖/‖W‖``; see ``run.knapsack_levels``).
 Pick one option per layer so that the total cost stays within ``(1 − R)·Σ dense`` and the
 summed error is least, after ROCKET's cap has removed options far worse than the average.
 
 Solved exactly by dynamic programming over discretized costs: each cost is rounded *up* to
-whole units of ``unit`` parameters, so any discretized-feasible choice is truly feasible and
+whole units of ``unit`` (bytes or parameters), so any discretized-feasible choice is truly feasible and
 the budget is never exceeded. With ``unit = 1`` (integer costs) the DP is exact.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from slimserve.errors import CompressionError
 
-# Discretization of the whole-model dense parameter count (ROCKET's param_precision is 50,000).
+# Discretization of the whole-model dense cost (ROCKET's param_precision is 50,000).
 PRECISION = 50_000
 # ROCKET's error cap multipliers α (its postprocess.py scans 1.0, 1.1, ..., 2.0).
 CAP_ALPHAS = tuple(round(1.0 + 0.1 * i, 1) for i in range(11))
@@ -35,7 +36,7 @@ def solve_knapsack(costs: Sequence[Sequence[int]], errors: Sequence[Sequence[flo
     """
     capacity = _capacity(budget, unit)
     if capacity < 0:
-        raise CompressionError(f"parameter budget {budget} is negative")
+        raise CompressionError(f"budget {budget} is negative")
     # best[c] = least total error of the layers so far using exactly c units (inf: unreachable).
     best = np.full(capacity + 1, np.inf)
     best[0] = 0.0
@@ -54,7 +55,7 @@ def solve_knapsack(costs: Sequence[Sequence[int]], errors: Sequence[Sequence[flo
         best = new
     if not np.isfinite(best).any():
         cheapest = sum(min(c) for c in costs)
-        raise CompressionError(f"no allocation fits the budget of {budget} parameters; "
+        raise CompressionError(f"no allocation fits the budget of {budget} (bytes or parameters); "
                                f"the cheapest option of every layer needs {cheapest}")
     used = int(np.argmin(best))
     picks = []
@@ -93,5 +94,5 @@ def _units(cost: int, unit: float) -> int:
 
 
 def knapsack_unit(total_dense: int, precision: int = PRECISION) -> float:
-    """Parameters per discretization unit: the whole model's dense count spread over ``precision`` units."""
+    """Cost (bytes or parameters) per discretization unit: the whole model's dense cost over ``precision`` units."""
     return max(1.0, total_dense / precision)

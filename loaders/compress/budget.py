@@ -1,36 +1,110 @@
-"""How many parameters a compressed layer may keep, as the papers count them.
+"""What ``--ratio R`` counts, and how large a compressed layer may be within it.
 
-The compression ratio R is the fraction of a layer's (and of the model's decoder-linear)
-parameters removed: R = 0.3 keeps 70 %.
+Two conventions (``--budget``):
+
+* ``bytes`` (the default): R is the fraction of a layer's (and of the model's decoder-linear)
+  *stored bytes* removed, everything written counted: float values in the checkpoint's dtype,
+  the int16/int32 indices of sparse coefficients, and any other tensor the scheme stores. This
+  is what memory, disk and decode speed follow: a user who asks for 30 % gets a file 30 % smaller.
+* ``params``: R is the fraction of float *parameters* removed, indices not counted, as the
+  papers (SVD-LLM, CoSpaDi, ROCKET) count them; kept for comparison tables with them.
+
+The level sizes (lowrank rank, dictsparse atoms k and nonzeros s) are solved against the
+scheme's own byte count (``Scheme.stored_bytes`` / ``stored_params``), so the budget is met by
+what the writer actually stores, not by a separate formula that could drift from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from slimserve.errors import CompressionError
+from slimserve.loaders.schemes import SCHEMES
+from slimserve.loaders.schemes.base import smallest_index_dtype
+
+BUDGETS = ("bytes", "params")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The unit a ratio is counted in: ``"bytes"`` (with ``float_bytes`` per stored value) or ``"params"``."""
+
+    unit: str = "params"
+    float_bytes: int = 4
+
+    def __post_init__(self) -> None:
+        if self.unit not in BUDGETS:
+            raise CompressionError(f"unknown --budget {self.unit!r}; expected one of {', '.join(BUDGETS)}")
+
+    @property
+    def value_cost(self) -> int:
+        """Cost of one stored float value."""
+        return self.float_bytes if self.unit == "bytes" else 1
+
+    def index_cost(self, addressed: int) -> int:
+        """Cost of one stored index into ``addressed`` positions (free when counting parameters)."""
+        return smallest_index_dtype(addressed).itemsize if self.unit == "bytes" else 0
+
+    def cost(self, scheme: str, spec: Mapping[str, Any]) -> int:
+        """What one module stored as ``scheme`` with ``spec`` (scheme, in/out features, fields) costs."""
+        if self.unit == "params":
+            return SCHEMES[scheme].stored_params(spec)
+        return SCHEMES[scheme].stored_bytes(spec, self.float_bytes)
+
+    def dense_cost(self, out_features: int, in_features: int) -> int:
+        return out_features * in_features * self.value_cost
+
+    def allowed(self, out_features: int, in_features: int, ratio: float) -> float:
+        """The most a layer compressed by ``ratio`` may cost: ``(1 − R)`` of its dense cost."""
+        return (1.0 - ratio) * self.dense_cost(out_features, in_features)
+
+
+PARAMS = Budget("params")
 
 
 def check_ratio(ratio: float) -> float:
     if not 0.0 <= ratio < 1.0:
         raise CompressionError(
-            f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of parameters removed)")
+            f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of decoder-linear bytes, "
+            "or with --budget params parameters, removed)")
     return ratio
 
 
-def lowrank_rank(out_features: int, in_features: int, ratio: float) -> int:
-    """Largest r with r·(out + in) <= (1 − R)·out·in, at least 1 and at most min(out, in)."""
-    r = int((1.0 - ratio) * out_features * in_features // (out_features + in_features))
-    return max(1, min(r, out_features, in_features))
+def lowrank_rank(out_features: int, in_features: int, ratio: float, budget: Budget = PARAMS) -> int:
+    """Largest r whose factors cost at most (1 − R) of the dense weight, at least 1 and at most min(out, in).
 
-
-def dictsparse_sizes(out_features: int, in_features: int, ratio: float, atoms_per_nnz: float = 2.0) -> tuple[int, int]:
-    """Atoms k and nonzeros s per output with k·in + s·out <= (1 − R)·out·in and k/s = ρ.
-
-    In the papers' notation d1 = in, d2 = out: k = (1 − R)·d1·d2 / (d1 + d2/ρ), s = k/ρ.
+    lowrank stores no indices, so bytes and parameters give the same rank: r·(out + in) <= (1 − R)·out·in.
     """
-    k = int((1.0 - ratio) * in_features * out_features / (in_features + out_features / atoms_per_nnz))
-    k = max(1, k)
+    r = int((1.0 - ratio) * out_features * in_features // (out_features + in_features))
+    r = max(1, min(r, out_features, in_features))
+    limit = budget.allowed(out_features, in_features, ratio)
+    while r > 1 and budget.cost("lowrank", _spec(out_features, in_features, rank=r)) > limit:
+        r -= 1
+    return r
+
+
+def dictsparse_sizes(out_features: int, in_features: int, ratio: float, atoms_per_nnz: float = 2.0,
+                     budget: Budget = PARAMS) -> tuple[int, int]:
+    """Atoms k and nonzeros s per output, k/s = ρ, whose stored cost is at most (1 − R) of the dense weight.
+
+    In the papers' notation d1 = in, d2 = out and counting parameters, k·in + s·out <= (1 − R)·d1·d2
+    gives k = (1 − R)·d1·d2 / (d1 + d2/ρ), s = k/ρ. Counting bytes, each nonzero also stores its
+    index: with v bytes a value and i an index, v·k·in + (v + i)·s·out <= (1 − R)·v·out·in.
+    """
+    limit = budget.allowed(out_features, in_features, ratio)
+    k = 1
+    for _ in range(2):  # the index width depends on k: estimate with the narrowest, then with k's own
+        index = budget.index_cost(k)
+        k = max(1, int(limit / (budget.value_cost * in_features + (budget.value_cost + index) * out_features
+                                / atoms_per_nnz)))
     s = max(1, int(k / atoms_per_nnz))
-    while k * in_features + s * out_features > (1.0 - ratio) * out_features * in_features and k > 1:
+    while k > 1 and budget.cost("dictsparse", _spec(out_features, in_features, atoms=k, nnz=s)) > limit:
         k -= 1
         s = max(1, int(k / atoms_per_nnz))
     return k, s
+
+
+def _spec(out_features: int, in_features: int, **fields: int) -> dict[str, int]:
+    return {"in_features": in_features, "out_features": out_features, **fields}

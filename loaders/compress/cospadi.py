@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from slimserve.loaders.compress.budget import dictsparse_sizes
+from slimserve.loaders.compress.budget import PARAMS, Budget, dictsparse_sizes
 from slimserve.loaders.compress.whitening import (
     Factorization,
     Whitening,
@@ -101,8 +101,10 @@ class CoSpaDi:
     """One layer's CoSpaDi factorization at a given level (seeded dictionary initialization)."""
 
     def __init__(self, weight: torch.Tensor, whitening: Whitening, *, seed: int = 0,
-                 iterations: int = ITERATIONS, atoms_per_nnz: float = ATOMS_PER_NNZ) -> None:
+                 iterations: int = ITERATIONS, atoms_per_nnz: float = ATOMS_PER_NNZ,
+                 budget: Budget = PARAMS) -> None:
         self.weight = weight
+        self.budget = budget
         self.whitening = whitening
         self.seed = seed
         self.iterations = iterations
@@ -116,8 +118,9 @@ class CoSpaDi:
 
     def at_ratio(self, ratio: float) -> tuple[Factorization, float]:
         out_features, in_features = self.weight.shape
-        atoms, nnz = dictsparse_sizes(out_features, in_features, ratio, self.atoms_per_nnz)
-        if ratio == 0.0 or atoms * in_features + nnz * out_features >= out_features * in_features:
+        atoms, nnz = dictsparse_sizes(out_features, in_features, ratio, self.atoms_per_nnz, self.budget)
+        spec = {"in_features": in_features, "out_features": out_features, "atoms": atoms, "nnz": nnz}
+        if ratio == 0.0 or self.budget.cost("dictsparse", spec) >= self.budget.dense_cost(out_features, in_features):
             return dense_option(self.weight), 0.0
         generator = torch.Generator().manual_seed(self.seed)
         # Initialization from random (whitened) weight rows, as the paper does from columns of W_L.

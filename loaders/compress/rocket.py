@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from slimserve.loaders.compress.budget import dictsparse_sizes
+from slimserve.loaders.compress.budget import PARAMS, Budget, dictsparse_sizes
 from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dictsparse_option
 
 # Atoms per nonzero (ks = k/s) tried at each level; ks = 1 is SVD-LLM. The paper searches
@@ -46,12 +46,13 @@ class Rocket:
     """One layer's ROCKET factorizations; the whitened SVD is shared by every level and ks."""
 
     def __init__(self, weight: torch.Tensor, whitening: Whitening, ks_grid: tuple[float, ...] = KS_GRID,
-                 refine_iterations: int = REFINE_ITERATIONS) -> None:
+                 refine_iterations: int = REFINE_ITERATIONS, budget: Budget = PARAMS) -> None:
         self.weight = weight
         self.whitening = whitening
         self.ks_grid = ks_grid
         self.refine_iterations = refine_iterations
-        self.svd = SvdLlm(weight, whitening)
+        self.budget = budget
+        self.svd = SvdLlm(weight, whitening, budget)
         # The SVD needs float64 (S can be ill-conditioned); the sparse refit is well posed in float32.
         # Like the SVD, the refit works on W·S / ‖W·S‖ (scale-free); the scale returns in the coefficients.
         self.whitened = (whitening.whiten(weight) / self.svd.scale).float()
@@ -68,7 +69,7 @@ class Rocket:
         for ks in self.ks_grid:
             if ks == 1.0:
                 continue
-            atoms, nnz = dictsparse_sizes(out_features, in_features, ratio, ks)
+            atoms, nnz = dictsparse_sizes(out_features, in_features, ratio, ks, self.budget)
             if atoms > min(out_features, in_features) or nnz >= atoms:
                 continue  # the eigenbasis has only min(out, in) vectors
             candidate = self.sparse_dictionary(atoms, nnz)

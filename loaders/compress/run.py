@@ -2,10 +2,11 @@
 
 Methods: ``svd`` (plain truncated SVD, uncalibrated), ``svd-llm`` (whitened SVD), ``cospadi``
 (whitened sparse dictionary learning) and ``rocket`` (eigenbasis + sparsified coefficients +
-ridge dictionary refit). Allocations: ``uniform`` (every decoder linear loses ``ratio`` of its
-parameters) or ``knapsack`` (every layer is profiled at ``PROFILE_LEVELS`` and the
-multiple-choice knapsack picks one level per layer, or keeps it dense, for the least summed
-relative weight-space error within the global budget, after ROCKET's error cap).
+ridge dictionary refit). ``budget`` says what ``ratio`` counts (``bytes`` stored, indices
+included, by default; ``params`` as the papers count; see ``budget.py``). Allocations: ``uniform``
+(every decoder linear loses ``ratio`` of its bytes or parameters) or ``knapsack`` (every layer
+is profiled at ``PROFILE_LEVELS`` and the multiple-choice knapsack picks one level per layer, or
+keeps it dense, for the least summed relative weight-space error within the global budget, after ROCKET's error cap).
 
 Only one layer's weight and one layer's Gram are in memory at a time; the source model is
 read lazily and the writer streams shards.
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from slimserve.errors import CompressionError
 from slimserve.loaders.checkpoint import Checkpoint, CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.compress.allocation import cap_options, knapsack_unit, solve_knapsack
-from slimserve.loaders.compress.budget import check_ratio
+from slimserve.loaders.compress.budget import BUDGETS, PARAMS, Budget, check_ratio
 from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, Grams, load_or_collect_grams
 from slimserve.loaders.compress.cospadi import CoSpaDi
 from slimserve.loaders.compress.rocket import REFINE_ITERATIONS, Rocket
@@ -35,7 +36,8 @@ from slimserve.loaders.models import check_architecture, decoder_linear_modules
 METHODS = ("svd", "svd-llm", "cospadi", "rocket")
 CALIBRATED = ("svd-llm", "cospadi", "rocket")
 ALLOCATIONS = ("uniform", "knapsack")
-# Levels (fraction of a layer's parameters removed) the knapsack chooses from, besides "keep dense".
+# Levels (fraction of a layer's bytes or parameters removed, as the budget counts) the knapsack
+# chooses from, besides "keep dense".
 PROFILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 REPORT_JSON = "slimserve_report.json"
 REPORT_PNG = "slimserve_report.png"
@@ -51,27 +53,32 @@ class LayerReport:
     fields: dict[str, int]
     dense_params: int
     stored_params: int
+    dense_bytes: int
+    stored_bytes: int
     whitened_error: float
     weight_error: float
 
 
 def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: float | None = None,
              rank: int | None = None, calib: str | Path | None = None, calib_cache: str | Path | None = None,
-             allocation: str = "uniform", seed: int = 0, calib_samples: int = DEFAULT_WINDOWS,
+             allocation: str = "uniform", budget: str = "bytes", seed: int = 0, calib_samples: int = DEFAULT_WINDOWS,
              calib_seq_len: int = DEFAULT_SEQ_LEN,
              progress: bool = True) -> Path:
     """Compress every decoder linear of ``src`` into ``out`` and write a per-layer report beside it.
 
-    ``ratio`` is the fraction of decoder-linear parameters removed (papers' count: stored values,
-    indices excluded); ``rank`` (``svd`` only) fixes one rank for every layer instead. A layer
-    whose compressed form would not be smaller than its dense weight is kept dense, so ratio 0
-    reproduces the dense model exactly. Calibrated methods need ``calib`` (a text file); its
-    Grams are cached in ``calib_cache`` when given and reused by later runs.
+    ``ratio`` is the fraction of decoder-linear bytes removed (``budget="bytes"``: everything
+    stored counted, values in the checkpoint's dtype and indices) or of parameters removed
+    (``budget="params"``: the papers' count, stored values only); ``rank`` (``svd`` only) fixes
+    one rank for every layer instead. A layer whose compressed form would not be smaller than its
+    dense weight is kept dense, so ratio 0 reproduces the dense model exactly. Calibrated methods
+    need ``calib`` (a text file); its Grams are cached in ``calib_cache`` when given and reused by later runs.
     """
     if method not in METHODS:
         raise CompressionError(f"unknown --method {method!r}; expected one of {', '.join(METHODS)}")
     if allocation not in ALLOCATIONS:
         raise CompressionError(f"unknown --allocation {allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
+    if budget not in BUDGETS:
+        raise CompressionError(f"unknown --budget {budget!r}; expected one of {', '.join(BUDGETS)}")
     if (ratio is None) == (rank is None):
         raise CompressionError("give exactly one of --ratio or --rank")
     if ratio is not None:
@@ -90,6 +97,8 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
         raise CompressionError(
             f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
     dtype = ckpt.float_dtype or ckpt.tensors[f"{modules[0]}.weight"].dtype
+    # Factorizations are written in the checkpoint's dtype, so that is what a stored value costs.
+    cost = Budget(budget, dtype.itemsize)
 
     with tempfile.TemporaryDirectory() as tmp:
         grams = None
@@ -97,7 +106,7 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
             cache = Path(calib_cache) if calib_cache is not None else Path(tmp) / "grams.safetensors"
             grams = load_or_collect_grams(src, calib, cache, samples=calib_samples, seq_len=calib_seq_len,
                                           seed=seed, progress=progress)
-        layer = _layer_factory(ckpt, method, grams, seed)
+        layer = _layer_factory(ckpt, method, grams, seed, cost)
         if rank is not None:
             levels = {m: None for m in modules}
         elif allocation == "uniform" or ratio == 0.0:
@@ -106,12 +115,13 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
             # The profile is cached beside the Grams, so later ratios of the same method reuse it.
             profile_cache = Path(calib_cache).with_suffix(f".{method}-profile.json") if calib_cache else None
             key = {"source": str(Path(src).resolve()), "grams": grams.spec.as_metadata() if grams else None,
-                   "seed": seed if method == "cospadi" else None}
-            profile = profile_layers(modules, _layer_factory(ckpt, method, grams, seed, refine=False), method,
-                                     progress, profile_cache, key)
+                   "seed": seed if method == "cospadi" else None, "budget": budget,
+                   "float_bytes": dtype.itemsize}
+            profile = profile_layers(modules, _layer_factory(ckpt, method, grams, seed, cost, refine=False), method,
+                                     progress, profile_cache, key, cost)
             levels = knapsack_levels(profile, ratio)
-        producer = {"method": method, "ratio": ratio, "rank": rank, "allocation": allocation, "seed": seed,
-                    "source": Path(src).name}
+        producer = {"method": method, "ratio": ratio, "budget": budget, "rank": rank, "allocation": allocation,
+                    "seed": seed, "source": Path(src).name}
         if grams is not None:
             producer["calibration"] = {"text": grams.spec.text_name, "sha256": grams.spec.text_sha256,
                                        "tokens": grams.tokens}
@@ -128,10 +138,12 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
                 fact, _ = compressor.at_rank(rank)
             else:
                 fact, _ = compressor.at_ratio(level) if level > 0 else (dense_option(weight), 0.0)
-            reports.append(_report(module, level, fact, weight, whitening))
+            reports.append(_report(module, level, fact, weight, whitening, dtype.itemsize))
             writer.add_module(module, fact.scheme, {k: (v.to(dtype) if v.is_floating_point() else v)
                                                     for k, v in fact.tensors.items()},
                               in_features=fact.in_features, out_features=fact.out_features, **fact.fields)
+        # Both counts in the producer record (config.json), whichever the ratio was given in.
+        writer.producer.update(achieved_ratios(reports))
     copy_aux_files(src, out)
     path = writer.finish()
     write_report(path, producer, reports)
@@ -141,7 +153,8 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
 LayerFactory = Callable[[str], tuple[torch.Tensor, Whitening, SvdLlm | Rocket | CoSpaDi]]
 
 
-def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int, refine: bool = True) -> LayerFactory:
+def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int, budget: Budget,
+                   refine: bool = True) -> LayerFactory:
     """A function loading one module's weight and Gram and preparing its method's compressor.
 
     ``refine=False`` (the knapsack profile) skips ROCKET's refinement rounds, which cost more
@@ -151,22 +164,27 @@ def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int
         weight = ckpt.tensor(f"{module}.weight").float()
         whitening = Whitening(grams[module] if grams is not None else None, weight.shape[1], module)
         if method in ("svd", "svd-llm"):
-            return weight, whitening, SvdLlm(weight, whitening)
+            return weight, whitening, SvdLlm(weight, whitening, budget)
         if method == "rocket":
-            return weight, whitening, Rocket(weight, whitening, refine_iterations=REFINE_ITERATIONS if refine else 0)
-        return weight, whitening, CoSpaDi(weight, whitening, seed=seed)
+            return weight, whitening, Rocket(weight, whitening, refine_iterations=REFINE_ITERATIONS if refine else 0,
+                                             budget=budget)
+        return weight, whitening, CoSpaDi(weight, whitening, seed=seed, budget=budget)
     return layer
 
 
 def profile_layers(modules: list[str], layer: LayerFactory, method: str, progress: bool,
                    cache: Path | None = None,
-                   key: dict | None = None) -> dict[str, dict[float, tuple[int, float, float]]]:
-    """Per module: {level: (stored params, relative whitened error, relative weight error)}, 0.0 = keep dense.
+                   key: dict | None = None,
+                   budget: Budget = PARAMS) -> dict[str, dict[float, tuple[int, float, float]]]:
+    """Per module: {level: (cost, relative whitened error, relative weight error)}, 0.0 = keep dense.
+
+    The cost is in ``budget``'s unit (stored bytes, or parameters as the papers count).
 
     The profile depends on the model, the Grams and the method, not on the ratio, so with a
     ``cache`` file (matched on ``key``) every later ratio reuses it.
     """
-    key = {"method": method, "levels": list(PROFILE_LEVELS), "fields": "params,whitened,weight", **(key or {})}
+    key = {"method": method, "levels": list(PROFILE_LEVELS), "fields": f"{budget.unit},whitened,weight",
+           **(key or {})}
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
@@ -174,12 +192,12 @@ def profile_layers(modules: list[str], layer: LayerFactory, method: str, progres
     profile = {}
     for module in tqdm(modules, desc=f"profile ({method})", disable=not progress):
         weight, _, compressor = layer(module)
-        options = {0.0: (weight.numel(), 0.0, 0.0)}
+        options = {0.0: (budget.dense_cost(*weight.shape), 0.0, 0.0)}
         for level in PROFILE_LEVELS:
             fact, error = compressor.at_ratio(level)
             if fact.scheme != "dense":
                 weight_error = float((weight - fact.reconstruct()).norm() / weight.norm().clamp_min(1e-30))
-                options[level] = (fact.stored_params, error, weight_error)
+                options[level] = (fact.cost(budget), error, weight_error)
         profile[module] = options
     if cache is not None:
         cache.write_text(json.dumps({"key": key, "profile": profile}))
@@ -188,6 +206,9 @@ def profile_layers(modules: list[str], layer: LayerFactory, method: str, progres
 
 def knapsack_levels(profile: dict[str, dict[float, tuple[int, float, float]]], ratio: float) -> dict[str, float]:
     """ROCKET's allocation for the global ``ratio``: one profiled level (or dense) per module.
+
+    The budget ``(1 − R)·Σ dense cost`` and every option's cost are in the profile's unit: stored
+    bytes (indices included) by default, parameters with ``--budget params``.
 
     Objective: the summed relative weight-space error ``‖W − Ŵ‖/‖W‖`` (ROCKET's own metric,
     docs/methods/compression.md), over the options left by ROCKET's error cap (``cap_options``) with the
@@ -211,18 +232,29 @@ def knapsack_levels(profile: dict[str, dict[float, tuple[int, float, float]]], r
 
 
 def _report(module: str, level: float | None, fact: Factorization, weight: torch.Tensor,
-            whitening: Whitening) -> LayerReport:
+            whitening: Whitening, float_bytes: int) -> LayerReport:
     weight_error, whitened_error = relative_errors(weight, fact.reconstruct(), whitening)
     return LayerReport(module=module, level=level if level is not None else -1.0, scheme=fact.scheme,
                        fields=dict(fact.fields), dense_params=weight.numel(), stored_params=fact.stored_params,
+                       dense_bytes=weight.numel() * float_bytes, stored_bytes=fact.stored_bytes(float_bytes),
                        whitened_error=whitened_error, weight_error=weight_error)
 
 
+def achieved_ratios(reports: list[LayerReport]) -> dict[str, float]:
+    """Fractions of decoder-linear parameters and bytes (indices included) removed."""
+    dense, dense_bytes = sum(r.dense_params for r in reports), sum(r.dense_bytes for r in reports)
+    return {"params_ratio_achieved": 1.0 - sum(r.stored_params for r in reports) / dense if dense else 0.0,
+            "bytes_ratio_achieved": 1.0 - sum(r.stored_bytes for r in reports) / dense_bytes if dense_bytes else 0.0}
+
+
 def write_report(out: Path, producer: dict, reports: list[LayerReport]) -> None:
-    """``slimserve_report.json`` (per layer: level, scheme, rank/atoms/nnz, errors) and a PNG plot of it."""
-    dense = sum(r.dense_params for r in reports)
-    stored = sum(r.stored_params for r in reports)
-    summary = {"producer": producer, "ratio_achieved": 1.0 - stored / dense if dense else 0.0,
+    """``slimserve_report.json`` (per layer: level, scheme, rank/atoms/nnz, both sizes, errors) and a PNG plot.
+
+    ``ratio_achieved`` is counted in the producer's budget unit; both counts are given beside it.
+    """
+    achieved = achieved_ratios(reports)
+    unit = producer.get("budget", "params")
+    summary = {"producer": producer, "ratio_achieved": achieved[f"{unit}_ratio_achieved"], **achieved,
                "error_metric": "relative Frobenius error; whitened = ‖(W−Ŵ)S‖/‖WS‖ with XᵀX = SSᵀ (activation "
                                "space), weight = ‖W−Ŵ‖/‖W‖",
                "layers": [asdict(r) for r in reports]}
@@ -231,7 +263,7 @@ def write_report(out: Path, producer: dict, reports: list[LayerReport]) -> None:
 
 
 def plot_report(summary: dict, png: Path) -> None:
-    """Per layer: the fraction of parameters removed (bars) and the relative errors (lines)."""
+    """Per layer: the fraction of bytes and of parameters removed (bars) and the relative errors (lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,13 +272,16 @@ def plot_report(summary: dict, png: Path) -> None:
     layers = summary["layers"]
     x = range(len(layers))
     removed = [1.0 - r["stored_params"] / r["dense_params"] for r in layers]
+    removed_bytes = [1.0 - r["stored_bytes"] / r["dense_bytes"] for r in layers]
     fig, ax = plt.subplots(figsize=(max(8, len(layers) * 0.06), 4.5))
     ax.bar(x, removed, color="#9ecae1", label="parameters removed")
+    ax.bar(x, removed_bytes, color="#3182bd", width=0.4, label="bytes removed (indices counted)")
     ax.plot(x, [r["whitened_error"] for r in layers], color="#d62728", lw=1, label="relative whitened error")
     ax.plot(x, [r["weight_error"] for r in layers], color="#555555", lw=0.8, ls=":", label="relative weight error")
     producer = summary["producer"]
-    ax.set_title(f"{producer['method']} ratio={producer['ratio']} allocation={producer['allocation']}: "
-                 f"{summary['ratio_achieved']:.1%} of decoder-linear parameters removed")
+    ax.set_title(f"{producer['method']} ratio={producer['ratio']} ({producer.get('budget', 'params')}) "
+                 f"allocation={producer['allocation']}: {summary['bytes_ratio_achieved']:.1%} of decoder-linear "
+                 f"bytes, {summary['params_ratio_achieved']:.1%} of parameters removed")
     ax.set_xlabel("decoder linear (by block, then name: down, gate, k, o, q, up, v)")
     ax.set_ylim(0, 1.05)
     ax.legend(loc="upper right", fontsize=8)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimserve.errors import CompressionError
-from slimserve.loaders.compress.budget import lowrank_rank
+from slimserve.loaders.compress.budget import PARAMS, Budget, lowrank_rank
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
 
@@ -45,6 +45,14 @@ class Factorization:
     def stored_params(self) -> int:
         """Float values stored (indices not counted), the papers' and the knapsack's cost."""
         return SCHEMES[self.scheme].stored_params(self.spec)
+
+    def stored_bytes(self, float_bytes: int) -> int:
+        """Bytes the checkpoint stores for this layer with ``float_bytes`` per value, indices included."""
+        return SCHEMES[self.scheme].stored_bytes(self.spec, float_bytes)
+
+    def cost(self, budget: Budget) -> int:
+        """What this layer costs in ``budget``'s unit (the knapsack's option cost)."""
+        return budget.cost(self.scheme, self.spec)
 
     def reconstruct(self) -> torch.Tensor:
         return SCHEMES[self.scheme].reconstruct(self.spec, self.tensors).double()
@@ -158,9 +166,10 @@ class SvdLlm:
     which is the space every error here is measured in, far below any truncation error.
     """
 
-    def __init__(self, weight: torch.Tensor, whitening: Whitening) -> None:
+    def __init__(self, weight: torch.Tensor, whitening: Whitening, budget: Budget = PARAMS) -> None:
         self.weight = weight
         self.whitening = whitening
+        self.budget = budget
         whitened = whitening.whiten(weight)
         # The SVD runs on W·S / ‖W·S‖ (float32-safe at any weight scale); sigma is of that unit-norm matrix.
         self.scale = check_whitened(whitened, whitening.module)
@@ -174,9 +183,9 @@ class SvdLlm:
         self.total = float(energy.sum())
 
     def at_ratio(self, ratio: float) -> tuple[Factorization, float]:
-        """The factorization removing ``ratio`` of the layer's parameters and its whitened relative error."""
+        """The factorization removing ``ratio`` of the layer's bytes or parameters and its whitened relative error."""
         out_features, in_features = self.weight.shape
-        rank = lowrank_rank(out_features, in_features, ratio)
+        rank = lowrank_rank(out_features, in_features, ratio, self.budget)
         if ratio == 0.0 or rank * (out_features + in_features) >= out_features * in_features:
             return dense_option(self.weight), 0.0
         return self.at_rank(rank)
