@@ -160,7 +160,8 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from slimserve.loaders.checkpoint import compression_summary, human_bytes, open_checkpoint, summarize
 
-        rows = summarize(open_checkpoint(args.ckpt))
+        ckpt = open_checkpoint(args.ckpt)
+        rows = summarize(ckpt)
         total = compression_summary(args.ckpt)
         if args.json:
             print(json.dumps({"modules": [r.__dict__ for r in rows], "total": total}, indent=1))
@@ -176,6 +177,11 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         print(f"decoder linears: {total['stored_params']:,} of {total['dense_params']:,} parameters kept; "
               f"compression ratio {total['ratio']:.1%} (parameters removed), {total['bytes_ratio']:.1%} of bytes "
               f"removed with indices counted ({human_bytes(total['stored_bytes'])} stored)")
+        producer = (ckpt.quantization_config or {}).get("producer", {})
+        if producer.get("ratio") is not None:
+            # Checkpoints written before --budget existed counted parameters.
+            print(f"produced by {producer.get('method')} --ratio {producer['ratio']} "
+                  f"--budget {producer.get('budget', 'params')}")
         return 0
 
     p.set_defaults(handler=run)

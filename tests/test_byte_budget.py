@@ -142,3 +142,22 @@ def test_knapsack_never_exceeds_the_byte_budget():
         levels = knapsack_levels(profile, ratio)
         spent = sum(profile[m][level][0] for m, level in levels.items())
         assert spent <= (1 - ratio) * total, (ratio, spent, total, knapsack_unit(total))
+
+
+@pytest.mark.parametrize("budget", ["bytes", "params"])
+def test_cli_compress_and_inspect_print_both_counts(narrow_llama, tmp_path, capsys, budget):
+    from slimserve.server.cli import main
+
+    out = tmp_path / "ckpt"
+    assert main(["compress", str(narrow_llama), str(out), "--method", "svd", "--ratio", "0.3", "--budget", budget,
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = compression_summary(out)
+    assert f"compression ratio {summary['ratio']:.1%} (parameters removed)" in printed
+    assert f"{summary['bytes_ratio']:.1%} of bytes removed" in printed
+    assert f"--ratio 0.3 --budget {budget}" in printed
+    assert main(["inspect", str(out), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["modules"]
+    assert all(r["stored_bytes"] <= 0.7 * r["dense_bytes"] for r in rows)
