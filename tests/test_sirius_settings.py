@@ -142,3 +142,22 @@ def test_cats_drafter_keeps_each_tokens_largest_gate_activations_only_while_spar
         expected[kept] = (gate[row] * x[row, 64:])[kept]
         assert torch.equal(y[row], expected)
     assert layer.rows == {"dense": 5, "sparse": 5}
+
+
+def test_drafter_install_waits_for_the_runner_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """register() must not import vLLM's runner; the hook patches it when (and only when) something imports it."""
+    import sys
+
+    from slimserve.plugin import after_import
+
+    (tmp_path / "fake_runner_for_sirius.py").write_text("DraftModelProposer = 'vllm'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen: list[str] = []
+    after_import("fake_runner_for_sirius", lambda module: seen.append(module.DraftModelProposer))
+    assert seen == [] and "fake_runner_for_sirius" not in sys.modules
+    import fake_runner_for_sirius  # noqa: F401
+
+    assert seen == ["vllm"]  # called once the module's code ran
+    after_import("fake_runner_for_sirius", lambda module: seen.append("again"))
+    assert seen == ["vllm", "again"]  # already imported: called at once
+    sys.modules.pop("fake_runner_for_sirius")
