@@ -26,7 +26,8 @@ def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: flo
     from slimserve.loaders.checkpoint import validate_checkpoint
     from slimserve.loaders.compress.run import compress
 
-    out = artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}"
+    # "bytes": the ratio counts stored bytes (compress's default budget); older parameter-budget builds are not reused.
+    out = artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}-bytes"
     try:
         validate_checkpoint(out, check_values=False)
         return out
@@ -75,7 +76,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         summary = compression_summary(ckpt)
         name = ckpt.name
         print(f"\nslimserve demo: {ckpt} ({args.method}, {args.allocation} allocation): "
-              f"{summary['ratio']:.1%} of decoder-linear parameters removed.")
+              f"{summary['bytes_ratio']:.1%} of decoder-linear bytes ({summary['ratio']:.1%} of parameters) removed.")
         print(f"Inspect it: .venv/bin/slimserve inspect {ckpt}")
         print(how_to_call(args.host, args.port, name), flush=True)
         if args.no_serve:
