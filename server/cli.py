@@ -46,7 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
-    from slimserve.server.config import ALL_INTERFACES, API_KEY_ENV, LOOPBACK, default_host, resolve_api_key
+    from slimserve.server.config import (
+        ALL_INTERFACES,
+        API_KEY_ENV,
+        LOOPBACK,
+        add_limit_flags,
+        config_from_flags,
+        default_host,
+        resolve_api_key,
+    )
 
     def add_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--host", default=None,
@@ -58,8 +66,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--api-key-file", default=None,
                             help=f"file holding the API key (a mounted secret); else ${API_KEY_ENV} is read")
         parser.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
-        parser.add_argument("--max-running", type=int, default=1, help="requests run at once (slimserve app)")
-        parser.add_argument("--max-waiting", type=int, default=16, help="queued requests before 429 (slimserve app)")
+        add_limit_flags(parser)  # slimserve's app only; vLLM's limits are its own flags after --
         parser.add_argument("--sirius-period", type=int, default=None,
                             help="turn on Sirius (causal LMs): the full model checks the sparse drafts every K tokens "
                                  "(default 16 when another --sirius option is given)")
@@ -90,8 +97,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         trailing.parse_args(args.rest[:split], namespace=args)
         api_key = args.api_key or resolve_api_key(args.api_key_file)
         return serve(args.model, served_model_name=args.served_model_name, host=default_host(args.host, api_key),
-                     port=args.port, api_key=api_key, extra_args=args.rest[split + 1:], max_running=args.max_running,
-                     max_waiting=args.max_waiting, sirius=sirius_settings(args))
+                     port=args.port, config=config_from_flags(args, api_key), extra_args=args.rest[split + 1:],
+                     sirius=sirius_settings(args))
 
     parser.set_defaults(handler=handler)
 

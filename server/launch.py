@@ -24,6 +24,7 @@ from pathlib import Path
 from slimserve.errors import SlimserveError
 from slimserve.loaders.config import read_json_object
 from slimserve.plugin.vllm.sirius_settings import SiriusSettings, vllm_cli_args
+from slimserve.server.config import ServerConfig
 from slimserve.server.engines.base import Engine
 from slimserve.server.engines.diffusion_lm import is_diffusion_lm_config
 
@@ -80,20 +81,23 @@ def vllm_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start vLLM's OpenAI server on ``model_dir``.
 
+    The API key travels in ``VLLM_API_KEY`` (which vLLM reads like ``--api-key``), not in argv, where
+    every local user could read it in ``/proc/PID/cmdline``.
+
     ``sirius`` turns on Sirius (vLLM's draft-model speculative decoding with slimserve's drafter,
     see plugin/vllm/sirius.py). ``extra_args`` (everything after ``--`` on the command line) are
     passed to vLLM verbatim and come last, so they can override anything slimserve sets.
     """
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", served_model_name, "--host", host, "--port", str(port)]
-    if api_key is not None:
-        argv += ["--api-key", api_key]
     if sirius is not None:
         argv += vllm_cli_args(str(model_dir), sirius)
     argv += list(extra_args)
     env = dict(os.environ if environ is None else environ)
     for name, value in VLLM_CPU_ENV_DEFAULTS.items():
         env.setdefault(name, value)
+    if api_key is not None:
+        env["VLLM_API_KEY"] = api_key
     return argv, env
 
 
@@ -116,18 +120,21 @@ def serve(
     served_model_name: str | None = None,
     host: str = "0.0.0.0",
     port: int = 8000,
-    api_key: str | None = None,
+    config: ServerConfig | None = None,
     extra_args: Sequence[str] = (),
-    max_running: int = 1,
-    max_waiting: int = 16,
     graceful_timeout: float = 60.0,
     sirius: SiriusSettings | None = None,
 ) -> int:
-    """Serve ``model_dir`` until interrupted; for causal LMs, replace this process with vLLM."""
+    """Serve ``model_dir`` until interrupted; for causal LMs, replace this process with vLLM.
+
+    ``config`` holds the API key and, for slimserve's own app, every request limit; vLLM's server
+    takes only the key from it (its own limits are vLLM flags after ``--``).
+    """
+    config = config or ServerConfig()
     kind = detect_engine_kind(model_dir)
     name = served_model_name or Path(model_dir).resolve().name
     if kind is EngineKind.VLLM:
-        argv, env = vllm_command(model_dir, served_model_name=name, host=host, port=port, api_key=api_key,
+        argv, env = vllm_command(model_dir, served_model_name=name, host=host, port=port, api_key=config.api_key,
                                  extra_args=extra_args, sirius=sirius)
         os.execve(argv[0], argv, env)
     if sirius is not None:
@@ -138,9 +145,8 @@ def serve(
                                f"by slimserve's {kind.value} engine")
     import uvicorn
 
-    from slimserve.server.app import ServerConfig, create_app
+    from slimserve.server.app import create_app
 
-    config = ServerConfig(api_key=api_key, max_running=max_running, max_waiting=max_waiting)
     app = create_app(load_engine(model_dir, kind, name), config, model_root=str(model_dir))
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout, log_level="info")
     return 0

@@ -43,8 +43,9 @@ def test_vllm_command_sets_cpu_defaults_without_overriding(tiny_llama: Path) -> 
                              extra_args=["--dtype", "float32"], environ={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     assert argv[3:] == ["--model", str(tiny_llama), "--served-model-name", "tiny", "--host", "127.0.0.1",
-                        "--port", "1234", "--api-key", "k", "--dtype", "float32"]
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+                        "--port", "1234", "--dtype", "float32"]  # the key stays out of argv
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "VLLM_API_KEY": "k"}
 
 
 def test_dense_model_compression_ratio_is_zero(tiny_llama: Path) -> None:

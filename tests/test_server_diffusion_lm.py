@@ -31,7 +31,9 @@ def model_dir(tiny_diffusion_lm: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_diffusion_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     log = tmp_path_factory.mktemp("dllm_log") / "server.log"
-    with serve_process(tiny_diffusion_lm, log, served_model_name="tiny-dllm", api_key=API_KEY) as process:
+    # Limits set by flags, as an operator would: they must reach the app (tested below).
+    with serve_process(tiny_diffusion_lm, log, served_model_name="tiny-dllm", api_key=API_KEY,
+                       options=["--max-tokens", "64", "--max-steps", "100"]) as process:
         yield process
 
 
@@ -113,6 +115,16 @@ def test_forward_passes_and_positions_follow_the_sampler(model_dir: Path) -> Non
     list(engine.generate_text(request, lambda done, total: steps.append((done, total))))
     assert engine.forward_passes(request) == len(steps) == 9
     assert engine.max_positions() == engine.model.config.max_position_embeddings
+
+
+def test_serve_flags_set_the_app_limits(client: openai.OpenAI) -> None:
+    """``slimserve serve --max-tokens 64 --max-steps 100`` (the fixture's command line) bounds requests."""
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model="tiny-dllm", prompt="a", max_tokens=65)
+    assert too_long.value.body["param"] == "max_tokens" and "at most 64" in too_long.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as too_many_steps:
+        client.completions.create(model="tiny-dllm", prompt="a", max_tokens=8, extra_body={"steps": 101})
+    assert too_many_steps.value.body["param"] == "steps"
 
 
 def test_probe_over_max_steps_is_400_before_running(model_dir: Path) -> None:

@@ -119,11 +119,12 @@ class ServerProcess:
 
 
 def serve_process(model_dir: str | Path, log_path: str | Path, *, served_model_name: str | None = None,
-                  api_key: str | None = None, engine_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                  start_timeout: float = 120.0) -> ServerProcess:
+                  api_key: str | None = None, options: Sequence[str] = (), engine_args: Sequence[str] = (),
+                  env: Mapping[str, str] | None = None, start_timeout: float = 120.0) -> ServerProcess:
     """``slimserve serve MODEL_DIR`` on a free loopback port, as a user would start it (not yet started).
 
-    ``engine_args`` follow ``--`` and go to the engine unchanged (vLLM's own flags for a causal LM).
+    ``options`` are slimserve's own serve flags (limits, Sirius); ``engine_args`` follow ``--`` and go to
+    the engine unchanged (vLLM's own flags for a causal LM).
     """
     port = free_port()
     argv = [SLIMSERVE, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
@@ -131,6 +132,7 @@ def serve_process(model_dir: str | Path, log_path: str | Path, *, served_model_n
         argv += ["--served-model-name", served_model_name]
     if api_key is not None:
         argv += ["--api-key", api_key]
+    argv += list(options)
     if engine_args:
         argv += ["--", *engine_args]
     return ServerProcess(argv, port, log_path, env=env, start_timeout=start_timeout)
