@@ -6,16 +6,41 @@ import pytest
 import torch
 
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
-from slimserve.plugin.kernels.ell import EllMatmul
+from slimserve.plugin.kernels import cpp
+from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
 from slimserve.plugin.kernels.gemm import prepacked_linear
+
+
+@pytest.fixture(params=list(cpp.ISA_FLAGS))
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per kernel variant (AVX-512, AVX2 + FMA, scalar) this CPU can execute."""
+    if request.param not in cpp.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv(cpp.ISA_ENV, request.param)
+    return request.param
+
+
+def test_each_variant_builds_with_its_own_isa(isa: str) -> None:
+    kernel = _cpu_kernel()
+    assert kernel is not None and kernel.isa() == isa
+
+
+def test_an_unknown_or_unsupported_isa_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpp.ISA_ENV, "avx1024")
+    with pytest.raises(cpp.KernelBuildError, match="avx1024"):
+        _cpu_kernel()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 5, 37])  # one token (gather path); batched path with a partial 16-token chunk
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
-def test_ell_matmul_matches_dense_coefficients(dtype: torch.dtype, batch: int, index_dtype: torch.dtype) -> None:
+# Nonzeros per row: 5 (below one AVX2 vector: tail only), 17 (AVX-512 masked tail of 1 after 16; AVX2 two
+# gathers and a tail of 1), 27 (AVX2: one double step, one single 8-lane gather, a tail of 3; batched: an odd count).
+@pytest.mark.parametrize("nnz", [5, 17, 27])
+def test_ell_matmul_matches_dense_coefficients(dtype: torch.dtype, batch: int, index_dtype: torch.dtype, nnz: int,
+                                               isa: str) -> None:
     torch.manual_seed(0)
-    values, indices = dense_to_coef(torch.randn(96, 40), 17)  # 17 nonzeros: a masked tail of 1 after 16
+    values, indices = dense_to_coef(torch.randn(96, 40), nnz)
     values, indices = values.to(dtype), indices.to(index_dtype)
     z = torch.randn(batch, 40, dtype=dtype)
     expected = z.float() @ coef_to_dense(values.float(), indices, 40).t()

@@ -12,7 +12,17 @@ import torch
 
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.rsparse import exact_mask
+from slimserve.plugin.kernels import cpp
 from slimserve.plugin.kernels.rsparse import cpu_extension, segmented_sparse_mm, sparse_mm
+
+
+@pytest.fixture(params=list(cpp.ISA_FLAGS))
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per kernel variant (AVX-512, AVX2 + FMA, scalar) this CPU can execute."""
+    if request.param not in cpp.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv(cpp.ISA_ENV, request.param)
+    return request.param
 
 
 def case(tokens: int, inp: int, out: int, dtype: torch.dtype, seed: int = 0):
@@ -24,14 +34,17 @@ def case(tokens: int, inp: int, out: int, dtype: torch.dtype, seed: int = 0):
     return x, weight_t, norm, float(score.kthvalue(score.numel() // 2).values)
 
 
-def test_the_cpu_extension_builds() -> None:
-    assert cpu_extension() is not None, "the C++ kernel did not build; see the warning for the compiler error"
+def test_the_cpu_extension_builds(isa: str) -> None:
+    ext = cpu_extension()
+    assert ext is not None, "the C++ kernel did not build; see the warning for the compiler error"
+    assert ext.isa() == isa
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens, inp, out", [(1, 576, 192), (1, 300, 1500), (3, 256, 96), (8, 1536, 576),
-                                              (16, 130, 1030), (5, 64, 7)])
-def test_sparse_mm_equals_the_per_token_masked_product(tokens: int, inp: int, out: int, dtype: torch.dtype) -> None:
+                                              (16, 130, 1030), (5, 64, 7), (2, 77, 45), (1, 33, 23)])
+def test_sparse_mm_equals_the_per_token_masked_product(tokens: int, inp: int, out: int, dtype: torch.dtype,
+                                                       isa: str) -> None:
     x, weight_t, norm, t = case(tokens, inp, out, dtype)
     y, rest = sparse_mm(x, weight_t, norm, t, with_rest=True)
     mask = exact_mask(x, norm, t)
@@ -42,7 +55,7 @@ def test_sparse_mm_equals_the_per_token_masked_product(tokens: int, inp: int, ou
     assert y.dtype == dtype and torch.equal(rest, x * ~mask)
 
 
-def test_sparse_mm_edge_thresholds() -> None:
+def test_sparse_mm_edge_thresholds(isa: str) -> None:
     x, weight_t, norm, _ = case(2, 200, 100, torch.float32)
     y, _ = sparse_mm(x, weight_t, norm, -math.inf)
     torch.testing.assert_close(y, x @ weight_t, rtol=1e-5, atol=1e-4)
@@ -52,7 +65,7 @@ def test_sparse_mm_edge_thresholds() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 8])
-def test_segments_each_use_their_own_norms_and_thresholds(tokens: int, dtype: torch.dtype) -> None:
+def test_segments_each_use_their_own_norms_and_thresholds(tokens: int, dtype: torch.dtype, isa: str) -> None:
     """q | k | v side by side in one call equals three separate masked products (one segment reads nothing)."""
     splits = [576, 192, 192]
     cases = [case(tokens, 576, out, dtype, seed=s) for s, out in enumerate(splits)]
@@ -139,7 +152,7 @@ def runner(alpha: float, dtype: torch.dtype = torch.float32):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("tokens", [1, 8, 20])
-def test_runner_sparse_path_equals_the_reference(alpha: float, tokens: int, vllm_config) -> None:
+def test_runner_sparse_path_equals_the_reference(alpha: float, tokens: int, vllm_config, isa: str) -> None:
     shard, spec, tensors, x = runner(alpha)
     torch.testing.assert_close(shard.sparse(x[:tokens]), SCHEMES["rsparse"].forward(spec, tensors, x[:tokens]),
                                rtol=1e-4, atol=1e-4)
@@ -147,7 +160,7 @@ def test_runner_sparse_path_equals_the_reference(alpha: float, tokens: int, vllm
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 8, 20])
-def test_a_fused_layer_runs_its_shards_side_by_side(tokens: int, dtype: torch.dtype, vllm_config) -> None:
+def test_a_fused_layer_runs_its_shards_side_by_side(tokens: int, dtype: torch.dtype, vllm_config, isa: str) -> None:
     """gate | up | another shard with α = 0, 0.6, 1: each output slice equals that shard's own R-Sparse forward.
 
     With at most 16 tokens the kernel adds the low-rank terms itself; 20 tokens take the PyTorch path.

@@ -12,6 +12,13 @@ Why every outcome is logged: without the compiled kernel a sparse layer still gi
 answer through its PyTorch fallback, only several times slower. Serving with that fallback must
 be a visible decision, so a failed build logs a WARNING naming the reason, and
 ``SLIMSERVE_REQUIRE_CPU_KERNELS=1`` turns it into a :class:`KernelBuildError` instead.
+
+Each kernel has AVX-512, AVX2 + FMA and scalar inner loops, chosen at compile time by what the
+flags enable. ``-march=native`` picks the best this CPU has; a narrower variant (``isa="avx2"``
+or ``"scalar"``, or ``$SLIMSERVE_CPU_ISA`` for benchmarks) builds the same source with the wider
+instruction sets switched off, so an AVX-512 host can test and time the path AMD EPYC hosts run.
+A variant is its own module (``<name>_<isa>``) in its own cache folder; the one equal to the
+native build reuses it. The build log line names the ISA the loaded build's loops use.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ from slimserve.errors import SlimserveError
 REQUIRE_ENV = "SLIMSERVE_REQUIRE_CPU_KERNELS"
 #: Where builds are cached (one subfolder per torch version, Python version and ISA).
 BUILD_DIR_ENV = "SLIMSERVE_KERNEL_DIR"
+#: Set to ``avx512``, ``avx2`` or ``scalar`` to build and use that variant instead of the native one.
+ISA_ENV = "SLIMSERVE_CPU_ISA"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+#: Flags added to CFLAGS per variant: GCC's ``-mno-avx512f`` drops every AVX-512 extension and
+#: ``-mno-avx`` drops AVX, AVX2, FMA and AVX-512 with it, so the source's ``#if`` picks that path.
+ISA_FLAGS = {"avx512": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx"]}
 
 logger = logging.getLogger(__name__)
 if not logger.hasHandlers():
@@ -52,6 +64,25 @@ class KernelBuildError(SlimserveError):
 def cpu_isa() -> str:
     """The instruction set PyTorch detected on this CPU (e.g. ``AVX512``, ``AVX2``, ``DEFAULT``)."""
     return torch.backends.cpu.get_cpu_capability()
+
+
+def _cpu_flags() -> set[str]:
+    """The feature flags /proc/cpuinfo lists for this CPU (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            line = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return set(line.partition(":")[2].split())
+
+
+def supported_isas() -> list[str]:
+    """The kernel variants this CPU can run, widest first (``scalar`` always)."""
+    flags = _cpu_flags()
+    isas = ["avx512"] if "avx512f" in flags else []
+    if {"avx2", "fma"} <= flags:
+        isas.append("avx2")
+    return [*isas, "scalar"]
 
 
 def cpu_flags_digest() -> str:
@@ -76,22 +107,41 @@ def source_path(source: str) -> Path:
     return Path(__file__).with_name(source)
 
 
-@functools.cache
-def load_cpu_extension(name: str, source: str) -> ModuleType | None:
+def load_cpu_extension(name: str, source: str, isa: str | None = None) -> ModuleType | None:
     """The compiled extension ``name`` built from ``source`` (a file beside this module), or None.
 
-    None means the caller must use its PyTorch fallback; that has already been logged as a
-    WARNING with the reason. Raises :class:`KernelBuildError` instead when ``SLIMSERVE_REQUIRE_CPU_KERNELS=1``.
+    ``isa`` (default ``$SLIMSERVE_CPU_ISA``, else the native build) selects the variant: ``avx512``,
+    ``avx2`` or ``scalar``; one this CPU cannot run raises :class:`KernelBuildError`, since its code
+    would die on an illegal instruction. None means the caller must use its PyTorch fallback; that
+    has already been logged as a WARNING with the reason. Raises :class:`KernelBuildError` instead
+    when ``SLIMSERVE_REQUIRE_CPU_KERNELS=1``.
     """
+    wanted = isa or os.environ.get(ISA_ENV) or None
+    if wanted is not None and wanted not in ISA_FLAGS:
+        raise KernelBuildError(f"unknown CPU kernel ISA {wanted!r}", field=ISA_ENV if isa is None else "isa",
+                               expected=" | ".join(ISA_FLAGS))
+    supported = supported_isas()
+    if wanted is not None and wanted not in supported:
+        raise KernelBuildError(f"this CPU cannot run the {wanted} kernels", field=ISA_ENV if isa is None else "isa",
+                               expected=" | ".join(supported))
+    # The native build already is the widest variant; only narrower ones need their own module.
+    variant = None if wanted in (None, supported[0]) else wanted
+    return _cached_build(name, source, variant)
+
+
+def build_cpu_extension(name: str, source: str, variant: str | None = None) -> ModuleType | None:
+    """Builds (or loads the on-disk build of) one variant, ``None`` meaning native; not memoised in-process."""
     from torch.utils.cpp_extension import load
 
     path = source_path(source)
-    build_dir = build_root() / name
+    module_name = name if variant is None else f"{name}_{variant}"
+    cflags = CFLAGS + ([] if variant is None else ISA_FLAGS[variant])
+    build_dir = build_root() / module_name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        before = _built_at(build_dir, name)
+        before = _built_at(build_dir, module_name)
         start = time.perf_counter()
-        module = load(name=name, sources=[str(path)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        module = load(name=module_name, sources=[str(path)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                       build_directory=str(build_dir), verbose=False)
     except (RuntimeError, OSError, ImportError, SystemExit) as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
@@ -102,10 +152,14 @@ def load_cpu_extension(name: str, source: str) -> ModuleType | None:
                        "PyTorch fallback. Install g++ and ninja, or set %s=1 to fail instead.",
                        path, build_dir, reason, REQUIRE_ENV)
         return None
-    action = "loaded the cached build of" if before is not None and before == _built_at(build_dir, name) else "built"
-    logger.info("slimserve: %s CPU kernel %s in %s in %.1f s (ISA %s, %s)", action, path.name, build_dir,
-                time.perf_counter() - start, cpu_isa(), " ".join(CFLAGS))
+    action = "loaded the cached build of" if before is not None and before == _built_at(build_dir, module_name) \
+        else "built"
+    logger.info("slimserve: %s CPU kernel %s in %s in %.1f s (kernel ISA %s; CPU %s; %s)", action, path.name,
+                build_dir, time.perf_counter() - start, module.isa(), cpu_isa(), " ".join(cflags))
     return module
+
+
+_cached_build = functools.cache(build_cpu_extension)
 
 
 def _built_at(build_dir: Path, name: str) -> float | None:

@@ -2,7 +2,9 @@
 // Each output row streams its s stored values and indices once for the whole batch (they are
 // the bytes that matter at decode). One token gathers 16 z entries per step; a batch reads
 // z transposed ([k, N], float32, cache-resident) so each stored value updates up to 16 tokens
-// with one contiguous load and one FMA. Built at first use by plugin/kernels/cpp.py.
+// with one contiguous load and one FMA. Built at first use by plugin/kernels/cpp.py, for the best
+// ISA the compiler flags allow: AVX-512 (16 lanes, masked loads), else AVX2 + FMA (8 lanes, unmasked
+// main loop and a scalar tail; AMD EPYC hosts have no AVX-512), else scalar.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -10,11 +12,20 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 namespace {
+
+#if defined(__AVX512F__)
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr const char* kIsa = "avx2";
+#define SLIMSERVE_AVX2 1
+#else
+constexpr const char* kIsa = "scalar";
+#endif
 
 constexpr int64_t kMaxTokens = 16;  // accumulators per row kept in registers; larger batches loop
 
@@ -37,7 +48,33 @@ template <typename V> inline __m512 load_values(const V* p, __mmask16 m) {
 }
 #endif
 
-#if defined(__AVX512F__)
+#if defined(SLIMSERVE_AVX2)
+// Eight indices widened to int32 and eight values widened to fp32 (bf16 is the high half of an fp32).
+template <typename I> inline __m256i load_indices8(const I* p) {
+  if constexpr (std::is_same<I, int16_t>::value) {
+    return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+}
+
+template <typename V> inline __m256 load_values8(const V* p) {
+  if constexpr (std::is_same<V, float>::value) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+inline float reduce_add8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+#endif
+
+#if defined(__AVX512F__) || defined(SLIMSERVE_AVX2)
 // Batched rows: zt is [atoms, ld] float32 (ld = tokens rounded up to 16, so every load is one
 // aligned cache line); each value is broadcast against a vector of 16 tokens.
 template <typename V, typename I>
@@ -48,6 +85,7 @@ void ell_rows_batched(const float* zt, int64_t ld, const V* values, const I* ind
     const I* idx = indices + o * nnz;
     for (int64_t n0 = 0; n0 < tokens; n0 += 16) {
       const int64_t nt = std::min<int64_t>(16, tokens - n0);
+#if defined(__AVX512F__)
       const __mmask16 m = nt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nt) - 1);
       __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
       int64_t t = 0;
@@ -63,6 +101,30 @@ void ell_rows_batched(const float* zt, int64_t ld, const V* values, const I* ind
       }
       alignas(64) float sums[16];
       _mm512_store_ps(sums, _mm512_add_ps(acc0, acc1));
+#else
+      // AVX2: 16 tokens as two 8-lane halves; zt's padding columns are zero, so no mask is needed.
+      __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();
+      int64_t t = 0;
+      for (; t + 1 < nnz; t += 2) {
+        const float* z0 = zt + static_cast<int64_t>(idx[t]) * ld + n0;
+        const float* z1 = zt + static_cast<int64_t>(idx[t + 1]) * ld + n0;
+        const __m256 v0 = _mm256_set1_ps(static_cast<float>(val[t]));
+        const __m256 v1 = _mm256_set1_ps(static_cast<float>(val[t + 1]));
+        lo0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(z0), lo0);
+        hi0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(z0 + 8), hi0);
+        lo1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(z1), lo1);
+        hi1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(z1 + 8), hi1);
+      }
+      if (t < nnz) {
+        const float* z0 = zt + static_cast<int64_t>(idx[t]) * ld + n0;
+        const __m256 v0 = _mm256_set1_ps(static_cast<float>(val[t]));
+        lo0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(z0), lo0);
+        hi0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(z0 + 8), hi0);
+      }
+      alignas(32) float sums[16];
+      _mm256_store_ps(sums, _mm256_add_ps(lo0, lo1));
+      _mm256_store_ps(sums + 8, _mm256_add_ps(hi0, hi1));
+#endif
       for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
     }
   }
@@ -91,6 +153,23 @@ void ell_rows(const float* z, const V* values, const I* indices, V* y, int64_t t
         }
       }
       for (int64_t n = 0; n < nt; ++n) sums[n] = _mm512_reduce_add_ps(acc[n]);
+#elif defined(SLIMSERVE_AVX2)
+      // One token at a time (this path serves a single token): 8-lane gathers, a scalar tail.
+      const int64_t main = nnz / 8 * 8;
+      for (int64_t n = 0; n < nt; ++n) {
+        const float* zr = z + (n0 + n) * atoms;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 16 <= main; t += 16) {  // two chains: gathers are slow, keep two in flight
+          acc0 = _mm256_fmadd_ps(_mm256_i32gather_ps(zr, load_indices8(idx + t), 4), load_values8(val + t), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_i32gather_ps(zr, load_indices8(idx + t + 8), 4), load_values8(val + t + 8),
+                                 acc1);
+        }
+        if (t < main) acc0 = _mm256_fmadd_ps(_mm256_i32gather_ps(zr, load_indices8(idx + t), 4), load_values8(val + t), acc0);
+        float s = reduce_add8(_mm256_add_ps(acc0, acc1));
+        for (t = main; t < nnz; ++t) s += zr[idx[t]] * static_cast<float>(val[t]);
+        sums[n] = s;
+      }
 #else
       for (int64_t n = 0; n < nt; ++n) {
         float s = 0.f;
@@ -111,7 +190,7 @@ void ell_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const to
   const V* val = values.data_ptr<V>();
   const I* idx = indices.data_ptr<I>();
   V* out = y.data_ptr<V>();
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(SLIMSERVE_AVX2)
   if (tokens > 1) {
     const int64_t ld = (tokens + 15) / 16 * 16;
     auto zt = torch::zeros({atoms, ld}, zf.options());
@@ -151,4 +230,5 @@ torch::Tensor ell_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ell_matmul", &ell_matmul, "y = z · Cᵀ for row-sparse C stored as ELLPACK values + indices");
+  m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
 }

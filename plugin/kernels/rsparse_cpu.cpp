@@ -5,7 +5,9 @@
 // (q | k | v, gate | up) run as column segments of one call, each with its own channel norms
 // and threshold, so they share one task pool across the threads. A segment's low-rank term for
 // its inexact channels, U_r(S_r V_rᵀ(x ⊙ (1 − m))), is added in the same pass. Built at first use by
-// slimserve/plugin/kernels/rsparse.py with torch.utils.cpp_extension.load.
+// slimserve/plugin/kernels/rsparse.py with torch.utils.cpp_extension.load, for the best ISA the
+// compiler flags allow: AVX-512 (16 fp32 lanes), else AVX2 + FMA (8 lanes; AMD EPYC hosts have no
+// AVX-512), else scalar loops.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -17,11 +19,23 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 namespace {
+
+#if defined(__AVX512F__)
+constexpr const char* kIsa = "avx512";
+constexpr int64_t kLanes = 16;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr const char* kIsa = "avx2";
+constexpr int64_t kLanes = 8;
+#define SLIMSERVE_AVX2 1
+#else
+constexpr const char* kIsa = "scalar";
+constexpr int64_t kLanes = 16;  // unused: the scalar build has no vector part
+#endif
 
 // Most output columns one task accumulates at a time: tokens x kChunk float accumulators stay
 // in L1 while every active row's chunk of weights is streamed once (1 KiB contiguous in bf16).
@@ -29,8 +43,9 @@ constexpr int64_t kChunk = 512;
 // Rows combined per accumulator update: each accumulator load/store serves kRows weight rows,
 // and each weight vector is loaded and widened once for all tokens.
 constexpr int64_t kRows = 8;
-// Columns per vector step: 32 bf16 (one 512-bit load, widened as even/odd halves) or 16 fp32.
-template <typename T> constexpr int64_t kStep = std::is_same<T, float>::value ? 16 : 32;
+// Columns per vector step: one vector load of weights, i.e. kLanes fp32 or 2·kLanes bf16 (widened as
+// even/odd halves): 16 | 32 with AVX-512, 8 | 16 with AVX2.
+template <typename T> constexpr int64_t kStep = std::is_same<T, float>::value ? kLanes : 2 * kLanes;
 
 #if defined(__AVX512F__)
 // A 512-bit load of weights widened to fp32: for bf16 the even columns are the low halves
@@ -43,6 +58,17 @@ inline void widen(const c10::BFloat16* p, __m512& even, __m512& odd) {
 }
 inline void widen(const float* p, __m512& even, __m512& odd) {
   even = _mm512_loadu_ps(p);
+  odd = even;
+}
+#elif defined(SLIMSERVE_AVX2)
+// The 256-bit form of the same widening: 16 bf16 columns become [even 8 | odd 8].
+inline void widen(const c10::BFloat16* p, __m256& even, __m256& odd) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline void widen(const float* p, __m256& even, __m256& odd) {
+  even = _mm256_loadu_ps(p);
   odd = even;
 }
 #endif
@@ -68,6 +94,29 @@ void accumulate_group(const T* const* w, const float* coef, int64_t tokens, int6
       if (kBf16) _mm512_storeu_ps(a + 16, so);
     }
   }
+#elif defined(SLIMSERVE_AVX2)
+  // AVX2 has 16 vector registers: the 8 rows go as two halves of 4 (8 widened vectors, two
+  // accumulators, one broadcast), so nothing spills; the accumulators are read twice, from L1.
+  constexpr bool kBf16 = !std::is_same<T, float>::value;
+  constexpr int64_t kHalf = kRows / 2;
+  for (int64_t j = 0; j < width_v; j += kStep<T>) {
+    for (int64_t r0 = 0; r0 < kRows; r0 += kHalf) {
+      __m256 even[kHalf], odd[kHalf];
+      for (int64_t r = 0; r < kHalf; ++r) widen(w[r0 + r] + j, even[r], odd[r]);
+      for (int64_t n = 0; n < tokens; ++n) {
+        float* a = acc + n * kChunk + j;
+        __m256 se = _mm256_loadu_ps(a);
+        __m256 so = kBf16 ? _mm256_loadu_ps(a + 8) : se;
+        for (int64_t r = 0; r < kHalf; ++r) {
+          const __m256 c = _mm256_set1_ps(coef[(r0 + r) * tokens + n]);
+          se = _mm256_fmadd_ps(c, even[r], se);
+          if (kBf16) so = _mm256_fmadd_ps(c, odd[r], so);
+        }
+        _mm256_storeu_ps(a, se);
+        if (kBf16) _mm256_storeu_ps(a + 8, so);
+      }
+    }
+  }
 #else
   (void)w; (void)coef; (void)tokens; (void)width_v; (void)acc;
 #endif
@@ -81,11 +130,11 @@ void store_chunk(const float* acc, int64_t tokens, int64_t width_v, int64_t widt
     T* dst = y + n * out;
     for (int64_t j = 0; j < width_v; j += kStep<T>) {
       if (std::is_same<T, float>::value) {
-        for (int64_t q = 0; q < 16; ++q) dst[j + q] = T(a[j + q]);
+        for (int64_t q = 0; q < kLanes; ++q) dst[j + q] = T(a[j + q]);
       } else {
-        for (int64_t q = 0; q < 16; ++q) {
+        for (int64_t q = 0; q < kLanes; ++q) {
           dst[j + 2 * q] = T(a[j + q]);
-          dst[j + 2 * q + 1] = T(a[j + 16 + q]);
+          dst[j + 2 * q + 1] = T(a[j + kLanes + q]);
         }
       }
     }
@@ -100,6 +149,12 @@ inline float dot(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   sum = _mm512_reduce_add_ps(acc);
+#elif defined(SLIMSERVE_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  sum = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
 #endif
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
@@ -235,7 +290,7 @@ void sparse_mm(const T* x, const T* wt, const float* norms, const std::vector<fl
     std::vector<float> acc(tokens * kChunk);
     for (int64_t t = next++; t < static_cast<int64_t>(tasks.size()); t = next++) {
       const auto& [s, c0, w] = tasks[t];
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(SLIMSERVE_AVX2)
       const int64_t width_v = w / kStep<T> * kStep<T>;
 #else
       const int64_t width_v = 0;
@@ -328,4 +383,5 @@ torch::Tensor rsparse_sparse_mm(torch::Tensor x, torch::Tensor weight_t, torch::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rsparse_sparse_mm", &rsparse_sparse_mm,
         "R-Sparse exact-channel product of one or more column segments, reading only active rows of W^T");
+  m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
 }
