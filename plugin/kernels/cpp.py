@@ -154,7 +154,7 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
         return None
     action = "loaded the cached build of" if before is not None and before == _built_at(build_dir, module_name) \
         else "built"
-    logger.info("slimserve: %s CPU kernel %s in %s in %.1f s (kernel ISA %s; CPU %s; %s)", action, path.name,
+    logger.info("slimserve: %s CPU kernel %s in %s in %.1f s (ISA %s in the loops; CPU %s; %s)", action, path.name,
                 build_dir, time.perf_counter() - start, module.isa(), cpu_isa(), " ".join(cflags))
     return module
 
