@@ -66,7 +66,8 @@ def main() -> int:
                     continue
                 out = work / f"{method}-{allocation}-{ratio}{suffix}"
                 start = time.time()
-                compress(model, out, method=method, ratio=ratio, allocation=allocation,
+                # The committed table counts parameters (the papers' convention); byte-budget rows are issue 14's.
+                compress(model, out, method=method, ratio=ratio, allocation=allocation, budget="params",
                          calib=None if method == "svd" else calib, calib_samples=args.calib_samples,
                          calib_cache=work / f"grams{suffix}.safetensors", progress=False)
                 seconds = time.time() - start

@@ -15,6 +15,9 @@ from pathlib import Path
 DEMO_METHOD = "rocket"
 DEMO_RATIO = 0.1
 DEMO_ALLOCATION = "knapsack"
+# The ratio above was chosen on the parameter-budget table, so the demo keeps that budget until the
+# table is rerun with byte budgets (10 % of bytes removes more parameters from a dictionary model).
+DEMO_BUDGET = "params"
 CALIBRATION_NOVEL = "prideprejudice"
 
 
@@ -26,8 +29,7 @@ def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: flo
     from slimserve.loaders.checkpoint import validate_checkpoint
     from slimserve.loaders.compress.run import compress
 
-    # "bytes": the ratio counts stored bytes (compress's default budget); older parameter-budget builds are not reused.
-    out = artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}-bytes"
+    out = artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}-{DEMO_BUDGET}"
     try:
         validate_checkpoint(out, check_values=False)
         return out
@@ -35,7 +37,7 @@ def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: flo
         pass
     dense = smollm2_folder(artifacts / "smollm2-135m")
     calib = austen_text(CALIBRATION_NOVEL, artifacts / "texts")
-    return compress(dense, out, method=method, ratio=ratio, allocation=allocation, calib=calib,
+    return compress(dense, out, method=method, ratio=ratio, allocation=allocation, budget=DEMO_BUDGET, calib=calib,
                     calib_cache=artifacts / "smollm2-135m.grams.pt")
 
 
