@@ -62,6 +62,9 @@ def detect_engine_kind(model_dir: str | Path) -> EngineKind:
     if is_diffusion_lm_config(config):
         return EngineKind.DIFFUSION_LM
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise ModelFolderError(f"{config_path}: field 'architectures' is {architectures!r} (expected a list of "
+                               "class names such as [\"LlamaForCausalLM\"])")
     if any(name.endswith("ForCausalLM") for name in architectures):
         return EngineKind.VLLM
     raise ModelFolderError(f"{config_path}: architectures {architectures} is not a *ForCausalLM, and the "

@@ -183,7 +183,8 @@ def test_malformed_json_files_are_named(case: str, svd_ckpt: Path, tmp_path: Pat
     assert err.startswith("slimserve validate: error: ") and str(folder / file) in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe{", b'{"architectures": '])
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe{", b'{"architectures": ', b'{"architectures": [1]}',
+                                     b'{"architectures": "LlamaForCausalLM"}'])
 def test_serve_on_a_malformed_config_exits_2(content: bytes, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "config.json").write_bytes(content)
