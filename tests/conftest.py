@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from slimserve.plugin.kernels import cpp
 from slimserve.testing.models import build_tiny_causal_lm, local_text
 
 # The narrow models (hidden size 128, one KV head) keep calibrated compression and perplexity fast.
@@ -70,3 +71,12 @@ def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from slimserve.testing.diffusers import build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("wan") / "model")
+
+
+@pytest.fixture(params=list(cpp.ISA_FLAGS))
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a kernel test once per variant (AVX-512, AVX2 + FMA, scalar) this CPU can execute."""
+    if request.param not in cpp.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv(cpp.ISA_ENV, request.param)
+    return request.param

@@ -11,15 +11,6 @@ from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
 from slimserve.plugin.kernels.gemm import prepacked_linear
 
 
-@pytest.fixture(params=list(cpp.ISA_FLAGS))
-def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test once per kernel variant (AVX-512, AVX2 + FMA, scalar) this CPU can execute."""
-    if request.param not in cpp.supported_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv(cpp.ISA_ENV, request.param)
-    return request.param
-
-
 def test_each_variant_builds_with_its_own_isa(isa: str) -> None:
     kernel = _cpu_kernel()
     assert kernel is not None and kernel.isa() == isa

@@ -12,17 +12,7 @@ import torch
 
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.rsparse import exact_mask
-from slimserve.plugin.kernels import cpp
 from slimserve.plugin.kernels.rsparse import cpu_extension, segmented_sparse_mm, sparse_mm
-
-
-@pytest.fixture(params=list(cpp.ISA_FLAGS))
-def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test once per kernel variant (AVX-512, AVX2 + FMA, scalar) this CPU can execute."""
-    if request.param not in cpp.supported_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv(cpp.ISA_ENV, request.param)
-    return request.param
 
 
 def case(tokens: int, inp: int, out: int, dtype: torch.dtype, seed: int = 0):
