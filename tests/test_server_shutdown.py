@@ -17,11 +17,11 @@ def test_sigterm_finishes_running_request(tiny_diffusion_lm: Path, tmp_path: Pat
     server = serve_process(tiny_diffusion_lm, tmp_path / "server.log")
     with server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
-        # 16 blocks of 8 tokens, 13 denoising steps each (the server's 200-step cap, rounded up to a
-        # whole number per block): the engine streams one chunk per finished block, so when the
-        # first chunk arrives the other 15 blocks are still to be computed.
+        # 16 blocks of 8 tokens, 12 denoising steps each (192 forward passes, within the server's
+        # 200-pass cap): the engine streams one chunk per finished block, so when the first chunk
+        # arrives the other 15 blocks are still to be computed.
         stream = iter(client.completions.create(model="model", prompt="hello", max_tokens=128, stream=True,
-                                                extra_body={"steps": 200, "block_length": 8}))
+                                                extra_body={"steps": 192, "block_length": 8}))
         first = next(stream)
         server.terminate()
         terminated_at = time.monotonic()
