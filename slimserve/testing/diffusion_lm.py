@@ -12,28 +12,18 @@ from pathlib import Path
 
 import torch
 
-from slimserve.testing.models import train_tokenizer
-
-_MASK_TOKEN = "<|mdm_mask|>"
-_CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-)
+from slimserve.testing.dlm import MASK_TOKEN, mask_tokenizer
 
 
 def build_tiny_diffusion_lm(out_dir: str | Path, seed: int = 0, steps: int = 8, block_length: int = 4) -> Path:
     """Save a tiny random-weight masked-diffusion LM in the layout of ``engines.diffusion_lm``."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from slimserve.server.engines.diffusion_lm import ARCHITECTURE, MARKER
 
     out = Path(out_dir)
     torch.manual_seed(seed)
-    train_tokenizer(out)
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
-    tokenizer.add_special_tokens({"additional_special_tokens": [_MASK_TOKEN]})
-    tokenizer.chat_template = _CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(out))
+    tokenizer = mask_tokenizer(out)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
@@ -43,7 +33,7 @@ def build_tiny_diffusion_lm(out_dir: str | Path, seed: int = 0, steps: int = 8, 
     config_path = out / "config.json"
     saved = json.loads(config_path.read_text())
     saved["architectures"] = [ARCHITECTURE]
-    saved[MARKER] = {"mask_token_id": tokenizer.convert_tokens_to_ids(_MASK_TOKEN), "steps": steps,
+    saved[MARKER] = {"mask_token_id": tokenizer.convert_tokens_to_ids(MASK_TOKEN), "steps": steps,
                      "block_length": block_length}
     config_path.write_text(json.dumps(saved, indent=2))
     return out

@@ -33,7 +33,8 @@ class TinyDLM(NamedTuple):
     mask_token_id: int
 
 
-def _tokenizer(out: Path) -> Any:
+def mask_tokenizer(out: Path) -> Any:
+    """The shared test tokenizer plus the mask token and a chat template, saved into ``out``."""
     from transformers import AutoTokenizer
 
     train_tokenizer(out)
@@ -54,7 +55,7 @@ def build_tiny_llada(out_dir: str | Path, seed: int = 0, weight_std: float = 0.0
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(out)
+    tokenizer = mask_tokenizer(out)
     mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), head_dim=16, tie_word_embeddings=False,
@@ -99,7 +100,7 @@ def build_tiny_dream(out_dir: str | Path, seed: int = 0, weight_std: float = 0.0
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(out)
+    tokenizer = mask_tokenizer(out)
     mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=False, initializer_range=weight_std,
