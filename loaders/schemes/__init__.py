@@ -6,8 +6,10 @@ from slimserve.loaders.schemes.base import Scheme, TensorSpec
 from slimserve.loaders.schemes.dense import DenseScheme
 from slimserve.loaders.schemes.dictsparse import DictSparseScheme
 from slimserve.loaders.schemes.lowrank import LowRankScheme
+from slimserve.loaders.schemes.nm import NMScheme
 from slimserve.loaders.schemes.rsparse import RSparseScheme
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (DenseScheme(), LowRankScheme(), DictSparseScheme(), RSparseScheme())}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (DenseScheme(), LowRankScheme(), DictSparseScheme(), RSparseScheme(),
+                                                NMScheme())}
 
 __all__ = ["SCHEMES", "Scheme", "TensorSpec"]
