@@ -436,10 +436,10 @@ class CheckpointWriter:
             self._flush()
 
     def add_module(self, module: str, scheme: str, tensors: Mapping[str, torch.Tensor], *,
-                   in_features: int, out_features: int, **fields: int | float) -> None:
-        """Add one decoder linear in ``scheme`` with its tensors keyed by suffix (float fields stay floats)."""
+                   in_features: int, out_features: int, **fields: int | float | str) -> None:
+        """Add one decoder linear in ``scheme`` with its tensors keyed by suffix (float and str fields kept as is)."""
         spec = {"scheme": scheme, "in_features": int(in_features), "out_features": int(out_features),
-                **{k: float(v) if isinstance(v, float) else int(v) for k, v in fields.items()}}
+                **{k: v if isinstance(v, (float, str)) else int(v) for k, v in fields.items()}}
         expected = {t.suffix for t in SCHEMES[scheme].tensor_specs(spec)}
         if set(tensors) != expected:
             raise ValueError(f"module {module!r} ({scheme}) got tensors {sorted(tensors)}, expected {sorted(expected)}")
