@@ -27,14 +27,21 @@ from slimserve.errors import CompressionError
 from slimserve.loaders.checkpoint import Checkpoint, CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.compress.allocation import cap_options, knapsack_unit, solve_knapsack
 from slimserve.loaders.compress.budget import BUDGETS, PARAMS, Budget, check_ratio
-from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, Grams, load_or_collect_grams
+from slimserve.loaders.compress.calibration import (
+    DEFAULT_SEQ_LEN,
+    DEFAULT_WINDOWS,
+    Grams,
+    SequentialGrams,
+    load_or_collect_grams,
+)
 from slimserve.loaders.compress.cospadi import CoSpaDi
+from slimserve.loaders.compress.oats import Oats
 from slimserve.loaders.compress.rocket import REFINE_ITERATIONS, Rocket
 from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dense_option, relative_errors
-from slimserve.loaders.models import check_architecture, decoder_linear_modules
+from slimserve.loaders.models import check_architecture, decoder_linear_modules, layer_index
 
-METHODS = ("svd", "svd-llm", "cospadi", "rocket")
-CALIBRATED = ("svd-llm", "cospadi", "rocket")
+METHODS = ("svd", "svd-llm", "cospadi", "rocket", "oats")
+CALIBRATED = ("svd-llm", "cospadi", "rocket", "oats")
 ALLOCATIONS = ("uniform", "knapsack")
 # Levels (fraction of a layer's bytes or parameters removed, as the budget counts) the knapsack
 # chooses from, besides "keep dense".
@@ -62,7 +69,7 @@ class LayerReport:
 def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: float | None = None,
              rank: int | None = None, calib: str | Path | None = None, calib_cache: str | Path | None = None,
              allocation: str = "uniform", budget: str = "bytes", seed: int = 0, calib_samples: int = DEFAULT_WINDOWS,
-             calib_seq_len: int = DEFAULT_SEQ_LEN,
+             calib_seq_len: int = DEFAULT_SEQ_LEN, sequential: bool = False,
              progress: bool = True) -> Path:
     """Compress every decoder linear of ``src`` into ``out`` and write a per-layer report beside it.
 
@@ -72,6 +79,13 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     one rank for every layer instead. A layer whose compressed form would not be smaller than its
     dense weight is kept dense, so ratio 0 reproduces the dense model exactly. Calibrated methods
     need ``calib`` (a text file); its Grams are cached in ``calib_cache`` when given and reused by later runs.
+
+    ``sequential`` calibrates each decoder layer on the outputs of the already-compressed layers
+    below it (``SequentialGrams``) instead of the dense model's. The knapsack still profiles every
+    layer on the one-pass dense Grams (it must see all layers before choosing), so sequential +
+    knapsack = choose the levels from the cached one-pass profile, then compress layer by layer at
+    those levels on sequential Grams. Only the one-pass Grams are cached: sequential ones depend on
+    what the layers below were compressed to.
     """
     if method not in METHODS:
         raise CompressionError(f"unknown --method {method!r}; expected one of {', '.join(METHODS)}")
@@ -87,6 +101,9 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
         raise CompressionError(f"--rank {rank}: needs a positive rank, --method svd and --allocation uniform")
     if method in CALIBRATED and calib is None:
         raise CompressionError(f"--method {method} is calibrated: give --calib FILE (plain text, e.g. a novel)")
+    if sequential and method not in CALIBRATED:
+        raise CompressionError(f"--sequential calibrates layer by layer: it needs a calibrated --method "
+                               f"({', '.join(CALIBRATED)}), not {method}")
     ckpt = open_checkpoint(src)
     if ckpt.quantization_config is not None:
         raise CompressionError(f"{src} is already a slimserve checkpoint; compress its dense original "
@@ -101,12 +118,16 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     cost = Budget(budget, dtype.itemsize)
 
     with tempfile.TemporaryDirectory() as tmp:
-        grams = None
-        if method in CALIBRATED:
+        grams = sequential_grams = None
+        knapsack = rank is None and allocation == "knapsack" and ratio != 0.0
+        if method in CALIBRATED and (knapsack or not sequential):
             cache = Path(calib_cache) if calib_cache is not None else Path(tmp) / "grams.safetensors"
             grams = load_or_collect_grams(src, calib, cache, samples=calib_samples, seq_len=calib_seq_len,
                                           seed=seed, progress=progress)
-        layer = _layer_factory(ckpt, method, grams, seed, cost)
+        if sequential:
+            sequential_grams = SequentialGrams(src, calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
+                                               progress=progress)
+        layer = _layer_factory(ckpt, method, sequential_grams or grams, seed, cost)
         if rank is not None:
             levels = {m: None for m in modules}
         elif allocation == "uniform" or ratio == 0.0:
@@ -122,9 +143,10 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
             levels = knapsack_levels(profile, ratio)
         producer = {"method": method, "ratio": ratio, "budget": budget, "rank": rank, "allocation": allocation,
                     "seed": seed, "source": Path(src).name}
-        if grams is not None:
-            producer["calibration"] = {"text": grams.spec.text_name, "sha256": grams.spec.text_sha256,
-                                       "tokens": grams.tokens}
+        calibration = sequential_grams or grams
+        if calibration is not None:
+            producer["calibration"] = {"text": calibration.spec.text_name, "sha256": calibration.spec.text_sha256,
+                                       "tokens": calibration.tokens, "sequential": sequential}
         writer = CheckpointWriter(out, ckpt.config, producer=producer)
         linear_weights = {f"{m}.weight" for m in modules}
         for name, tensor in iter_tensors(ckpt):
@@ -132,6 +154,8 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
                 writer.add_tensor(name, tensor)
         reports = []
         for module in tqdm(modules, desc=f"compress ({method}, {allocation})", disable=not progress):
+            if sequential_grams is not None:
+                sequential_grams.collect(layer_index(module))
             weight, whitening, compressor = layer(module)
             level = levels[module]
             if level is None:
@@ -139,9 +163,11 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
             else:
                 fact, _ = compressor.at_ratio(level) if level > 0 else (dense_option(weight), 0.0)
             reports.append(_report(module, level, fact, weight, whitening, dtype.itemsize))
-            writer.add_module(module, fact.scheme, {k: (v.to(dtype) if v.is_floating_point() else v)
-                                                    for k, v in fact.tensors.items()},
-                              in_features=fact.in_features, out_features=fact.out_features, **fact.fields)
+            stored = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in fact.tensors.items()}
+            writer.add_module(module, fact.scheme, stored, in_features=fact.in_features,
+                              out_features=fact.out_features, **fact.fields)
+            if sequential_grams is not None:
+                sequential_grams.replace(module, fact.spec, stored)
         # Both counts in the producer record (config.json), whichever the ratio was given in.
         writer.producer.update(achieved_ratios(reports))
     copy_aux_files(src, out)
@@ -150,10 +176,11 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     return path
 
 
-LayerFactory = Callable[[str], tuple[torch.Tensor, Whitening, SvdLlm | Rocket | CoSpaDi]]
+LayerFactory = Callable[[str], tuple[torch.Tensor, Whitening, SvdLlm | Rocket | CoSpaDi | Oats]]
 
 
-def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int, budget: Budget,
+def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | SequentialGrams | None, seed: int,
+                   budget: Budget,
                    refine: bool = True) -> LayerFactory:
     """A function loading one module's weight and Gram and preparing its method's compressor.
 
@@ -165,6 +192,8 @@ def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | None, seed: int
         whitening = Whitening(grams[module] if grams is not None else None, weight.shape[1], module)
         if method in ("svd", "svd-llm"):
             return weight, whitening, SvdLlm(weight, whitening, budget)
+        if method == "oats":
+            return weight, whitening, Oats(weight, whitening, grams[module], budget)
         if method == "rocket":
             return weight, whitening, Rocket(weight, whitening, refine_iterations=REFINE_ITERATIONS if refine else 0,
                                              budget=budget)

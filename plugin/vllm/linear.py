@@ -101,7 +101,10 @@ class SlimserveLinearMethod(LinearMethodBase):
                     f"module {module} is [{full_out}, {full_in}] but this layer's partition is "
                     f"[{local_out}, {input_size_per_partition}]", field=f"quantization_config.modules.{module}")
             shard_rank = tp_rank // kv_replicas if (is_qkv and i > 0) else tp_rank
-            local_spec = dict(spec, out_features=local_out, in_features=input_size_per_partition)
+            # full_in_features: for a scheme whose tensors address the input axis but cannot be split along
+            # it (lowrank_sparse's S), which it then loads whole on every rank.
+            local_spec = dict(spec, out_features=local_out, in_features=input_size_per_partition,
+                              full_in_features=full_in)
             for tspec in SCHEMES[spec["scheme"]].tensor_specs(local_spec):
                 shard_slots = slots.setdefault(tspec.suffix, [None] * len(self.shard_specs))
                 shard_slots[i] = _Slot(

@@ -14,6 +14,7 @@ import torch
 
 from slimserve.plugin.kernels.ell import EllMatmul
 from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard
 from slimserve.plugin.vllm.rsparse import RSparseLayer
 
 
@@ -57,6 +58,7 @@ SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]
     "lowrank": LowRankShard,
     "dictsparse": DictSparseShard,
     "rsparse": RSparseLayer.shard,
+    "lowrank_sparse": LowRankSparseShard,
 }
 # Schemes whose shards, when every shard of a layer has that scheme, run as one runner over
 # all of them (called with the shards' tensors and specs, in output order).

@@ -1,0 +1,58 @@
+"""vLLM runner of ``lowrank_sparse`` shards: ``y = (x Vᵀ) Uᵀ + x Sᵀ``.
+
+S needs the layer input x itself, so the runner has no first factor (linear.py hands it x):
+V and U run as prepacked GEMMs (vLLM's own dense path on CPU) and S as the ELL sparse product,
+which reads only S's stored values and positions.
+
+Tensor parallelism: column-parallel layers (q/k/v, gate/up) split u, S's rows and their
+positions along the output axis like a dense weight, in the generic loader. A row-parallel
+layer (o, down) splits the *input* axis, which a row-sparse S cannot be narrowed along (each
+row's entries fall anywhere in it, so its columns of one rank are a ragged subset of the
+row's). The scheme therefore declares S whole on every rank (``full_in_features``), and this
+runner decodes it once at load, keeps this rank's column range and re-encodes it with as many
+entries per row as the fullest row of the slice has (the others padded with zeros): memory per
+rank is about S's, not S's / TP, in exchange for no format change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from slimserve.loaders.schemes.lowrank_sparse import decode_sparse, encode_sparse
+from slimserve.plugin.kernels.ell import EllMatmul
+from slimserve.plugin.kernels.gemm import prepacked_linear
+
+
+def local_sparse(tensors: Mapping[str, torch.Tensor], in_full: int, in_start: int, in_local: int,
+                 float_bytes: int) -> dict[str, torch.Tensor]:
+    """S's tensors restricted to input columns ``[in_start, in_start + in_local)``, re-encoded."""
+    columns = decode_sparse(tensors, in_full)[:, in_start:in_start + in_local]
+    nnz = max(1, int((columns != 0).sum(dim=1).max()))
+    encoded = encode_sparse(columns, nnz, float_bytes)
+    return {k: v.to(tensors["s_values"].dtype) if v.is_floating_point() else v for k, v in encoded.items()}
+
+
+class LowRankSparseShard:
+    """One ``lowrank_sparse`` shard of a (possibly fused, possibly TP-split) vLLM linear."""
+
+    first_factor = None
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
+        in_local, in_full = tensors["v"].shape[1], int(spec["in_features"])
+        sparse = {k: v for k, v in tensors.items() if k.startswith("s_")}
+        if in_local != in_full:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            sparse = local_sparse(sparse, in_full, get_tensor_model_parallel_rank() * in_local, in_local,
+                                  tensors["s_values"].element_size())
+        self.out_features = tensors["u"].shape[0]
+        self.v = prepacked_linear(tensors["v"])
+        self.u = prepacked_linear(tensors["u"])
+        self.sparse = EllMatmul(sparse["s_values"], sparse["s_indices"], in_local)
+        self.second = self.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x)) + self.sparse(x)
