@@ -13,20 +13,24 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="svd",
                    help="svd: plain truncated SVD (uncalibrated); svd-llm: whitened SVD; cospadi: whitened sparse "
                         "dictionary learning; rocket: eigenbasis + sparse coefficients + ridge refit; rsparse: "
-                        "R-Sparse rank-aware activation sparsity (budgeted by --sparsity) (default: svd)")
+                        "R-Sparse rank-aware activation sparsity (budgeted by --sparsity); sparsegpt, wanda: N:M "
+                        "pruning to --pattern (default: svd)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=float, help="fraction of decoder-linear bytes (or, with --budget params, "
                                                     "parameters) removed (0.3 keeps 70%%)")
     budget.add_argument("--rank", type=int, help="svd only: one fixed rank for every decoder linear")
     budget.add_argument("--sparsity", type=float, help="rsparse only: fraction of each linear's MACs removed per "
                                                        "decoded token (e.g. 0.5)")
+    budget.add_argument("--pattern", help="sparsegpt and wanda only: N:M, N weights kept of every M consecutive "
+                                          "inputs (e.g. 2:4, 4:8)")
     p.add_argument("--budget", default="bytes", choices=["bytes", "params"],
                    help="what --ratio counts: bytes stored, values and indices (default), or float parameters "
                         "with indices not counted, as the papers count (for comparison tables)")
     p.add_argument("--allocation", default="uniform",
                    help="uniform: every linear loses --ratio; knapsack: profile every linear and pick per-layer "
                         "levels for the least summed error under the global budget (default: uniform)")
-    p.add_argument("--calib", help="calibration text file (required by svd-llm, cospadi, rocket, rsparse)")
+    p.add_argument("--calib", help="calibration text file (required by svd-llm, cospadi, rocket, rsparse, sparsegpt, "
+                                        "wanda)")
     p.add_argument("--calib-cache", help="safetensors file caching the calibration Grams; reused when the model, "
                                          "text and settings match")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
@@ -51,6 +55,18 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
                                    "--sparsity S (and only then)")
         if args.method == "rsparse":
             return _run_rsparse(args)
+        from slimserve.loaders.compress.prune import PRUNE_METHODS, prune
+
+        if (args.method in PRUNE_METHODS) != (args.pattern is not None):
+            raise CompressionError(f"--method {args.method}: N:M pruning (sparsegpt, wanda) is budgeted by its "
+                                   "pattern, not by --ratio or --rank: use --method sparsegpt|wanda with "
+                                   "--pattern N:M (and only then)", field="--pattern")
+        if args.method in PRUNE_METHODS:
+            out = prune(args.src, args.out, method=args.method, pattern=args.pattern, calib=args.calib,
+                        calib_cache=args.calib_cache, seed=args.seed, calib_samples=args.calib_samples,
+                        calib_seq_len=args.calib_seq_len, progress=not args.quiet)
+            print(f"wrote {out}")
+            return 0
         from slimserve.loaders.compress.run import REPORT_JSON, compress
 
         out = compress(args.src, args.out, method=args.method, ratio=args.ratio, rank=args.rank, calib=args.calib,
@@ -102,22 +118,23 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="convert another project's compressed checkpoint")
-    p.add_argument("--from", dest="source_format", required=True, choices=["rocket", "svd-llm"])
+    p.add_argument("--from", dest="source_format", required=True, choices=["rocket", "svd-llm", "lowrank-sparse"])
     p.add_argument("src", help="ROCKET: its *_sep model folder; SVD-LLM: a state dict (.pt or .safetensors)")
     p.add_argument("out", help="output folder")
     p.add_argument("--base", help="SVD-LLM only: the original dense HF model folder (config, tokenizer)")
 
     def run(args: argparse.Namespace) -> int:
         from slimserve.errors import CheckpointError
-        from slimserve.loaders.converters import convert_rocket, convert_svdllm
+        from slimserve.loaders.converters import convert_lowrank_sparse, convert_rocket, convert_svdllm
 
         if args.source_format == "rocket":
             out = convert_rocket(args.src, args.out)
         else:
             if not args.base:
-                raise CheckpointError("--base is required with --from svd-llm", field="--base",
+                raise CheckpointError(f"--base is required with --from {args.source_format}", field="--base",
                                       expected="the original dense HF model folder")
-            out = convert_svdllm(args.src, args.out, args.base)
+            out = (convert_lowrank_sparse if args.source_format == "lowrank-sparse" else convert_svdllm)(
+                args.src, args.out, args.base)
         print(f"wrote {out}")
         return 0
 
