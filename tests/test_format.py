@@ -74,7 +74,7 @@ def test_dictsparse_reference_forward_matches_reconstruction(dict_ckpt: Path) ->
     x = torch.randn(3, 8)
     w = coef_to_dense(tensors["coef_values"], tensors["coef_indices"], 12) @ tensors["dictionary"]
     torch.testing.assert_close(SCHEMES["dictsparse"].forward(spec, tensors, x), x @ w.t())
-    assert tensors["coef_indices"].dtype == torch.int16
+    assert tensors["coef_indices"].dtype == torch.uint8
 
 
 def test_dense_to_coef_keeps_largest_and_pads() -> None:

@@ -24,7 +24,7 @@ def test_an_unknown_or_unsupported_isa_is_refused(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 5, 37])  # one token (gather path); batched path with a partial 16-token chunk
-@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize("index_dtype", [torch.uint8, torch.int16, torch.int32])
 # Nonzeros per row: 5 (below one AVX2 vector: tail only), 17 (AVX-512 masked tail of 1 after 16; AVX2 two
 # gathers and a tail of 1), 27 (AVX2: one double step, one single 8-lane gather, a tail of 3; batched: an odd count).
 @pytest.mark.parametrize("nnz", [5, 17, 27])

@@ -16,7 +16,7 @@ import torch
 from slimserve.errors import CheckpointError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INDEX_DTYPES = (torch.int16, torch.int32)
+INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,13 @@ class Scheme:
 
 
 def smallest_index_dtype(count: int) -> torch.dtype:
-    """The narrowest of ``INDEX_DTYPES`` that can address ``count`` positions (int16 up to 32767)."""
+    """The narrowest of ``INDEX_DTYPES`` that can address ``count`` positions.
+
+    uint8 up to 256 positions (indices 0..255), int16 up to 32767, else int32: the index bytes
+    of a sparse layer weigh as much as its values at int16, so the narrowest type is the default.
+    """
+    if count <= 256:
+        return torch.uint8
     return torch.int16 if count <= torch.iinfo(torch.int16).max else torch.int32
 
 

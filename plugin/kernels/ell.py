@@ -2,7 +2,7 @@
 
 ``y[n, o] = Σ_t z[n, indices[o, t]] · values[o, t]``: every output row reads only its s stored
 coefficients and the s entries of ``z`` they point to, never the k − s zeros. On CPU this is a
-compiled kernel (``ell_cpu.cpp``: AVX-512 gathers, bf16 or float32 values, int16 or int32
+compiled kernel (``ell_cpu.cpp``: AVX-512 gathers, bf16 or float32 values, uint8, int16 or int32
 indices, the stored bytes streamed once per batch); elsewhere, or without a compiler, a
 PyTorch gather does the same arithmetic more slowly.
 

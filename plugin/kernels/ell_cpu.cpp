@@ -2,7 +2,7 @@
 // Each output row streams its s stored values and indices once for the whole batch (they are
 // the bytes that matter at decode). One token gathers 16 z entries per step; a batch reads
 // z transposed ([k, N], float32, cache-resident) so each stored value updates up to 16 tokens
-// with one contiguous load and one FMA. Built at first use by plugin/kernels/cpp.py, for the best
+// with one contiguous load and one FMA. Indices are uint8 (k <= 256), int16 or int32. Built at first use by plugin/kernels/cpp.py, for the best
 // ISA the compiler flags allow: AVX-512 (16 lanes, masked loads), else AVX2 + FMA (8 lanes, unmasked
 // main loop and a scalar tail; AMD EPYC hosts have no AVX-512), else scalar.
 #include <torch/extension.h>
@@ -31,7 +31,13 @@ constexpr int64_t kMaxTokens = 16;  // accumulators per row kept in registers; l
 
 #if defined(__AVX512F__)
 template <typename I> inline __m512i load_indices(const I* p, __mmask16 m) {
-  if constexpr (std::is_same<I, int16_t>::value) {
+  if constexpr (std::is_same<I, uint8_t>::value) {
+    // A full 16-byte load where 16 indices remain; the tail copies its few bytes (AVX-512F has no byte mask).
+    if (m == (__mmask16)0xFFFF) return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    alignas(16) uint8_t tail[16] = {0};
+    for (int i = 0; i < 16 && ((m >> i) & 1); ++i) tail[i] = p[i];
+    return _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+  } else if constexpr (std::is_same<I, int16_t>::value) {
     return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
   } else {
     return _mm512_maskz_loadu_epi32(m, p);
@@ -51,7 +57,9 @@ template <typename V> inline __m512 load_values(const V* p, __mmask16 m) {
 #if defined(SLIMSERVE_AVX2)
 // Eight indices widened to int32 and eight values widened to fp32 (bf16 is the high half of an fp32).
 template <typename I> inline __m256i load_indices8(const I* p) {
-  if constexpr (std::is_same<I, int16_t>::value) {
+  if constexpr (std::is_same<I, uint8_t>::value) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (std::is_same<I, int16_t>::value) {
     return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   } else {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -219,10 +227,12 @@ torch::Tensor ell_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor in
   auto zf = z.to(at::kFloat).contiguous();
   auto y = torch::empty({z.size(0), values.size(0)}, values.options());
   const bool bf16 = values.scalar_type() == at::kBFloat16;
-  if (indices.scalar_type() == at::kShort) {
+  if (indices.scalar_type() == at::kByte) {
+    bf16 ? ell_dispatch<c10::BFloat16, uint8_t>(zf, values, indices, y) : ell_dispatch<float, uint8_t>(zf, values, indices, y);
+  } else if (indices.scalar_type() == at::kShort) {
     bf16 ? ell_dispatch<c10::BFloat16, int16_t>(zf, values, indices, y) : ell_dispatch<float, int16_t>(zf, values, indices, y);
   } else {
-    TORCH_CHECK(indices.scalar_type() == at::kInt, "ell_matmul: indices must be int16 or int32");
+    TORCH_CHECK(indices.scalar_type() == at::kInt, "ell_matmul: indices must be uint8, int16 or int32");
     bf16 ? ell_dispatch<c10::BFloat16, int32_t>(zf, values, indices, y) : ell_dispatch<float, int32_t>(zf, values, indices, y);
   }
   return y;
