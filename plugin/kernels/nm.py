@@ -1,0 +1,69 @@
+"""``y = x · Wᵀ`` for an N:M sparse weight stored as kept values plus packed offsets (the ``nm`` scheme).
+
+Few tokens (decode) run the compiled kernel (``nm_cpu.cpp``), which reads only the stored bytes:
+memory-bound, so at 2:4 in bf16 it reads 56 % of dense's bytes. Many tokens (prefill, chunked
+prefill, speculative verification) are compute-bound, where a dense GEMM wins: the weight is
+decompressed for that call only and then freed, so the process never holds a dense copy.
+``MANY_TOKENS`` is the crossover, measured with ``bench/nm_crossover.py`` (see docs/methods/nm.md).
+Without a compiler the PyTorch reference of the scheme does the same arithmetic, more slowly.
+
+The product is the custom op ``slimserve::nm_matmul`` so torch.compile (vLLM's default on CPU)
+treats it as one opaque call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimserve.loaders.schemes.nm import nm_to_dense
+from slimserve.plugin.kernels.cpp import load_cpu_extension
+
+#: Token counts above this run a dense GEMM on a per-call decompressed weight (measured crossover).
+MANY_TOKENS = 16
+
+
+def _cpu_kernel():
+    return load_cpu_extension("slimserve_nm_cpu", "nm_cpu.cpp")
+
+
+def nm_decompressed(values: torch.Tensor, positions: torch.Tensor, in_features: int, kept: int,
+                    group: int) -> torch.Tensor:
+    """The dense ``[out, in]`` weight in ``values``' dtype: compiled on CPU, the reference elsewhere."""
+    ext = _cpu_kernel() if values.device.type == "cpu" else None
+    if ext is not None:
+        return ext.nm_decompress(values, positions, in_features, kept, group)
+    return nm_to_dense(values, positions, in_features, kept, group)
+
+
+@torch.library.custom_op("slimserve::nm_matmul", mutates_args=())
+def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int, group: int) -> torch.Tensor:
+    """``x [N, in] · Wᵀ`` for W given as ``values [out, in·kept/group]`` and ``positions``: ``[N, out]``, x dtype."""
+    in_features = x.shape[1]
+    if x.shape[0] > MANY_TOKENS:
+        weight = nm_decompressed(values, positions, in_features, kept, group)
+        return F.linear(x, weight.to(x.dtype))
+    ext = _cpu_kernel() if x.device.type == "cpu" else None
+    if ext is not None:
+        return ext.nm_matmul(x, values, positions, kept, group).to(x.dtype)
+    return x @ nm_to_dense(values.to(x.dtype), positions, in_features, kept, group).t()
+
+
+@nm_matmul.register_fake
+def _(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int, group: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+class NMMatmul:
+    """``y = x · Wᵀ`` for one N:M sparse module (or its TP slice), prepared once at load."""
+
+    def __init__(self, values: torch.Tensor, positions: torch.Tensor, kept: int, group: int) -> None:
+        self.values = values.contiguous()
+        self.positions = positions.contiguous()
+        self.kept = kept
+        self.group = group
+        # Build (or load) the kernel now, at model load, not inside the first traced forward.
+        self.ext = _cpu_kernel() if values.device.type == "cpu" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.slimserve.nm_matmul(x.contiguous(), self.values, self.positions, self.kept, self.group)

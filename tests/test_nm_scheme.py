@@ -1,0 +1,117 @@
+"""The ``nm`` scheme (N:M semi-structured sparsity): packing, reference forward, validation, CPU kernel per ISA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimserve.errors import CheckpointError
+from slimserve.loaders.schemes import SCHEMES
+from slimserve.loaders.schemes.nm import nm_mask, pack_nm, pack_positions, unpack_positions
+from slimserve.plugin.kernels import nm as nm_kernel
+
+SCHEME = SCHEMES["nm"]
+PATTERNS = [(2, 4), (4, 8), (1, 4)]
+
+
+def _pruned(out: int, in_features: int, kept: int, group: int, seed: int = 0) -> torch.Tensor:
+    weight = torch.randn(out, in_features, generator=torch.Generator().manual_seed(seed))
+    return weight * nm_mask(weight, kept, group)
+
+
+def _spec(out: int, in_features: int, kept: int, group: int) -> dict:
+    return {"scheme": "nm", "out_features": out, "in_features": in_features, "kept": kept, "group": group}
+
+
+@pytest.mark.parametrize(("kept", "group"), PATTERNS)
+def test_pack_round_trips_and_the_reference_equals_the_dense_product(kept: int, group: int) -> None:
+    weight = _pruned(6, 5 * group, kept, group)
+    spec = _spec(6, 5 * group, kept, group)
+    tensors = pack_nm(weight, kept, group)
+    assert [tuple(t.shape) for t in tensors.values()] == [t.shape for t in SCHEME.tensor_specs(spec)]
+    assert tensors["positions"].dtype == torch.uint8
+    assert torch.equal(SCHEME.reconstruct(spec, tensors), weight)
+    x = torch.randn(3, 5 * group)
+    torch.testing.assert_close(SCHEME.forward(spec, tensors, x), x @ weight.t())
+
+
+def test_2of4_costs_four_bits_a_group_packed_least_significant_first() -> None:
+    # Row 0 keeps offsets (1, 3) in group 0 and (0, 2) in group 1: bits 01 11 00 10 from bit 0 up.
+    weight = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 4.0, 0.0]])
+    tensors = pack_nm(weight, 2, 4)
+    assert tensors["values"].tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    assert tensors["positions"].tolist() == [[0b10_00_11_01]]
+    assert SCHEME.stored_bytes(_spec(64, 128, 2, 4), float_bytes=2) == 64 * (64 * 2 + 16)
+
+
+def test_mask_keeps_the_largest_magnitudes_and_breaks_ties_towards_lower_offsets() -> None:
+    weight = torch.tensor([[1.0, -5.0, 2.0, -2.0, 0.0, 0.0, 0.0, 0.0]])
+    assert nm_mask(weight, 2, 4).tolist() == [[False, True, True, False, True, True, False, False]]
+
+
+def test_underfull_groups_pad_with_explicit_zeros_at_the_lowest_unused_offsets() -> None:
+    weight = torch.tensor([[0.0, 0.0, 7.0, 0.0]])
+    tensors = pack_nm(weight, 2, 4)
+    assert tensors["values"].tolist() == [[0.0, 7.0]]
+    assert unpack_positions(tensors["positions"], 4, 2, 4).tolist() == [[0, 2]]
+
+
+def test_pack_names_the_first_row_and_group_breaking_the_pattern() -> None:
+    weight = _pruned(4, 16, 2, 4)
+    weight[2, 8:12] = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    with pytest.raises(CheckpointError, match=r"row 2, group 2 \(inputs 8\.\.11\) has 3 nonzeros") as err:
+        pack_nm(weight, 2, 4, module="model.layers.0.mlp.up_proj")
+    assert err.value.tensor == "model.layers.0.mlp.up_proj"
+
+
+def test_validate_names_the_first_bad_group_and_the_fields() -> None:
+    spec = _spec(4, 16, 2, 4)
+    tensors = pack_nm(_pruned(4, 16, 2, 4), 2, 4)
+    offsets = unpack_positions(tensors["positions"], 16, 2, 4)
+    offsets[3, 4:6] = torch.tensor([2, 2])  # row 3, group 2: a repeated offset
+    tensors["positions"] = pack_positions(offsets, 4)
+    with pytest.raises(CheckpointError, match=r"row 3, group 2 .* offsets \[2, 2\]") as err:
+        SCHEME.check_values("m", spec, tensors, {"positions": "model.safetensors"})
+    assert err.value.tensor == "m.positions"
+    with pytest.raises(CheckpointError, match="not a multiple of group=4"):
+        SCHEME.check_fields("m", _spec(4, 18, 2, 4), "config.json")
+    with pytest.raises(CheckpointError, match="kept <= group"):
+        SCHEME.check_fields("m", _spec(4, 16, 5, 4), "config.json")
+
+
+def test_non_power_of_two_groups_reject_offsets_past_the_group() -> None:
+    spec = _spec(2, 12, 1, 3)
+    tensors = pack_nm(_pruned(2, 12, 1, 3), 1, 3)
+    offsets = unpack_positions(tensors["positions"], 12, 1, 3)
+    offsets[1, 3] = 3  # 2 bits can hold 3, but a group of 3 has offsets 0..2
+    tensors["positions"] = pack_positions(offsets, 3)
+    with pytest.raises(CheckpointError, match="row 1, group 3"):
+        SCHEME.check_values("m", spec, tensors, {"positions": "f"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kept", "group"), PATTERNS)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 11])
+def test_kernel_equals_the_reference_per_isa(isa: str, kept: int, group: int, tokens: int,
+                                             dtype: torch.dtype) -> None:
+    # 37 rows and 232 inputs: not multiples of the vector widths, so every tail runs.
+    out, in_features = 37, 232 if group == 4 else 240
+    weight = _pruned(out, in_features, kept, group, seed=tokens).to(dtype)
+    tensors = pack_nm(weight, kept, group)
+    kernel = nm_kernel._cpu_kernel()
+    assert kernel is not None and kernel.isa() == isa
+    x = torch.randn(tokens, in_features).to(dtype)
+    expected = x.float() @ weight.float().t()
+    got = kernel.nm_matmul(x, tensors["values"], tensors["positions"], kept, group)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    dense = kernel.nm_decompress(tensors["values"], tensors["positions"], in_features, kept, group)
+    assert dense.dtype == dtype and torch.equal(dense, weight)
+
+
+def test_the_op_switches_to_a_dense_gemm_above_the_crossover_with_the_same_result() -> None:
+    weight = _pruned(40, 128, 2, 4)
+    tensors = pack_nm(weight, 2, 4)
+    runner = nm_kernel.NMMatmul(tensors["values"], tensors["positions"], 2, 4)
+    for tokens in (nm_kernel.MANY_TOKENS, nm_kernel.MANY_TOKENS + 1):
+        x = torch.randn(tokens, 128)
+        torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
