@@ -118,15 +118,23 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="convert another project's compressed checkpoint")
-    p.add_argument("--from", dest="source_format", required=True, choices=["rocket", "svd-llm", "lowrank-sparse"])
-    p.add_argument("src", help="ROCKET: its *_sep model folder; SVD-LLM: a state dict (.pt or .safetensors)")
+    p.add_argument("--from", dest="source_format", required=True, choices=["rocket", "svd-llm", "lowrank-sparse", "nm",
+                                                                        "compressed-tensors"])
+    p.add_argument("src", help="ROCKET: its *_sep model folder; SVD-LLM: a state dict (.pt or .safetensors); nm: a "
+                               "dense HF folder whose zeros follow N:M; compressed-tensors: a sparse-24-bitmask or "
+                               "sparse-bitmask folder")
     p.add_argument("out", help="output folder")
     p.add_argument("--base", help="SVD-LLM only: the original dense HF model folder (config, tokenizer)")
+    p.add_argument("--pattern", help="nm only: N:M (N kept of every M inputs); default: detected per module")
 
     def run(args: argparse.Namespace) -> int:
         from slimserve.errors import CheckpointError
         from slimserve.loaders.converters import convert_lowrank_sparse, convert_rocket, convert_svdllm
 
+        if args.pattern is not None and args.source_format != "nm":
+            raise CheckpointError(f"--pattern is for --from nm, not --from {args.source_format}", field="--pattern")
+        if args.source_format in ("nm", "compressed-tensors"):
+            return _run_convert_nm(args)
         if args.source_format == "rocket":
             out = convert_rocket(args.src, args.out)
         else:
@@ -139,6 +147,21 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(handler=run)
+
+
+def _run_convert_nm(args: argparse.Namespace) -> int:
+    """``--from nm`` / ``--from compressed-tensors``; nm also says which linears stayed dense."""
+    from slimserve.loaders.checkpoint import open_checkpoint
+    from slimserve.loaders.converters import convert_compressed_tensors, convert_nm
+
+    if args.source_format == "compressed-tensors":
+        print(f"wrote {convert_compressed_tensors(args.src, args.out)}")
+        return 0
+    out = convert_nm(args.src, args.out, args.pattern)
+    producer = open_checkpoint(out).quantization_config["producer"]
+    print(f"wrote {out}: nm modules by pattern {producer['modules_per_pattern']}; kept dense (no N:M pattern): "
+          f"{', '.join(producer['dense_modules']) or 'none'}")
+    return 0
 
 
 def _add_densify(subparsers: argparse._SubParsersAction) -> None:
