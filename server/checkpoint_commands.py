@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 
 def _add_compress(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +38,15 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration window sampling and CoSpaDi initialization")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each decoder layer on the outputs of the already-compressed layers below it "
+                        "(block-sequential, as SparseGPT does) instead of the dense model's")
+    p.add_argument("--heal-steps", type=int, default=0,
+                   help="then heal: distil the dense model into the stored factors for this many steps on --calib "
+                        "(see `slimserve heal`; default 0: no healing)")
+    p.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate (AdamW; default 1e-4)")
+    p.add_argument("--heal-seq-len", type=int, default=256, help="healing tokens per window (default 256)")
+    p.add_argument("--heal-batch", type=int, default=4, help="healing windows per step (default 4)")
     rsparse = p.add_argument_group("rsparse")
     rsparse.add_argument("--alpha", type=float, default=0.95, help="uniform sparse share α without --search")
     rsparse.add_argument("--recipe", help="a saved rsparse_recipe.json with per-module α")
@@ -69,9 +80,22 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
             return 0
         from slimserve.loaders.compress.run import REPORT_JSON, compress
 
-        out = compress(args.src, args.out, method=args.method, ratio=args.ratio, rank=args.rank, calib=args.calib,
+        # With healing, the unhealed checkpoint is written beside OUT first and removed once healed.
+        target = Path(args.out).with_name(Path(args.out).name + ".unhealed") if args.heal_steps else args.out
+        out = compress(args.src, target, method=args.method, ratio=args.ratio, rank=args.rank, calib=args.calib,
                        calib_cache=args.calib_cache, allocation=args.allocation, budget=args.budget, seed=args.seed,
-                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, progress=not args.quiet)
+                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                       sequential=args.sequential, progress=not args.quiet)
+        if args.heal_steps:
+            from slimserve.loaders.heal import HealSettings, heal
+
+            if args.calib is None:
+                raise CompressionError("--heal-steps distils on the calibration text: give --calib FILE")
+            settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, seq_len=args.heal_seq_len,
+                                    batch=args.heal_batch, seed=args.seed)
+            out = heal(target, args.out, teacher=args.src, text=args.calib, settings=settings,
+                       progress=not args.quiet).path
+            shutil.rmtree(target)
         print(f"wrote {out} (per-layer report: {out / REPORT_JSON})")
         return 0
 
@@ -94,6 +118,39 @@ def _run_rsparse(args: argparse.Namespace) -> int:
                            log=(lambda _m: None) if args.quiet else print, **options)
     print(f"wrote {out}")
     return 0
+
+
+def _add_heal(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("heal", help="distil the dense model into a compressed checkpoint's stored factors")
+    p.add_argument("ckpt", help="slimserve checkpoint to heal")
+    p.add_argument("out", help="output folder for the healed checkpoint (resumable state is saved beside it)")
+    p.add_argument("--teacher", required=True, help="the dense HF model folder the checkpoint was compressed from")
+    p.add_argument("--text", required=True, help="plain-text file to distil on (its last 10%% is held out)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window after BOS (default 256)")
+    p.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="training window sampling (default 0)")
+    p.add_argument("--eval-every", type=int, default=50, help="print the held-out loss every N steps (default 50)")
+    p.add_argument("--save-every", type=int, default=50, help="save the resumable state every N steps (default 50)")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of a last-hidden-state MSE added to the logit KL (default 0: KL only)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.heal-state.pt up to --steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.heal import HealSettings, heal
+
+        settings = HealSettings(steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch=args.batch, seed=args.seed,
+                                eval_every=args.eval_every, save_every=args.save_every,
+                                hidden_weight=args.hidden_weight)
+        result = heal(args.ckpt, args.out, teacher=args.teacher, text=args.text, settings=settings,
+                      resume=args.resume, progress=not args.quiet)
+        print(f"wrote {result.path} (held-out KL {result.held_out[0][1]:.4f} -> {result.held_out[-1][1]:.4f}; "
+              f"{result.held_out_written:.4f} as written)")
+        return 0
+
+    p.set_defaults(handler=run)
 
 
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
@@ -227,4 +284,4 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-SUBCOMMANDS = (_add_compress, _add_eval, _add_convert, _add_densify, _add_validate, _add_inspect)
+SUBCOMMANDS = (_add_compress, _add_heal, _add_eval, _add_convert, _add_densify, _add_validate, _add_inspect)
