@@ -6,7 +6,7 @@ group) and calls ``record()`` with every batch of engine statistics. The plugin 
 into the ``slimserve:`` families of ``slimserve.metrics``, so the dashboards and alerts
 written for slimserve's own server also work for causal LMs served by vLLM, and it sets the
 gauges only slimserve knows: the compression ratio of the loaded checkpoint and, when vLLM
-runs slimserve's Sirius correction through its speculative-decoding path, the advance length.
+runs slimserve's Sirius correction through its speculative-decoding path, the drafter's density.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from vllm.config import VllmConfig
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import IterationStats, MultiModalCacheStats, SchedulerStats
 
-from slimserve.loaders.checkpoint import compression_summary
+from slimserve.loaders.checkpoint import compression_summary, open_checkpoint
 from slimserve.metrics import SlimserveMetrics
 from slimserve.plugin.vllm.sirius_settings import SiriusSettings
 
@@ -42,6 +42,13 @@ def compression_ratio(model_dir: str | Path) -> float:
     return float(compression_summary(model_dir)["ratio"])
 
 
+def checkpoint_modules(model_dir: str | Path) -> dict[str, dict]:
+    """The ``quantization_config["modules"]`` of a slimserve checkpoint; empty for a plain model or pipeline."""
+    if not (Path(model_dir) / "config.json").is_file():
+        return {}
+    return open_checkpoint(model_dir).modules
+
+
 class SlimserveStatLogger(StatLoggerBase):
     """Mirror vLLM's per-iteration statistics into ``slimserve:`` metrics."""
 
@@ -52,7 +59,10 @@ class SlimserveStatLogger(StatLoggerBase):
         # vLLM's CPU and GPU paths run causal attention densely.
         self.metrics.attention_density.set(1.0)
         self.metrics.attention_skipped_heads.set(0)
-        self.counts_sirius = SiriusSettings.of(vllm_config) is not None
+        sirius = SiriusSettings.of(vllm_config)
+        self.counts_sirius = sirius is not None
+        if sirius is not None:
+            self.metrics.sirius_drafter_density.set(sirius.drafter_density(checkpoint_modules(model_config.model)))
 
     def record(
         self,

@@ -136,6 +136,11 @@ class SlimserveMetrics:
             "sirius_rollback_tokens",
             "Draft tokens Sirius rolled back; divide by sirius_corrections for the mean rollback length.",
         )
+        self.sirius_drafter_density = gauge(
+            "sirius_drafter_density",
+            "Share of activations the Sirius drafter keeps in its sparse layers (R-Sparse: 1 - s weighted by layer "
+            "size; CATS: 1 - s of the MLP activations); 1 = a dense drafter. Set only when Sirius is on.",
+        )
         self.attention_density.set(1.0)
 
     def request_success(self, finished_reason: str) -> None:

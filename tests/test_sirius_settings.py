@@ -59,6 +59,15 @@ def _step(drafts: list[list[int]], vocab: int = 8):
     return meta, torch.zeros(int(ends[-1]), vocab)
 
 
+def test_drafter_density_weights_each_rsparse_module_by_its_size() -> None:
+    modules = {"a": {"scheme": "rsparse", "in_features": 4, "out_features": 4, "sparsity": 0.5},
+               "b": {"scheme": "rsparse", "in_features": 8, "out_features": 6, "sparsity": 0.75},
+               "c": {"scheme": "lowrank", "in_features": 64, "out_features": 64, "rank": 2}}
+    assert SiriusSettings().drafter_density(modules) == pytest.approx((16 * 0.5 + 48 * 0.25) / 64)
+    assert SiriusSettings(sparse="cats:0.3").drafter_density(modules) == pytest.approx(0.7)
+    assert SiriusSettings().drafter_density({"c": modules["c"]}) == 1.0
+
+
 def test_threshold_rule_keeps_likely_drafts_then_the_full_models_token() -> None:
     from vllm.platforms import current_platform
     from vllm.v1.sample.sampler import Sampler
@@ -118,6 +127,7 @@ def test_stat_logger_counts_sirius_rounds_corrections_and_rollbacks(tmp_path: Pa
     values = {name: metric_value(text, f"slimserve:sirius_{name}_total", model_name="sirius-unit")
               for name in ("advances", "advance_tokens", "corrections", "rollback_tokens")}
     assert values == {"advances": 3, "advance_tokens": 7, "corrections": 2, "rollback_tokens": 5}
+    assert metric_value(text, "slimserve:sirius_drafter_density", model_name="sirius-unit") == 1.0  # no sparse layer
     # a speculative decoder other than Sirius is not counted as Sirius
     other = SlimserveStatLogger(SimpleNamespace(model_config=config.model_config, additional_config={},
                                                 speculative_config=object()))

@@ -6,6 +6,7 @@ the command line can build and check them cheaply.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,21 @@ class SiriusSettings:
             raise SlimserveError("unknown drafter sparsity", field="sirius.sparse",
                                  expected=f"'cats:s' with 0 < s < 1 (e.g. cats:0.5), got {self.sparse!r}")
         return sparsity
+
+    def drafter_density(self, modules: Mapping[str, Mapping[str, Any]]) -> float:
+        """Share of activations the drafter keeps in its sparse layers (the ``sirius_drafter_density`` gauge).
+
+        CATS keeps ``1 − s`` of every MLP's activations. An R-Sparse drafter keeps ``1 − s`` of each
+        ``rsparse`` module's inputs, averaged weighted by the module's weight size (``modules`` is the
+        checkpoint's ``quantization_config["modules"]``); a checkpoint without rsparse modules drafts
+        densely (1.0), which is what the dense-drafter tests rely on.
+        """
+        if self.cats_sparsity is not None:
+            return 1.0 - self.cats_sparsity
+        sizes = [(spec["in_features"] * spec["out_features"], float(spec["sparsity"]))
+                 for spec in modules.values() if spec.get("scheme") == "rsparse"]
+        total = sum(size for size, _ in sizes)
+        return sum(size * (1.0 - sparsity) for size, sparsity in sizes) / total if total else 1.0
 
     def engine_args(self, model: str) -> dict[str, Any]:
         """The vLLM engine arguments that turn Sirius on for ``model`` (``LLM(**...)``, ``EngineArgs``).
