@@ -1,0 +1,160 @@
+"""Keeping the answers (issue 16): one-pass vs sequential calibration, with and without healing, on SmolLM2-135M.
+
+ROCKET (the best method of the compression-quality table) at the given ratios, calibrated on
+*Pride and Prejudice*; token perplexity on *Emma* (same author as the calibration text) and on
+*Moby Dick* (a text of another kind), dense in the same run. Healing distils the dense model on the
+calibration text (``slimserve heal``; steps, tokens and wall time in the table). Results accumulate in
+``bench/results/recovery.json`` (a rerun skips finished rows) and the table goes into bench/README.md.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/recovery.py [--ratios 0.3] [--heal-steps 40]
+        [--model DIR --calib-cache FILE]   # reuse a folder and Gram cache (and its knapsack profile) made earlier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from slimserve.loaders.assets import ARTIFACTS, _read_rdb_object, austen_text, smollm2_folder
+from slimserve.loaders.checkpoint import compression_summary
+from slimserve.loaders.compress.run import compress
+from slimserve.loaders.eval import METRIC, perplexity
+from slimserve.loaders.heal import HealSettings, heal
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+README = BENCH / "README.md"
+SECTION = "## Sequential calibration and healing on SmolLM2-135M (issue 16)"
+MOBY_DEB = "r-cran-tokenizers"
+
+
+def moby_dick(folder: Path = ARTIFACTS / "texts") -> Path:
+    """Moby Dick as plain text, from Debian's r-cran-tokenizers (object ``mobydick``; see ../shared/ASSETS.md)."""
+    path = folder / "mobydick.txt"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    unpacked = folder / "tokenizers"
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", MOBY_DEB], cwd=tmp, check=True, capture_output=True)
+        subprocess.run(["dpkg-deb", "-x", str(next(Path(tmp).glob(f"{MOBY_DEB}_*.deb"))), str(unpacked)], check=True)
+    data = next(unpacked.rglob("tokenizers/data"))
+    path.write_text("\n".join(str(x) for x in _read_rdb_object(data, "mobydick")) + "\n")
+    return path
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.3])
+    parser.add_argument("--allocation", default="knapsack")
+    parser.add_argument("--heal-steps", type=int, default=40)
+    parser.add_argument("--heal-batch", type=int, default=2)
+    parser.add_argument("--heal-seq-len", type=int, default=128)
+    parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--model", type=Path, help="SmolLM2 folder (default: the assets one)")
+    parser.add_argument("--calib-cache", type=Path, help="Gram cache (default: artifacts/bench-recovery/grams.pt)")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / "recovery.json"
+    rows = json.loads(store.read_text()) if store.is_file() else {}
+    model = args.model or smollm2_folder()
+    calib = austen_text("prideprejudice")
+    texts = {"emma": austen_text("emma"), "mobydick": moby_dick()}
+    work = ARTIFACTS / "bench-recovery"
+    work.mkdir(parents=True, exist_ok=True)
+    cache = args.calib_cache or work / "grams.pt"
+
+    def save(name: str, row: dict) -> None:
+        rows[name] = row
+        store.write_text(json.dumps(rows, indent=1))
+        print(f"{name}: {row}", flush=True)
+        write_readme(rows)
+
+    def ppl(path: Path) -> dict[str, float]:
+        return {text: perplexity(path, file).perplexity for text, file in texts.items()}
+
+    if "dense" not in rows:
+        save("dense", {"ppl": ppl(model), "cpu": cpu_name()})
+    for ratio in args.ratios:
+        for sequential in (False, True):
+            name = f"rocket/{args.allocation}/{ratio}/{'sequential' if sequential else 'one-pass'}"
+            out = work / name.replace("/", "-")
+            if name not in rows:
+                start = time.time()
+                compress(model, out, method="rocket", ratio=ratio, allocation=args.allocation, budget="params",
+                         calib=calib, calib_cache=cache, sequential=sequential, progress=False)
+                summary = compression_summary(out)
+                save(name, {"ppl": ppl(out), "ratio": summary["ratio"], "compress_s": round(time.time() - start, 1)})
+            healed_name = f"{name}/heal{args.heal_steps}"
+            if healed_name in rows or args.heal_steps == 0:
+                continue
+            settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, seq_len=args.heal_seq_len,
+                                    batch=args.heal_batch, eval_every=max(1, args.heal_steps // 4),
+                                    save_every=args.heal_steps, eval_windows=2)
+            start = time.time()
+            result = heal(out, work / f"{out.name}-heal", teacher=model, text=calib, settings=settings,
+                          progress=False)
+            seconds = time.time() - start
+            save(healed_name, {"ppl": ppl(result.path), "ratio": rows[name]["ratio"], "heal_s": round(seconds, 1),
+                               "heal_tokens": args.heal_steps * args.heal_batch * args.heal_seq_len,
+                               "heal_lr": args.heal_lr, "held_out_kl": result.held_out,
+                               "held_out_kl_written": result.held_out_written})
+            shutil.rmtree(result.path)
+    return 0
+
+
+def write_readme(rows: dict) -> None:
+    """Replace (or add) this benchmark's section of bench/README.md, leaving other sections alone."""
+    dense = rows["dense"]["ppl"]
+    lines = [SECTION, "",
+             f"{METRIC} of SmolLM2-135M-Instruct on *Emma* (same author as the calibration text) and *Moby Dick* "
+             "(another kind of text), first 8 windows of 512 tokens, BOS first; ROCKET + knapsack, ratio = "
+             "fraction of decoder-linear parameters removed (`--budget params`, as the quality table above), "
+             "calibrated on *Pride and Prejudice* (32 windows of 512 tokens, seed 0). One-pass: every layer's Gram "
+             "from the dense model; sequential: from the outputs of the already-compressed layers below "
+             "(`compress --sequential`; the knapsack levels come from the one-pass profile either way). Healing: "
+             "`slimserve heal` on the calibration text, KL to the dense model's logits, only stored factors "
+             "trained; tokens, lr and wall time per row. In brackets: x dense.", "",
+             f"CPU: {rows['dense'].get('cpu', 'unknown')}, 2 cores shared with other jobs (times are indicative). "
+             "Command: `OMP_NUM_THREADS=2 .venv/bin/python bench/recovery.py`.", "",
+             "| configuration | Emma | Moby Dick | params removed | time |", "|---|---|---|---|---|",
+             f"| dense | {dense['emma']:.2f} | {dense['mobydick']:.2f} | 0 | |"]
+    for name, row in rows.items():
+        if name == "dense":
+            continue
+        cells = [f"{row['ppl'][t]:.2f} [{row['ppl'][t] / dense[t]:.2f}x]" for t in ("emma", "mobydick")]
+        if "heal_s" in row:
+            kl = row["held_out_kl"]
+            time_cell = (f"heal {row['heal_tokens']:,} tokens (lr {row['heal_lr']:g}), {row['heal_s']:.0f} s; "
+                         f"held-out KL {kl[0][1]:.3f} -> {kl[-1][1]:.3f} ({row['held_out_kl_written']:.3f} in bf16)")
+        else:
+            time_cell = f"compress {row['compress_s']:.0f} s"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {row['ratio']:.1%} | {time_cell} |")
+    lines.append("")
+    section = "\n".join(lines)
+    text = README.read_text() if README.is_file() else "# Benchmarks\n\n"
+    if SECTION in text:
+        head, _, rest = text.partition(SECTION)
+        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    README.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
