@@ -28,8 +28,9 @@ from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import FLOAT_DTYPES, INDEX_DTYPES
 
 QUANT_METHOD = "slimserve"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+# 1: dictsparse entries have no "encoding" (always ELL, int16/int32 indices); 2: adds it (uint8 indices, bitmask)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 # Files copied verbatim from a source model folder: tokenizer, generation defaults, chat template.
@@ -440,6 +441,9 @@ class CheckpointWriter:
         """Add one decoder linear in ``scheme`` with its tensors keyed by suffix (float and str fields kept as is)."""
         spec = {"scheme": scheme, "in_features": int(in_features), "out_features": int(out_features),
                 **{k: v if isinstance(v, (float, str)) else int(v) for k, v in fields.items()}}
+        # The scheme picks its stored layout (e.g. dictsparse's smallest coefficient encoding) here, for every writer.
+        spec = SCHEMES[scheme].storage_spec(spec)
+        tensors = SCHEMES[scheme].to_storage(spec, tensors)
         expected = {t.suffix for t in SCHEMES[scheme].tensor_specs(spec)}
         if set(tensors) != expected:
             raise ValueError(f"module {module!r} ({scheme}) got tensors {sorted(tensors)}, expected {sorted(expected)}")

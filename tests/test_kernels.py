@@ -5,15 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimserve.loaders.schemes import sparse_rows
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
-from slimserve.plugin.kernels import cpp
+from slimserve.plugin.kernels import bitmask, cpp
+from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
 from slimserve.plugin.kernels.gemm import prepacked_linear
 
 
 def test_each_variant_builds_with_its_own_isa(isa: str) -> None:
-    kernel = _cpu_kernel()
-    assert kernel is not None and kernel.isa() == isa
+    for kernel in (_cpu_kernel(), bitmask._cpu_kernel()):
+        assert kernel is not None and kernel.isa() == isa
 
 
 def test_an_unknown_or_unsupported_isa_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,6 +43,40 @@ def test_ell_matmul_matches_dense_coefficients(dtype: torch.dtype, batch: int, i
     out = kernel(z)
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
     assert out.is_contiguous()  # the next layer's oneDNN GEMM requires unit stride
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5, 37])  # one token (expand / permute path); batched with a partial chunk
+# (atoms, nnz): k = 5 (under one mask byte), odd k = 37 (3 spare bits; AVX-512: two 16-bit steps and a tail),
+# k = 40 (whole bytes), k = 300 (many steps), s = 1 and s = k; the last rows end at the values buffer's end.
+@pytest.mark.parametrize(("atoms", "nnz"), [(5, 2), (37, 1), (37, 37), (40, 17), (300, 151)])
+def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, atoms: int, nnz: int, isa: str) -> None:
+    torch.manual_seed(0)
+    values, mask = sparse_rows.dense_to_bitmask(torch.randn(67, atoms), nnz)
+    values = values.to(dtype)
+    z = torch.randn(batch, atoms, dtype=dtype)
+    expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
+    kernel = BitmaskMatmul(values, mask, atoms)
+    assert kernel.ext is not None and kernel.ext.isa() == isa
+    out = kernel.ext.bitmask_matmul(z, values, mask)  # the sparse loop itself, whatever the token count
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(kernel.ext.bitmask_to_dense(values, mask, atoms),
+                               sparse_rows.bitmask_to_dense(values.float(), mask, atoms))
+
+
+def test_many_token_calls_take_the_dense_gemm_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past DENSE_FROM_TOKENS the op expands C for one GEMM; both roads give the same product."""
+    torch.manual_seed(0)
+    values, mask = sparse_rows.dense_to_bitmask(torch.randn(64, 96), 40)
+    z = torch.randn(20, 96)
+    kernel = BitmaskMatmul(values, mask, 96)
+    sparse = kernel(z)
+    monkeypatch.setattr(bitmask, "DENSE_FROM_TOKENS", 20)
+    dense = kernel(z)
+    torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense, sparse_rows.bitmask_product(z, values, mask), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -35,6 +35,9 @@ def mixed_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     assert schemes["model.layers.0.self_attn.q_proj"] == "dictsparse"
     assert schemes["model.layers.1.mlp.up_proj"] == "lowrank"
     assert schemes["model.layers.1.mlp.gate_proj"] == "dictsparse"
+    # k = 128, s = 42: a 16-byte mask a row beats 42 uint8 indices, so the engine runs below serve the bitmask kernel
+    assert {s.get("encoding") for s in open_checkpoint(out).modules.values() if s["scheme"] == "dictsparse"} == \
+        {"bitmask"}
     return out
 
 
@@ -75,7 +78,7 @@ def test_missing_factor_is_named_when_vllm_loads(mixed_llama: Path, tmp_path: Pa
     broken = tmp_path / "broken"
     shutil.copytree(mixed_llama, broken)
     state = load_file(str(broken / "model.safetensors"))
-    del state["model.layers.1.mlp.gate_proj.coef_indices"]
+    del state["model.layers.1.mlp.gate_proj.coef_mask"]
     save_file(state, str(broken / "model.safetensors"))
-    with pytest.raises(RuntimeError, match=r"tensor 'model.layers.1.mlp.gate_proj.coef_indices'.*missing"):
+    with pytest.raises(RuntimeError, match=r"tensor 'model.layers.1.mlp.gate_proj.coef_mask'.*missing"):
         vllm_greedy(broken, PROMPTS[:1])

@@ -4,7 +4,7 @@ Two conventions (``--budget``):
 
 * ``bytes`` (the default): R is the fraction of a layer's (and of the model's decoder-linear)
   *stored bytes* removed, everything written counted: float values in the checkpoint's dtype,
-  the int16/int32 indices of sparse coefficients, and any other tensor the scheme stores. This
+  the indices or bit masks of sparse coefficients, and any other tensor the scheme stores. This
   is what memory, disk and decode speed follow: a user who asks for 30 % gets a file 30 % smaller.
 * ``params``: R is the fraction of float *parameters* removed, indices not counted, as the
   papers (SVD-LLM, CoSpaDi, ROCKET) count them; kept for comparison tables with them.
@@ -51,7 +51,8 @@ class Budget:
         """What one module stored as ``scheme`` with ``spec`` (scheme, in/out features, fields) costs."""
         if self.unit == "params":
             return SCHEMES[scheme].stored_params(spec)
-        return SCHEMES[scheme].stored_bytes(spec, self.float_bytes)
+        # the layout the writer will store (dictsparse: the smaller coefficient encoding), not a default one
+        return SCHEMES[scheme].stored_bytes(SCHEMES[scheme].storage_spec(spec), self.float_bytes)
 
     def dense_cost(self, out_features: int, in_features: int) -> int:
         return out_features * in_features * self.value_cost
@@ -91,19 +92,28 @@ def dictsparse_sizes(out_features: int, in_features: int, ratio: float, atoms_pe
 
     In the papers' notation d1 = in, d2 = out and counting parameters, k·in + s·out <= (1 − R)·d1·d2
     gives k = (1 − R)·d1·d2 / (d1 + d2/ρ), s = k/ρ. Counting bytes, each nonzero also stores its
-    index: with v bytes a value and i an index, v·k·in + (v + i)·s·out <= (1 − R)·v·out·in.
+    position: with v bytes a value and p position bytes a nonzero, v·k·in + (v + p)·s·out <= (1 − R)·v·out·in,
+    where p is the smaller of an index (ELL) and a row's mask spread over its nonzeros (k/8/s = ρ/8 bytes).
+    The estimate is then walked to the largest k whose exact cost (the encoding the writer picks) fits.
     """
     limit = budget.allowed(out_features, in_features, ratio)
+
+    def fits(atoms: int) -> bool:
+        nnz = max(1, int(atoms / atoms_per_nnz))
+        return budget.cost("dictsparse", _spec(out_features, in_features, atoms=atoms, nnz=nnz)) <= limit
+
     k = 1
     for _ in range(2):  # the index width depends on k: estimate with the narrowest, then with k's own
-        index = budget.index_cost(k)
-        k = max(1, int(limit / (budget.value_cost * in_features + (budget.value_cost + index) * out_features
+        position = min(budget.index_cost(k), atoms_per_nnz / 8) if budget.unit == "bytes" else 0
+        k = max(1, int(limit / (budget.value_cost * in_features + (budget.value_cost + position) * out_features
                                 / atoms_per_nnz)))
-    s = max(1, int(k / atoms_per_nnz))
-    while k > 1 and budget.cost("dictsparse", _spec(out_features, in_features, atoms=k, nnz=s)) > limit:
+    # Counting bytes, mask rounding (ceil(k/8)) leaves the estimate a little off either way; counting
+    # parameters the closed form is the papers' own k, kept as they state it.
+    while budget.unit == "bytes" and fits(k + 1):
+        k += 1
+    while k > 1 and not fits(k):
         k -= 1
-        s = max(1, int(k / atoms_per_nnz))
-    return k, s
+    return k, max(1, int(k / atoms_per_nnz))
 
 
 def _spec(out_features: int, in_features: int, **fields: int) -> dict[str, int]:

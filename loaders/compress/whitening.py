@@ -48,7 +48,8 @@ class Factorization:
 
     def stored_bytes(self, float_bytes: int) -> int:
         """Bytes the checkpoint stores for this layer with ``float_bytes`` per value, indices included."""
-        return SCHEMES[self.scheme].stored_bytes(self.spec, float_bytes)
+        scheme = SCHEMES[self.scheme]
+        return scheme.stored_bytes(scheme.storage_spec(self.spec), float_bytes)  # the layout the writer stores
 
     def cost(self, budget: Budget) -> int:
         """What this layer costs in ``budget``'s unit (the knapsack's option cost)."""

@@ -49,7 +49,8 @@ def add_factor_pair(writer: CheckpointWriter, module: str, first: torch.Tensor, 
     in_features = first.shape[1]
     nnz = int((second != 0).sum(dim=1).max())
     shape = {"in_features": in_features, "out_features": out_features}
-    sparse_bytes = SCHEMES["dictsparse"].stored_bytes({**shape, "atoms": rank, "nnz": nnz}, dtype.itemsize)
+    sparse_spec = SCHEMES["dictsparse"].storage_spec({**shape, "atoms": rank, "nnz": nnz})
+    sparse_bytes = SCHEMES["dictsparse"].stored_bytes(sparse_spec, dtype.itemsize)
     if sparse_bytes < SCHEMES["lowrank"].stored_bytes({**shape, "rank": rank}, dtype.itemsize):
         values, indices = dense_to_coef(second, nnz)
         writer.add_module(module, "dictsparse",

@@ -59,6 +59,19 @@ class Scheme:
     def tensor_specs(self, spec: Mapping[str, Any]) -> list[TensorSpec]:
         raise NotImplementedError
 
+    def storage_spec(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``spec`` with the fields a writer fills in when the producer leaves them out.
+
+        A scheme with a choice of stored layout (dictsparse's coefficient encoding) makes it here,
+        from the sizes alone, so a byte count taken before writing (budgets, reports) sees the
+        layout ``CheckpointWriter.add_module`` will store. The default adds nothing.
+        """
+        return dict(spec)
+
+    def to_storage(self, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The producer's tensors converted to the layout ``spec`` (from ``storage_spec``) names; default as given."""
+        return dict(tensors)
+
     def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
         """Check scheme fields for range; ``spec`` already has positive in/out features."""
         for field in self.fields:

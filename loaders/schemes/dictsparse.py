@@ -6,9 +6,18 @@ and C_p column-sparse: every output neuron mixes exactly s of the k atoms. In th
 
     W = C·D,   D = D_pᵀ [k, in] dense,   C = C_pᵀ [out, k] with s nonzeros per row.
 
-C is stored compactly, never as dense zeros: ``coef_values [out, s]`` and
-``coef_indices [out, s]`` (the atom of each value, strictly increasing per row; int16 when
-k <= 32767, else int32). This is ELLPACK: a CSR matrix whose rows all have s entries.
+C is stored compactly, never as dense zeros, in one of the two row-sparse encodings of
+``sparse_rows`` named by the module field ``encoding``:
+
+* ``"ell"``: ``coef_values [out, s]`` + ``coef_indices [out, s]`` (the atom of each value, strictly
+  increasing per row; uint8 when k <= 256, int16 when k <= 32767, else int32). A module entry
+  without ``encoding`` (format_version 1 checkpoints) is ELL.
+* ``"bitmask"``: ``coef_values [out, s]`` (atom order) + ``coef_mask [out, ceil(k/8)]`` uint8, bit j
+  set iff atom j is used; ceil(k/8) bytes a row instead of s index bytes.
+
+Writers hand in ELL tensors and no ``encoding``; ``storage_spec`` / ``to_storage`` (called by
+``CheckpointWriter.add_module``) pick the encoding with fewer bytes, so every producer stores the
+smallest one and byte budgets (``Budget.cost``) count what is written.
 
 The forward is a dense product with D (``z = x Dᵀ``, k features) followed by a sparse product
 that reads only the s stored coefficients of each output.
@@ -22,7 +31,14 @@ from typing import Any
 import torch
 
 from slimserve.errors import CheckpointError
+from slimserve.loaders.schemes import sparse_rows
 from slimserve.loaders.schemes.base import Scheme, TensorSpec, smallest_index_dtype
+from slimserve.loaders.schemes.sparse_rows import dense_to_ell as dense_to_coef
+from slimserve.loaders.schemes.sparse_rows import ell_product
+from slimserve.loaders.schemes.sparse_rows import ell_to_dense as coef_to_dense
+
+# The names producers and tests have always imported from here; the encodings live in sparse_rows.
+__all__ = ["DictSparseScheme", "coef_to_dense", "dense_to_coef", "ell_product"]
 
 
 class DictSparseScheme(Scheme):
@@ -31,11 +47,35 @@ class DictSparseScheme(Scheme):
 
     def tensor_specs(self, spec: Mapping[str, Any]) -> list[TensorSpec]:
         k, s, out = spec["atoms"], spec["nnz"], spec["out_features"]
+        positions = (
+            TensorSpec("coef_mask", (out, sparse_rows.mask_bytes_per_row(k)), out_dim=0, index_dtype=torch.uint8)
+            if encoding_of(spec) == sparse_rows.BITMASK
+            else TensorSpec("coef_indices", (out, s), out_dim=0, index_dtype=smallest_index_dtype(k))
+        )
         return [
             TensorSpec("dictionary", (k, spec["in_features"]), in_dim=1),
             TensorSpec("coef_values", (out, s), out_dim=0),
-            TensorSpec("coef_indices", (out, s), out_dim=0, index_dtype=smallest_index_dtype(k)),
+            positions,
         ]
+
+    def storage_spec(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """A spec without ``encoding`` gets the smaller one for its sizes (what the writer will store)."""
+        if "encoding" in spec:
+            return dict(spec)
+        return {**spec, "encoding": sparse_rows.smallest_encoding(spec["out_features"], spec["atoms"], spec["nnz"])}
+
+    def to_storage(self, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ELL tensors from a producer re-encoded as ``spec["encoding"]`` (indices narrowed to their dtype)."""
+        tensors = dict(tensors)
+        if "coef_indices" not in tensors:
+            return tensors
+        k = spec["atoms"]
+        if encoding_of(spec) == sparse_rows.BITMASK:
+            values, mask = sparse_rows.ell_to_bitmask(tensors["coef_values"], tensors.pop("coef_indices"), k)
+            tensors.update(coef_values=values, coef_mask=mask)
+        else:
+            tensors["coef_indices"] = tensors["coef_indices"].to(smallest_index_dtype(k))
+        return tensors
 
     def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
         super().check_fields(module, spec, file)
@@ -45,60 +85,43 @@ class DictSparseScheme(Scheme):
                 f"{spec['atoms']} atoms",
                 file=file, field=f"quantization_config.modules.{module}.nnz", expected="nnz <= atoms",
             )
+        if spec.get("encoding", sparse_rows.ELL) not in sparse_rows.ENCODINGS:
+            raise CheckpointError(
+                f"module '{module}' has encoding={spec['encoding']!r}",
+                file=file, field=f"quantization_config.modules.{module}.encoding",
+                expected=f"one of {list(sparse_rows.ENCODINGS)} (absent means ell)",
+            )
 
     def check_values(self, module: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                      files: Mapping[str, str]) -> None:
-        indices = tensors["coef_indices"].long()
-        name = f"{module}.coef_indices"
-        bad = (indices < 0) | (indices >= spec["atoms"])
-        if bad.any():
-            row, col = (int(i) for i in bad.nonzero()[0])
-            raise CheckpointError(
-                f"index {int(indices[row, col])} at [{row}, {col}] is out of range",
-                file=files["coef_indices"], tensor=name, expected=f"atom indices in [0, {spec['atoms']})",
-            )
-        if indices.shape[1] > 1 and not (indices[:, 1:] > indices[:, :-1]).all():
-            row = int(((indices[:, 1:] <= indices[:, :-1]).any(dim=1)).nonzero()[0])
-            raise CheckpointError(
-                f"row {row} has repeated or unsorted atom indices",
-                file=files["coef_indices"], tensor=name, expected="strictly increasing indices per row",
-            )
+        if encoding_of(spec) == sparse_rows.BITMASK:
+            problem = sparse_rows.bitmask_problem(tensors["coef_mask"], spec["atoms"], spec["nnz"])
+            suffix = "coef_mask"
+        else:
+            problem = sparse_rows.ell_problem(tensors["coef_indices"], spec["atoms"])
+            suffix = "coef_indices"
+        if problem is not None:
+            _, what, expected = problem
+            raise CheckpointError(what, file=files[suffix], tensor=f"{module}.{suffix}",
+                                  expected=f"{expected} (atoms={spec['atoms']}, nnz={spec['nnz']})")
 
     def reconstruct(self, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        coef = coef_to_dense(tensors["coef_values"].float(), tensors["coef_indices"], spec["atoms"])
-        return coef @ tensors["dictionary"].float()
+        return dense_coefficients(spec, tensors).float() @ tensors["dictionary"].float()
 
     def forward(self, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         z = x @ tensors["dictionary"].to(x.dtype).t()  # [N, k]
+        if encoding_of(spec) == sparse_rows.BITMASK:
+            return sparse_rows.bitmask_product(z, tensors["coef_values"], tensors["coef_mask"])
         return ell_product(z, tensors["coef_values"], tensors["coef_indices"])
 
 
-def ell_product(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``z [N, k] · Cᵀ`` for C as ELL ``values, indices [out, s]``, reading only the stored atoms, in z's dtype.
-
-    The plain-PyTorch definition the compiled ELL kernel is tested against and falls back to.
-    """
-    gathered = z[:, indices.long()]  # [N, out, s]
-    return (gathered * values.to(z.dtype)).sum(dim=-1)
+def encoding_of(spec: Mapping[str, Any]) -> str:
+    """The module's coefficient encoding; entries written before it existed (format_version 1) are ELL."""
+    return spec.get("encoding", sparse_rows.ELL)
 
 
-def coef_to_dense(values: torch.Tensor, indices: torch.Tensor, atoms: int) -> torch.Tensor:
-    """Expand ELL coefficients ``[out, s]`` to a dense ``[out, atoms]`` matrix (for references)."""
-    dense = torch.zeros(values.shape[0], atoms, dtype=values.dtype, device=values.device)
-    return dense.scatter_(1, indices.long(), values)
-
-
-def dense_to_coef(coef: torch.Tensor, nnz: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ``nnz`` largest-magnitude entries of each row of a dense ``[out, k]`` coefficient matrix.
-
-    Rows with fewer nonzeros are padded with explicit zeros on unused atoms, so every row has
-    exactly ``nnz`` entries with strictly increasing indices. Returns ``(values, indices)``.
-    """
-    atoms = coef.shape[1]
-    if nnz > atoms:
-        raise ValueError(f"nnz={nnz} exceeds the number of atoms {atoms}")
-    # Ties (including all-zero padding) are broken towards lower atom indices deterministically.
-    order = torch.argsort(coef.abs(), dim=1, descending=True, stable=True)[:, :nnz]
-    indices, _ = torch.sort(order, dim=1)
-    values = torch.gather(coef, 1, indices)
-    return values, indices.to(smallest_index_dtype(atoms))
+def dense_coefficients(spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """C as a dense ``[out, atoms]`` matrix in the values' dtype, from either encoding."""
+    if encoding_of(spec) == sparse_rows.BITMASK:
+        return sparse_rows.bitmask_to_dense(tensors["coef_values"], tensors["coef_mask"], spec["atoms"])
+    return coef_to_dense(tensors["coef_values"], tensors["coef_indices"], spec["atoms"])

@@ -12,8 +12,12 @@ from typing import Any, Protocol
 
 import torch
 
+from slimserve.loaders.schemes.dictsparse import encoding_of
+from slimserve.loaders.schemes.sparse_rows import BITMASK
+from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul
 from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.nm import NMMatmul
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard
 from slimserve.plugin.vllm.rsparse import RSparseLayer
 
@@ -45,12 +49,24 @@ class LowRankShard:
 
 
 class DictSparseShard:
-    """``y = (x Dᵀ) Cᵀ``: the dictionary joins the stacked GEMM, C runs as a sparse product."""
+    """``y = (x Dᵀ) Cᵀ``: the dictionary joins the stacked GEMM, C runs as a sparse product in its encoding."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
         self.first_factor = tensors["dictionary"]
-        self.second = EllMatmul(tensors["coef_values"], tensors["coef_indices"], int(spec["atoms"]))
+        if encoding_of(spec) == BITMASK:
+            self.second = BitmaskMatmul(tensors["coef_values"], tensors["coef_mask"], int(spec["atoms"]))
+        else:
+            self.second = EllMatmul(tensors["coef_values"], tensors["coef_indices"], int(spec["atoms"]))
         self.out_features = tensors["coef_values"].shape[0]
+
+
+class NMShard:
+    """N:M sparse shard: no first factor; the kernel reads x and only the kept values and their positions."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
+        self.first_factor = None
+        self.second = NMMatmul(tensors["values"], tensors["positions"], int(spec["kept"]), int(spec["group"]))
+        self.out_features = tensors["values"].shape[0]
 
 
 SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], ShardRunner]] = {
@@ -58,6 +74,7 @@ SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]
     "lowrank": LowRankShard,
     "dictsparse": DictSparseShard,
     "rsparse": RSparseLayer.shard,
+    "nm": NMShard,
     "lowrank_sparse": LowRankSparseShard,
 }
 # Schemes whose shards, when every shard of a layer has that scheme, run as one runner over

@@ -1,0 +1,59 @@
+"""Sparse × dense product for row-sparse coefficients stored as BITMASK (packed values + bit mask).
+
+``y[n, o] = Σ_{j set in mask[o]} z[n, j] · values[o, rank of j]``: each output row streams its s
+packed values and ceil(k/8) mask bytes (the layout in ``loaders/schemes/sparse_rows.py``). On CPU
+this is the compiled kernel ``bitmask_cpu.cpp`` (AVX-512 expand loads, AVX2 permutation table, or
+scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch reference.
+
+Many-token steps (prefill) take the other road past ``DENSE_FROM_TOKENS`` tokens: C is expanded to
+a dense float32 ``[out, k]`` for that call only and multiplied by one GEMM, which past the measured
+crossover (docs/methods/cpu_kernels.md) is faster than any sparse loop; nothing dense is kept.
+
+Registered as the custom op ``slimserve::bitmask_matmul`` so torch.compile (vLLM's default on CPU)
+treats it as one opaque call, with the token count known inside it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.loaders.schemes.sparse_rows import bitmask_product
+from slimserve.plugin.kernels.cpp import load_cpu_extension
+
+#: From this many tokens a call expands C and runs one dense GEMM (measured: docs/methods/cpu_kernels.md).
+DENSE_FROM_TOKENS = 64
+
+
+def _cpu_kernel():
+    return load_cpu_extension("slimserve_bitmask_cpu", "bitmask_cpu.cpp")
+
+
+@torch.library.custom_op("slimserve::bitmask_matmul", mutates_args=())
+def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``z [N, k] · Cᵀ`` for C given as ``values [out, s]`` + ``mask [out, ceil(k/8)]``; ``[N, out]`` in z's dtype."""
+    ext = _cpu_kernel() if z.device.type == "cpu" else None
+    if ext is None:
+        return bitmask_product(z, values, mask)
+    if z.shape[0] >= DENSE_FROM_TOKENS:
+        return (z.float() @ ext.bitmask_to_dense(values, mask, z.shape[1]).t()).to(z.dtype)
+    return ext.bitmask_matmul(z, values, mask).to(z.dtype)
+
+
+@bitmask_matmul.register_fake
+def _(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return z.new_empty(z.shape[0], values.shape[0])
+
+
+class BitmaskMatmul:
+    """``y = z · Cᵀ`` for ``C [out, k]`` stored as packed values + bit mask, prepared once at load."""
+
+    def __init__(self, values: torch.Tensor, mask: torch.Tensor, atoms: int) -> None:
+        self.values = values.contiguous()
+        self.mask = mask.contiguous()
+        self.atoms = atoms
+        # Build (or load) the kernel now, at model load, not inside the first traced forward.
+        self.ext = _cpu_kernel() if values.device.type == "cpu" else None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.ops.slimserve.bitmask_matmul(z, self.values, self.mask)
+

@@ -1,0 +1,265 @@
+// Row-sparse × dense product on CPU for the BITMASK encoding (loaders/schemes/sparse_rows.py):
+// y[n, o] = Σ_{j set in mask[o]} z[n, j] · val[o, rank of j in the row], every row holding exactly
+// s values (so row o's values start at o·s and rows run in parallel without prefix sums).
+// mask is [out, ceil(k/8)] uint8, column j at bit j % 8 of byte j / 8 (little-endian bit order).
+//
+// Decode (one token) streams each row's mask and packed values once and reads z contiguously:
+//  * AVX-512: 16 mask bits at a time, the row's next popcount values expanded into the set lanes
+//    (_mm512_maskz_expandloadu_ps for fp32; bf16 is widened by a masked load, then expanded) and
+//    multiplied with a masked load of 16 z entries.
+//  * AVX2 + FMA: one mask byte at a time, 8 packed values permuted into place by a 256-entry table of
+//    _mm256_permutevar8x32_ps indices and multiplied with a masked load of 8 z entries.
+//  * scalar: the set bits one by one.
+// A batch (N > 1) reads z transposed ([k, N] float32, cache-resident) and, for each set bit, updates
+// 16 tokens with one contiguous load and one FMA, as the ELL kernel does.
+// Built at first use by plugin/kernels/cpp.py for the best ISA the compiler flags allow.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr const char* kIsa = "avx2";
+#define SLIMSERVE_AVX2 1
+#else
+constexpr const char* kIsa = "scalar";
+#endif
+
+template <typename V> inline float to_float(V v) { return static_cast<float>(v); }
+
+// Bits [j0, j0 + width) of a row's mask (width 8 or 16), zero past the row's last byte.
+inline uint32_t mask_bits16(const uint8_t* row, int64_t mask_bytes, int64_t j0) {
+  const int64_t b = j0 >> 3;
+  return row[b] | (b + 1 < mask_bytes ? static_cast<uint32_t>(row[b + 1]) << 8 : 0u);
+}
+
+#if defined(__AVX512F__)
+// The next popcount(bits) packed values of a row, expanded into the lanes whose bit is set.
+template <typename V> inline __m512 expand_values(const V* p, __mmask16 bits) {
+  if constexpr (std::is_same<V, float>::value) {
+    return _mm512_maskz_expandloadu_ps(bits, p);
+  } else {
+    const __mmask16 first = static_cast<__mmask16>((1u << __builtin_popcount(bits)) - 1);
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first, p));
+    return _mm512_maskz_expand_ps(bits, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+}
+#endif
+
+#if defined(SLIMSERVE_AVX2)
+// kPermute[b][i]: for a set bit i of byte b, its rank among b's set bits (the packed value it takes).
+const std::array<std::array<int32_t, 8>, 256> kPermute = [] {
+  std::array<std::array<int32_t, 8>, 256> table{};
+  for (int b = 0; b < 256; ++b) {
+    int rank = 0;
+    for (int i = 0; i < 8; ++i) table[b][i] = (b >> i) & 1 ? rank++ : 0;
+  }
+  return table;
+}();
+
+// Eight packed values widened to fp32; near the end of the values buffer only `count` are read.
+template <typename V> inline __m256 load_packed8(const V* p, int count, const V* end) {
+  alignas(32) V tail[8] = {};
+  if (p + 8 > end) {
+    std::memcpy(tail, p, sizeof(V) * count);
+    p = tail;
+  }
+  if constexpr (std::is_same<V, float>::value) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+inline float reduce_add8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+#endif
+
+// One token: rows [row_begin, row_end) of y[0, :] from z [k] (float32).
+template <typename V>
+void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, const uint8_t* mask, V* y,
+                            int64_t nnz, int64_t mask_bytes, const V* values_end, int64_t row_begin, int64_t row_end) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const uint8_t* mrow = mask + o * mask_bytes;
+    const V* v = values + o * nnz;
+#if defined(__AVX512F__)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t j0 = 0;
+    for (; j0 + 16 < atoms; j0 += 32) {  // two independent chains hide the FMA latency
+      const __mmask16 b0 = static_cast<__mmask16>(mask_bits16(mrow, mask_bytes, j0));
+      const __mmask16 b1 = static_cast<__mmask16>(mask_bits16(mrow, mask_bytes, j0 + 16));
+      acc0 = _mm512_fmadd_ps(expand_values(v, b0), _mm512_maskz_loadu_ps(b0, z + j0), acc0);
+      v += __builtin_popcount(b0);
+      acc1 = _mm512_fmadd_ps(expand_values(v, b1), _mm512_maskz_loadu_ps(b1, z + j0 + 16), acc1);
+      v += __builtin_popcount(b1);
+    }
+    if (j0 < atoms) {
+      const __mmask16 b0 = static_cast<__mmask16>(mask_bits16(mrow, mask_bytes, j0));
+      acc0 = _mm512_fmadd_ps(expand_values(v, b0), _mm512_maskz_loadu_ps(b0, z + j0), acc0);
+    }
+    y[o] = static_cast<V>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
+#elif defined(SLIMSERVE_AVX2)
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < mask_bytes; ++b) {
+      const uint32_t bits = mrow[b];
+      if (bits == 0) continue;
+      const int count = __builtin_popcount(bits);
+      const __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane_bit),
+                                               lane_bit);
+      const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPermute[bits].data()));
+      const __m256 vals = _mm256_permutevar8x32_ps(load_packed8(v, count, values_end), order);
+      // Unset lanes read z as 0 (masked load, never past column k), so their stand-in values add nothing.
+      acc[b & 1] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(z + b * 8, lanes), acc[b & 1]);
+      v += count;
+    }
+    y[o] = static_cast<V>(reduce_add8(_mm256_add_ps(acc[0], acc[1])));
+#else
+    float s = 0.f;
+    for (int64_t b = 0; b < mask_bytes; ++b) {
+      for (uint32_t bits = mrow[b]; bits != 0; bits &= bits - 1) s += z[b * 8 + __builtin_ctz(bits)] * to_float(*v++);
+    }
+    y[o] = static_cast<V>(s);
+#endif
+  }
+  (void)atoms;
+  (void)values_end;
+}
+
+// A batch: zt is [atoms, ld] float32 (ld = tokens rounded up to 16, padding columns zero); each set bit
+// broadcasts its value against 16 tokens.
+template <typename V>
+void bitmask_rows_batched(const float* zt, int64_t ld, const V* values, const uint8_t* mask, V* y, int64_t tokens,
+                          int64_t out_features, int64_t nnz, int64_t mask_bytes, int64_t row_begin, int64_t row_end) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const uint8_t* mrow = mask + o * mask_bytes;
+    const V* val = values + o * nnz;
+    for (int64_t n0 = 0; n0 < tokens; n0 += 16) {
+      const int64_t nt = std::min<int64_t>(16, tokens - n0);
+      alignas(64) float sums[16] = {};
+#if defined(__AVX512F__)
+      __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      int64_t t = 0;
+      for (int64_t b = 0; b < mask_bytes; ++b) {
+        for (uint32_t bits = mrow[b]; bits != 0; bits &= bits - 1, ++t) {
+          const float* zr = zt + (b * 8 + __builtin_ctz(bits)) * ld + n0;
+          acc[t & 1] = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[t])), _mm512_load_ps(zr), acc[t & 1]);
+        }
+      }
+      _mm512_store_ps(sums, _mm512_add_ps(acc[0], acc[1]));
+#elif defined(SLIMSERVE_AVX2)
+      __m256 lo[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, hi[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t t = 0;
+      for (int64_t b = 0; b < mask_bytes; ++b) {
+        for (uint32_t bits = mrow[b]; bits != 0; bits &= bits - 1, ++t) {
+          const float* zr = zt + (b * 8 + __builtin_ctz(bits)) * ld + n0;
+          const __m256 value = _mm256_set1_ps(to_float(val[t]));
+          lo[t & 1] = _mm256_fmadd_ps(value, _mm256_load_ps(zr), lo[t & 1]);
+          hi[t & 1] = _mm256_fmadd_ps(value, _mm256_load_ps(zr + 8), hi[t & 1]);
+        }
+      }
+      _mm256_store_ps(sums, _mm256_add_ps(lo[0], lo[1]));
+      _mm256_store_ps(sums + 8, _mm256_add_ps(hi[0], hi[1]));
+#else
+      int64_t t = 0;
+      for (int64_t b = 0; b < mask_bytes; ++b) {
+        for (uint32_t bits = mrow[b]; bits != 0; bits &= bits - 1, ++t) {
+          const float* zr = zt + (b * 8 + __builtin_ctz(bits)) * ld + n0;
+          const float value = to_float(val[t]);
+          for (int64_t n = 0; n < 16; ++n) sums[n] += value * zr[n];
+        }
+      }
+#endif
+      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
+    }
+  }
+}
+
+template <typename V>
+void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const torch::Tensor& mask, torch::Tensor& y) {
+  const int64_t tokens = zf.size(0), atoms = zf.size(1);
+  const int64_t out_features = values.size(0), nnz = values.size(1), mask_bytes = mask.size(1);
+  const V* val = values.data_ptr<V>();
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  V* out = y.data_ptr<V>();
+  if (tokens > 1) {
+    const int64_t ld = (tokens + 15) / 16 * 16;
+    auto zt = torch::zeros({atoms, ld}, zf.options());
+    zt.narrow(1, 0, tokens).copy_(zf.t());
+    const float* zt_ptr = zt.data_ptr<float>();
+    at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+      bitmask_rows_batched<V>(zt_ptr, ld, val, msk, out, tokens, out_features, nnz, mask_bytes, begin, end);
+    });
+    return;
+  }
+  const float* z = zf.data_ptr<float>();
+  const V* values_end = val + out_features * nnz;
+  at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+    bitmask_rows_one_token<V>(z, atoms, val, msk, out, nnz, mask_bytes, values_end, begin, end);
+  });
+}
+
+}  // namespace
+
+torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
+  TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && mask.dim() == 2 && mask.size(0) == values.size(0),
+              "bitmask_matmul: z [N, k], values [out, s], mask [out, ceil(k/8)]");
+  TORCH_CHECK(mask.size(1) == (z.size(1) + 7) / 8, "bitmask_matmul: mask must have ceil(k/8) bytes per row");
+  TORCH_CHECK(values.is_contiguous() && mask.is_contiguous(), "bitmask_matmul: values and mask must be contiguous");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "bitmask_matmul: mask must be uint8");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
+              "bitmask_matmul: values must be float32 or bfloat16");
+  auto zf = z.to(at::kFloat).contiguous();
+  auto y = torch::empty({z.size(0), values.size(0)}, values.options());
+  if (values.scalar_type() == at::kBFloat16) {
+    bitmask_dispatch<c10::BFloat16>(zf, values, mask, y);
+  } else {
+    bitmask_dispatch<float>(zf, values, mask, y);
+  }
+  return y;
+}
+
+// The dense C [out, k] float32 (for many-token steps, where one GEMM over it beats the sparse loop).
+torch::Tensor bitmask_to_dense(torch::Tensor values, torch::Tensor mask, int64_t atoms) {
+  TORCH_CHECK(values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
+              mask.size(1) == (atoms + 7) / 8, "bitmask_to_dense: values [out, s], mask [out, ceil(k/8)] uint8");
+  auto vf = values.to(at::kFloat).contiguous();
+  auto dense = torch::zeros({values.size(0), atoms}, vf.options());
+  const float* val = vf.data_ptr<float>();
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  float* out = dense.data_ptr<float>();
+  const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
+  at::parallel_for(0, values.size(0), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float* v = val + o * nnz;
+      for (int64_t b = 0; b < mask_bytes; ++b) {
+        for (uint32_t bits = msk[o * mask_bytes + b]; bits != 0; bits &= bits - 1) {
+          out[o * atoms + b * 8 + __builtin_ctz(bits)] = *v++;
+        }
+      }
+    }
+  });
+  return dense;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bitmask_to_dense", &bitmask_to_dense, "the dense [out, k] float32 matrix a bitmask encodes");
+  m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
+  m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
+}
