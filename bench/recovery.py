@@ -36,7 +36,7 @@ MOBY_DEB = "r-cran-tokenizers"
 
 
 def moby_dick(folder: Path = ARTIFACTS / "texts") -> Path:
-    """Moby Dick as plain text, from Debian's r-cran-tokenizers (object ``mobydick``; see ../shared/ASSETS.md)."""
+    """Moby Dick as plain text, from Debian's r-cran-tokenizers (object ``mobydick``)."""
     path = folder / "mobydick.txt"
     if path.is_file():
         return path
