@@ -67,6 +67,11 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                             help=f"file holding the API key (a mounted secret); else ${API_KEY_ENV} is read")
         parser.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
         add_limit_flags(parser)  # slimserve's app only; vLLM's limits are its own flags after --
+        parser.add_argument("--kv-cache-gib", type=int, default=None,
+                            help="vLLM's KV cache on CPU, in GiB (sets VLLM_CPU_KVCACHE_SPACE; default 4)")
+        parser.add_argument("--no-cpu-tuning", dest="tune_cpu", action="store_false", default=None,
+                            help="keep vLLM's CPU defaults instead of choosing dtype by ISA, thread binding and "
+                                 "LD_PRELOAD (Intel OpenMP, tcmalloc) for this host")
         parser.add_argument("--sirius-period", type=int, default=None,
                             help="turn on Sirius (causal LMs): the full model checks the sparse drafts every K tokens "
                                  "(default 16 when another --sirius option is given)")
@@ -98,7 +103,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         api_key = args.api_key or resolve_api_key(args.api_key_file)
         return serve(args.model, served_model_name=args.served_model_name, host=default_host(args.host, api_key),
                      port=args.port, config=config_from_flags(args, api_key), extra_args=args.rest[split + 1:],
-                     sirius=sirius_settings(args))
+                     sirius=sirius_settings(args), kv_cache_gib=args.kv_cache_gib,
+                     tune_cpu=args.tune_cpu is not False)
 
     parser.set_defaults(handler=handler)
 

