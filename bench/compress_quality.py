@@ -3,12 +3,17 @@
 Calibrates on Pride and Prejudice, evaluates token perplexity on Emma (both from Debian's
 r-cran-janeaustenr), for dense and for svd / svd-llm / cospadi / rocket at 20/30/50 % with
 uniform and knapsack allocation. Results accumulate in ``bench/results/compress_quality.json``
-(a rerun skips finished rows) and the table is written into ``bench/README.md``. ``--chat`` also
+(a rerun skips finished rows) and the table is written into ``bench/README.md``. ``--methods
+sparsegpt wanda`` prune to each of ``--patterns`` (N:M, the ``nm`` scheme) instead, and
+``--same-bytes METHOD/ALLOCATION ...`` compresses by those methods to the bytes each pattern
+stores (``--budget bytes``); both go to ``results/nm_quality.json`` and their own section. ``--chat`` also
 asks a few simple questions, through the chat template in real vLLM, of dense and of the given
 configurations, to judge where answers stay sensible (the demo's choice).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py [--methods svd svd-llm rocket cospadi]
         [--ratios 0.2 0.3 0.5] [--allocations uniform knapsack] [--chat rocket/knapsack/0.3 ...]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py --methods sparsegpt wanda --patterns 2:4 4:8
+        --same-bytes svd-llm/uniform rocket/uniform
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from slimserve.loaders.assets import ARTIFACTS, austen_text, smollm2_folder
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
+from slimserve.loaders.compress.prune import PRUNE_METHODS, prune
 from slimserve.loaders.compress.run import REPORT_JSON, REPORT_PNG, compress
 from slimserve.loaders.eval import METRIC, perplexity
 from slimserve.server.demo import build_demo_checkpoint
@@ -32,6 +38,7 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 README = BENCH / "README.md"
 SECTION = "## Compression quality on SmolLM2-135M (issue 3)"
+NM_SECTION = "## N:M pruning quality on SmolLM2-135M (issue 15)"
 CHAT_QUESTIONS = ("What is the capital of France?", "How many days are there in a week?",
                   "What color is the sky on a clear day?", "What is 2 + 3?")
 
@@ -46,7 +53,11 @@ def main() -> int:
                              "the default are stored and shown separately (METHOD/ALLOCATION/RATIO@Nw)")
     parser.add_argument("--chat", nargs="*", default=[], metavar="METHOD/ALLOCATION/RATIO",
                         help="ask CHAT_QUESTIONS of dense and of these configurations in real vLLM")
+    parser.add_argument("--patterns", nargs="+", default=["2:4", "4:8"], help="N:M patterns of sparsegpt/wanda")
+    parser.add_argument("--same-bytes", nargs="*", default=[], metavar="METHOD/ALLOCATION",
+                        help="compress by these to the bytes each N:M pattern stores, beside the pruned rows")
     args = parser.parse_args()
+    classic = [m for m in args.methods if m not in PRUNE_METHODS]
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "compress_quality.json"
     rows = json.loads(store.read_text()) if store.is_file() else {}
@@ -58,8 +69,13 @@ def main() -> int:
         rows["dense"] = {"ppl": perplexity(model, held_out).perplexity, "ratio": 0.0, "bytes_ratio": 0.0}
         store.write_text(json.dumps(rows, indent=1))
     suffix = windows_suffix(args.calib_samples)
+    if len(classic) < len(args.methods) or args.same_bytes:
+        run_nm([m for m in args.methods if m in PRUNE_METHODS], args.patterns, args.same_bytes, model, calib,
+               held_out, work)
+        if not classic and not args.chat:  # leave the issue-3 section (and its hand-written notes) alone
+            return 0
     for ratio in args.ratios:
-        for method in args.methods:
+        for method in classic:
             for allocation in args.allocations:
                 name = f"{method}/{allocation}/{ratio}{suffix}"
                 if name in rows:
@@ -101,6 +117,77 @@ def main() -> int:
         print(f"{name}: {answers}", flush=True)
     write_readme(json.loads(store.read_text()))
     return 0
+
+
+def run_nm(methods: list[str], patterns: list[str], same_bytes: list[str], model: Path, calib: Path,
+           held_out: Path, work: Path) -> None:
+    """Prune by ``methods`` to ``patterns``, then compress by ``same_bytes`` to each pattern's bytes; rows are kept."""
+    store = RESULTS / "nm_quality.json"
+    rows = json.loads(store.read_text()) if store.is_file() else {}
+    if "dense" not in rows:  # measured in this run's store, so the ratios to dense come from one setup
+        rows["dense"] = {"ppl": perplexity(model, held_out).perplexity, "ratio": 0.0, "bytes_ratio": 0.0}
+    jobs = [(f"{m}/{p}", m, p, None) for p in patterns for m in methods]
+    jobs += [(f"{b}@{p}", b, p, b.split("/")[1]) for p in patterns for b in same_bytes]
+    for name, method, pattern, allocation in jobs:
+        if name in rows:
+            continue
+        out = work / name.replace("/", "-").replace(":", "of").replace("@", "-at-")
+        start = time.time()
+        if allocation is None:
+            prune(model, out, method=method, pattern=pattern, calib=calib, calib_cache=work / "grams.safetensors",
+                  progress=False)
+        else:  # the bytes a pruned checkpoint of this pattern stores, whichever pruner wrote it
+            nm_rows = [r for k, r in rows.items() if k.endswith(f"/{pattern}")]
+            if not nm_rows:
+                raise SystemExit(f"--same-bytes {method}: prune to {pattern} first (--methods sparsegpt)")
+            compress(model, out, method=method.split("/")[0], ratio=round(nm_rows[0]["bytes_ratio"], 4),
+                     allocation=allocation, budget="bytes", calib=calib, calib_cache=work / "grams.safetensors",
+                     progress=False)
+        seconds = time.time() - start
+        summary = compression_summary(out)
+        rows[name] = {"ppl": perplexity(out, held_out).perplexity, "ratio": summary["ratio"],
+                      "bytes_ratio": summary["bytes_ratio"], "compress_s": round(seconds, 1)}
+        print(f"{name}: ppl {rows[name]['ppl']:.2f} ({summary['bytes_ratio']:.1%} of bytes removed, "
+              f"{seconds:.0f} s)", flush=True)
+        shutil.rmtree(out)
+        store.write_text(json.dumps(rows, indent=1))
+        write_nm_readme(rows)
+
+
+def write_nm_readme(rows: dict) -> None:
+    """Replace (or add) the N:M section of bench/README.md: one row per pruner or same-bytes method, by pattern."""
+    dense, rows = rows["dense"]["ppl"], {k: v for k, v in rows.items() if k != "dense"}
+    patterns = sorted({k.rsplit("@", 1)[1] if "@" in k else k.rsplit("/", 1)[1] for k in rows},
+                      key=lambda p: [int(n) for n in p.split(":")])
+    names = sorted({k.rsplit("@", 1)[0] if "@" in k else k.rsplit("/", 1)[0] for k in rows},
+                   key=lambda n: (n not in PRUNE_METHODS, n))
+    lines = [NM_SECTION, "",
+             f"{METRIC} of SmolLM2-135M-Instruct (bf16) on *Emma* (first 8 windows of 512 tokens, BOS first), "
+             f"calibrated on *Pride and Prejudice* ({DEFAULT_WINDOWS} windows of {DEFAULT_SEQ_LEN} tokens, seed 0; "
+             "one pass of the dense model, not sequential). sparsegpt / wanda prune every decoder linear to N:M "
+             "(N kept of every M inputs; `nm` scheme, bf16 values + packed offsets); the other rows compress to "
+             "the same bytes as that pattern (`--budget bytes --ratio` = the pruned checkpoint's bytes removed). "
+             "Cells: perplexity [x dense] (parameters / bytes removed). Lower is better.", "",
+             "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py --methods sparsegpt wanda "
+             "--patterns 2:4 4:8 --same-bytes svd-llm/uniform rocket/uniform` (raw numbers and times: "
+             "`results/nm_quality.json`). Machine: " + cpu_model() + ", 2 cores shared with other jobs, one thread "
+             "per run (perplexities do not depend on it; the times in the JSON do).", "", f"Dense: **{dense:.2f}**", "",
+             "| method | " + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
+    for name in names:
+        cells = []
+        for pattern in patterns:
+            row = rows.get(f"{name}/{pattern}" if name in PRUNE_METHODS else f"{name}@{pattern}")
+            cells.append("not run" if row is None else f"{row['ppl']:.2f} [{row['ppl'] / dense:.2f}x] "
+                                                       f"({row['ratio']:.1%} / {row['bytes_ratio']:.1%} B)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    replace_section(NM_SECTION, "\n".join(lines) + "\n")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), for the table's machine line."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def windows_suffix(samples: int) -> str:
@@ -152,10 +239,14 @@ def write_readme(rows: dict) -> None:
             cells = [" ".join(a.split()).replace("|", "\\|") for a in answers]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    section = "\n".join(lines)
+    replace_section(SECTION, "\n".join(lines))
+
+
+def replace_section(title: str, section: str) -> None:
+    """Put ``section`` in bench/README.md in place of the section headed ``title`` (appended if absent)."""
     text = README.read_text() if README.is_file() else "# Benchmarks\n\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
+    if title in text:
+        head, _, rest = text.partition(title)
         tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
         text = head + section + tail
     else:
