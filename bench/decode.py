@@ -32,14 +32,18 @@ from slimserve.loaders.checkpoint import (
     iter_tensors,
     open_checkpoint,
 )
-from slimserve.loaders.compress.budget import dictsparse_sizes, lowrank_rank
+from slimserve.loaders.compress.budget import PARAMS, Budget, dictsparse_sizes, lowrank_rank
 from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
+from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.testing.models import build_tiny_causal_lm
 
 MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,
              vocab_size=512, dtype=torch.bfloat16)
 VARIANTS = ["dense"] + [f"{scheme}-{r}" for scheme in ("lowrank", "dictsparse") for r in ("0.2", "0.3", "0.5")]
+VARIANTS += ["nm-2:4", "nm-4:8"]  # N:M semi-structured sparsity, named kept:group
+# dictsparse sized by --budget bytes (bf16): the encoding writers pick (bitmask here), and the same sizes forced to ELL
+VARIANTS += ["dictsparse-bytes-0.3", "dictsparse-ell-bytes-0.3"]
 
 _RUNNER = r"""
 import json, os, sys, time
@@ -48,7 +52,7 @@ from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     llm = LLM(model=args["model"], dtype="bfloat16", enforce_eager=True, max_model_len=512,
-              max_num_seqs=max(args["batches"]), seed=0)
+              max_num_seqs=max(args["batches"]), seed=0, **args["engine"])
     prompt = "The history of the city begins with a small settlement on the river"
     result = {}
     def run(batch, tokens):
@@ -81,8 +85,13 @@ def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
     """Write a checkpoint of ``variant`` with random factors of the budgeted shapes."""
     if variant == "dense":
         return dense_dir
+    if variant.startswith("nm-"):
+        return write_nm_variant(dense_dir, out, variant)
     scheme, ratio = variant.rsplit("-", 1)
     ratio = float(ratio)
+    options = scheme.split("-")[1:]  # dictsparse: "bytes" (byte budget), "ell" (force that encoding)
+    scheme = scheme.split("-")[0]
+    budget = Budget("bytes", MODEL["dtype"].itemsize) if "bytes" in options else PARAMS
     ckpt = open_checkpoint(dense_dir)
     modules = decoder_linear_modules(ckpt.tensors)
     writer = CheckpointWriter(out, ckpt.config, producer={"method": f"bench-random-{scheme}", "ratio": ratio})
@@ -99,20 +108,44 @@ def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
                        "v": torch.randn(r, in_features, generator=generator) * scale}
             fields = {"rank": r}
         else:
-            k, s = dictsparse_sizes(out_features, in_features, ratio)
+            k, s = dictsparse_sizes(out_features, in_features, ratio, budget=budget)
             values, indices = dense_to_coef(torch.randn(out_features, k, generator=generator) * scale, s)
             tensors = {"dictionary": torch.randn(k, in_features, generator=generator) * scale,
                        "coef_values": values, "coef_indices": indices}
-            fields = {"atoms": k, "nnz": s}
+            # without "encoding" the writer stores the smaller one (bitmask at k/s = 2)
+            fields = {"atoms": k, "nnz": s, **({"encoding": "ell"} if "ell" in options else {})}
         stored = {k: v.to(MODEL["dtype"]) if v.is_floating_point() else v for k, v in tensors.items()}
         writer.add_module(module, scheme, stored, in_features=in_features, out_features=out_features, **fields)
     copy_aux_files(dense_dir, out)
     return writer.finish()
 
 
-def measure(model: Path, batches: list[int], tokens: int, repeats: int) -> dict[str, float]:
+def write_nm_variant(dense_dir: Path, out: Path, variant: str) -> Path:
+    """Write an ``nm`` checkpoint (e.g. ``nm-2:4``): random weights pruned by magnitude to kept:group."""
+    kept, group = (int(v) for v in variant.removeprefix("nm-").split(":"))
+    ckpt = open_checkpoint(dense_dir)
+    modules = decoder_linear_modules(ckpt.tensors)
+    writer = CheckpointWriter(out, ckpt.config, producer={"method": f"bench-random-nm-{kept}:{group}"})
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in iter_tensors(ckpt):
+        if name.removesuffix(".weight") not in modules:
+            writer.add_tensor(name, tensor)
+    for module in modules:
+        out_features, in_features = ckpt.tensors[f"{module}.weight"].shape
+        weight = torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5
+        tensors = pack_nm((weight * nm_mask(weight, kept, group)).to(MODEL["dtype"]), kept, group, module=module)
+        writer.add_module(module, "nm", tensors, in_features=in_features, out_features=out_features, kept=kept,
+                          group=group)
+    copy_aux_files(dense_dir, out)
+    return writer.finish()
+
+
+def measure(model: Path, batches: list[int], tokens: int, repeats: int,
+            engine: dict | None = None) -> dict[str, float]:
+    """Decode tok/s (and peak RSS) of ``model`` in a fresh vLLM; ``engine``: extra engine arguments (e.g. Sirius)."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    args = json.dumps({"model": str(model), "batches": batches, "tokens": tokens, "repeats": repeats})
+    args = json.dumps({"model": str(model), "batches": batches, "tokens": tokens, "repeats": repeats,
+                       "engine": engine or {}})
     proc = subprocess.run([sys.executable, "-c", _RUNNER, args], env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT="):

@@ -7,7 +7,7 @@ import torch
 
 from slimserve.loaders.schemes import sparse_rows
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
-from slimserve.plugin.kernels import bitmask, cpp
+from slimserve.plugin.kernels import bitmask, cpp, ell
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
 from slimserve.plugin.kernels.gemm import prepacked_linear
@@ -67,16 +67,18 @@ def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, at
 
 
 def test_many_token_calls_take_the_dense_gemm_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past DENSE_FROM_TOKENS the op expands C for one GEMM; both roads give the same product."""
+    """Past DENSE_FROM_TOKENS each op expands C for one GEMM; both roads give the same product."""
     torch.manual_seed(0)
-    values, mask = sparse_rows.dense_to_bitmask(torch.randn(64, 96), 40)
+    values, indices = sparse_rows.dense_to_ell(torch.randn(64, 96), 40)
+    _, mask = sparse_rows.ell_to_bitmask(values, indices, 96)
     z = torch.randn(20, 96)
-    kernel = BitmaskMatmul(values, mask, 96)
-    sparse = kernel(z)
-    monkeypatch.setattr(bitmask, "DENSE_FROM_TOKENS", 20)
-    dense = kernel(z)
-    torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dense, sparse_rows.bitmask_product(z, values, mask), rtol=1e-5, atol=1e-5)
+    expected = sparse_rows.bitmask_product(z, values, mask)
+    for module, kernel in ((bitmask, BitmaskMatmul(values, mask, 96)), (ell, EllMatmul(values, indices, 96))):
+        sparse = kernel(z)
+        monkeypatch.setattr(module, "DENSE_FROM_TOKENS", 20)
+        dense = kernel(z)
+        torch.testing.assert_close(sparse, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

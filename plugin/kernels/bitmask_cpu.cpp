@@ -10,8 +10,8 @@
 //  * AVX2 + FMA: one mask byte at a time, 8 packed values permuted into place by a 256-entry table of
 //    _mm256_permutevar8x32_ps indices and multiplied with a masked load of 8 z entries.
 //  * scalar: the set bits one by one.
-// A batch (N > 1) reads z transposed ([k, N] float32, cache-resident) and, for each set bit, updates
-// 16 tokens with one contiguous load and one FMA, as the ELL kernel does.
+// A batch (N > 1) decodes each row's mask once, reads z transposed ([k, N] float32, cache-resident) and,
+// for each stored value, updates 16 tokens with one contiguous load and one FMA, as the ELL kernel does.
 // Built at first use by plugin/kernels/cpp.py for the best ISA the compiler flags allow.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -142,48 +143,58 @@ void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, cons
   (void)values_end;
 }
 
-// A batch: zt is [atoms, ld] float32 (ld = tokens rounded up to 16, padding columns zero); each set bit
-// broadcasts its value against 16 tokens.
+// A batch: zt is [atoms, ld] float32 (ld = tokens rounded up to 16, padding columns zero). Each row's
+// mask is decoded once into its s column numbers (a branch per set bit, paid once per row, not once per
+// 16 tokens); then every stored value is broadcast against 16 tokens, two FMA chains as in the ELL kernel.
 template <typename V>
 void bitmask_rows_batched(const float* zt, int64_t ld, const V* values, const uint8_t* mask, V* y, int64_t tokens,
                           int64_t out_features, int64_t nnz, int64_t mask_bytes, int64_t row_begin, int64_t row_end) {
+  std::vector<int64_t> offsets(nnz);  // zt offset of each stored column of the current row
   for (int64_t o = row_begin; o < row_end; ++o) {
     const uint8_t* mrow = mask + o * mask_bytes;
     const V* val = values + o * nnz;
+    int64_t t = 0;
+    for (int64_t b = 0; b < mask_bytes; ++b) {
+      for (uint32_t bits = mrow[b]; bits != 0 && t < nnz; bits &= bits - 1) {
+        offsets[t++] = (b * 8 + __builtin_ctz(bits)) * ld;
+      }
+    }
     for (int64_t n0 = 0; n0 < tokens; n0 += 16) {
       const int64_t nt = std::min<int64_t>(16, tokens - n0);
       alignas(64) float sums[16] = {};
+      const float* base = zt + n0;
 #if defined(__AVX512F__)
-      __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-      int64_t t = 0;
-      for (int64_t b = 0; b < mask_bytes; ++b) {
-        for (uint32_t bits = mrow[b]; bits != 0; bits &= bits - 1, ++t) {
-          const float* zr = zt + (b * 8 + __builtin_ctz(bits)) * ld + n0;
-          acc[t & 1] = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[t])), _mm512_load_ps(zr), acc[t & 1]);
-        }
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 1 < nnz; i += 2) {
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[i])), _mm512_load_ps(base + offsets[i]), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[i + 1])), _mm512_load_ps(base + offsets[i + 1]), acc1);
       }
-      _mm512_store_ps(sums, _mm512_add_ps(acc[0], acc[1]));
+      if (i < nnz) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[i])), _mm512_load_ps(base + offsets[i]), acc0);
+      _mm512_store_ps(sums, _mm512_add_ps(acc0, acc1));
 #elif defined(SLIMSERVE_AVX2)
-      __m256 lo[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, hi[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-      int64_t t = 0;
-      for (int64_t b = 0; b < mask_bytes; ++b) {
-        for (uint32_t bits = mrow[b]; bits != 0; bits &= bits - 1, ++t) {
-          const float* zr = zt + (b * 8 + __builtin_ctz(bits)) * ld + n0;
-          const __m256 value = _mm256_set1_ps(to_float(val[t]));
-          lo[t & 1] = _mm256_fmadd_ps(value, _mm256_load_ps(zr), lo[t & 1]);
-          hi[t & 1] = _mm256_fmadd_ps(value, _mm256_load_ps(zr + 8), hi[t & 1]);
-        }
+      __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 1 < nnz; i += 2) {
+        const float* z0 = base + offsets[i];
+        const float* z1 = base + offsets[i + 1];
+        const __m256 v0 = _mm256_set1_ps(to_float(val[i])), v1 = _mm256_set1_ps(to_float(val[i + 1]));
+        lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0), lo0);
+        hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0 + 8), hi0);
+        lo1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1), lo1);
+        hi1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1 + 8), hi1);
       }
-      _mm256_store_ps(sums, _mm256_add_ps(lo[0], lo[1]));
-      _mm256_store_ps(sums + 8, _mm256_add_ps(hi[0], hi[1]));
+      if (i < nnz) {
+        const __m256 v0 = _mm256_set1_ps(to_float(val[i]));
+        lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(base + offsets[i]), lo0);
+        hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(base + offsets[i] + 8), hi0);
+      }
+      _mm256_store_ps(sums, _mm256_add_ps(lo0, lo1));
+      _mm256_store_ps(sums + 8, _mm256_add_ps(hi0, hi1));
 #else
-      int64_t t = 0;
-      for (int64_t b = 0; b < mask_bytes; ++b) {
-        for (uint32_t bits = mrow[b]; bits != 0; bits &= bits - 1, ++t) {
-          const float* zr = zt + (b * 8 + __builtin_ctz(bits)) * ld + n0;
-          const float value = to_float(val[t]);
-          for (int64_t n = 0; n < 16; ++n) sums[n] += value * zr[n];
-        }
+      for (int64_t i = 0; i < nnz; ++i) {
+        const float value = to_float(val[i]);
+        for (int64_t n = 0; n < 16; ++n) sums[n] += value * base[offsets[i] + n];
       }
 #endif
       for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);

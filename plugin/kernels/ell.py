@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from slimserve.loaders.schemes.dictsparse import ell_product
+from slimserve.loaders.schemes.sparse_rows import ell_product, ell_to_dense
 from slimserve.plugin.kernels.cpp import load_cpu_extension
+
+#: From this many tokens a call expands C to dense float32 for that call and runs one GEMM, which
+#: is then faster than the sparse loop (measured: docs/methods/cpu_kernels.md); nothing dense is kept.
+DENSE_FROM_TOKENS = 128
 
 
 def _cpu_kernel():
@@ -27,9 +31,11 @@ def _cpu_kernel():
 def ell_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``z [N, k] · Cᵀ`` for C given as ``values, indices [out, s]``; returns ``[N, out]`` in z's dtype."""
     ext = _cpu_kernel() if z.device.type == "cpu" else None
-    if ext is not None:
-        return ext.ell_matmul(z, values, indices).to(z.dtype)
-    return ell_product(z, values, indices)
+    if ext is None:
+        return ell_product(z, values, indices)
+    if z.shape[0] >= DENSE_FROM_TOKENS:
+        return (z.float() @ ell_to_dense(values.float(), indices, z.shape[1]).t()).to(z.dtype)
+    return ext.ell_matmul(z, values, indices).to(z.dtype)
 
 
 @ell_matmul.register_fake
