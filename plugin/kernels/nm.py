@@ -4,7 +4,7 @@ Few tokens (decode) run the compiled kernel (``nm_cpu.cpp``), which reads only t
 memory-bound, so at 2:4 in bf16 it reads 56 % of dense's bytes. Many tokens (prefill, chunked
 prefill, speculative verification) are compute-bound, where a dense GEMM wins: the weight is
 decompressed for that call only and then freed, so the process never holds a dense copy.
-``MANY_TOKENS`` is the crossover, measured with ``bench/nm_crossover.py`` (see docs/methods/nm.md).
+``MANY_TOKENS`` is the crossover, measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md).
 Without a compiler the PyTorch reference of the scheme does the same arithmetic, more slowly.
 
 The product is the custom op ``slimserve::nm_matmul`` so torch.compile (vLLM's default on CPU)

@@ -42,6 +42,14 @@ inline int32_t offset_at(const uint8_t* row, int64_t j, int bits) {
   return static_cast<int32_t>((word >> (bit & 7)) & ((1u << bits) - 1));
 }
 
+// Input column of every stored entry of one row (group start + offset), without per-entry divisions.
+inline void decode_columns(const uint8_t* meta, int32_t* cols, int64_t in, int64_t kept, int64_t group, int bits) {
+  int64_t j = 0;
+  for (int64_t start = 0; start < in; start += group) {
+    for (int64_t k = 0; k < kept; ++k, ++j) cols[j] = static_cast<int32_t>(start) + offset_at(meta, j, bits);
+  }
+}
+
 template <typename V> inline float to_float(V v) { return static_cast<float>(v); }
 
 #if defined(__AVX512F__)
@@ -72,10 +80,11 @@ inline float reduce_add8(__m256 v) {
 }
 #endif
 
-// 2:4 rows: x is [tokens, in] float32, y [tokens, out] float32.
-template <typename V>
-void rows_2of4(const float* x, const V* values, const uint8_t* positions, float* y, int64_t tokens, int64_t in,
-               int64_t out, int64_t row_begin, int64_t row_end) {
+// 2:4 rows for a block of NT tokens (a compile-time count, so the NT accumulators stay in registers):
+// x is [tokens, in] float32 starting at the block's first token, y [tokens, out] float32 likewise.
+template <typename V, int NT>
+void rows_2of4(const float* x, const V* values, const uint8_t* positions, float* y, int64_t in, int64_t out,
+               int64_t row_begin, int64_t row_end) {
   const int64_t stored = in / 2, meta_bytes = (stored * 2 + 7) / 8;
 #if defined(__AVX512F__)
   const int64_t main = stored / 16 * 16;
@@ -93,52 +102,69 @@ void rows_2of4(const float* x, const V* values, const uint8_t* positions, float*
   for (int64_t o = row_begin; o < row_end; ++o) {
     const V* val = values + o * stored;
     const uint8_t* meta = positions + o * meta_bytes;
-    for (int64_t n0 = 0; n0 < tokens; n0 += kTokenBlock) {
-      const int64_t nt = std::min(kTokenBlock, tokens - n0);
-      float sums[kTokenBlock];
+    float sums[NT];
 #if defined(__AVX512F__)
-      __m512 acc[kTokenBlock];
-      for (int64_t n = 0; n < nt; ++n) acc[n] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < main; j += 16) {  // 16 values = 8 groups = inputs 2j .. 2j + 31
-        uint32_t word;
-        std::memcpy(&word, meta + j / 4, 4);
-        const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(word), shifts), three),
-                                             bases);
-        const __m512 vv = load16(val + j);
-        for (int64_t n = 0; n < nt; ++n) {
-          const float* xr = x + (n0 + n) * in + 2 * j;
-          const __m512 picked = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), idx, _mm512_loadu_ps(xr + 16));
-          acc[n] = _mm512_fmadd_ps(picked, vv, acc[n]);
-        }
+    __m512 acc[NT];
+    for (int n = 0; n < NT; ++n) acc[n] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < main; j += 16) {  // 16 values = 8 groups = inputs 2j .. 2j + 31
+      uint32_t word;
+      std::memcpy(&word, meta + j / 4, 4);
+      const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(word), shifts), three),
+                                           bases);
+      const __m512 vv = load16(val + j);
+      for (int n = 0; n < NT; ++n) {
+        const float* xr = x + n * in + 2 * j;
+        const __m512 picked = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), idx, _mm512_loadu_ps(xr + 16));
+        acc[n] = _mm512_fmadd_ps(picked, vv, acc[n]);
       }
-      for (int64_t n = 0; n < nt; ++n) sums[n] = _mm512_reduce_add_ps(acc[n]);
+    }
+    for (int n = 0; n < NT; ++n) sums[n] = _mm512_reduce_add_ps(acc[n]);
 #elif defined(SLIMSERVE_AVX2)
-      __m256 acc[kTokenBlock];
-      for (int64_t n = 0; n < nt; ++n) acc[n] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < main; j += 8) {  // 8 values = 4 groups = inputs 2j .. 2j + 15
-        uint16_t half;
-        std::memcpy(&half, meta + j / 4, 2);
-        const __m256i idx = _mm256_add_epi32(
-            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts), three), bases);
-        const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
-        const __m256 vv = load8(val + j);
-        for (int64_t n = 0; n < nt; ++n) {
-          const float* xr = x + (n0 + n) * in + 2 * j;
-          const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx);
-          const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx);
-          acc[n] = _mm256_fmadd_ps(_mm256_blendv_ps(lo, hi, upper), vv, acc[n]);
-        }
+    __m256 acc[NT];
+    for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < main; j += 8) {  // 8 values = 4 groups = inputs 2j .. 2j + 15
+      uint16_t half;
+      std::memcpy(&half, meta + j / 4, 2);
+      const __m256i idx = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts), three), bases);
+      const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+      const __m256 vv = load8(val + j);
+      for (int n = 0; n < NT; ++n) {
+        const float* xr = x + n * in + 2 * j;
+        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx);
+        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx);
+        acc[n] = _mm256_fmadd_ps(_mm256_blendv_ps(lo, hi, upper), vv, acc[n]);
       }
-      for (int64_t n = 0; n < nt; ++n) sums[n] = reduce_add8(acc[n]);
+    }
+    for (int n = 0; n < NT; ++n) sums[n] = reduce_add8(acc[n]);
 #else
-      for (int64_t n = 0; n < nt; ++n) sums[n] = 0.f;
+    for (int n = 0; n < NT; ++n) sums[n] = 0.f;
 #endif
-      for (int64_t j = main; j < stored; ++j) {  // tail (and the whole row in the scalar build)
-        const int64_t col = j / 2 * 4 + offset_at(meta, j, 2);
-        const float v = to_float(val[j]);
-        for (int64_t n = 0; n < nt; ++n) sums[n] += x[(n0 + n) * in + col] * v;
-      }
-      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out + o] = sums[n];
+    for (int64_t j = main; j < stored; ++j) {  // tail (and the whole row in the scalar build)
+      const int64_t col = j / 2 * 4 + offset_at(meta, j, 2);
+      const float v = to_float(val[j]);
+      for (int n = 0; n < NT; ++n) sums[n] += x[n * in + col] * v;
+    }
+    for (int n = 0; n < NT; ++n) y[n * out + o] = sums[n];
+  }
+}
+
+// All tokens through rows_2of4, in blocks of up to 8 (each block re-reads the rows, which are cache-hot then).
+template <typename V>
+void rows_2of4_tokens(const float* x, const V* values, const uint8_t* positions, float* y, int64_t tokens,
+                      int64_t in, int64_t out, int64_t row_begin, int64_t row_end) {
+  for (int64_t n0 = 0; n0 < tokens; n0 += kTokenBlock) {
+    const float* xb = x + n0 * in;
+    float* yb = y + n0 * out;
+    switch (std::min(kTokenBlock, tokens - n0)) {
+      case 1: rows_2of4<V, 1>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 2: rows_2of4<V, 2>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 3: rows_2of4<V, 3>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 4: rows_2of4<V, 4>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 5: rows_2of4<V, 5>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 6: rows_2of4<V, 6>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 7: rows_2of4<V, 7>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      default: rows_2of4<V, 8>(xb, values, positions, yb, in, out, row_begin, row_end); break;
     }
   }
 }
@@ -153,7 +179,7 @@ void rows_general(const float* x, const V* values, const uint8_t* positions, flo
   for (int64_t o = row_begin; o < row_end; ++o) {
     const V* val = values + o * stored;
     const uint8_t* meta = positions + o * meta_bytes;
-    for (int64_t j = 0; j < stored; ++j) cols[j] = static_cast<int32_t>(j / kept * group) + offset_at(meta, j, bits);
+    decode_columns(meta, cols.data(), in, kept, group, bits);
     for (int64_t n = 0; n < tokens; ++n) {
       const float* xr = x + n * in;
       float s = 0.f;
@@ -189,7 +215,7 @@ void matmul_dispatch(const torch::Tensor& xf, const torch::Tensor& values, const
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     if (kept == 2 && group == 4) {
-      rows_2of4<V>(x, val, meta, yp, tokens, in, out, begin, end);
+      rows_2of4_tokens<V>(x, val, meta, yp, tokens, in, out, begin, end);
     } else {
       rows_general<V>(x, val, meta, yp, tokens, in, out, kept, group, begin, end);
     }
@@ -222,7 +248,22 @@ void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_
     std::memset(static_cast<void*>(row), 0, sizeof(V) * in);
     const V* val = values + o * stored;
     const uint8_t* meta = positions + o * meta_bytes;
-    for (int64_t j = 0; j < stored; ++j) row[j / kept * group + offset_at(meta, j, bits)] = val[j];
+    if (kept == 2 && group == 4) {  // one byte = two groups: no bit arithmetic across bytes
+      for (int64_t b = 0; b < in / 8; ++b) {
+        const uint32_t m = meta[b];
+        V* base = row + 8 * b;
+        const V* v = val + 4 * b;
+        base[m & 3] = v[0];
+        base[(m >> 2) & 3] = v[1];
+        base[4 + ((m >> 4) & 3)] = v[2];
+        base[4 + ((m >> 6) & 3)] = v[3];
+      }
+    } else {
+      int64_t j = 0;
+      for (int64_t start = 0; start < in; start += group) {
+        for (int64_t k = 0; k < kept; ++k, ++j) row[start + offset_at(meta, j, bits)] = val[j];
+      }
+    }
   }
 }
 

@@ -71,6 +71,26 @@ class _Plan:
     out_features: int = 0
 
 
+def _check_input_split(module: str, spec: dict[str, Any], local_spec: dict[str, Any]) -> None:
+    """Refuse a row-parallel split whose ranks' slices do not tile every tensor's input axis exactly.
+
+    Each rank loads a contiguous slice of every tensor's in-axis. Where that axis is compressed
+    (``nm``: in·kept/group values and their packed positions a row) a rank's slice must be whole
+    groups and whole bytes of positions, so an N:M module splits only at multiples of its group.
+    """
+    scheme = SCHEMES[spec["scheme"]]
+    parts = spec["in_features"] // local_spec["in_features"]
+    for full, local in zip(scheme.tensor_specs(spec), scheme.tensor_specs(local_spec)):
+        if full.in_dim is not None and full.shape[full.in_dim] != parts * local.shape[local.in_dim]:
+            pattern = f" ({spec['kept']}:{spec['group']})" if "group" in spec else ""
+            raise CheckpointError(
+                f"cannot split {full.shape[full.in_dim]} columns{pattern} over {parts} tensor-parallel ranks of "
+                f"{local_spec['in_features']} inputs", tensor=f"{module}.{full.suffix}",
+                field=f"quantization_config.modules.{module}",
+                expected="a tensor-parallel size whose per-rank input slices are whole groups (and whole bytes of "
+                         "positions)")
+
+
 class SlimserveLinearMethod(LinearMethodBase):
     """Linear method for one vLLM layer whose checkpoint modules use slimserve schemes."""
 
@@ -105,11 +125,16 @@ class SlimserveLinearMethod(LinearMethodBase):
             # it (lowrank_sparse's S), which it then loads whole on every rank.
             local_spec = dict(spec, out_features=local_out, in_features=input_size_per_partition,
                               full_in_features=full_in)
+            if split_in:
+                _check_input_split(module, dict(spec, full_in_features=full_in), local_spec)
             for tspec in SCHEMES[spec["scheme"]].tensor_specs(local_spec):
                 shard_slots = slots.setdefault(tspec.suffix, [None] * len(self.shard_specs))
+                # A tensor's in-axis may be compressed (nm stores in·kept/group values a row): a rank's slice
+                # starts at the rank times the slice's extent on that axis, not times input_size_per_partition.
+                in_extent = tspec.shape[tspec.in_dim] if tspec.in_dim is not None else 0
                 shard_slots[i] = _Slot(
                     module=module, spec=tspec, offset=sizes.get(tspec.suffix, 0),
-                    out_start=shard_rank * local_out, in_start=tp_rank * input_size_per_partition,
+                    out_start=shard_rank * local_out, in_start=tp_rank * in_extent,
                     split_out=split_out and tspec.out_dim is not None and not row_parallel,
                     split_in=split_in and tspec.in_dim is not None,
                 )
