@@ -18,22 +18,26 @@ from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=args["enforce_eager"], max_model_len=256,
-              max_num_seqs=4, tensor_parallel_size=args["tp"], seed=0)
+              max_num_seqs=4, tensor_parallel_size=args["tp"], pipeline_parallel_size=args["pp"],
+              distributed_executor_backend=args["executor"], seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
     outs = llm.generate(args["prompts"], params, use_tqdm=False)
     print("GREEDY_TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
 """
 
 
-def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16, tp: int = 1,
-                dtype: str = "float32", enforce_eager: bool = True, timeout: float = 600) -> list[list[int]]:
+def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16, tp: int = 1, pp: int = 1,
+                executor: str | None = None, dtype: str = "float32", enforce_eager: bool = True,
+                timeout: float = 600) -> list[list[int]]:
     """Greedy token ids from real vLLM (with the slimserve plugin) in a fresh process.
 
-    ``enforce_eager=False`` runs vLLM's default CPU mode (torch.compile with inductor).
+    ``enforce_eager=False`` runs vLLM's default CPU mode (torch.compile with inductor). ``pp`` is
+    the pipeline-parallel size and ``executor`` vLLM's ``distributed_executor_backend`` ("mp",
+    "ray"; None lets vLLM choose).
     """
     return _run_vllm(_GREEDY_SCRIPT, "GREEDY_TOKENS=", {
-        "model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "dtype": dtype,
-        "enforce_eager": enforce_eager}, tp=tp, timeout=timeout)
+        "model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "pp": pp,
+        "executor": executor, "dtype": dtype, "enforce_eager": enforce_eager}, tp=tp * pp, timeout=timeout)
 
 
 _CHAT_SCRIPT = r"""
