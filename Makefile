@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: install lint test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench clean image
 
 install: $(VENV)/.installed $(VENV)/.system
 
@@ -44,6 +44,11 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/decode.py
+
+# The CPU image (IMAGE, default localhost/slimserve:cpu) built with podman on a debootstrapped base, where no
+# image registry is reachable (deploy/README.md); needs root. tests/test_container.py serves from it.
+image: install
+	deploy/container/build-image.sh
 
 clean:
 	rm -rf $(VENV) artifacts demo-ckpt
