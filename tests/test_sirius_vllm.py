@@ -27,6 +27,7 @@ import pytest
 from slimserve.loaders.checkpoint import open_checkpoint
 from slimserve.loaders.compress.rsparse import compress_rsparse
 from slimserve.testing.models import local_text
+from slimserve.testing.sirius import sirius_keep_all_reference
 from slimserve.testing.vllm import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -190,7 +191,7 @@ def engines(tiny_llama: Path, rsparse_llama: Path, long_prompt: list[int]) -> di
                                                       phases=("mixed", "prefix"), enforce_eager=False,
                                                       long_prompt=long_prompt)),
         "thr1.5 K4": memo(lambda: run_engine(rsparse_llama, {"period": 4, "threshold": 1.5})),
-        "thr0 K4": memo(lambda: run_engine(rsparse_llama, {"period": 4, "threshold": 0.0})),
+        "thr0 cats K4": memo(lambda: run_engine(tiny_llama, {"period": 4, "threshold": 0.0, "sparse": "cats:0.5"})),
         "cats K4": memo(lambda: run_engine(tiny_llama, {"period": 4, "lossless": True, "sparse": "cats:0.5"})),
     }
 
@@ -267,10 +268,14 @@ def test_threshold_above_one_is_plain_greedy(engines: dict[str, Any], plain_gree
     assert strict["counters"]["vllm:spec_decode_num_accepted_tokens"] == 0  # AAL 1
 
 
-def test_threshold_zero_keeps_every_draft(engines: dict[str, Any], plain_greedy: list[list[int]]) -> None:
-    counters = engines["thr0 K4"]()["counters"]
+def test_threshold_zero_keeps_every_draft_as_the_pytorch_reference_does(
+        tiny_llama: Path, engines: dict[str, Any], plain_greedy: list[list[int]]) -> None:
+    run = engines["thr0 cats K4"]()
+    counters = run["counters"]
     assert counters["vllm:spec_decode_num_accepted_tokens"] == counters["vllm:spec_decode_num_draft_tokens"]
-    assert engines["thr0 K4"]()["tokens"] != plain_greedy  # the sparse model's own text, checked every 4 tokens
+    assert run["tokens"] != plain_greedy  # the sparse model's own text, checked every 4 tokens
+    assert run["tokens"] == sirius_keep_all_reference(tiny_llama, PROMPTS, period=4, sparsity=0.5,
+                                                      max_tokens=MAX_TOKENS)
 
 
 def test_cats_drafter_on_a_dense_checkpoint_with_lossless_acceptance_equals_plain_greedy(
