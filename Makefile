@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: install lint test test-fast demo bench clean image
+.PHONY: install lint test test-fast demo bench clean image loadtest
 
 install: $(VENV)/.installed $(VENV)/.system
 
@@ -44,6 +44,16 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/decode.py
+
+# Serve MODEL on loopback, load it with locust (SCENARIO: streaming-chat, completions, images, videos,
+# mixed), write loadtest/report.md with plots; MODEL=trivial for the model-free engine, empty for the
+# demo checkpoint if `make demo` built it, else a tiny diffusion LM. See loadtest/run.py --help.
+MODEL    ?=
+SCENARIO ?= streaming-chat
+USERS    ?= 4
+DURATION ?= 30s
+loadtest: install
+	$(BIN)/python loadtest/run.py --model "$(MODEL)" --scenario $(SCENARIO) --users $(USERS) --duration $(DURATION)
 
 # The CPU image (IMAGE, default localhost/slimserve:cpu) built with podman on a debootstrapped base, where no
 # image registry is reachable (deploy/README.md); needs root. tests/test_container.py serves from it.
