@@ -26,9 +26,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 _BEARER = HTTPBearer(auto_error=False)
 
 
-def authenticate(state: State,
-                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-    """Require ``Authorization: Bearer KEY`` when the server has an API key (constant-time comparison)."""
+async def authenticate(state: State,
+                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+    """Require ``Authorization: Bearer KEY`` when the server has an API key (constant-time comparison).
+
+    ``async`` so that FastAPI runs it on the event loop, not on a worker thread (a hop per request).
+    """
     api_key = state.config.api_key
     if api_key is None:
         return

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from slimserve.attention.sparsed import SparsedParams
 from slimserve.server.engines.base import (
@@ -44,21 +44,21 @@ _TEXT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.post("/completions", response_model=None, responses=_TEXT_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
+    arrival = time.perf_counter()
     state.check_model(body.model)
     state.note_ignored(body)
-    return await _complete(state, body, body.prompt_text(), chat=False, http_request=request)
+    return await _complete(state, body, body.prompt_text, chat=False, http_request=request, arrival=arrival)
 
 
 @router.post("/chat/completions", response_model=None, responses=_TEXT_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
+    arrival = time.perf_counter()
     state.check_model(body.model)
     state.note_ignored(body)
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
-    try:
-        prompt = await run_in_threadpool(_text_engine(state).render_chat, messages)
-    except EngineRequestError as exc:
-        raise engine_error(exc) from exc
-    return await _complete(state, body, prompt, chat=True, http_request=request)
+    engine = _text_engine(state)
+    return await _complete(state, body, lambda: engine.render_chat(messages), chat=True, http_request=request,
+                           arrival=arrival)
 
 
 def _text_engine(state: AppState) -> TextEngine:
@@ -106,25 +106,39 @@ def _check_prompt_length(state: AppState, prompt_tokens: int, max_tokens: int) -
                           param="prompt", code="context_length_exceeded")
 
 
-async def _complete(state: AppState, body: TextRequestBody, prompt: str, chat: bool,
-                    http_request: Request) -> Response:
-    """Serve a completion or chat completion, streamed or not."""
-    arrival = time.perf_counter()
+async def _complete(state: AppState, body: TextRequestBody, render: Callable[[], str], chat: bool,
+                    http_request: Request, arrival: float) -> Response:
+    """Serve a completion or chat completion, streamed or not.
+
+    The limits that do not depend on the prompt are checked on the loop, before the queue. Rendering
+    the prompt (chat template), counting its tokens and the prompt-length check then run on the engine
+    thread just before generating: one thread hop per request instead of three, since on a busy host
+    every hop waits for the scheduler (bench/server_overhead.py measured each at 2-4 ms under load).
+    The price: a prompt too long for the model holds its engine slot for the tokenizer's time, and
+    waits in the queue before it is refused (still with a 400: nothing is sent before the first delta).
+    """
     engine = _text_engine(state)
-    request = _text_request(state, body, prompt)
-    prompt_tokens = await run_in_threadpool(engine.count_tokens, prompt)
-    _check_prompt_length(state, prompt_tokens, request.max_tokens)
+    unrendered = _text_request(state, body, prompt="")
     ticket = state.runner.enqueue()
     await ticket.wait()
-    state.metrics.prompt_tokens.inc(prompt_tokens)
     cancel = threading.Event()
     deltas: asyncio.Queue[TextDelta | BaseException | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     tracker = StepTracker(state.metrics, cancel)
+    stream = TextStream(state, deltas, cancel, arrival, TextFormat(chat, engine.model_name))
 
     def produce() -> None:
         try:
-            for delta in engine.generate_text(request, tracker):
+            try:
+                prompt = render()
+                prompt_tokens = engine.count_tokens(prompt)
+            except EngineRequestError as exc:
+                raise engine_error(exc) from exc
+            _check_prompt_length(state, prompt_tokens, unrendered.max_tokens)
+            # Read by the loop only after it received a delta, which this thread queues afterwards.
+            stream.prompt_tokens = prompt_tokens
+            state.metrics.prompt_tokens.inc(prompt_tokens)
+            for delta in engine.generate_text(replace(unrendered, prompt=prompt), tracker):
                 loop.call_soon_threadsafe(deltas.put_nowait, delta)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported to the client
             loop.call_soon_threadsafe(deltas.put_nowait, exc)
@@ -132,7 +146,6 @@ async def _complete(state: AppState, body: TextRequestBody, prompt: str, chat: b
             loop.call_soon_threadsafe(deltas.put_nowait, None)
 
     state.runner.run(produce)
-    stream = TextStream(state, deltas, cancel, arrival, prompt_tokens, TextFormat(chat, engine.model_name))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         first = await stream.first()
@@ -146,12 +159,12 @@ class TextStream:
     """Turns engine deltas into a response, recording vLLM's latency metrics on the way."""
 
     def __init__(self, state: AppState, deltas: asyncio.Queue[TextDelta | BaseException | None],
-                 cancel: threading.Event, arrival: float, prompt_tokens: int, fmt: TextFormat) -> None:
+                 cancel: threading.Event, arrival: float, fmt: TextFormat) -> None:
         self.metrics = state.metrics
         self.deltas = deltas
         self.cancel = cancel
         self.arrival = arrival
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = 0  # set by the engine thread once it has counted the prompt
         self.fmt = fmt
         self.generated = 0
         self.ttft: float | None = None
@@ -161,6 +174,9 @@ class TextStream:
     async def next(self) -> TextDelta | None:
         """The next delta, or ``None`` at the end; engine exceptions are raised here."""
         item = await self.deltas.get()
+        if isinstance(item, OpenAIError):  # the prompt was refused before generating: no request ran
+            self.finished = True
+            raise item
         if isinstance(item, BaseException):
             self.finished = True
             self.metrics.request_success("abort" if isinstance(item, RequestCancelled) else "error")
