@@ -70,18 +70,20 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[ServerProcess, st
     """The server process (started) and a short description of it for the report."""
     if args.model == "trivial":
         port = free_port()
-        argv = [sys.executable, "-c", TRIVIAL_SERVER, str(args.step_ms / 1000), str(port), str(args.max_running),
-                str(args.max_waiting)]
+        running, waiting = args.max_running or 1, 16 if args.max_waiting is None else args.max_waiting
+        argv = [sys.executable, "-c", TRIVIAL_SERVER, str(args.step_ms / 1000), str(port), str(running), str(waiting)]
         server = ServerProcess(argv, port, log)
         description = (f"slimserve app, TrivialEngine ({args.step_ms:g} ms per token/step), "
-                       f"max_running {args.max_running}, max_waiting {args.max_waiting}")
+                       f"max_running {running}, max_waiting {waiting}")
     else:
         model = Path(args.model) if args.model else default_model(ROOT / "artifacts")
         args.model = str(model)
-        options = ["--max-running", str(args.max_running), "--max-waiting", str(args.max_waiting)]
+        # slimserve's own admission limits; a causal LM is served by vLLM, which has its own (after --).
+        options = [*(["--max-running", str(args.max_running)] if args.max_running else []),
+                   *(["--max-waiting", str(args.max_waiting)] if args.max_waiting is not None else [])]
         server = serve_process(model, log, served_model_name=model.name, options=options,
                               start_timeout=args.start_timeout)
-        description = f"slimserve serve {model} {' '.join(options)}"
+        description = " ".join(["slimserve serve", str(model), *options])
     server.start()
     return server, description
 
@@ -98,8 +100,8 @@ def main() -> int:
     parser.add_argument("--spawn-rate", type=float, default=1.0, help="users started per second")
     parser.add_argument("--duration", default="30s", help="locust's --run-time, e.g. 30s, 2m")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-running", type=int, default=1, help="server: requests on the engine at once")
-    parser.add_argument("--max-waiting", type=int, default=16, help="server: queued requests before 429")
+    parser.add_argument("--max-running", type=int, help="slimserve's app: requests on the engine at once (default 1)")
+    parser.add_argument("--max-waiting", type=int, help="slimserve's app: queued requests before 429 (default 16)")
     parser.add_argument("--step-ms", type=float, default=25.0, help="trivial engine: time per token or step")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="client: seconds before 'hung'")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="seconds the server may take to start")
