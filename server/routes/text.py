@@ -124,7 +124,6 @@ async def _complete(state: AppState, body: TextRequestBody, render: Callable[[],
     cancel = threading.Event()
     deltas: asyncio.Queue[TextDelta | BaseException | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    tracker = StepTracker(state.metrics, cancel)
     stream = TextStream(state, deltas, cancel, arrival, TextFormat(chat, engine.model_name))
 
     def produce() -> None:
@@ -138,6 +137,8 @@ async def _complete(state: AppState, body: TextRequestBody, render: Callable[[],
             # Read by the loop only after it received a delta, which this thread queues afterwards.
             stream.prompt_tokens = prompt_tokens
             state.metrics.prompt_tokens.inc(prompt_tokens)
+            # Created here so that the first denoising step's time does not include the tokenizer's.
+            tracker = StepTracker(state.metrics, cancel)
             for delta in engine.generate_text(replace(unrendered, prompt=prompt), tracker):
                 loop.call_soon_threadsafe(deltas.put_nowait, delta)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported to the client
