@@ -1,4 +1,4 @@
-"""The locustfile runs headless against a live tiny server and reports TTFT rows."""
+"""Locust headless against live tiny servers: the locustfile alone, and `make loadtest`'s report vs /metrics."""
 
 from __future__ import annotations
 
