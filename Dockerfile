@@ -40,6 +40,9 @@ RUN useradd --create-home --uid 1000 slimserve
 FROM source AS cuda
 RUN pip install ".[cuda,serve,compress]"
 USER 1000
+# Out of the source folder: from /opt/slimserve, `import slimserve` (cwd first on sys.path, as in vLLM's
+# `python -m` workers) would find the bare hall folder slimserve/ instead of the installed package.
+WORKDIR /home/slimserve
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health')" || exit 1
 ENTRYPOINT ["slimserve"]
@@ -52,6 +55,9 @@ FROM source AS cpu
 RUN pip install ".[cpu,serve,compress]" \
     && { pip uninstall -y torchvision torchaudio torchcodec || true; }
 USER 1000
+# Out of the source folder: from /opt/slimserve, `import slimserve` (cwd first on sys.path, as in vLLM's
+# `python -m` workers) would find the bare hall folder slimserve/ instead of the installed package.
+WORKDIR /home/slimserve
 # The C++ kernels (package data) are compiled once here, as the serving user, so the first
 # request does not wait for the compiler and a machine that cannot build them fails the image.
 # (Builds are cached per CPU: a host with other CPU flags builds its own at first start and logs it.)

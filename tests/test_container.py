@@ -58,7 +58,9 @@ def test_image_serves_a_mounted_checkpoint_to_the_host(tiny_llama: Path, tmp_pat
     # environment (with a key the server listens on every interface of the container), the model read-only.
     host_options = subprocess.run([str(ROOT / "deploy" / "container" / "run-options.sh")], capture_output=True,
                                   text=True, check=True).stdout.split()
-    argv = ["podman", "run", *host_options, "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000",
+    # --shm-size: vLLM's engine talks to its worker through /dev/shm, and the container default (64 MiB) is too
+    # small ("Insufficient space in /dev/shm for shared-memory allocation: 160 MiB required, 62 MiB free").
+    argv = ["podman", "run", *host_options, "--shm-size", "1g", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000",
             "-e", "SLIMSERVE_API_KEY", "-v", f"{ckpt}:/models/model:ro", IMAGE,
             "serve", "/models/model", "--port", "8000", "--served-model-name", "tiny-llama", "--kv-cache-gib", "1",
             "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
@@ -72,9 +74,9 @@ def test_image_serves_a_mounted_checkpoint_to_the_host(tiny_llama: Path, tmp_pat
             assert [m.id for m in client.models.list()] == ["tiny-llama"]
             result = client.completions.create(model="tiny-llama", prompt="Return the", max_tokens=5, temperature=0)
             assert result.usage.completion_tokens == 5
-            chat = client.chat.completions.create(model="tiny-llama", max_tokens=4, temperature=0,
-                                                  messages=[{"role": "user", "content": "Return the"}])
-            assert chat.usage.completion_tokens == 4
+            chunks = list(client.completions.create(model="tiny-llama", prompt="Return the", max_tokens=5,
+                                                    temperature=0, stream=True))
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == result.choices[0].text
             with pytest.raises(openai.AuthenticationError):
                 openai.OpenAI(base_url=server.base_url + "/v1", api_key="bad", max_retries=0).models.list()
             # slimserve's plugins were found inside the image: the compressed layers loaded and are reported.
