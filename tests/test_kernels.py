@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +20,16 @@ from slimserve.plugin.kernels.gemm import prepacked_linear
 def test_each_variant_builds_with_its_own_isa(isa: str) -> None:
     for kernel in (_cpu_kernel(), bitmask._cpu_kernel()):
         assert kernel is not None and kernel.isa() == isa
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not cpp.clear_stale_lock(tmp_path) and lock.exists()  # a build may be running now
+    old = time.time() - cpp.STALE_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    assert cpp.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not cpp.clear_stale_lock(tmp_path)  # nothing to remove
 
 
 def test_an_unknown_or_unsupported_isa_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -139,6 +139,7 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
     build_dir = build_root() / module_name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build_dir)
         before = _built_at(build_dir, module_name)
         start = time.perf_counter()
         module = load(name=module_name, sources=[str(path)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
@@ -160,6 +161,28 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
 
 
 _cached_build = functools.cache(build_cpu_extension)
+
+#: A build holds torch's ``lock`` file for a minute or two; one older than this was left by a killed build.
+STALE_LOCK_SECONDS = 900
+
+
+def clear_stale_lock(build_dir: Path) -> bool:
+    """Remove the build lock a killed build left behind; returns whether one was removed.
+
+    torch's extension loader waits for ``build_dir/lock`` to disappear and never checks whether its
+    owner is alive, so a build killed halfway (a test timeout, Ctrl-C) made every later load hang.
+    """
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    logger.warning("slimserve: removing the kernel build lock %s, left %.0f s ago by a build that did not finish",
+                   lock, age)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _built_at(build_dir: Path, name: str) -> float | None:
