@@ -133,6 +133,10 @@ def thread_binding(info: CpuInfo, local_world_size: int) -> tuple[str, int, str]
     return binding, reserved, why
 
 
+#: Library names of OpenMP runtimes, as vLLM tells them apart in LD_PRELOAD.
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
 def openmp_and_malloc_preloads(prefix: str = sys.prefix, lib_dirs: Sequence[str] | None = None) -> list[str]:
     """Intel OpenMP from the environment at ``prefix`` and tcmalloc from ``lib_dirs`` (default: vLLM's
     wheel, then the system's library folders), where present."""
@@ -199,6 +203,9 @@ def tune_vllm(extra_args: Sequence[str], env: dict[str, str], info: CpuInfo,
         log.append(f"threads: VLLM_CPU_OMP_THREADS_BIND={binding}, {why}")
     present = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
     added = [p for p in preloads if Path(p).name not in {Path(q).name for q in present}]
+    if any(runtime in Path(p).name for p in present for runtime in OPENMP_RUNTIMES):
+        # vLLM refuses two OpenMP runtimes in LD_PRELOAD (its own import adds torch's libgomp to the environment)
+        added = [p for p in added if not any(runtime in Path(p).name for runtime in OPENMP_RUNTIMES)]
     if added:
         env["LD_PRELOAD"] = ":".join([*added, *present])
     log.append(f"LD_PRELOAD: {env.get('LD_PRELOAD') or 'nothing (neither libiomp5 nor tcmalloc found)'}")

@@ -92,6 +92,11 @@ def test_tune_respects_what_the_user_set() -> None:
     assert args == []
     assert env == {"VLLM_CPU_OMP_THREADS_BIND": "1", "LD_PRELOAD": "/usr/lib/libtcmalloc.so.4:/other/libiomp5.so"}
 
+    # an OpenMP runtime already preloaded (vLLM's import adds torch's libgomp) is not joined by a second one
+    env = {"LD_PRELOAD": "/t/torch.libs/libgomp-a34b3233.so.1"}
+    tune_vllm([], env, info, PRELOADS)
+    assert env["LD_PRELOAD"] == "/usr/lib/libtcmalloc.so.4:/t/torch.libs/libgomp-a34b3233.so.1"
+
     numa = parse_cpuinfo(fake_cpuinfo(SAPPHIRE_RAPIDS_FLAGS, cores=8), numa_nodes=2)
     env = {}
     assert tune_vllm([], env, numa, [])[0] == ["--dtype", "bfloat16"]

@@ -57,7 +57,8 @@ def test_dense_model_compression_ratio_is_zero(tiny_llama: Path) -> None:
 def test_vllm_server_answers_openai_and_exports_slimserve_metrics(tiny_llama: Path, tmp_path: Path) -> None:
     ckpt = compress(tiny_llama, tmp_path / "svd-0.3", ratio=0.3, progress=False)
     engine_args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # without the libgomp that importing vLLM in this test process put in LD_PRELOAD (a user's shell has none)
+    env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with serve_process(ckpt, tmp_path / "vllm.log", served_model_name="tiny-llama", api_key="k",
                        engine_args=engine_args, env=env, start_timeout=240) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="k", max_retries=0, timeout=60)
