@@ -31,11 +31,10 @@ import torch
 from tqdm import tqdm
 
 from slimserve.errors import CheckpointError, CompressionError
-from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
+from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors
 from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, load_or_collect_grams
-from slimserve.loaders.compress.run import LayerReport, achieved_ratios, write_report
+from slimserve.loaders.compress.run import LayerReport, achieved_ratios, open_dense_source, write_report
 from slimserve.loaders.compress.whitening import Whitening, relative_errors
-from slimserve.loaders.models import check_architecture, decoder_linear_modules
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.nm import MAX_GROUP, nm_mask, pack_nm
 
@@ -134,15 +133,7 @@ def prune(src: str | Path, out: str | Path, *, method: str = "sparsegpt", patter
     if calib is None:
         raise CompressionError(f"--method {method} weighs weights by calibration activations: give --calib FILE "
                                "(plain text, e.g. a novel)", field="--calib")
-    ckpt = open_checkpoint(src)
-    if ckpt.quantization_config is not None:
-        raise CompressionError(f"{src} is already a slimserve checkpoint; prune its dense original "
-                               "or `slimserve densify` it first")
-    check_architecture(ckpt.config, str(src))
-    modules = decoder_linear_modules(ckpt.tensors)
-    if not modules:
-        raise CompressionError(
-            f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
+    ckpt, modules = open_dense_source(src, "prune")
     for module in modules:
         in_features = ckpt.tensors[f"{module}.weight"].shape[1]
         if in_features % group:

@@ -104,15 +104,7 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     if sequential and method not in CALIBRATED:
         raise CompressionError(f"--sequential calibrates layer by layer: it needs a calibrated --method "
                                f"({', '.join(CALIBRATED)}), not {method}")
-    ckpt = open_checkpoint(src)
-    if ckpt.quantization_config is not None:
-        raise CompressionError(f"{src} is already a slimserve checkpoint; compress its dense original "
-                               "or `slimserve densify` it first")
-    check_architecture(ckpt.config, str(src))
-    modules = decoder_linear_modules(ckpt.tensors)
-    if not modules:
-        raise CompressionError(
-            f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
+    ckpt, modules = open_dense_source(src, "compress")
     dtype = ckpt.float_dtype or ckpt.tensors[f"{modules[0]}.weight"].dtype
     # Factorizations are written in the checkpoint's dtype, so that is what a stored value costs.
     cost = Budget(budget, dtype.itemsize)
@@ -177,6 +169,20 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
 
 
 LayerFactory = Callable[[str], tuple[torch.Tensor, Whitening, SvdLlm | Rocket | CoSpaDi | Oats]]
+
+
+def open_dense_source(src: str | Path, verb: str) -> tuple[Checkpoint, list[str]]:
+    """The dense checkpoint a producer starts from and its decoder linear modules; named errors otherwise."""
+    ckpt = open_checkpoint(src)
+    if ckpt.quantization_config is not None:
+        raise CompressionError(f"{src} is already a slimserve checkpoint; {verb} its dense original "
+                               "or `slimserve densify` it first")
+    check_architecture(ckpt.config, str(src))
+    modules = decoder_linear_modules(ckpt.tensors)
+    if not modules:
+        raise CompressionError(
+            f"{src}: found no decoder linear weights named like 'model.layers.N.self_attn.q_proj.weight'")
+    return ckpt, modules
 
 
 def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | SequentialGrams | None, seed: int,
