@@ -103,3 +103,20 @@ def hf_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16
                 ids = torch.cat([ids, next_id], dim=1)
             results.append(ids[0, start:].tolist())
     return results
+
+
+def hf_chosen_logprobs(model_dir: str | Path, prompt: str | list[int], continuation: list[int]) -> list[float]:
+    """Log-probabilities transformers' float32 model gives each token of ``continuation`` after ``prompt``.
+
+    One forward over prompt + continuation: the reference for the logprobs a vLLM engine reports
+    for tokens it generated, which equal it only if every cached K/V the engine attended to is the
+    full model's (what Sirius's rewrite of the drafter's K/V must guarantee).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(model_dir))(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokens = torch.tensor([ids + continuation])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(tokens).logits[0, len(ids) - 1:-1].float(), dim=-1)
+    return logprobs.gather(1, torch.tensor(continuation)[:, None])[:, 0].tolist()
