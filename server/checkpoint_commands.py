@@ -31,8 +31,10 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allocation", default="uniform",
                    help="uniform: every linear loses --ratio; knapsack: profile every linear and pick per-layer "
                         "levels for the least summed error under the global budget (default: uniform)")
-    p.add_argument("--calib", help="calibration text file (required by svd-llm, cospadi, rocket, rsparse, sparsegpt, "
-                                        "wanda)")
+    p.add_argument("--calib", nargs="+",
+                   help="calibration sources, concatenated (required by svd-llm, cospadi, rocket, rsparse, sparsegpt, "
+                        "wanda): plain text files, chat .jsonl files ({\"messages\": [...]} per line, rendered with "
+                        "the model's chat template) and self:N (N chat turns the dense model writes itself)")
     p.add_argument("--calib-cache", help="safetensors file caching the calibration Grams; reused when the model, "
                                          "text and settings match")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
@@ -60,7 +62,11 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from slimserve.errors import CompressionError
+        from slimserve.loaders.compress.calib_sources import prepare_calibration
 
+        if args.calib:  # several files, chats or self:N become one text file (cached beside the Grams)
+            args.calib = prepare_calibration(args.src, args.calib, seed=args.seed, progress=not args.quiet,
+                                             cache_dir=Path(args.calib_cache).parent if args.calib_cache else None)
         if (args.method == "rsparse") != (args.sparsity is not None):
             raise CompressionError("R-Sparse is budgeted by MACs removed per token: use --method rsparse with "
                                    "--sparsity S (and only then)")
@@ -171,6 +177,29 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         return 0
 
     ppl.set_defaults(handler=run)
+
+    chat = kinds.add_parser("chat", help="chat accuracy: greedy vLLM answers to a questions file, exact/numeric "
+                                         "match, 95%% Wilson interval")
+    chat.add_argument("model", help="dense HF instruct model folder or slimserve checkpoint (needs a chat template)")
+    chat.add_argument("--questions", default=None,
+                      help="questions file, JSON Lines (format in loaders/chat_eval.py; default: the shipped set)")
+    chat.add_argument("--out", default=None, help="write the JSON report (every question, reply and mark) here")
+    chat.add_argument("--max-tokens", type=int, default=24, help="tokens generated per answer (default: 24)")
+    chat.add_argument("--dtype", default="float32", help="vLLM dtype (default: float32, the same on every CPU)")
+    chat.add_argument("--limit", type=int, default=None, help="only the first N questions")
+
+    def run_chat(args: argparse.Namespace) -> int:
+        from slimserve.loaders.chat_eval import SHIPPED_QUESTIONS
+        from slimserve.server.chat_eval import evaluate_chat
+
+        result = evaluate_chat(args.model, args.questions or SHIPPED_QUESTIONS, out=args.out,
+                               max_tokens=args.max_tokens, dtype=args.dtype, limit=args.limit)
+        print(result.describe())
+        if args.out:
+            print(f"wrote {args.out}")
+        return 0
+
+    chat.set_defaults(handler=run_chat)
 
 
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
