@@ -23,10 +23,12 @@ import time
 from pathlib import Path
 
 from slimserve.loaders.assets import ARTIFACTS, _read_rdb_object, austen_text, smollm2_folder
+from slimserve.loaders.chat_eval import SHIPPED_QUESTIONS
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.eval import METRIC, perplexity
 from slimserve.loaders.heal import HealSettings, heal
+from slimserve.server.chat_eval import evaluate_chat
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -67,6 +69,9 @@ def main() -> int:
     parser.add_argument("--heal-lr", type=float, default=2e-4)
     parser.add_argument("--model", type=Path, help="SmolLM2 folder (default: the assets one)")
     parser.add_argument("--calib-cache", type=Path, help="Gram cache (default: artifacts/bench-recovery/grams.pt)")
+    parser.add_argument("--chat", action="store_true",
+                        help="also score each row's chat accuracy (`slimserve eval chat`, shipped questions; one vLLM "
+                             "start per row) into its 'chat' field")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "recovery.json"
@@ -87,8 +92,13 @@ def main() -> int:
     def ppl(path: Path) -> dict[str, float]:
         return {text: perplexity(path, file).perplexity for text, file in texts.items()}
 
-    if "dense" not in rows:
-        save("dense", {"ppl": ppl(model), "cpu": cpu_name()})
+    def chat(path: Path) -> dict:
+        """``{"chat": accuracy, correct, total, ci95}`` with --chat, else nothing."""
+        return {"chat": evaluate_chat(path, SHIPPED_QUESTIONS).overall.as_dict()} if args.chat else {}
+
+    if "dense" not in rows or (args.chat and "chat" not in rows["dense"]):
+        dense_row = rows.get("dense") or {"ppl": ppl(model), "cpu": cpu_name()}
+        save("dense", {**dense_row, **chat(model)})
     for ratio in args.ratios:
         for sequential in (False, True):
             name = f"rocket/{args.allocation}/{ratio}/{'sequential' if sequential else 'one-pass'}"
@@ -98,7 +108,8 @@ def main() -> int:
                 compress(model, out, method="rocket", ratio=ratio, allocation=args.allocation, budget="params",
                          calib=calib, calib_cache=cache, sequential=sequential, progress=False)
                 summary = compression_summary(out)
-                save(name, {"ppl": ppl(out), "ratio": summary["ratio"], "compress_s": round(time.time() - start, 1)})
+                save(name, {"ppl": ppl(out), "ratio": summary["ratio"], "compress_s": round(time.time() - start, 1),
+                            **chat(out)})
             healed_name = f"{name}/heal{args.heal_steps}"
             if healed_name in rows or args.heal_steps == 0:
                 continue
@@ -112,7 +123,7 @@ def main() -> int:
             save(healed_name, {"ppl": ppl(result.path), "ratio": rows[name]["ratio"], "heal_s": round(seconds, 1),
                                "heal_tokens": args.heal_steps * args.heal_batch * args.heal_seq_len,
                                "heal_lr": args.heal_lr, "held_out_kl": result.held_out,
-                               "held_out_kl_written": result.held_out_written})
+                               "held_out_kl_written": result.held_out_written, **chat(result.path)})
             shutil.rmtree(result.path)
     return 0
 
