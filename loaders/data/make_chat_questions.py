@@ -143,17 +143,17 @@ def factual() -> list[dict]:
 def arithmetic(rng: random.Random) -> list[dict]:
     items = []
     for i in range(40):
-        a, b = rng.randint(2, 50), rng.randint(2, 50)
+        a, b = rng.randint(1, 12), rng.randint(1, 12)
         phrase = rng.choice(["{a} + {b}", "{a} plus {b}"])
         items.append(_question(f"add-{i:02d}", "arithmetic", f"What is {phrase.format(a=a, b=b)}?", [a + b],
                                "numeric"))
     for i in range(30):
-        a, b = sorted((rng.randint(1, 60), rng.randint(1, 60)), reverse=True)
+        a, b = sorted((rng.randint(1, 20), rng.randint(1, 20)), reverse=True)
         phrase = rng.choice(["{a} - {b}", "{a} minus {b}"])
         items.append(_question(f"sub-{i:02d}", "arithmetic", f"What is {phrase.format(a=a, b=b)}?", [a - b],
                                "numeric"))
     for i in range(30):
-        a, b = rng.randint(2, 12), rng.randint(2, 10)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
         phrase = rng.choice(["{a} * {b}", "{a} times {b}", "{a} multiplied by {b}"])
         items.append(_question(f"mul-{i:02d}", "arithmetic", f"What is {phrase.format(a=a, b=b)}?", [a * b],
                                "numeric"))
