@@ -16,6 +16,9 @@ from types import ModuleType
 #: The module whose ``DraftModelProposer`` name vLLM's model runner (GPU and CPU) builds its drafter from.
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 
+#: The module of vLLM's ``InputProcessor``, which checks every request in the API server process.
+INPUT_PROCESSOR_MODULE = "vllm.v1.engine.input_processor"
+
 _registered = False
 
 
@@ -27,6 +30,7 @@ def register() -> None:
     from slimserve.plugin.vllm import config  # noqa: F401  (decorator registers "slimserve")
 
     after_import(RUNNER_MODULE, _install_sirius)
+    after_import(INPUT_PROCESSOR_MODULE, _install_sirius_request_check)
     _registered = True
 
 
@@ -34,6 +38,12 @@ def _install_sirius(runner_module: ModuleType) -> None:
     from slimserve.plugin.vllm.sirius import install
 
     install(runner_module)
+
+
+def _install_sirius_request_check(input_processor_module: ModuleType) -> None:
+    from slimserve.plugin.vllm.sirius_requests import install
+
+    install(input_processor_module)
 
 
 def after_import(name: str, then: Callable[[ModuleType], None]) -> None:

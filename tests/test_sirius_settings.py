@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from slimserve.errors import SlimserveError
-from slimserve.plugin.vllm.sirius_settings import SiriusSettings, check_vllm_version
+from slimserve.plugin.vllm.sirius_settings import (
+    SiriusSettings,
+    check_request_option,
+    check_vllm_version,
+    request_threshold,
+)
 from slimserve.server.cli import build_parser, sirius_settings
 from slimserve.server.launch import vllm_command
 
@@ -86,12 +91,46 @@ def test_threshold_rule_keeps_likely_drafts_then_the_full_models_token() -> None
     logits[5, 5] = 3.0
     logits[6, 7] = 3.0
     metadata = _greedy_metadata(2)
-    lenient = ThresholdRejectionSampler(Sampler(), threshold=0.15)(meta, None, logits.clone(), metadata)
-    assert lenient.sampled_token_ids.tolist() == [[1, 2, 0, -1], [4, 5, 7, -1]]
-    strict = ThresholdRejectionSampler(Sampler(), threshold=1.5)(meta, None, logits.clone(), metadata)
-    assert strict.sampled_token_ids.tolist() == [[0, -1, -1, -1], [4, -1, -1, -1]]  # plain greedy, one token
-    keep_all = ThresholdRejectionSampler(Sampler(), threshold=0.0)(meta, None, logits.clone(), metadata)
-    assert keep_all.sampled_token_ids.tolist() == [[1, 2, 3, 6], [4, 5, 7, -1]]
+
+    def sample(threshold: float | None, *request_options: dict) -> list[list[int]]:
+        sampler = ThresholdRejectionSampler(Sampler(), threshold=threshold, runner=_runner(*request_options))
+        return sampler(meta, None, logits.clone(), metadata).sampled_token_ids.tolist()
+
+    assert sample(0.15) == [[1, 2, 0, -1], [4, 5, 7, -1]]
+    assert sample(1.5) == [[0, -1, -1, -1], [4, -1, -1, -1]]  # plain greedy, one token
+    assert sample(0.0) == [[1, 2, 3, 6], [4, 5, 7, -1]]
+    assert sample(None) == [[0, -1, -1, -1], [4, 5, 7, -1]]  # lossless: vLLM's exact rule
+    # each request's own option wins over the server's threshold, row by row
+    assert sample(0.0, {"sirius": "off"}, {}) == [[0, -1, -1, -1], [4, 5, 7, -1]]
+    assert sample(None, {"sirius": 0.15}, {"sirius": 1.5}) == [[1, 2, 0, -1], [4, -1, -1, -1]]
+
+
+def _runner(*request_options: dict):
+    """The two runner fields the sampler reads: the batch's request ids in row order and their sampling parameters."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+
+    ids = [f"r{i}" for i in range(len(request_options))]
+    requests = {req: SimpleNamespace(sampling_params=SamplingParams(extra_args=options or None))
+                for req, options in zip(ids, request_options)}
+    return SimpleNamespace(input_batch=SimpleNamespace(req_ids=ids), requests=requests)
+
+
+@pytest.mark.parametrize("value", ["on", -0.1, float("nan"), True, [0.1]])
+def test_a_bad_request_option_is_refused_naming_the_field(value: object) -> None:
+    with pytest.raises(ValueError, match=r"vllm_xargs\.sirius: expected \"off\" or an acceptance threshold"):
+        check_request_option({"sirius": value}, SiriusSettings())
+    with pytest.raises(ValueError, match=r"vllm_xargs\.sirius: Sirius is off on this server"):
+        check_request_option({"sirius": "off"}, None)
+    check_request_option({"other": value}, None)  # not slimserve's key: left to vLLM
+
+
+def test_request_option_defaults_to_the_servers_threshold() -> None:
+    assert request_threshold(None, 0.1) == 0.1
+    assert request_threshold({"other": 1}, None) is None
+    assert request_threshold({"sirius": "off"}, 0.1) is None
+    assert request_threshold({"sirius": 0}, None) == 0.0
 
 
 def _greedy_metadata(batch: int):

@@ -19,13 +19,18 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
 
 from slimserve.loaders.checkpoint import open_checkpoint
 from slimserve.loaders.compress.rsparse import compress_rsparse
+from slimserve.testing.live import serve_process
+from slimserve.testing.metrics import metric_value
 from slimserve.testing.models import local_text
 from slimserve.testing.sirius import sirius_keep_all_reference
 from slimserve.testing.vllm import hf_chosen_logprobs, hf_greedy
@@ -238,7 +243,7 @@ def test_rsparse_drafter_with_lossless_acceptance_equals_plain_greedy(period: in
                                                                       plain_greedy: list[list[int]]) -> None:
     run = engines[f"lossless K{period}"]()
     assert run["tokens"] == plain_greedy
-    assert run["worker"]["sampler"] == "RejectionSampler"
+    assert run["worker"]["sampler"] == "ThresholdRejectionSampler"  # with no threshold: vLLM's exact rule
     drafted = run["worker"]["drafted"]
     assert drafted > 0 and run["worker"]["rows"]
     for rows in run["worker"]["rows"]:
@@ -316,3 +321,44 @@ def test_cats_drafter_on_a_dense_checkpoint_with_lossless_acceptance_equals_plai
     rows = run["worker"]["rows"]  # the CATS activations' row counts (one per MLP)
     assert len(rows) == 2 and all(r["sparse"] == run["worker"]["drafted"] > 0 and r["dense"] > 0 for r in rows)
     assert advance_length(run) < 4  # half the gate activations zeroed: the drafts really differ
+
+
+def test_slimserve_serve_with_sirius_answers_batched_openai_requests_each_with_its_own_option(
+        tiny_llama: Path, tmp_path: Path, plain_greedy: list[list[int]]) -> None:
+    """`slimserve serve --sirius-*` as a user starts it: concurrent requests, two of them with Sirius off.
+
+    Threshold 0 keeps every CATS-0.5 draft, so a request with Sirius on returns the sparse model's
+    checked text (the plain-PyTorch reference) and one with ``vllm_xargs.sirius = "off"`` the full
+    model's greedy tokens, in the same batches. A bad option is refused with an OpenAI error body
+    before any work, and the server keeps answering.
+    """
+    options = ["--sirius-period", "4", "--sirius-threshold", "0", "--sirius-sparse", "cats:0.5"]
+    engine_args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
+    env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    reference = sirius_keep_all_reference(tiny_llama, PROMPTS, period=4, sparsity=0.5, max_tokens=MAX_TOKENS)
+    sirius_off = {0, 2}
+    with serve_process(tiny_llama, tmp_path / "vllm.log", served_model_name="tiny", options=options,
+                       engine_args=engine_args, env=env, start_timeout=240) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        def complete(index: int) -> list[int]:
+            extra: dict[str, Any] = {"return_token_ids": True}
+            if index in sirius_off:
+                extra["vllm_xargs"] = {"sirius": "off"}
+            result = client.completions.create(model="tiny", prompt=PROMPTS[index], max_tokens=MAX_TOKENS,
+                                               temperature=0, extra_body=extra)
+            return result.choices[0].model_extra["token_ids"]
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            tokens = list(pool.map(complete, range(len(PROMPTS))))
+        assert tokens == [plain_greedy[i] if i in sirius_off else reference[i] for i in range(len(PROMPTS))]
+
+        with pytest.raises(openai.BadRequestError, match=r"vllm_xargs\.sirius"):
+            client.completions.create(model="tiny", prompt="x", max_tokens=2,
+                                      extra_body={"vllm_xargs": {"sirius": "on"}})
+        assert complete(1) == reference[1]
+
+        text = httpx.get(server.base_url + "/metrics").text
+        assert metric_value(text, "vllm:spec_decode_num_drafts_total", model_name="tiny") > 0
+        assert metric_value(text, "slimserve:sirius_advances_total", model_name="tiny") > 0
+        assert metric_value(text, "slimserve:sirius_drafter_density", model_name="tiny") == pytest.approx(0.5)

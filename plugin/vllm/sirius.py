@@ -38,7 +38,12 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from slimserve.errors import SlimserveError
 from slimserve.plugin.vllm.rsparse import Mode, RSparseLayer, context_layers, set_mode
-from slimserve.plugin.vllm.sirius_settings import LIKELIHOOD_TEMPERATURE, SUPPORTED_VLLM, SiriusSettings
+from slimserve.plugin.vllm.sirius_settings import (
+    LIKELIHOOD_TEMPERATURE,
+    SUPPORTED_VLLM,
+    SiriusSettings,
+    request_threshold,
+)
 
 
 class SiriusProposer(DraftModelProposer):
@@ -74,11 +79,10 @@ class SiriusProposer(DraftModelProposer):
         else:
             self.sparse_layers = context_layers(context)
         set_mode(self.sparse_layers, "dense")
-        if not self.sirius.lossless:
-            # The runner built its rejection sampler after this drafter; it loads the model later.
-            runner = self._runner
-            runner.rejection_sampler = ThresholdRejectionSampler(runner.sampler, self.speculative_config,
-                                                                 self.device, threshold=self.sirius.threshold)
+        # The runner built its rejection sampler after this drafter; it loads the model later.
+        runner = self._runner
+        runner.rejection_sampler = ThresholdRejectionSampler(runner.sampler, self.speculative_config, self.device,
+                                                             threshold=self.sirius.default_threshold, runner=runner)
         return None
 
     def propose(self, num_speculative_tokens: int, *args: Any, num_rejected_tokens_gpu: torch.Tensor | None = None,
@@ -214,11 +218,23 @@ class ThresholdRejectionSampler(RejectionSampler):
     probability ``softmax(z / 0.6)[token] >= threshold``, then the full model's argmax at the first
     token it refused (or its bonus token when it refused none). ``threshold > 1`` refuses
     everything (plain greedy decoding, one token per check); ``threshold = 0`` keeps every draft.
+    Each request's threshold is its own ``sirius`` option when it gives one (``request_threshold``),
+    else ``threshold``; None (``--sirius-lossless``, or ``"off"``) leaves vLLM's exact rule, whose
+    greedy tokens are the full model's.
     """
 
-    def __init__(self, *args: Any, threshold: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, threshold: float | None, runner: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.threshold = threshold
+        self._runner = runner
+
+    def row_thresholds(self, batch: int) -> list[float | None]:
+        """Each request's threshold, in the order of the step's rows (the runner's persistent batch)."""
+        req_ids = self._runner.input_batch.req_ids
+        if len(req_ids) != batch:  # the runner's start-up dummy sampler run has no requests
+            return [self.threshold] * batch
+        return [request_threshold(self._runner.requests[req].sampling_params.extra_args, self.threshold)
+                for req in req_ids]
 
     def forward(self, metadata: Any, draft_probs: torch.Tensor | None, logits: torch.Tensor,
                 sampling_metadata: Any) -> Any:
@@ -226,18 +242,21 @@ class ThresholdRejectionSampler(RejectionSampler):
         target = logits[metadata.target_logits_indices].float()  # the base class may modify logits in place
         bonus = logits[metadata.bonus_logits_indices].argmax(dim=-1)
         output = super().forward(metadata, draft_probs, logits, sampling_metadata)
-        greedy = _greedy_rows(sampling_metadata, len(metadata.num_draft_tokens))
-        if not greedy.any():
+        batch = len(metadata.num_draft_tokens)
+        greedy = _greedy_rows(sampling_metadata, batch)
+        thresholds = self.row_thresholds(batch)
+        if not any(greedy[row] and thresholds[row] is not None for row in range(batch)):
             return output
-        likely = target.div(LIKELIHOOD_TEMPERATURE).softmax(dim=-1)
-        likely = likely.gather(1, metadata.draft_token_ids.long()[:, None])[:, 0] >= self.threshold
+        likelihood = target.div(LIKELIHOOD_TEMPERATURE).softmax(dim=-1)
+        likelihood = likelihood.gather(1, metadata.draft_token_ids.long()[:, None])[:, 0]
         best = target.argmax(dim=-1)
         tokens = output.sampled_token_ids
         start = 0
         for row, drafts in enumerate(metadata.num_draft_tokens):
             stop = start + drafts
-            if greedy[row] and drafts:
-                refused = (~likely[start:stop]).nonzero()
+            threshold = thresholds[row]
+            if greedy[row] and drafts and threshold is not None:
+                refused = (likelihood[start:stop] < threshold).nonzero()
                 kept = int(refused[0]) if len(refused) else drafts
                 tokens[row, :kept] = metadata.draft_token_ids[start:start + kept].to(tokens.dtype)
                 tokens[row, kept] = best[start + kept] if kept < drafts else bonus[row]

@@ -6,6 +6,7 @@ the command line can build and check them cheaply.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,10 @@ DEFAULT_PERIOD = 16
 DEFAULT_THRESHOLD = 0.1
 #: The paper's temperature for the full model's likelihood of a draft token (hard-coded in its code too).
 LIKELIHOOD_TEMPERATURE = 0.6
+#: A request's own Sirius option, in its sampling parameters' ``extra_args`` (OpenAI API: ``"vllm_xargs"``).
+REQUEST_KEY = "sirius"
+#: The value of ``REQUEST_KEY`` that turns Sirius's acceptance off for one request.
+REQUEST_OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,11 @@ class SiriusSettings:
                                                "lossless": self.lossless, "sparse": self.sparse}},
         }
 
+    @property
+    def default_threshold(self) -> float | None:
+        """The acceptance threshold of a request that says nothing; None is exact (lossless) acceptance."""
+        return None if self.lossless else self.threshold
+
     @classmethod
     def of(cls, vllm_config: Any) -> SiriusSettings | None:
         """The settings an engine runs with, or None where Sirius is off."""
@@ -120,3 +130,33 @@ def vllm_cli_args(model: str, settings: SiriusSettings) -> list[str]:
     engine = settings.engine_args(model)
     return ["--speculative-config", json.dumps(engine["speculative_config"]),
             "--additional-config", json.dumps(engine["additional_config"])]
+
+
+def request_threshold(extra_args: Mapping[str, Any] | None, default: float | None) -> float | None:
+    """One request's acceptance threshold: its own ``sirius`` option, else the server's ``default``.
+
+    ``"off"`` is exact acceptance (None): the request's tokens are exactly the full model's greedy
+    tokens, as with ``--sirius-lossless``; vLLM 0.32 drafts for every request of a speculative batch,
+    so its drafts are still computed, only never kept unchecked. A number ``>= 0`` is that request's
+    threshold. Anything else raises ``ValueError`` naming the field, which vLLM answers with HTTP 400
+    before the request is scheduled.
+    """
+    if not extra_args or REQUEST_KEY not in extra_args:
+        return default
+    value = extra_args[REQUEST_KEY]
+    if value == REQUEST_OFF:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise ValueError(f"vllm_xargs.{REQUEST_KEY}: expected \"{REQUEST_OFF}\" or an acceptance threshold >= 0 "
+                     f"(a number), got {value!r}")
+
+
+def check_request_option(extra_args: Mapping[str, Any] | None, settings: SiriusSettings | None) -> None:
+    """Refuse (``ValueError``) a request's ``sirius`` option that is malformed or sent to a server without Sirius."""
+    if not extra_args or REQUEST_KEY not in extra_args:
+        return
+    if settings is None:
+        raise ValueError(f"vllm_xargs.{REQUEST_KEY}: Sirius is off on this server (start it with --sirius-period, "
+                         "--sirius-threshold or --sirius-lossless to use it)")
+    request_threshold(extra_args, None)
