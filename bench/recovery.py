@@ -128,6 +128,16 @@ def main() -> int:
     return 0
 
 
+def chat_cell(row: dict, dense: dict | None) -> str:
+    """Chat accuracy with its interval, and the share of dense's accuracy it keeps; blank when not measured."""
+    chat = row.get("chat")
+    if chat is None:
+        return ""
+    low, high = chat["ci95"]
+    kept = f" [{chat['accuracy'] / dense['accuracy']:.0%} of dense]" if dense else ""
+    return f"{chat['accuracy']:.1%} ({low:.1%}-{high:.1%}){kept}"
+
+
 def write_readme(rows: dict) -> None:
     """Replace (or add) this benchmark's section of bench/README.md, leaving other sections alone."""
     dense = rows["dense"]["ppl"]
@@ -139,11 +149,13 @@ def write_readme(rows: dict) -> None:
              "from the dense model; sequential: from the outputs of the already-compressed layers below "
              "(`compress --sequential`; the knapsack levels come from the one-pass profile either way). Healing: "
              "`slimserve heal` on the calibration text, KL to the dense model's logits, only stored factors "
-             "trained; tokens, lr and wall time per row. In brackets: x dense.", "",
+             "trained; tokens, lr and wall time per row. Chat: `slimserve eval chat` on the shipped questions "
+             "(greedy through vLLM, exact/numeric match; 95 % Wilson interval). In brackets: x dense.", "",
              f"CPU: {rows['dense'].get('cpu', 'unknown')}, 2 cores shared with other jobs (times are indicative). "
              "Command: `OMP_NUM_THREADS=2 .venv/bin/python bench/recovery.py`.", "",
-             "| configuration | Emma | Moby Dick | params removed | time |", "|---|---|---|---|---|",
-             f"| dense | {dense['emma']:.2f} | {dense['mobydick']:.2f} | 0 | |"]
+             "| configuration | Emma | Moby Dick | chat accuracy | params removed | time |",
+             "|---|---|---|---|---|---|",
+             f"| dense | {dense['emma']:.2f} | {dense['mobydick']:.2f} | {chat_cell(rows['dense'], None)} | 0 | |"]
     for name, row in rows.items():
         if name == "dense":
             continue
@@ -154,7 +166,8 @@ def write_readme(rows: dict) -> None:
                          f"held-out KL {kl[0][1]:.3f} -> {kl[-1][1]:.3f} ({row['held_out_kl_written']:.3f} in bf16)")
         else:
             time_cell = f"compress {row['compress_s']:.0f} s"
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {row['ratio']:.1%} | {time_cell} |")
+        chat = chat_cell(row, rows["dense"].get("chat"))
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {chat} | {row['ratio']:.1%} | {time_cell} |")
     lines.append("")
     section = "\n".join(lines)
     text = README.read_text() if README.is_file() else "# Benchmarks\n\n"
