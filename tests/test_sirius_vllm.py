@@ -1,7 +1,8 @@
 """Sirius in real vLLM (fp32 tiny Llama): the invariants of docs/methods/sirius.md.
 
 Each engine configuration starts one vLLM engine in a child process (``run_engine``) that runs
-several phases and returns everything the tests check, so the file costs eight engine starts:
+several phases and returns everything the tests check, so the file costs six engine starts (and one
+``slimserve serve``):
 
 - ``main``: the four PROMPTS, greedy, batched: tokens, vLLM's spec-decode counters, each R-Sparse
   layer's dense/sparse row counts, the tokens the drafter pushed through the model, the KV cache.
@@ -10,6 +11,8 @@ several phases and returns everything the tests check, so the file costs eight e
 - ``prefix``: a 150-token prompt and its greedy output, as a new prompt, with the prefix cache read
   (its blocks then hold positions Sirius generated) and not read.
 - refused dense drafts: the verifier's logits where a dense drafter's token was refused.
+- request options: the four prompts again, every request with its own ``sirius`` option (a threshold,
+  or "off"), which stands in for an engine started with that setting.
 """
 
 from __future__ import annotations
@@ -126,18 +129,30 @@ if __name__ == "__main__":
         off = llm.generate(again, uncached, use_tqdm=False)[0].outputs[0].token_ids
         result["prefix"] = {"warm": list(warm), "off": list(off), "hits": hits, "cold": cold,
                             "warm_logprobs": chosen_logprobs(warm_output)}
+    for phase, option in args["request_options"].items():
+        # the four prompts again, each request carrying its own Sirius option; counters as deltas
+        before = spec_counters(llm)
+        params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True,
+                                extra_args={"sirius": option})
+        outs = llm.generate(args["prompts"], params, use_tqdm=False)
+        after = spec_counters(llm)
+        result[phase] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                         "counters": {k: v - before.get(k, 0) for k, v in after.items()}}
     result["worker"] = llm.collective_rpc(probe)[0]
     print("SIRIUS_RUN=" + json.dumps(result), flush=True)
 """
 
 
 def run_engine(model: Path, sirius: dict[str, Any] | None, *, phases: tuple[str, ...] = (),
-               enforce_eager: bool = True, long_prompt: list[int] | None = None) -> dict[str, Any]:
-    """Run one vLLM engine (Sirius off if ``sirius`` is None) through ``main`` and ``phases``; see module docstring."""
+               enforce_eager: bool = True, long_prompt: list[int] | None = None,
+               request_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one vLLM engine (Sirius off if ``sirius`` is None) through ``main``, ``phases`` and one phase per
+    ``request_options`` entry (name: the requests' ``sirius`` option); see module docstring."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # collective_rpc ships the probe functions by value
     args = {"model": str(model), "sirius": sirius, "prompts": PROMPTS, "phases": list(phases),
-            "enforce_eager": enforce_eager, "max_tokens": MAX_TOKENS, "long_prompt": long_prompt}
+            "enforce_eager": enforce_eager, "max_tokens": MAX_TOKENS, "long_prompt": long_prompt,
+            "request_options": request_options or {}}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(args)], env=env, capture_output=True, text=True,
                           timeout=1200)
     for line in proc.stdout.splitlines():
@@ -192,7 +207,7 @@ def long_prompt(tiny_llama: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engines(tiny_llama: Path, rsparse_llama: Path, long_prompt: list[int]) -> dict[str, Callable[[], dict[str, Any]]]:
-    """The eight engine configurations, each started at most once."""
+    """The six engine configurations, each started at most once."""
     return {
         "dense K4": memo(lambda: run_engine(tiny_llama, {"period": 4, "lossless": True})),
         "lossless K2": memo(lambda: run_engine(rsparse_llama, {"period": 2, "lossless": True})),
@@ -202,10 +217,10 @@ def engines(tiny_llama: Path, rsparse_llama: Path, long_prompt: list[int]) -> di
         # vLLM's default compiled mode (torch.compile), with the threshold sampler
         "thr0.1 K4 compiled": memo(lambda: run_engine(rsparse_llama, {"period": 4, "threshold": 0.1},
                                                       phases=("mixed", "prefix"), enforce_eager=False,
-                                                      long_prompt=long_prompt)),
-        "thr1.5 K4": memo(lambda: run_engine(rsparse_llama, {"period": 4, "threshold": 1.5})),
-        "thr0 cats K4": memo(lambda: run_engine(tiny_llama, {"period": 4, "threshold": 0.0, "sparse": "cats:0.5"})),
-        "cats K4": memo(lambda: run_engine(tiny_llama, {"period": 4, "lossless": True, "sparse": "cats:0.5"})),
+                                                      long_prompt=long_prompt, request_options={"thr1.5": 1.5})),
+        # Sirius off per request is exact acceptance: the CATS drafter's lossless run
+        "thr0 cats K4": memo(lambda: run_engine(tiny_llama, {"period": 4, "threshold": 0.0, "sparse": "cats:0.5"},
+                                                request_options={"lossless": "off"})),
     }
 
 
@@ -299,8 +314,9 @@ def test_threshold_sampler_in_compiled_mode(engines: dict[str, Any]) -> None:
 
 
 def test_threshold_above_one_is_plain_greedy(engines: dict[str, Any], plain_greedy: list[list[int]]) -> None:
-    strict = engines["thr1.5 K4"]()
+    strict = engines["thr0.1 K4 compiled"]()["thr1.5"]  # requests whose own threshold is 1.5
     assert strict["tokens"] == plain_greedy
+    assert strict["counters"]["vllm:spec_decode_num_drafts"] > 0
     assert strict["counters"]["vllm:spec_decode_num_accepted_tokens"] == 0  # AAL 1
 
 
@@ -316,11 +332,12 @@ def test_threshold_zero_keeps_every_draft_as_the_pytorch_reference_does(
 
 def test_cats_drafter_on_a_dense_checkpoint_with_lossless_acceptance_equals_plain_greedy(
         engines: dict[str, Any], plain_greedy: list[list[int]]) -> None:
-    run = engines["cats K4"]()
-    assert run["tokens"] == plain_greedy
+    run = engines["thr0 cats K4"]()
+    lossless = run["lossless"]  # requests with Sirius off: vLLM's exact acceptance
+    assert lossless["tokens"] == plain_greedy
     rows = run["worker"]["rows"]  # the CATS activations' row counts (one per MLP)
     assert len(rows) == 2 and all(r["sparse"] == run["worker"]["drafted"] > 0 and r["dense"] > 0 for r in rows)
-    assert advance_length(run) < 4  # half the gate activations zeroed: the drafts really differ
+    assert advance_length(lossless) < 4  # half the gate activations zeroed: the drafts really differ
 
 
 def test_slimserve_serve_with_sirius_answers_batched_openai_requests_each_with_its_own_option(
