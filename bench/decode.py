@@ -33,8 +33,10 @@ from slimserve.loaders.checkpoint import (
     open_checkpoint,
 )
 from slimserve.loaders.compress.budget import PARAMS, Budget, dictsparse_sizes, lowrank_rank
+from slimserve.loaders.compress.oats import oats_sizes, row_top
 from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
+from slimserve.loaders.schemes.lowrank_sparse import encode_sparse
 from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.testing.models import build_tiny_causal_lm
 
@@ -48,6 +50,7 @@ VARIANTS = ["dense"] + [f"{scheme}-{r}" for scheme in ("lowrank", "dictsparse") 
 VARIANTS += ["nm-2:4", "nm-4:8"]  # N:M semi-structured sparsity, named kept:group
 # dictsparse sized by --budget bytes (bf16): the encoding writers pick (bitmask here), and the same sizes forced to ELL
 VARIANTS += ["dictsparse-bytes-0.3", "dictsparse-ell-bytes-0.3"]
+VARIANTS += ["lowrank_sparse-bytes-0.3"]  # U·V + S at OATS's split of 30 % of the bytes removed
 
 _RUNNER = r"""
 import json, os, sys, time
@@ -111,6 +114,13 @@ def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
             tensors = {"u": torch.randn(out_features, r, generator=generator) * scale,
                        "v": torch.randn(r, in_features, generator=generator) * scale}
             fields = {"rank": r}
+        elif scheme == "lowrank_sparse":
+            r, s = oats_sizes(out_features, in_features, ratio, budget)
+            tensors = {"u": torch.randn(out_features, r, generator=generator) * scale,
+                       "v": torch.randn(r, in_features, generator=generator) * scale,
+                       **encode_sparse(row_top(torch.randn(out_features, in_features, generator=generator) * scale, s),
+                                       s, budget.float_bytes)}
+            fields = {"rank": r, "nnz": s, "encoding": "bitmask" if "s_mask" in tensors else "ell"}
         else:
             k, s = dictsparse_sizes(out_features, in_features, ratio, budget=budget)
             values, indices = dense_to_coef(torch.randn(out_features, k, generator=generator) * scale, s)
