@@ -5,8 +5,8 @@
 //
 // 2:4 has a permute path: 16 values (8 groups) cover 32 consecutive inputs and their 32 offset bits are one uint32,
 // decoded into 16 lane indices with a variable shift; the x entries are picked out of two registers with a permute
-// (AVX-512 vpermt2ps; AVX2 two vpermps and a blend). Other patterns decode each row's columns into a small buffer and
-// gather. Built at first use by plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA
+// (AVX-512 vpermt2ps; AVX2 two vpermps and a blend). 4:8 has the same path with 3-bit offsets (16 values = 4 groups
+// = 32 inputs, 48 offset bits). Other patterns decode each row's columns into a small buffer and gather. Built at first use by plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA
 // (AMD EPYC hosts have no AVX-512), else scalar. Also decompresses to a dense weight for many-token steps.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -149,22 +149,110 @@ void rows_2of4(const float* x, const V* values, const uint8_t* positions, float*
   }
 }
 
-// All tokens through rows_2of4, in blocks of up to 8 (each block re-reads the rows, which are cache-hot then).
-template <typename V>
-void rows_2of4_tokens(const float* x, const V* values, const uint8_t* positions, float* y, int64_t tokens,
-                      int64_t in, int64_t out, int64_t row_begin, int64_t row_end) {
+// 4:8 rows for a block of NT tokens: as rows_2of4, with 3-bit offsets. 16 values are 4 groups = inputs 2j .. 2j + 31,
+// their 48 offset bits six bytes, spread over 16 lanes from two 24-bit halves (AVX-512). AVX2: 8 values are
+// 2 groups = inputs 2j .. 2j + 15, 24 offset bits three bytes.
+template <typename V, int NT>
+void rows_4of8(const float* x, const V* values, const uint8_t* positions, float* y, int64_t in, int64_t out,
+               int64_t row_begin, int64_t row_end) {
+  const int64_t stored = in / 2, meta_bytes = (stored * 3 + 7) / 8;
+#if defined(__AVX512F__)
+  const int64_t main = stored / 16 * 16;
+  // lanes 0-7 read bits 0-23 of the 48, lanes 8-15 bits 24-47 (the word shifted by 24): both halves in 32 bits
+  const __m512i shifts = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21);
+  const __m512i bases = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+  const __m512i seven = _mm512_set1_epi32(7);
+#elif defined(SLIMSERVE_AVX2)
+  const int64_t main = stored / 8 * 8;
+  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  const __m256i bases = _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8);
+  const __m256i seven = _mm256_set1_epi32(7);
+#else
+  const int64_t main = 0;
+#endif
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const V* val = values + o * stored;
+    const uint8_t* meta = positions + o * meta_bytes;
+    float sums[NT];
+#if defined(__AVX512F__)
+    __m512 acc[NT];
+    for (int n = 0; n < NT; ++n) acc[n] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < main; j += 16) {
+      // exactly six bytes (the row's last block may end the tensor), read as whole words: assembling them in
+      // memory and reading them back wider stalls store forwarding on every block
+      uint32_t first;
+      uint16_t last;
+      std::memcpy(&first, meta + j / 16 * 6, 4);
+      std::memcpy(&last, meta + j / 16 * 6 + 4, 2);
+      const uint32_t high = (first >> 24) | (static_cast<uint32_t>(last) << 8);
+      const __m512i spread = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(first)), 0xFF00,
+                                                    static_cast<int>(high));
+      const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(spread, shifts), seven), bases);
+      const __m512 vv = load16(val + j);
+      for (int n = 0; n < NT; ++n) {
+        const float* xr = x + n * in + 2 * j;
+        const __m512 picked = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), idx, _mm512_loadu_ps(xr + 16));
+        acc[n] = _mm512_fmadd_ps(picked, vv, acc[n]);
+      }
+    }
+    for (int n = 0; n < NT; ++n) sums[n] = _mm512_reduce_add_ps(acc[n]);
+#elif defined(SLIMSERVE_AVX2)
+    __m256 acc[NT];
+    for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < main; j += 8) {
+      uint16_t pair;
+      std::memcpy(&pair, meta + j / 8 * 3, 2);
+      const uint32_t word = pair | (static_cast<uint32_t>(meta[j / 8 * 3 + 2]) << 16);
+      const __m256i idx = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), seven), bases);
+      const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+      const __m256 vv = load8(val + j);
+      for (int n = 0; n < NT; ++n) {
+        const float* xr = x + n * in + 2 * j;
+        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx);
+        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx);
+        acc[n] = _mm256_fmadd_ps(_mm256_blendv_ps(lo, hi, upper), vv, acc[n]);
+      }
+    }
+    for (int n = 0; n < NT; ++n) sums[n] = reduce_add8(acc[n]);
+#else
+    for (int n = 0; n < NT; ++n) sums[n] = 0.f;
+#endif
+    for (int64_t j = main; j < stored; ++j) {  // tail (and the whole row in the scalar build)
+      const int64_t col = j / 4 * 8 + offset_at(meta, j, 3);
+      const float v = to_float(val[j]);
+      for (int n = 0; n < NT; ++n) sums[n] += x[n * in + col] * v;
+    }
+    for (int n = 0; n < NT; ++n) y[n * out + o] = sums[n];
+  }
+}
+
+template <typename V, int NT> struct TwoOfFour {
+  static void run(const float* x, const V* v, const uint8_t* p, float* y, int64_t in, int64_t out, int64_t b,
+                  int64_t e) { rows_2of4<V, NT>(x, v, p, y, in, out, b, e); }
+};
+template <typename V, int NT> struct FourOfEight {
+  static void run(const float* x, const V* v, const uint8_t* p, float* y, int64_t in, int64_t out, int64_t b,
+                  int64_t e) { rows_4of8<V, NT>(x, v, p, y, in, out, b, e); }
+};
+
+// All tokens through a fixed-pattern row kernel (rows_2of4, rows_4of8), in blocks of up to 8 (each block re-reads
+// the rows, which are cache-hot then).
+template <typename V, template <typename, int> class Rows>
+void rows_tokens(const float* x, const V* values, const uint8_t* positions, float* y, int64_t tokens, int64_t in,
+                 int64_t out, int64_t row_begin, int64_t row_end) {
   for (int64_t n0 = 0; n0 < tokens; n0 += kTokenBlock) {
     const float* xb = x + n0 * in;
     float* yb = y + n0 * out;
     switch (std::min(kTokenBlock, tokens - n0)) {
-      case 1: rows_2of4<V, 1>(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 2: rows_2of4<V, 2>(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 3: rows_2of4<V, 3>(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 4: rows_2of4<V, 4>(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 5: rows_2of4<V, 5>(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 6: rows_2of4<V, 6>(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 7: rows_2of4<V, 7>(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      default: rows_2of4<V, 8>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 1: Rows<V, 1>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 2: Rows<V, 2>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 3: Rows<V, 3>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 4: Rows<V, 4>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 5: Rows<V, 5>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 6: Rows<V, 6>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 7: Rows<V, 7>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      default: Rows<V, 8>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
     }
   }
 }
@@ -215,7 +303,9 @@ void matmul_dispatch(const torch::Tensor& xf, const torch::Tensor& values, const
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     if (kept == 2 && group == 4) {
-      rows_2of4_tokens<V>(x, val, meta, yp, tokens, in, out, begin, end);
+      rows_tokens<V, TwoOfFour>(x, val, meta, yp, tokens, in, out, begin, end);
+    } else if (kept == 4 && group == 8) {
+      rows_tokens<V, FourOfEight>(x, val, meta, yp, tokens, in, out, begin, end);
     } else {
       rows_general<V>(x, val, meta, yp, tokens, in, out, kept, group, begin, end);
     }
