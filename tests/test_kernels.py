@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,34 @@ from slimserve.plugin.kernels.gemm import prepacked_linear
 def test_each_variant_builds_with_its_own_isa(isa: str) -> None:
     for kernel in (_cpu_kernel(), bitmask._cpu_kernel()):
         assert kernel is not None and kernel.isa() == isa
+
+
+def test_the_same_source_installed_elsewhere_loads_the_cached_build(tmp_path: Path) -> None:
+    """A fresh clone, venv or wheel holds the same .cpp at another path: no rebuild (it cost minutes per ISA)."""
+    assert _cpu_kernel() is not None  # the build exists (cached or built now)
+    moved = tmp_path / "elsewhere" / "ell_cpu.cpp"
+    moved.parent.mkdir()
+    moved.write_bytes(cpp.source_path("ell_cpu.cpp").read_bytes())
+    library = cpp.build_root() / "slimserve_ell_cpu" / "slimserve_ell_cpu.so"
+    before = library.stat().st_mtime_ns
+    # A new process: torch's loader runs ninja on the first load in each process.
+    script = ("import sys; from pathlib import Path; from slimserve.plugin.kernels import cpp; "
+              "cpp.source_path = lambda source: Path(sys.argv[1]); "
+              "assert cpp.build_cpu_extension('slimserve_ell_cpu', 'ell_cpu.cpp') is not None")
+    subprocess.run([sys.executable, "-c", script, str(moved)], check=True)
+    assert library.stat().st_mtime_ns == before
+
+
+def test_build_source_is_rewritten_only_when_its_bytes_change(tmp_path: Path) -> None:
+    source = tmp_path / "k.cpp"
+    source.write_text("int a;")
+    (tmp_path / "build").mkdir()
+    copy = cpp.build_source(source, tmp_path / "build")
+    stamp = copy.stat().st_mtime_ns
+    os.utime(copy, ns=(stamp - 10**9, stamp - 10**9))  # older than any rewrite could be
+    assert cpp.build_source(source, copy.parent).stat().st_mtime_ns == stamp - 10**9
+    source.write_text("int b;")
+    assert cpp.build_source(source, copy.parent).read_text() == "int b;"
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:

@@ -3,6 +3,10 @@
 The ``.cpp`` sources ship inside the package (package data), so an ordinary wheel install can
 build them; ``torch.utils.cpp_extension.load`` compiles them with ``-march=native`` the first
 time a model that needs them loads, and reuses the build while source and flags are unchanged.
+The source is compiled from a copy inside the build folder (``build_source``): torch's loader runs
+ninja on every first load in a process, and ninja rebuilds whenever the compile command changes,
+source path included, so compiling from the installed location rebuilt every kernel for each new
+clone, virtual environment or wheel install of the same code (minutes per ISA).
 
 Builds are cached per torch version, Python version and CPU (instruction set and feature flags;
 ``$SLIMSERVE_KERNEL_DIR``, default ``~/.cache/slimserve/kernels``): a ``-march=native`` build made
@@ -142,8 +146,8 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
         clear_stale_lock(build_dir)
         before = _built_at(build_dir, module_name)
         start = time.perf_counter()
-        module = load(name=module_name, sources=[str(path)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                      build_directory=str(build_dir), verbose=False)
+        module = load(name=module_name, sources=[str(build_source(path, build_dir))], extra_cflags=cflags,
+                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except (RuntimeError, OSError, ImportError, SystemExit) as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         if os.environ.get(REQUIRE_ENV) == "1":
@@ -161,6 +165,22 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
 
 
 _cached_build = functools.cache(build_cpu_extension)
+
+
+def build_source(source: Path, build_dir: Path) -> Path:
+    """``source`` copied into ``build_dir``, rewritten only when its bytes differ.
+
+    The copy gives ninja one stable path per build folder, so the same code installed elsewhere
+    loads the cached library; leaving an identical copy untouched keeps its mtime, which ninja
+    also compares with the library's.
+    """
+    copy = build_dir / source.name
+    text = source.read_bytes()
+    if not copy.is_file() or copy.read_bytes() != text:
+        partial = copy.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(text)
+        partial.replace(copy)
+    return copy
 
 #: A build holds torch's ``lock`` file for a minute or two; one older than this was left by a killed build.
 STALE_LOCK_SECONDS = 900
