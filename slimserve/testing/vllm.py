@@ -74,7 +74,9 @@ def _run_vllm(script: str, marker: str, args: dict[str, Any], *, tp: int = 1, ti
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
+        # one core per worker; more workers than cores (TP 2 x PP 2 on 2 cores) share them round-robin
+        cores = sorted(os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[i % len(cores)]) for i in range(tp))
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True,
                           timeout=timeout)
     for line in proc.stdout.splitlines():
@@ -102,6 +104,32 @@ def hf_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16
                 next_id = model(ids).logits[:, -1].argmax(dim=-1, keepdim=True)
                 ids = torch.cat([ids, next_id], dim=1)
             results.append(ids[0, start:].tolist())
+    return results
+
+
+def scheme_reference_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16,
+                            dense_prefill: bool = True) -> list[list[int]]:
+    """Greedy token ids of ``loaders/reference.py``'s model, where each module runs its scheme's own forward.
+
+    The reference for checkpoints no dense export stands for (rsparse masks each decode token's
+    input): one prefill forward, dense by default as vLLM serves it, then one forward per decoded
+    token with the KV cache, float32.
+    """
+    from transformers import AutoTokenizer
+
+    from slimserve.loaders.reference import reference_model
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = reference_model(model_dir, dense_prefill=dense_prefill)
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model(tok(prompt, return_tensors="pt").input_ids, use_cache=True)
+            tokens = []
+            for _ in range(max_tokens):
+                tokens.append(int(out.logits[0, -1].argmax()))
+                out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            results.append(tokens)
     return results
 
 
