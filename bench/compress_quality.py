@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 from slimserve.loaders.assets import ARTIFACTS, austen_text, smollm2_folder
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
@@ -181,13 +183,6 @@ def write_nm_readme(rows: dict) -> None:
                                                        f"({row['ratio']:.1%} / {row['bytes_ratio']:.1%} B)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     replace_section(NM_SECTION, "\n".join(lines) + "\n")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), for the table's machine line."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def windows_suffix(samples: int) -> str:

@@ -41,7 +41,7 @@ from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.testing.models import build_tiny_causal_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparsed import describe_machine  # noqa: E402
+from machine import describe_machine  # noqa: E402
 
 HEADING = "## Decode throughput in vLLM (issue 2)"
 MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,

@@ -1,13 +1,16 @@
 """Keeping the answers (issue 16): one-pass vs sequential calibration, with and without healing, on SmolLM2-135M.
 
-ROCKET (the best method of the compression-quality table) at the given ratios, calibrated on
-*Pride and Prejudice*; token perplexity on *Emma* (same author as the calibration text) and on
-*Moby Dick* (a text of another kind), dense in the same run. Healing distils the dense model on the
-calibration text (``slimserve heal``; steps, tokens and wall time in the table). Results accumulate in
-``bench/results/recovery.json`` (a rerun skips finished rows) and the table goes into bench/README.md.
+A method (default ROCKET, the best of the compression-quality table) at the given ratios,
+calibrated on *Pride and Prejudice* or on other ``--calib`` sources (``self:N``: the dense model's
+own chat turns); token perplexity on *Emma* (same author as the novel) and on *Moby Dick* (a text
+of another kind), dense in the same run. Healing distils the dense model on the calibration text
+(``slimserve heal``; steps, tokens and wall time in the table). Results accumulate in
+``bench/results/recovery.json`` (a rerun skips finished rows) and the table goes into bench/README.md;
+``make demo``'s ratio is read off its chat column.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/recovery.py [--ratios 0.3] [--heal-steps 40] [--chat]
-        [--calibrations one-pass sequential]
+        [--calibrations one-pass sequential] [--method rocket] [--allocation knapsack]
+        [--budget params] [--calib self:64]
         [--model DIR --calib-cache FILE]   # reuse a folder and Gram cache (and its knapsack profile) made earlier
 """
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,9 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 from slimserve.loaders.assets import ARTIFACTS, _read_rdb_object, austen_text, smollm2_folder
 from slimserve.loaders.chat_eval import SHIPPED_QUESTIONS
 from slimserve.loaders.checkpoint import compression_summary
+from slimserve.loaders.compress.calib_sources import prepare_calibration
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.eval import METRIC, perplexity
 from slimserve.loaders.heal import HealSettings, heal
@@ -53,17 +58,14 @@ def moby_dick(folder: Path = ARTIFACTS / "texts") -> Path:
     return path
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3])
+    parser.add_argument("--method", default="rocket")
     parser.add_argument("--allocation", default="knapsack")
+    parser.add_argument("--budget", choices=["params", "bytes"], default="params")
+    parser.add_argument("--calib", nargs="+", metavar="SOURCE",
+                        help="calibration sources as `compress --calib` takes them (default: Pride and Prejudice)")
     parser.add_argument("--calibrations", nargs="+", choices=["one-pass", "sequential"],
                         default=["one-pass", "sequential"])
     parser.add_argument("--heal-steps", type=int, default=40, help="0: no healed rows")
@@ -81,11 +83,17 @@ def main() -> int:
     store = RESULTS / "recovery.json"
     rows = json.loads(store.read_text()) if store.is_file() else {}
     model = args.model or smollm2_folder()
-    calib = austen_text("prideprejudice")
     texts = {"emma": austen_text("emma"), "mobydick": moby_dick()}
     work = ARTIFACTS / "bench-recovery"
     work.mkdir(parents=True, exist_ok=True)
-    cache = args.calib_cache or work / "grams.pt"
+    if args.calib:
+        label = "+".join(Path(source).stem if Path(source).is_file() else source for source in args.calib)
+        calib = prepare_calibration(model, args.calib, cache_dir=work)
+        cache = args.calib_cache or work / f"grams-{label.replace(':', '')}.pt"
+    else:
+        label = None
+        calib = austen_text("prideprejudice")
+        cache = args.calib_cache or work / "grams.pt"
 
     def save(name: str, row: dict) -> None:
         rows[name] = row
@@ -101,20 +109,21 @@ def main() -> int:
         return {"chat": evaluate_chat(path, SHIPPED_QUESTIONS).overall.as_dict()} if args.chat else {}
 
     if "dense" not in rows or (args.chat and "chat" not in rows["dense"]):
-        dense_row = rows.get("dense") or {"ppl": ppl(model), "cpu": cpu_name()}
+        dense_row = rows.get("dense") or {"ppl": ppl(model), "cpu": cpu_model()}
         save("dense", {**dense_row, **chat(model)})
     for ratio in args.ratios:
         for calibration in args.calibrations:
             sequential = calibration == "sequential"
-            name = f"rocket/{args.allocation}/{ratio}/{calibration}"
+            name = "/".join([args.method, args.allocation, str(ratio), calibration]
+                            + ([f"calib={label}"] if label else []) + (["bytes"] if args.budget == "bytes" else []))
             out = work / name.replace("/", "-")
             if name not in rows:
                 start = time.time()
-                compress(model, out, method="rocket", ratio=ratio, allocation=args.allocation, budget="params",
+                compress(model, out, method=args.method, ratio=ratio, allocation=args.allocation, budget=args.budget,
                          calib=calib, calib_cache=cache, sequential=sequential, progress=False)
                 summary = compression_summary(out)
-                save(name, {"ppl": ppl(out), "ratio": summary["ratio"], "compress_s": round(time.time() - start, 1),
-                            **chat(out)})
+                save(name, {"ppl": ppl(out), "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
+                            "compress_s": round(time.time() - start, 1), **chat(out)})
             healed_name = f"{name}/heal{args.heal_steps}"
             if healed_name in rows or args.heal_steps == 0:
                 continue
@@ -125,7 +134,8 @@ def main() -> int:
             result = heal(out, work / f"{out.name}-heal", teacher=model, text=calib, settings=settings,
                           progress=False)
             seconds = time.time() - start
-            save(healed_name, {"ppl": ppl(result.path), "ratio": rows[name]["ratio"], "heal_s": round(seconds, 1),
+            removed = {key: rows[name][key] for key in ("ratio", "bytes_ratio") if key in rows[name]}
+            save(healed_name, {"ppl": ppl(result.path), **removed, "heal_s": round(seconds, 1),
                                "heal_tokens": args.heal_steps * args.heal_batch * args.heal_seq_len,
                                "heal_lr": args.heal_lr, "held_out_kl": result.held_out,
                                "held_out_kl_written": result.held_out_written, **chat(result.path)})
@@ -147,18 +157,20 @@ def write_readme(rows: dict) -> None:
     """Replace (or add) this benchmark's section of bench/README.md, leaving other sections alone."""
     dense = rows["dense"]["ppl"]
     lines = [SECTION, "",
-             f"{METRIC} of SmolLM2-135M-Instruct on *Emma* (same author as the calibration text) and *Moby Dick* "
-             "(another kind of text), first 8 windows of 512 tokens, BOS first; ROCKET + knapsack, ratio = "
-             "fraction of decoder-linear parameters removed (`--budget params`, as the quality table above), "
-             "calibrated on *Pride and Prejudice* (32 windows of 512 tokens, seed 0). One-pass: every layer's Gram "
-             "from the dense model; sequential: from the outputs of the already-compressed layers below "
-             "(`compress --sequential`; the knapsack levels come from the one-pass profile either way). Healing: "
-             "`slimserve heal` on the calibration text, KL to the dense model's logits, only stored factors "
-             "trained; tokens, lr and wall time per row. Chat: `slimserve eval chat` on the shipped questions "
-             "(greedy through vLLM, exact/numeric match; 95 % Wilson interval). In brackets: x dense.", "",
+             f"{METRIC} of SmolLM2-135M-Instruct on *Emma* (same author as the novel calibration text) and *Moby "
+             "Dick* (another kind of text), first 8 windows of 512 tokens, BOS first. A row is "
+             "method/allocation/ratio/calibration: ratio = fraction of decoder-linear parameters removed "
+             "(`--budget params`, as the quality table above) unless the row ends in /bytes; calibrated on *Pride and "
+             "Prejudice* (32 windows of 512 tokens, seed 0) unless the row says calib=self:N (N chat turns the dense "
+             "model wrote itself, `compress --calib self:N`). One-pass: every layer's Gram from the dense model; "
+             "sequential: from the outputs of the already-compressed layers below (`compress --sequential`; the "
+             "knapsack levels come from the one-pass profile either way). Healing: `slimserve heal` on the "
+             "calibration text, KL to the dense model's logits, only stored factors trained; tokens, lr and wall "
+             "time per row. Chat: `slimserve eval chat` on the shipped questions (greedy through vLLM, "
+             "exact/numeric match; 95 % Wilson interval). In brackets: x dense.", "",
              f"CPU: {rows['dense'].get('cpu', 'unknown')}, 2 cores shared with other jobs (times are indicative). "
              "Command: `OMP_NUM_THREADS=2 .venv/bin/python bench/recovery.py`.", "",
-             "| configuration | Emma | Moby Dick | chat accuracy | params removed | time |",
+             "| configuration | Emma | Moby Dick | chat accuracy | params / bytes removed | time |",
              "|---|---|---|---|---|---|",
              f"| dense | {dense['emma']:.2f} | {dense['mobydick']:.2f} | {chat_cell(rows['dense'], None)} | 0 | |"]
     for name, row in rows.items():
@@ -172,7 +184,8 @@ def write_readme(rows: dict) -> None:
         else:
             time_cell = f"compress {row['compress_s']:.0f} s"
         chat = chat_cell(row, rows["dense"].get("chat"))
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {chat} | {row['ratio']:.1%} | {time_cell} |")
+        removed = f"{row['ratio']:.1%}" + (f" / {row['bytes_ratio']:.1%}" if "bytes_ratio" in row else "")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {chat} | {removed} | {time_cell} |")
     lines.append("")
     section = "\n".join(lines)
     text = README.read_text() if README.is_file() else "# Benchmarks\n\n"

@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from machine import cpu_model  # bench/ is on sys.path when run as a script
 
 OUT, IN, RATIO = 5632, 2048, 0.3
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -103,8 +104,7 @@ def main() -> None:
         proc = subprocess.run([sys.executable, __file__, "--child"], env=dict(os.environ, SLIMSERVE_CPU_ISA=isa),
                               capture_output=True, text=True, check=True)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; k = {runs[0]['k']}, s = {runs[0]['s']}\n")
+    print(f"CPU: {cpu_model()}; torch threads {torch.get_num_threads()}; k = {runs[0]['k']}, s = {runs[0]['s']}\n")
     for run in runs:
         times = run["times"]
         print(f"ISA {run['isa']}: µs per call (bf16 values)\n")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import describe_machine  # bench/ is on sys.path when run as a script
 
 from slimserve.attention.sparsed import (
     SparsedParams,
@@ -58,17 +58,6 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
-
-
-def describe_machine() -> str:
-    name = platform.processor()
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"ISA {torch.backends.cpu.get_cpu_capability()}, load average {load}")
 
 
 def random_qkv(length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,37 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from slimserve.loaders.checkpoint import open_checkpoint
 from slimserve.loaders.compress.rsparse import compress_rsparse
-from slimserve.loaders.reference import reference_model
 from slimserve.plugin.vllm.rsparse import SPARSE_PREFILL_ENV
-from slimserve.testing.vllm import hf_greedy, vllm_greedy
+from slimserve.testing.vllm import hf_greedy, scheme_reference_greedy, vllm_greedy
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["The quick brown fox", "Return a new list of", "import json", "Create a logger with"]
-
-
-def reference_greedy(
-    model_dir: Path, prompts: list[str], *, sparse_prefill: bool, max_tokens: int = 16
-) -> list[list[int]]:
-    """Greedy decoding with the reference model: one prefill forward, then one forward per token with the KV cache."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = reference_model(model_dir, dense_prefill=not sparse_prefill)
-    results = []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = model(tok(prompt, return_tensors="pt").input_ids, use_cache=True)
-            tokens = []
-            for _ in range(max_tokens):
-                tokens.append(int(out.logits[0, -1].argmax()))
-                out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            results.append(tokens)
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +37,7 @@ def rsparse_llama(tiny_llama: Path, text_file: Path, tmp_path_factory: pytest.Te
 
 
 def test_vllm_greedy_equals_the_reference_at_tp1_and_tp2(rsparse_llama: Path, tiny_llama: Path) -> None:
-    reference = reference_greedy(rsparse_llama, PROMPTS, sparse_prefill=False)
+    reference = scheme_reference_greedy(rsparse_llama, PROMPTS)
     # sparse decode really changes the output, so the equality below is not vacuous
     assert reference != hf_greedy(tiny_llama, PROMPTS)
     # vLLM's default CPU mode (torch.compile) at TP 1, eager at TP 2
@@ -68,7 +46,7 @@ def test_vllm_greedy_equals_the_reference_at_tp1_and_tp2(rsparse_llama: Path, ti
 
 
 def test_sparse_prefill_flag_makes_every_token_sparse(rsparse_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = reference_greedy(rsparse_llama, PROMPTS, sparse_prefill=True)
-    assert reference != reference_greedy(rsparse_llama, PROMPTS, sparse_prefill=False)
+    reference = scheme_reference_greedy(rsparse_llama, PROMPTS, dense_prefill=False)
+    assert reference != scheme_reference_greedy(rsparse_llama, PROMPTS)
     monkeypatch.setenv(SPARSE_PREFILL_ENV, "1")
     assert vllm_greedy(rsparse_llama, PROMPTS) == reference
