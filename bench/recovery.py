@@ -31,6 +31,7 @@ from slimserve.loaders.assets import ARTIFACTS, _read_rdb_object, austen_text, s
 from slimserve.loaders.chat_eval import SHIPPED_QUESTIONS
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.loaders.compress.calib_sources import prepare_calibration
+from slimserve.loaders.compress.calibration import DEFAULT_WINDOWS
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.eval import METRIC, perplexity
 from slimserve.loaders.heal import HealSettings, heal
@@ -64,6 +65,8 @@ def main() -> int:
     parser.add_argument("--method", default="rocket")
     parser.add_argument("--allocation", default="knapsack")
     parser.add_argument("--budget", choices=["params", "bytes"], default="params")
+    parser.add_argument("--calib-samples", type=int, default=DEFAULT_WINDOWS,
+                        help="calibration windows of 512 tokens (self:N text holds about N/4 of them)")
     parser.add_argument("--calib", nargs="+", metavar="SOURCE",
                         help="calibration sources as `compress --calib` takes them (default: Pride and Prejudice)")
     parser.add_argument("--calibrations", nargs="+", choices=["one-pass", "sequential"],
@@ -115,12 +118,15 @@ def main() -> int:
         for calibration in args.calibrations:
             sequential = calibration == "sequential"
             name = "/".join([args.method, args.allocation, str(ratio), calibration]
-                            + ([f"calib={label}"] if label else []) + (["bytes"] if args.budget == "bytes" else []))
+                            + ([f"calib={label}"] if label else [])
+                            + ([f"{args.calib_samples}w"] if args.calib_samples != DEFAULT_WINDOWS else [])
+                            + (["bytes"] if args.budget == "bytes" else []))
             out = work / name.replace("/", "-")
             if name not in rows:
                 start = time.time()
                 compress(model, out, method=args.method, ratio=ratio, allocation=args.allocation, budget=args.budget,
-                         calib=calib, calib_cache=cache, sequential=sequential, progress=False)
+                         calib=calib, calib_cache=cache, sequential=sequential, calib_samples=args.calib_samples,
+                         progress=False)
                 summary = compression_summary(out)
                 save(name, {"ppl": ppl(out), "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
                             "compress_s": round(time.time() - start, 1), **chat(out)})
@@ -162,7 +168,8 @@ def write_readme(rows: dict) -> None:
              "method/allocation/ratio/calibration: ratio = fraction of decoder-linear parameters removed "
              "(`--budget params`, as the quality table above) unless the row ends in /bytes; calibrated on *Pride and "
              "Prejudice* (32 windows of 512 tokens, seed 0) unless the row says calib=self:N (N chat turns the dense "
-             "model wrote itself, `compress --calib self:N`). One-pass: every layer's Gram from the dense model; "
+             "model wrote itself, `compress --calib self:N`; a /Kw part: K windows instead of 32). "
+             "One-pass: every layer's Gram from the dense model; "
              "sequential: from the outputs of the already-compressed layers below (`compress --sequential`; the "
              "knapsack levels come from the one-pass profile either way). Healing: `slimserve heal` on the "
              "calibration text, KL to the dense model's logits, only stored factors trained; tokens, lr and wall "

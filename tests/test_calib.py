@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from slimserve.errors import CompressionError
+from slimserve.loaders.chat_eval import SHIPPED_QUESTIONS
 from slimserve.loaders.checkpoint import open_checkpoint
 from slimserve.loaders.compress import calib_sources
 from slimserve.loaders.compress.calib_sources import (
@@ -159,3 +160,10 @@ def test_compress_cli_mixes_sources_and_records_them(chat_model: Path, text_file
     # A rerun reuses the Gram cache: it was computed from the same rendered text.
     spec = load_or_collect_grams(chat_model, rendered, cache, samples=SAMPLES, seq_len=SEQ_LEN, progress=False).spec
     assert spec.text_sha256 == calibration["sha256"]
+
+
+def test_self_calibration_prompts_are_not_scored_chat_questions() -> None:
+    """Calibrating on a question `eval chat` scores would flatter the compressed model's accuracy."""
+    scored = {json.loads(line)["question"].strip().lower() for line in SHIPPED_QUESTIONS.read_text().splitlines()}
+    assert len(set(SELF_PROMPTS)) == len(SELF_PROMPTS)
+    assert not scored & {prompt.strip().lower() for prompt in SELF_PROMPTS}

@@ -41,10 +41,13 @@ SELF_PREFIX = "self:"
 SELF_MAX_NEW_TOKENS = 256
 SELF_TEMPERATURE = 0.7
 SELF_TOP_P = 0.9
-SELF_BATCH = 8
-# Varied user turns: questions, explanations, instructions, short writing tasks, everyday advice.
+# Generation on CPU is bound by per-step overhead up to a few dozen rows: 32 rows a step were 2.4x the
+# tokens/s of 8 on 2 cores (SmolLM2-135M).
+SELF_BATCH = 32
+# Varied user turns: questions, explanations, instructions, short writing tasks, everyday advice. None is a
+# question of the shipped chat-eval set (a test checks), so calibrating on them never sees a scored question.
 SELF_PROMPTS = (
-    "What is the capital of France?",
+    "What is a good name for a pet goldfish?",
     "Explain how rain forms.",
     "Write a short poem about the sea.",
     "Give me three tips for staying focused while studying.",
@@ -66,7 +69,7 @@ SELF_PROMPTS = (
     "What should I pack for a trip to the beach?",
     "Why do we need to sleep?",
     "Describe your favourite season and why.",
-    "How many legs does a spider have?",
+    "How many wheels does a tricycle have?",
     "Give an example of a healthy breakfast.",
     "What is photosynthesis?",
     "Write a haiku about autumn leaves.",
@@ -75,8 +78,8 @@ SELF_PROMPTS = (
     "What is the opposite of 'ancient'?",
     "Suggest a name for a pet dog.",
     "Explain why exercise is good for you.",
-    "What is the tallest mountain in the world?",
-    "Reply with only the word 'yes'.",
+    "Why do leaves change color in autumn?",
+    "Answer in one word: is ice cold or hot?",
     "How do you say 'thank you' in Spanish?",
     "What is a noun? Give two examples.",
     "Write a two-line rhyme about a mouse.",
@@ -86,7 +89,7 @@ SELF_PROMPTS = (
     "What is 45 minus 18?",
     "Describe the city of London in three sentences.",
     "How do I stay calm before an exam?",
-    "What is the largest ocean on Earth?",
+    "What is the smallest planet in the solar system?",
     "Explain the rules of tic-tac-toe.",
     "Write a thank-you note to a teacher.",
     "What are clouds made of?",
