@@ -6,8 +6,10 @@
 // 2:4 has a permute path: 16 values (8 groups) cover 32 consecutive inputs and their 32 offset bits are one uint32,
 // decoded into 16 lane indices with a variable shift; the x entries are picked out of two registers with a permute
 // (AVX-512 vpermt2ps; AVX2 two vpermps and a blend). 4:8 has the same path with 3-bit offsets (16 values = 4 groups
-// = 32 inputs, 48 offset bits). Other patterns decode each row's columns into a small buffer and gather. Built at first use by plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA
-// (AMD EPYC hosts have no AVX-512), else scalar. Also decompresses to a dense weight for many-token steps.
+// = 32 inputs, 48 offset bits); the two differ only in how a block's offsets become lane indices (block_index).
+// Other patterns decode each row's columns into a small buffer and gather. Built at first use by
+// plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512),
+// else scalar. Also decompresses to a dense weight for many-token steps.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -80,92 +82,80 @@ inline float reduce_add8(__m256 v) {
 }
 #endif
 
-// 2:4 rows for a block of NT tokens (a compile-time count, so the NT accumulators stay in registers):
-// x is [tokens, in] float32 starting at the block's first token, y [tokens, out] float32 likewise.
-template <typename V, int NT>
-void rows_2of4(const float* x, const V* values, const uint8_t* positions, float* y, int64_t in, int64_t out,
-               int64_t row_begin, int64_t row_end) {
-  const int64_t stored = in / 2, meta_bytes = (stored * 2 + 7) / 8;
+// The patterns with a permute path. Each stores half its inputs (stored = in / 2) and turns the offsets of one block
+// of stored values starting at j (16 with AVX-512, 8 with AVX2) into each value's input position relative to 2j,
+// the block's first input; rows_fixed does the rest.
+struct TwoOfFour {
+  static constexpr int kKept = 2, kGroup = 4, kBits = 2;
 #if defined(__AVX512F__)
-  const int64_t main = stored / 16 * 16;
-  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i bases = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i three = _mm512_set1_epi32(3);
-#elif defined(SLIMSERVE_AVX2)
-  const int64_t main = stored / 8 * 8;
-  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  const __m256i bases = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
-  const __m256i three = _mm256_set1_epi32(3), seven = _mm256_set1_epi32(7);
-#else
-  const int64_t main = 0;
-#endif
-  for (int64_t o = row_begin; o < row_end; ++o) {
-    const V* val = values + o * stored;
-    const uint8_t* meta = positions + o * meta_bytes;
-    float sums[NT];
-#if defined(__AVX512F__)
-    __m512 acc[NT];
-    for (int n = 0; n < NT; ++n) acc[n] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < main; j += 16) {  // 16 values = 8 groups = inputs 2j .. 2j + 31
-      uint32_t word;
-      std::memcpy(&word, meta + j / 4, 4);
-      const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(word), shifts), three),
-                                           bases);
-      const __m512 vv = load16(val + j);
-      for (int n = 0; n < NT; ++n) {
-        const float* xr = x + n * in + 2 * j;
-        const __m512 picked = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), idx, _mm512_loadu_ps(xr + 16));
-        acc[n] = _mm512_fmadd_ps(picked, vv, acc[n]);
-      }
-    }
-    for (int n = 0; n < NT; ++n) sums[n] = _mm512_reduce_add_ps(acc[n]);
-#elif defined(SLIMSERVE_AVX2)
-    __m256 acc[NT];
-    for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < main; j += 8) {  // 8 values = 4 groups = inputs 2j .. 2j + 15
-      uint16_t half;
-      std::memcpy(&half, meta + j / 4, 2);
-      const __m256i idx = _mm256_add_epi32(
-          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts), three), bases);
-      const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
-      const __m256 vv = load8(val + j);
-      for (int n = 0; n < NT; ++n) {
-        const float* xr = x + n * in + 2 * j;
-        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx);
-        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx);
-        acc[n] = _mm256_fmadd_ps(_mm256_blendv_ps(lo, hi, upper), vv, acc[n]);
-      }
-    }
-    for (int n = 0; n < NT; ++n) sums[n] = reduce_add8(acc[n]);
-#else
-    for (int n = 0; n < NT; ++n) sums[n] = 0.f;
-#endif
-    for (int64_t j = main; j < stored; ++j) {  // tail (and the whole row in the scalar build)
-      const int64_t col = j / 2 * 4 + offset_at(meta, j, 2);
-      const float v = to_float(val[j]);
-      for (int n = 0; n < NT; ++n) sums[n] += x[n * in + col] * v;
-    }
-    for (int n = 0; n < NT; ++n) y[n * out + o] = sums[n];
+  // 16 values = 8 groups = inputs 2j .. 2j + 31; their 32 offset bits are one word
+  static __m512i block_index(const uint8_t* meta, int64_t j) {
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i bases = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    uint32_t word;
+    std::memcpy(&word, meta + j / 4, 4);
+    return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts),
+                                             _mm512_set1_epi32(3)), bases);
   }
-}
+#elif defined(SLIMSERVE_AVX2)
+  // 8 values = 4 groups = inputs 2j .. 2j + 15; 16 offset bits
+  static __m256i block_index(const uint8_t* meta, int64_t j) {
+    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i bases = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+    uint16_t half;
+    std::memcpy(&half, meta + j / 4, 2);
+    return _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts),
+                                             _mm256_set1_epi32(3)), bases);
+  }
+#endif
+};
 
-// 4:8 rows for a block of NT tokens: as rows_2of4, with 3-bit offsets. 16 values are 4 groups = inputs 2j .. 2j + 31,
-// their 48 offset bits six bytes, spread over 16 lanes from two 24-bit halves (AVX-512). AVX2: 8 values are
-// 2 groups = inputs 2j .. 2j + 15, 24 offset bits three bytes.
-template <typename V, int NT>
-void rows_4of8(const float* x, const V* values, const uint8_t* positions, float* y, int64_t in, int64_t out,
-               int64_t row_begin, int64_t row_end) {
-  const int64_t stored = in / 2, meta_bytes = (stored * 3 + 7) / 8;
+struct FourOfEight {
+  static constexpr int kKept = 4, kGroup = 8, kBits = 3;
+#if defined(__AVX512F__)
+  // 16 values = 4 groups = inputs 2j .. 2j + 31; their 48 offset bits are six bytes, spread over the lanes from two
+  // 24-bit halves (lanes 0-7 read bits 0-23, lanes 8-15 bits 24-47). Exactly six bytes are read (the row's last
+  // block may end the tensor), as whole words: assembling them in memory and reading them back wider stalls store
+  // forwarding on every block.
+  static __m512i block_index(const uint8_t* meta, int64_t j) {
+    const __m512i shifts = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21);
+    const __m512i bases = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+    uint32_t first;
+    uint16_t last;
+    std::memcpy(&first, meta + j / 16 * 6, 4);
+    std::memcpy(&last, meta + j / 16 * 6 + 4, 2);
+    const uint32_t high = (first >> 24) | (static_cast<uint32_t>(last) << 8);
+    const __m512i spread = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(first)), 0xFF00,
+                                                  static_cast<int>(high));
+    return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(spread, shifts), _mm512_set1_epi32(7)), bases);
+  }
+#elif defined(SLIMSERVE_AVX2)
+  // 8 values = 2 groups = inputs 2j .. 2j + 15; 24 offset bits, three bytes
+  static __m256i block_index(const uint8_t* meta, int64_t j) {
+    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    const __m256i bases = _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8);
+    uint16_t pair;
+    std::memcpy(&pair, meta + j / 8 * 3, 2);
+    const uint32_t word = pair | (static_cast<uint32_t>(meta[j / 8 * 3 + 2]) << 16);
+    return _mm256_add_epi32(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), _mm256_set1_epi32(7)),
+        bases);
+  }
+#endif
+};
+
+// Rows of a permute-path pattern for a block of NT tokens (a compile-time count, so the NT accumulators stay in
+// registers): x is [tokens, in] float32 starting at the block's first token, y [tokens, out] float32 likewise. The
+// x entries of a block are picked out of two registers with a permute (AVX-512 vpermt2ps; AVX2 two vpermps and a
+// blend).
+template <typename V, int NT, typename Pattern>
+void rows_fixed(const float* x, const V* values, const uint8_t* positions, float* y, int64_t in, int64_t out,
+                int64_t row_begin, int64_t row_end) {
+  const int64_t stored = in / 2, meta_bytes = (stored * Pattern::kBits + 7) / 8;
 #if defined(__AVX512F__)
   const int64_t main = stored / 16 * 16;
-  // lanes 0-7 read bits 0-23 of the 48, lanes 8-15 bits 24-47 (the word shifted by 24): both halves in 32 bits
-  const __m512i shifts = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21);
-  const __m512i bases = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
-  const __m512i seven = _mm512_set1_epi32(7);
 #elif defined(SLIMSERVE_AVX2)
   const int64_t main = stored / 8 * 8;
-  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
-  const __m256i bases = _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8);
   const __m256i seven = _mm256_set1_epi32(7);
 #else
   const int64_t main = 0;
@@ -178,16 +168,7 @@ void rows_4of8(const float* x, const V* values, const uint8_t* positions, float*
     __m512 acc[NT];
     for (int n = 0; n < NT; ++n) acc[n] = _mm512_setzero_ps();
     for (int64_t j = 0; j < main; j += 16) {
-      // exactly six bytes (the row's last block may end the tensor), read as whole words: assembling them in
-      // memory and reading them back wider stalls store forwarding on every block
-      uint32_t first;
-      uint16_t last;
-      std::memcpy(&first, meta + j / 16 * 6, 4);
-      std::memcpy(&last, meta + j / 16 * 6 + 4, 2);
-      const uint32_t high = (first >> 24) | (static_cast<uint32_t>(last) << 8);
-      const __m512i spread = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(first)), 0xFF00,
-                                                    static_cast<int>(high));
-      const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(spread, shifts), seven), bases);
+      const __m512i idx = Pattern::block_index(meta, j);
       const __m512 vv = load16(val + j);
       for (int n = 0; n < NT; ++n) {
         const float* xr = x + n * in + 2 * j;
@@ -200,11 +181,7 @@ void rows_4of8(const float* x, const V* values, const uint8_t* positions, float*
     __m256 acc[NT];
     for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
     for (int64_t j = 0; j < main; j += 8) {
-      uint16_t pair;
-      std::memcpy(&pair, meta + j / 8 * 3, 2);
-      const uint32_t word = pair | (static_cast<uint32_t>(meta[j / 8 * 3 + 2]) << 16);
-      const __m256i idx = _mm256_add_epi32(
-          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), seven), bases);
+      const __m256i idx = Pattern::block_index(meta, j);
       const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
       const __m256 vv = load8(val + j);
       for (int n = 0; n < NT; ++n) {
@@ -219,7 +196,7 @@ void rows_4of8(const float* x, const V* values, const uint8_t* positions, float*
     for (int n = 0; n < NT; ++n) sums[n] = 0.f;
 #endif
     for (int64_t j = main; j < stored; ++j) {  // tail (and the whole row in the scalar build)
-      const int64_t col = j / 4 * 8 + offset_at(meta, j, 3);
+      const int64_t col = j / Pattern::kKept * Pattern::kGroup + offset_at(meta, j, Pattern::kBits);
       const float v = to_float(val[j]);
       for (int n = 0; n < NT; ++n) sums[n] += x[n * in + col] * v;
     }
@@ -227,32 +204,22 @@ void rows_4of8(const float* x, const V* values, const uint8_t* positions, float*
   }
 }
 
-template <typename V, int NT> struct TwoOfFour {
-  static void run(const float* x, const V* v, const uint8_t* p, float* y, int64_t in, int64_t out, int64_t b,
-                  int64_t e) { rows_2of4<V, NT>(x, v, p, y, in, out, b, e); }
-};
-template <typename V, int NT> struct FourOfEight {
-  static void run(const float* x, const V* v, const uint8_t* p, float* y, int64_t in, int64_t out, int64_t b,
-                  int64_t e) { rows_4of8<V, NT>(x, v, p, y, in, out, b, e); }
-};
-
-// All tokens through a fixed-pattern row kernel (rows_2of4, rows_4of8), in blocks of up to 8 (each block re-reads
-// the rows, which are cache-hot then).
-template <typename V, template <typename, int> class Rows>
+// All tokens through rows_fixed, in blocks of up to 8 (each block re-reads the rows, which are cache-hot then).
+template <typename V, typename Pattern>
 void rows_tokens(const float* x, const V* values, const uint8_t* positions, float* y, int64_t tokens, int64_t in,
                  int64_t out, int64_t row_begin, int64_t row_end) {
   for (int64_t n0 = 0; n0 < tokens; n0 += kTokenBlock) {
     const float* xb = x + n0 * in;
     float* yb = y + n0 * out;
     switch (std::min(kTokenBlock, tokens - n0)) {
-      case 1: Rows<V, 1>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 2: Rows<V, 2>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 3: Rows<V, 3>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 4: Rows<V, 4>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 5: Rows<V, 5>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 6: Rows<V, 6>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      case 7: Rows<V, 7>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
-      default: Rows<V, 8>::run(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 1: rows_fixed<V, 1, Pattern>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 2: rows_fixed<V, 2, Pattern>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 3: rows_fixed<V, 3, Pattern>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 4: rows_fixed<V, 4, Pattern>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 5: rows_fixed<V, 5, Pattern>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 6: rows_fixed<V, 6, Pattern>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      case 7: rows_fixed<V, 7, Pattern>(xb, values, positions, yb, in, out, row_begin, row_end); break;
+      default: rows_fixed<V, 8, Pattern>(xb, values, positions, yb, in, out, row_begin, row_end); break;
     }
   }
 }
