@@ -15,15 +15,10 @@ import torch
 
 from slimserve.errors import CheckpointError
 from slimserve.loaders.checkpoint import (
-    CheckpointWriter,
-    copy_aux_files,
     densify,
-    iter_tensors,
-    open_checkpoint,
     validate_checkpoint,
 )
-from slimserve.loaders.models import decoder_linear_modules
-from slimserve.loaders.schemes.nm import nm_mask, pack_nm
+from slimserve.testing.nm import write_nm_checkpoint
 from slimserve.testing.vllm import hf_greedy, vllm_greedy
 
 PROMPTS = ["The quick brown fox", "Return a new list of", "import json", "Create a logger with"]
@@ -31,31 +26,10 @@ DENSE_MODULE = "model.layers.0.self_attn.k_proj"
 PATTERN_OF = {"model.layers.1.mlp.up_proj": (4, 8), "model.layers.1.mlp.gate_proj": (1, 4)}
 
 
-def write_nm_checkpoint(dense_dir: Path, out: Path) -> Path:
-    """Prune each decoder linear of ``dense_dir`` by magnitude to its N:M pattern and store it as ``nm``."""
-    ckpt = open_checkpoint(dense_dir)
-    modules = decoder_linear_modules(ckpt.tensors)
-    writer = CheckpointWriter(out, ckpt.config, producer={"method": "test-magnitude-nm"})
-    for name, tensor in iter_tensors(ckpt):
-        module = name.removesuffix(".weight")
-        if module not in modules:
-            writer.add_tensor(name, tensor)
-            continue
-        if module == DENSE_MODULE:  # a fused layer lists every shard, a dense one as scheme dense
-            writer.add_module(module, "dense", {"weight": tensor}, in_features=tensor.shape[1],
-                              out_features=tensor.shape[0])
-            continue
-        kept, group = PATTERN_OF.get(module, (2, 4))
-        tensors = pack_nm(tensor * nm_mask(tensor, kept, group), kept, group, module=name)
-        writer.add_module(module, "nm", tensors, in_features=tensor.shape[1], out_features=tensor.shape[0],
-                          kept=kept, group=group)
-    copy_aux_files(dense_dir, out)
-    return writer.finish()
-
-
 @pytest.fixture(scope="module")
 def nm_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_nm_checkpoint(tiny_llama, tmp_path_factory.mktemp("nm_llama") / "slim")
+    return write_nm_checkpoint(tiny_llama, tmp_path_factory.mktemp("nm_llama") / "slim", pattern_of=PATTERN_OF,
+                               dense_modules={DENSE_MODULE})
 
 
 def test_the_checkpoint_validates_and_weighs_56_percent_at_2of4(nm_llama: Path) -> None:

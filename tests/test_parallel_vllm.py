@@ -23,14 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
+from slimserve.loaders.checkpoint import open_checkpoint
 from slimserve.loaders.compress.rsparse import compress_rsparse
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.converters import convert_rocket
-from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes import SCHEMES
-from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.testing.edit import edited_copy
+from slimserve.testing.nm import write_nm_checkpoint
 from slimserve.testing.rocket_layout import write_rocket_sep
 from slimserve.testing.vllm import hf_greedy, scheme_reference_greedy, vllm_greedy
 
@@ -94,22 +93,6 @@ def build_every_scheme_llama(tiny_llama: Path, text_file: Path, tmp: Path) -> Pa
     assert schemes["model.layers.0.self_attn.q_proj"] == "dictsparse"
     assert {s["alpha"] for s in open_checkpoint(out).modules.values() if s["scheme"] == "rsparse"} == {0.0, 0.6, 1.0}
     return out
-
-
-def write_nm_checkpoint(dense_dir: Path, out: Path) -> Path:
-    """Every decoder linear pruned by magnitude to 2:4 and stored as ``nm`` (the donor of the nm modules)."""
-    ckpt = open_checkpoint(dense_dir)
-    modules = decoder_linear_modules(ckpt.tensors)
-    writer = CheckpointWriter(out, ckpt.config, producer={"method": "test-magnitude-nm"})
-    for name, tensor in iter_tensors(ckpt):
-        module = name.removesuffix(".weight")
-        if module not in modules:
-            writer.add_tensor(name, tensor)
-            continue
-        writer.add_module(module, "nm", pack_nm(tensor * nm_mask(tensor, 2, 4), 2, 4, module=name),
-                          in_features=tensor.shape[1], out_features=tensor.shape[0], kept=2, group=4)
-    copy_aux_files(dense_dir, out)
-    return writer.finish()
 
 
 @pytest.fixture(scope="module")
