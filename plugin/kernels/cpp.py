@@ -5,8 +5,9 @@ build them; ``torch.utils.cpp_extension.load`` compiles them with ``-march=nativ
 time a model that needs them loads, and reuses the build while source and flags are unchanged.
 The source is compiled from a copy inside the build folder (``build_source``): torch's loader runs
 ninja on every first load in a process, and ninja rebuilds whenever the compile command changes,
-source path included, so compiling from the installed location rebuilt every kernel for each new
-clone, virtual environment or wheel install of the same code (minutes per ISA).
+source path included, so a reinstall of the same code at another path rebuilt every kernel. The
+command also holds torch's include paths, so a new virtual environment (a fresh clone's) still
+rebuilds; skipping that needs a cache keyed on source, flags and torch version instead of ninja's.
 
 Builds are cached per torch version, Python version and CPU (instruction set and feature flags;
 ``$SLIMSERVE_KERNEL_DIR``, default ``~/.cache/slimserve/kernels``): a ``-march=native`` build made
@@ -170,8 +171,8 @@ _cached_build = functools.cache(build_cpu_extension)
 def build_source(source: Path, build_dir: Path) -> Path:
     """``source`` copied into ``build_dir``, rewritten only when its bytes differ.
 
-    The copy gives ninja one stable path per build folder, so the same code installed elsewhere
-    loads the cached library; leaving an identical copy untouched keeps its mtime, which ninja
+    The copy gives ninja one stable path per build folder, so the same code installed elsewhere in
+    the same environment loads the cached library; leaving an identical copy untouched keeps its mtime, which ninja
     also compares with the library's.
     """
     copy = build_dir / source.name
@@ -181,6 +182,7 @@ def build_source(source: Path, build_dir: Path) -> Path:
         partial.write_bytes(text)
         partial.replace(copy)
     return copy
+
 
 #: A build holds torch's ``lock`` file for a minute or two; one older than this was left by a killed build.
 STALE_LOCK_SECONDS = 900
