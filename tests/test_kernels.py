@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 from slimserve.loaders.schemes import sparse_rows
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
@@ -24,32 +26,54 @@ def test_each_variant_builds_with_its_own_isa(isa: str) -> None:
         assert kernel is not None and kernel.isa() == isa
 
 
-def test_the_same_source_installed_elsewhere_loads_the_cached_build(tmp_path: Path) -> None:
-    """A fresh clone, venv or wheel holds the same .cpp at another path: no rebuild (it cost minutes per ISA)."""
-    assert _cpu_kernel() is not None  # the build exists (cached or built now)
+def test_the_same_source_in_a_new_environment_loads_the_cached_build_without_ninja(tmp_path: Path) -> None:
+    """A fresh clone holds the same .cpp at another path, under another venv's torch headers: no rebuild.
+
+    The child process forbids torch's ``load`` (the only way to reach ninja), so passing proves the
+    cached library was imported by its key alone; it used to cost minutes per ISA per clone.
+    """
+    assert _cpu_kernel() is not None  # the build and its key exist (cached or built now)
     moved = tmp_path / "elsewhere" / "ell_cpu.cpp"
     moved.parent.mkdir()
     moved.write_bytes(cpp.source_path("ell_cpu.cpp").read_bytes())
     library = cpp.build_root() / "slimserve_ell_cpu" / "slimserve_ell_cpu.so"
     before = library.stat().st_mtime_ns
-    # A new process: torch's loader runs ninja on the first load in each process.
-    script = ("import sys; from pathlib import Path; from slimserve.plugin.kernels import cpp; "
+    script = ("import sys; from pathlib import Path; import torch.utils.cpp_extension as ext; "
+              "from slimserve.plugin.kernels import cpp; "
+              "ext.load = lambda *a, **k: sys.exit('load called: the cached build was not reused'); "
               "cpp.source_path = lambda source: Path(sys.argv[1]); "
-              "assert cpp.build_cpu_extension('slimserve_ell_cpu', 'ell_cpu.cpp') is not None")
-    subprocess.run([sys.executable, "-c", script, str(moved)], check=True)
+              "assert cpp.build_cpu_extension('slimserve_ell_cpu', 'ell_cpu.cpp').isa() == cpp.supported_isas()[0]")
+    result = subprocess.run([sys.executable, "-c", script, str(moved)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "loaded the cached build of CPU kernel ell_cpu.cpp" in result.stderr
     assert library.stat().st_mtime_ns == before
 
 
-def test_build_source_is_rewritten_only_when_its_bytes_change(tmp_path: Path) -> None:
-    source = tmp_path / "k.cpp"
-    source.write_text("int a;")
-    (tmp_path / "build").mkdir()
-    copy = cpp.build_source(source, tmp_path / "build")
-    stamp = copy.stat().st_mtime_ns
-    os.utime(copy, ns=(stamp - 10**9, stamp - 10**9))  # older than any rewrite could be
-    assert cpp.build_source(source, copy.parent).stat().st_mtime_ns == stamp - 10**9
-    source.write_text("int b;")
-    assert cpp.build_source(source, copy.parent).read_text() == "int b;"
+def test_changed_source_or_flags_change_the_key_and_a_mismatched_key_rebuilds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = b"int a;"
+    key = cpp.build_key(source, cpp.CFLAGS)
+    assert key == cpp.build_key(source, list(cpp.CFLAGS))
+    assert key != cpp.build_key(b"int b;", cpp.CFLAGS)
+    assert key != cpp.build_key(source, cpp.CFLAGS + cpp.ISA_FLAGS["avx2"])
+    # A stale key beside a library: torch's loader must be asked to build, and the new key recorded after.
+    monkeypatch.setenv(cpp.BUILD_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(cpp, "source_path", lambda name: tmp_path / name)
+    (tmp_path / "k.cpp").write_bytes(source)
+    build_dir = cpp.build_root() / "slimserve_k"
+    build_dir.mkdir(parents=True)
+    (build_dir / "slimserve_k.so").write_bytes(b"not a library")
+    (build_dir / "slimserve_k.key").write_text("stale")
+    calls = []
+
+    def fake_load(**kwargs: object) -> object:
+        calls.append(kwargs["sources"])
+        return types.SimpleNamespace(isa=lambda: "scalar")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    assert cpp.build_cpu_extension("slimserve_k", "k.cpp") is not None
+    assert calls == [[str(tmp_path / "k.cpp")]]
+    assert (build_dir / "slimserve_k.key").read_text() == key
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:

@@ -3,11 +3,11 @@
 The ``.cpp`` sources ship inside the package (package data), so an ordinary wheel install can
 build them; ``torch.utils.cpp_extension.load`` compiles them with ``-march=native`` the first
 time a model that needs them loads, and reuses the build while source and flags are unchanged.
-The source is compiled from a copy inside the build folder (``build_source``): torch's loader runs
-ninja on every first load in a process, and ninja rebuilds whenever the compile command changes,
-source path included, so a reinstall of the same code at another path rebuilt every kernel. The
-command also holds torch's include paths, so a new virtual environment (a fresh clone's) still
-rebuilds; skipping that needs a cache keyed on source, flags and torch version instead of ninja's.
+A build is reused by content, not by ninja: beside each library lies a key file, the digest of the
+source bytes, the compiler flags, torch's version and Python's. When the key matches, the library is
+imported directly and torch's ``load`` (and with it ninja) is not called. Ninja alone rebuilt far too
+often: its command holds the source path and torch's include paths, so every fresh clone, with its
+own virtual environment, rebuilt every kernel for every ISA, minutes per clone.
 
 Builds are cached per torch version, Python version and CPU (instruction set and feature flags;
 ``$SLIMSERVE_KERNEL_DIR``, default ``~/.cache/slimserve/kernels``): a ``-march=native`` build made
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import sys
@@ -48,6 +49,7 @@ BUILD_DIR_ENV = "SLIMSERVE_KERNEL_DIR"
 #: Set to ``avx512``, ``avx2`` or ``scalar`` to build and use that variant instead of the native one.
 ISA_ENV = "SLIMSERVE_CPU_ISA"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 #: Flags added to CFLAGS per variant: GCC's ``-mno-avx512f`` drops every AVX-512 extension and
 #: ``-mno-avx`` drops AVX, AVX2, FMA and AVX-512 with it, so the source's ``#if`` picks that path.
 ISA_FLAGS = {"avx512": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx"]}
@@ -135,20 +137,28 @@ def load_cpu_extension(name: str, source: str, isa: str | None = None) -> Module
 
 
 def build_cpu_extension(name: str, source: str, variant: str | None = None) -> ModuleType | None:
-    """Builds (or loads the on-disk build of) one variant, ``None`` meaning native; not memoised in-process."""
+    """Loads the cached build of one variant (``None`` meaning native), building it first when the key differs.
+
+    Not memoised in-process: each call really checks the cache and, where needed, builds.
+    """
     from torch.utils.cpp_extension import load
 
     path = source_path(source)
     module_name = name if variant is None else f"{name}_{variant}"
     cflags = CFLAGS + ([] if variant is None else ISA_FLAGS[variant])
     build_dir = build_root() / module_name
+    start = time.perf_counter()
+    action = "loaded the cached build of"
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        clear_stale_lock(build_dir)
-        before = _built_at(build_dir, module_name)
-        start = time.perf_counter()
-        module = load(name=module_name, sources=[str(build_source(path, build_dir))], extra_cflags=cflags,
-                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+        key = build_key(path.read_bytes(), cflags)
+        module = _import_matching_build(build_dir, module_name, key)
+        if module is None:
+            action = "built"
+            build_dir.mkdir(parents=True, exist_ok=True)
+            clear_stale_lock(build_dir)
+            module = load(name=module_name, sources=[str(path)], extra_cflags=cflags, extra_ldflags=LDFLAGS,
+                          build_directory=str(build_dir), verbose=False)
+            _write_atomically(build_dir / f"{module_name}.key", key)
     except (RuntimeError, OSError, ImportError, SystemExit) as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         if os.environ.get(REQUIRE_ENV) == "1":
@@ -158,8 +168,6 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
                        "PyTorch fallback. Install g++ and ninja, or set %s=1 to fail instead.",
                        path, build_dir, reason, REQUIRE_ENV)
         return None
-    action = "loaded the cached build of" if before is not None and before == _built_at(build_dir, module_name) \
-        else "built"
     logger.info("slimserve: %s CPU kernel %s in %s in %.1f s (ISA %s in the loops; CPU %s; %s)", action, path.name,
                 build_dir, time.perf_counter() - start, module.isa(), cpu_isa(), " ".join(cflags))
     return module
@@ -168,20 +176,41 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
 _cached_build = functools.cache(build_cpu_extension)
 
 
-def build_source(source: Path, build_dir: Path) -> Path:
-    """``source`` copied into ``build_dir``, rewritten only when its bytes differ.
+def build_key(source: bytes, cflags: list[str]) -> str:
+    """What a build's output depends on: the source bytes, the flags, torch's version and Python's.
 
-    The copy gives ninja one stable path per build folder, so the same code installed elsewhere in
-    the same environment loads the cached library; leaving an identical copy untouched keeps its mtime, which ninja
-    also compares with the library's.
+    Paths are left out on purpose (see the module docstring); the CPU is already in :func:`build_root`.
     """
-    copy = build_dir / source.name
-    text = source.read_bytes()
-    if not copy.is_file() or copy.read_bytes() != text:
-        partial = copy.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(text)
-        partial.replace(copy)
-    return copy
+    digest = hashlib.sha256(source)
+    for part in (*cflags, "|", *LDFLAGS, "|", torch.__version__, sys.version):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _import_matching_build(build_dir: Path, module_name: str, key: str) -> ModuleType | None:
+    """The library in ``build_dir`` imported as ``module_name`` if its key file says it was built from ``key``."""
+    library = build_dir / f"{module_name}.so"
+    try:
+        if (build_dir / f"{module_name}.key").read_text() != key or not library.is_file():
+            return None
+    except FileNotFoundError:
+        return None
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the kernel library {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    return module
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a concurrent reader (the other TP worker) sees all of it or nothing."""
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 #: A build holds torch's ``lock`` file for a minute or two; one older than this was left by a killed build.
@@ -205,9 +234,3 @@ def clear_stale_lock(build_dir: Path) -> bool:
                    lock, age)
     lock.unlink(missing_ok=True)
     return True
-
-
-def _built_at(build_dir: Path, name: str) -> float | None:
-    """Modification time of the built library, to tell a fresh build from a cached one in the log."""
-    library = build_dir / f"{name}.so"
-    return library.stat().st_mtime_ns if library.exists() else None
