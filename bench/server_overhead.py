@@ -9,8 +9,14 @@ A third column is the floor any Python server pays on this host: a bare ASGI app
 same uvicorn, streaming the same engine's deltas through one worker thread, with no FastAPI,
 validation, queue or metrics. slimserve minus that floor is what slimserve's own layer costs;
 the floor itself is loopback TCP, HTTP parsing and two cross-thread wake-ups, which on a busy
-host are scheduler waits. (vLLM's own OpenAI server is not measured here: it has no engine
-that sleeps a fixed time per token, so the same comparison cannot be set up.)
+host are scheduler waits.
+
+``--vllm`` measures the reference instead: vLLM's own OpenAI server against vLLM's engine called
+directly (``AsyncLLM`` in this process, with its engine core in its own process as the server's
+is), the same real model (SmolLM2-135M unless ``--vllm-model``; about 25-35 ms a decode step on
+2 cores, close to the TrivialEngine's step), the same streamed chat request and the same client.
+vLLM has no engine that sleeps a fixed time per token, so this is the only like-for-like
+comparison with vLLM's server there is. It writes its own section of ``bench/README.md``.
 
 The machine is shared and noisy, so the three are measured in turns, ``--repeats`` times,
 and the table gives medians over repeats of each repeat's percentiles, with the 1-minute load
@@ -20,11 +26,13 @@ Definitions (``vllm bench serve``): TTFT = send -> first streamed chunk with con
 E2E = send -> last byte. Goal (issues 5 and 17): HTTP TTFT p50 within 5 % of the direct TTFT p50.
 
     python bench/server_overhead.py [--requests 40] [--repeats 5] [--step-ms 25] [--max-tokens 8]
+    python bench/server_overhead.py --vllm [--requests 40] [--repeats 3] [--max-tokens 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -41,7 +49,9 @@ from slimserve.testing.live import ServerProcess, free_port
 from slimserve.testing.trivial import TrivialEngine
 
 README = Path(__file__).resolve().parent / "README.md"
+PROMPT = "hello world"
 SECTION = "## FastAPI overhead (issue 5)"
+VLLM_SECTION = "## vLLM's own OpenAI server overhead (issue 17's reference)"
 SERVER_CODE = """
 import sys, uvicorn
 from slimserve.server.app import create_app
@@ -96,7 +106,7 @@ def direct(engine: TrivialEngine, requests: int, max_tokens: int) -> tuple[list[
     ttfts, e2es = [], []
     for _ in range(requests):
         start = time.perf_counter()
-        deltas = engine.generate_text(TextRequest(prompt="hello world", max_tokens=max_tokens), lambda d, t: None)
+        deltas = engine.generate_text(TextRequest(prompt=PROMPT, max_tokens=max_tokens), lambda d, t: None)
         next(deltas)
         ttfts.append(time.perf_counter() - start)
         for _ in deltas:
@@ -105,9 +115,10 @@ def direct(engine: TrivialEngine, requests: int, max_tokens: int) -> tuple[list[
     return ttfts, e2es
 
 
-def over_http(base_url: str, requests: int, max_tokens: int) -> tuple[list[float], list[float]]:
-    body = {"model": "trivial", "messages": [{"role": "user", "content": "hello world"}], "max_tokens": max_tokens,
-            "stream": True}
+def over_http(base_url: str, requests: int, max_tokens: int, model: str = "trivial",
+              extra: dict[str, object] | None = None) -> tuple[list[float], list[float]]:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "stream": True, **(extra or {})}
     ttfts, e2es = [], []
     with httpx.Client(base_url=base_url, timeout=30) as client:
         for _ in range(requests):
@@ -124,6 +135,112 @@ def over_http(base_url: str, requests: int, max_tokens: int) -> tuple[list[float
     return ttfts, e2es
 
 
+def vllm_engine_args(model: Path, dtype: str) -> dict[str, object]:
+    """The engine settings both vLLM runs share (the server gets them as flags)."""
+    return {"model": str(model), "dtype": dtype, "max_model_len": 2048, "seed": 0}
+
+
+def vllm_direct(model: Path, requests: int, max_tokens: int, dtype: str) -> tuple[list[float], list[float]]:
+    """TTFT and E2E of vLLM's ``AsyncLLM`` called in this process with the prompt the server would render."""
+    import asyncio
+    import uuid
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    prompt = AutoTokenizer.from_pretrained(str(model)).apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_engine_args(model, dtype)))
+
+    async def measure(count: int) -> tuple[list[float], list[float]]:
+        ttfts, e2es = [], []
+        for _ in range(count):
+            start, first = time.perf_counter(), None
+            async for output in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+                if first is None and output.outputs[0].text:
+                    first = time.perf_counter()
+            e2es.append(time.perf_counter() - start)
+            assert first is not None
+            ttfts.append(first - start)
+        return ttfts, e2es
+
+    async def warm_then_measure() -> tuple[list[float], list[float]]:
+        await measure(5)
+        return await measure(requests)
+
+    try:
+        return asyncio.run(warm_then_measure())
+    finally:
+        engine.shutdown()
+
+
+def vllm_over_http(model: Path, requests: int, max_tokens: int, dtype: str, log: Path) -> tuple[list[float],
+                                                                                               list[float]]:
+    """TTFT and E2E of the same engine behind ``python -m vllm.entrypoints.openai.api_server``, as a user starts it."""
+    port = free_port()
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in vllm_engine_args(model, dtype).items()]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags, "--served-model-name", "reference",
+            "--host", "127.0.0.1", "--port", str(port)]
+    extra = {"temperature": 0.0, "ignore_eos": True}  # as the direct run's SamplingParams
+    with ServerProcess(argv, port, log, start_timeout=900) as server:
+        over_http(server.base_url, 5, max_tokens, "reference", extra)
+        return over_http(server.base_url, requests, max_tokens, "reference", extra)
+
+
+def vllm_reference(args: argparse.Namespace) -> None:
+    """Table of vLLM's own OpenAI server against its engine called directly (see the module docstring)."""
+    from machine import describe_machine
+
+    from slimserve.loaders.assets import smollm2_folder
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = Path(args.vllm_model) if args.vllm_model else smollm2_folder()
+    runs: dict[str, list[tuple[list[float], list[float]]]] = {"direct": [], "vLLM server": []}
+    loads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):  # in turns, one engine at a time: 2 cores cannot host two fairly
+            loads.append(os.getloadavg()[0])
+            runs["vLLM server"].append(vllm_over_http(model, args.requests, args.max_tokens, args.dtype,
+                                                      Path(tmp) / f"vllm-{repeat}.log"))
+            runs["direct"].append(vllm_direct(model, args.requests, args.max_tokens, args.dtype))
+            gc.collect()  # the engine's reference cycles now, not at exit, where its __del__ fails noisily
+    rows = []
+    for metric, label in ((0, "TTFT"), (1, "E2E")):
+        for q in (50, 90, 99):
+            base, served = (statistics.median(percentile(run[metric], q) for run in runs[name]) * 1000
+                            for name in ("direct", "vLLM server"))
+            rows.append(f"| {label} p{q} | {base:.2f} | {served:.2f} ({served / base:.3f}) | {served - base:+.2f} |")
+    ratios = [statistics.median(served[0]) / statistics.median(base[0])
+              for served, base in zip(runs["vLLM server"], runs["direct"], strict=True)]
+    table = "\n".join([
+        f"Command: `python bench/server_overhead.py --vllm --requests {args.requests} --repeats {args.repeats} "
+        f"--max-tokens {args.max_tokens} --dtype {args.dtype}`",
+        "",
+        f"{model.name} ({args.dtype}, vLLM's default compiled mode, `VLLM_CPU_KVCACHE_SPACE=1`, no preloads), "
+        f"{args.max_tokens} tokens with `ignore_eos`, {args.requests} sequential streamed chat requests per run after "
+        f"5 warm-up requests, {args.repeats} repeats taking the server and the direct engine in turns; every cell is "
+        "the median over repeats. Direct = `AsyncLLM` in the client's process (its engine core in its own process, "
+        "as the server's is); vLLM server = `python -m vllm.entrypoints.openai.api_server` with the same engine "
+        "settings, called by the same client as the FastAPI table above. Machine: " + describe_machine() + ".",
+        "",
+        "| metric | direct (ms) | vLLM server (ms, x direct) | server - direct (ms) |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"TTFT p50 ratio vLLM server / direct, median over repeats: {statistics.median(ratios):.3f} (per repeat: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}). 1-minute load average at the start of each repeat: "
+        f"{', '.join(f'{load:.1f}' for load in loads)}.",
+    ])
+    print(table)
+    if not args.no_readme:
+        write_section(table, VLLM_SECTION)
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if q < 100 else max(values)
 
@@ -135,7 +252,14 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=25.0, help="engine time per token")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    parser.add_argument("--vllm", action="store_true",
+                        help="measure vLLM's own OpenAI server against its engine instead (see the docstring)")
+    parser.add_argument("--vllm-model", help="model folder for --vllm (default: SmolLM2-135M from the asset cache)")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype for --vllm")
     args = parser.parse_args()
+    if args.vllm:
+        vllm_reference(args)
+        return
     step = args.step_ms / 1000
 
     names = ("direct", "bare ASGI", "slimserve")
@@ -194,13 +318,13 @@ def main() -> None:
         write_section(table)
 
 
-def write_section(table: str) -> None:
-    """Add or replace this benchmark's section of bench/README.md, leaving other sections alone."""
+def write_section(table: str, section: str = SECTION) -> None:
+    """Add or replace one section of bench/README.md, leaving other sections alone."""
     text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{table}\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        following = text.find("\n## ", start + len(SECTION))
+    block = f"{section}\n\n{table}\n"
+    if section in text:
+        start = text.index(section)
+        following = text.find("\n## ", start + len(section))
         text = text[:start] + block + (text[following:] if following != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block
