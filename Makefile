@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=25
 
 test-fast: install lint
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -5,9 +5,11 @@ plugin's entry point, exactly as ``slimserve serve`` does) answers every questio
 questions file in one batched ``LLM.chat`` call: the model's chat template applied, greedy,
 ``max_tokens`` per answer. The scoring and the file format live in ``loaders/chat_eval.py``.
 
-vLLM runs in a child process: it spawns its own engine process, which needs the ``__main__``
-guard a script gives, and a child keeps the engine's global state out of the caller (a test, a
-benchmark that evaluates several checkpoints in turn).
+vLLM runs in a child process, which gives it the ``__main__`` guard its CPU workers need and
+keeps the engine's global state out of the caller (a test, a benchmark that evaluates several
+checkpoints in turn). Its engine core runs inside that child (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+unless the user sets otherwise: an offline batch gains nothing from a second process, and on two
+cores the second process's start and polling cost about 28 s per evaluation.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ DEFAULT_MAX_TOKENS = 24
 # Questions and answers are short; the chat template's default system prompt is the longest part.
 MAX_MODEL_LEN = 1024
 # Environment defaults for the child, applied only where the user set nothing (as ``slimserve serve``).
-_VLLM_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+_VLLM_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                      "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 _CHAT_SCRIPT = r"""
 import json, sys
