@@ -20,8 +20,9 @@ import torch
 from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
-#: From this many tokens a call expands C and runs one dense GEMM (measured: docs/methods/cpu_kernels.md).
-DENSE_FROM_TOKENS = 64
+#: From this many tokens a call expands C and runs one dense GEMM (crossover measured with bench/sparse_kernels.py
+#: on the quiet Xeon after the mask decode became branch-free, both ISAs: bench/README.md).
+DENSE_FROM_TOKENS = 256
 
 
 def _cpu_kernel():
