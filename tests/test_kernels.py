@@ -52,10 +52,9 @@ def test_the_same_source_in_a_new_environment_loads_the_cached_build_without_nin
 def test_changed_source_or_flags_change_the_key_and_a_mismatched_key_rebuilds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = b"int a;"
-    key = cpp.build_key(source, cpp.CFLAGS)
-    assert key == cpp.build_key(source, list(cpp.CFLAGS))
-    assert key != cpp.build_key(b"int b;", cpp.CFLAGS)
-    assert key != cpp.build_key(source, cpp.CFLAGS + cpp.ISA_FLAGS["avx2"])
+    key = cpp.build_key(source, list(cpp.CFLAGS))
+    assert key != cpp.build_key(b"int b;", list(cpp.CFLAGS))
+    assert key != cpp.build_key(source, [*cpp.CFLAGS, *cpp.ISA_FLAGS["avx2"]])
     # A stale key beside a library: torch's loader must be asked to build, and the new key recorded after.
     monkeypatch.setenv(cpp.BUILD_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(cpp, "source_path", lambda name: tmp_path / name)
@@ -66,14 +65,19 @@ def test_changed_source_or_flags_change_the_key_and_a_mismatched_key_rebuilds(
     (build_dir / "slimserve_k.key").write_text("stale")
     calls = []
 
-    def fake_load(**kwargs: object) -> object:
+    def fake_load(**kwargs: list[str]) -> object:
         calls.append(kwargs["sources"])
+        # as torch's loader does: it appends its own flags (the venv's torch library path) to the lists it gets
+        kwargs["extra_ldflags"].append("-L/some/venv/torch/lib")
+        kwargs["extra_cflags"].append("-DTORCH_EXTENSION_NAME=slimserve_k")
         return types.SimpleNamespace(isa=lambda: "scalar")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
     assert cpp.build_cpu_extension("slimserve_k", "k.cpp") is not None
     assert calls == [[str(tmp_path / "k.cpp")]]
     assert (build_dir / "slimserve_k.key").read_text() == key
+    # what the loader appended stays out of later keys (it made every fresh clone's keys differ)
+    assert cpp.build_key(source, list(cpp.CFLAGS)) == key
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:

@@ -48,11 +48,13 @@ REQUIRE_ENV = "SLIMSERVE_REQUIRE_CPU_KERNELS"
 BUILD_DIR_ENV = "SLIMSERVE_KERNEL_DIR"
 #: Set to ``avx512``, ``avx2`` or ``scalar`` to build and use that variant instead of the native one.
 ISA_ENV = "SLIMSERVE_CPU_ISA"
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+#: Tuples, and handed to torch as fresh lists: its loader appends its own flags to the lists it gets, the
+#: venv's torch library path among them, which would leak into every later build key of the process.
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 #: Flags added to CFLAGS per variant: GCC's ``-mno-avx512f`` drops every AVX-512 extension and
 #: ``-mno-avx`` drops AVX, AVX2, FMA and AVX-512 with it, so the source's ``#if`` picks that path.
-ISA_FLAGS = {"avx512": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx"]}
+ISA_FLAGS = {"avx512": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx",)}
 
 logger = logging.getLogger(__name__)
 if not logger.hasHandlers():
@@ -145,7 +147,7 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
 
     path = source_path(source)
     module_name = name if variant is None else f"{name}_{variant}"
-    cflags = CFLAGS + ([] if variant is None else ISA_FLAGS[variant])
+    cflags = [*CFLAGS, *(() if variant is None else ISA_FLAGS[variant])]
     build_dir = build_root() / module_name
     start = time.perf_counter()
     action = "loaded the cached build of"
@@ -156,7 +158,7 @@ def build_cpu_extension(name: str, source: str, variant: str | None = None) -> M
             action = "built"
             build_dir.mkdir(parents=True, exist_ok=True)
             clear_stale_lock(build_dir)
-            module = load(name=module_name, sources=[str(path)], extra_cflags=cflags, extra_ldflags=LDFLAGS,
+            module = load(name=module_name, sources=[str(path)], extra_cflags=list(cflags), extra_ldflags=list(LDFLAGS),
                           build_directory=str(build_dir), verbose=False)
             _write_atomically(build_dir / f"{module_name}.key", key)
     except (RuntimeError, OSError, ImportError, SystemExit) as err:
