@@ -200,7 +200,7 @@ def vllm_reference(args: argparse.Namespace) -> None:
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model = Path(args.vllm_model) if args.vllm_model else smollm2_folder()
-    runs: dict[str, list[tuple[list[float], list[float]]]] = {"direct": [], "vLLM server": []}
+    runs: Runs = {"direct": [], "vLLM server": []}
     loads = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):  # in turns, one engine at a time: 2 cores cannot host two fairly
@@ -212,11 +212,9 @@ def vllm_reference(args: argparse.Namespace) -> None:
     rows = []
     for metric, label in ((0, "TTFT"), (1, "E2E")):
         for q in (50, 90, 99):
-            base, served = (statistics.median(percentile(run[metric], q) for run in runs[name]) * 1000
-                            for name in ("direct", "vLLM server"))
+            base, served = (median_over_repeats(runs, name, metric, q) for name in ("direct", "vLLM server"))
             rows.append(f"| {label} p{q} | {base:.2f} | {served:.2f} ({served / base:.3f}) | {served - base:+.2f} |")
-    ratios = [statistics.median(served[0]) / statistics.median(base[0])
-              for served, base in zip(runs["vLLM server"], runs["direct"], strict=True)]
+    ratios = ttft_p50_ratios(runs, "vLLM server", "direct")
     table = "\n".join([
         f"Command: `python bench/server_overhead.py --vllm --requests {args.requests} --repeats {args.repeats} "
         f"--max-tokens {args.max_tokens} --dtype {args.dtype}`",
@@ -241,6 +239,19 @@ def vllm_reference(args: argparse.Namespace) -> None:
         write_section(table, VLLM_SECTION)
 
 
+Runs = dict[str, list[tuple[list[float], list[float]]]]  # per server: per repeat: (TTFT samples, E2E samples)
+
+
+def median_over_repeats(runs: Runs, name: str, metric: int, q: float) -> float:
+    """The median over repeats of each repeat's q-th percentile of ``metric`` (0 TTFT, 1 E2E), in ms."""
+    return statistics.median(percentile(run[metric], q) for run in runs[name]) * 1000
+
+
+def ttft_p50_ratios(runs: Runs, served: str, base: str) -> list[float]:
+    """Per repeat: ``served``'s TTFT p50 over ``base``'s (the repeats were taken in turns)."""
+    return [statistics.median(s[0]) / statistics.median(b[0]) for s, b in zip(runs[served], runs[base], strict=True)]
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if q < 100 else max(values)
 
@@ -263,8 +274,7 @@ def main() -> None:
     step = args.step_ms / 1000
 
     names = ("direct", "bare ASGI", "slimserve")
-    # per server: per repeat: (ttft samples, e2e samples)
-    runs: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in names}
+    runs: Runs = {name: [] for name in names}
     loads = []
     with tempfile.TemporaryDirectory() as tmp, \
             ServerProcess([sys.executable, "-c", SERVER_CODE, str(step), str(slim_port := free_port())], slim_port,
@@ -280,17 +290,13 @@ def main() -> None:
             for name, url in urls.items():
                 runs[name].append(over_http(url, args.requests, args.max_tokens))
 
-    def median_over_repeats(name: str, metric: int, q: float) -> float:
-        return statistics.median(percentile(run[metric], q) for run in runs[name]) * 1000
-
     rows = []
     for metric, label in ((0, "TTFT"), (1, "E2E")):
         for q in (50, 90, 99):
-            base, bare, served = (median_over_repeats(name, metric, q) for name in names)
+            base, bare, served = (median_over_repeats(runs, name, metric, q) for name in names)
             rows.append(f"| {label} p{q} | {base:.2f} | {bare:.2f} ({bare / base:.3f}) | {served:.2f} "
                         f"({served / base:.3f}) | {served - bare:+.2f} |")
-    ratios = [statistics.median(slim[0]) / statistics.median(base[0])
-              for slim, base in zip(runs["slimserve"], runs["direct"], strict=True)]
+    ratios = ttft_p50_ratios(runs, "slimserve", "direct")
     ttft_ratio = statistics.median(ratios)
     table = "\n".join([
         f"Command: `python bench/server_overhead.py --requests {args.requests} --repeats {args.repeats} "
