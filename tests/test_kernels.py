@@ -35,7 +35,8 @@ def test_the_same_source_in_a_new_environment_loads_the_cached_build_without_nin
     assert _cpu_kernel() is not None  # the build and its key exist (cached or built now)
     moved = tmp_path / "elsewhere" / "ell_cpu.cpp"
     moved.parent.mkdir()
-    moved.write_bytes(cpp.source_path("ell_cpu.cpp").read_bytes())
+    for shipped in (cpp.source_path("ell_cpu.cpp"), *cpp.source_path("ell_cpu.cpp").parent.glob("*.h")):
+        (moved.parent / shipped.name).write_bytes(shipped.read_bytes())  # the clone's copy, headers beside it
     library = cpp.build_root() / "slimserve_ell_cpu" / "slimserve_ell_cpu.so"
     before = library.stat().st_mtime_ns
     script = ("import sys; from pathlib import Path; import torch.utils.cpp_extension as ext; "
@@ -78,6 +79,15 @@ def test_changed_source_or_flags_change_the_key_and_a_mismatched_key_rebuilds(
     assert (build_dir / "slimserve_k.key").read_text() == key
     # what the loader appended stays out of later keys (it made every fresh clone's keys differ)
     assert cpp.build_key(source, list(cpp.CFLAGS)) == key
+
+
+def test_a_header_beside_the_source_is_part_of_its_key(tmp_path: Path) -> None:
+    """Kernels include shared headers (amx_strips.h); editing one must rebuild every kernel beside it."""
+    (tmp_path / "k.cpp").write_bytes(b'#include "shared.h"')
+    (tmp_path / "shared.h").write_bytes(b"int a;")
+    before = cpp.source_bytes(tmp_path / "k.cpp")
+    (tmp_path / "shared.h").write_bytes(b"int b;")
+    assert cpp.source_bytes(tmp_path / "k.cpp") != before
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
@@ -130,12 +140,32 @@ def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, at
     expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
     kernel = BitmaskMatmul(values, mask, atoms)
     assert kernel.ext is not None and kernel.ext.isa() == isa
-    out = kernel.ext.bitmask_matmul(z, values, mask)  # the sparse loop itself, whatever the token count
+    out = kernel.ext.bitmask_matmul(z, values, mask)  # the kernel itself (bf16 batches: on AMX if the CPU has it)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     assert out.dtype == dtype and out.is_contiguous()
     torch.testing.assert_close(kernel.ext.bitmask_to_dense(values, mask, atoms),
                                sparse_rows.bitmask_to_dense(values.float(), mask, atoms))
+
+
+@pytest.mark.parametrize("tile_unit", ["1", "0"])
+@pytest.mark.parametrize("batch", [2, 17, 300])  # one token tile, a partial second, past DENSE_FROM_TOKENS
+def test_bf16_batches_equal_the_reference_on_and_off_the_amx_tile_unit(
+        tile_unit: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AMX hosts bf16 batches run on the tile unit (SLIMSERVE_AMX=0 keeps them on the vector loops)."""
+    kernel = bitmask._cpu_kernel()
+    if kernel is None or not kernel.amx_usable():
+        pytest.skip("this CPU (or kernel build) has no AMX tile unit")
+    monkeypatch.setenv("SLIMSERVE_AMX", tile_unit)
+    assert kernel.amx_usable() == (tile_unit == "1")
+    torch.manual_seed(0)
+    values, mask = sparse_rows.dense_to_bitmask(torch.randn(37, 75), 30)  # 37 rows: strips of 16; 75 atoms: 3 spans
+    values = values.to(torch.bfloat16)
+    z = torch.randn(batch, 75, dtype=torch.bfloat16)
+    expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
+    out = BitmaskMatmul(values, mask, 75)(z)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
 
 
 def test_many_token_calls_take_the_dense_gemm_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,3 +115,44 @@ def test_the_op_switches_to_a_dense_gemm_above_the_crossover_with_the_same_resul
     for tokens in (nm_kernel.MANY_TOKENS, nm_kernel.MANY_TOKENS + 1):
         x = torch.randn(tokens, 128)
         torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
+
+
+def _amx_kernel(in_features: int, kept: int, group: int):
+    kernel = nm_kernel._cpu_kernel()
+    if kernel is None or not kernel.amx_usable(in_features, kept, group):
+        pytest.skip("this CPU (or kernel build) has no AMX tile unit")
+    return kernel
+
+
+@pytest.mark.parametrize(("kept", "group"), [(2, 4), (4, 8)])
+@pytest.mark.parametrize("tokens", [5, 16, 17, 40])
+def test_bf16_batches_on_the_amx_tile_unit_equal_the_reference(kept: int, group: int, tokens: int) -> None:
+    # 37 rows: two whole strips of 16 and a partial one; 96 inputs: three tile depths of 32; 17 and 40 tokens: a
+    # partial second and third token tile.
+    kernel = _amx_kernel(96, kept, group)
+    weight = _pruned(37, 96, kept, group, seed=tokens).to(torch.bfloat16)
+    tensors = pack_nm(weight, kept, group)
+    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    got = kernel.nm_matmul(x, tensors["values"], tensors["positions"], kept, group)
+    torch.testing.assert_close(got, x.float() @ weight.float().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_many_bf16_tokens_stay_on_the_tile_unit_and_others_decompress(monkeypatch: pytest.MonkeyPatch) -> None:
+    _amx_kernel(128, 2, 4)
+    weight = _pruned(40, 128, 2, 4).to(torch.bfloat16)
+    tensors = pack_nm(weight, 2, 4)
+    decompressed: list[torch.dtype] = []
+    original = nm_kernel.nm_decompressed
+
+    def spy(values: torch.Tensor, *args: int) -> torch.Tensor:
+        decompressed.append(values.dtype)
+        return original(values, *args)
+
+    monkeypatch.setattr(nm_kernel, "nm_decompressed", spy)
+    x = torch.randn(nm_kernel.MANY_TOKENS + 24, 128)
+    bf16 = nm_kernel.NMMatmul(tensors["values"], tensors["positions"], 2, 4)(x.to(torch.bfloat16))
+    torch.testing.assert_close(bf16.float(), (x.to(torch.bfloat16).float() @ weight.float().t()), rtol=1e-2, atol=1e-2)
+    assert decompressed == []
+    fp32 = nm_kernel.NMMatmul(tensors["values"].float(), tensors["positions"], 2, 4)(x)
+    torch.testing.assert_close(fp32, x @ weight.float().t(), rtol=1e-4, atol=1e-4)
+    assert decompressed == [torch.float32]

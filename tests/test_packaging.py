@@ -147,7 +147,8 @@ def test_wheel_ships_kernel_sources_and_runs_a_compiled_kernel(tmp_path: Path) -
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
                    check=True, cwd=tmp_path)
     (wheel,) = wheels.glob("slimserve-*.whl")
-    shipped_sources = {p.name for p in (REPO / "plugin" / "kernels").glob("*.cpp")}
+    kernels = REPO / "plugin" / "kernels"
+    shipped_sources = {p.name for pattern in ("*.cpp", "*.h") for p in kernels.glob(pattern)}
     assert shipped_sources, "no kernel sources in plugin/kernels"
     with zipfile.ZipFile(wheel) as archive:
         in_wheel = {Path(n).name for n in archive.namelist() if n.startswith("slimserve/plugin/kernels/")}

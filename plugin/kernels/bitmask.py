@@ -5,9 +5,12 @@ packed values and ceil(k/8) mask bytes (the layout in ``loaders/schemes/sparse_r
 this is the compiled kernel ``bitmask_cpu.cpp`` (AVX-512 expand loads, AVX2 permutation table, or
 scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch reference.
 
-Many-token steps (prefill) take the other road past ``DENSE_FROM_TOKENS`` tokens: C is expanded to
-a dense float32 ``[out, k]`` for that call only and multiplied by one GEMM, which past the measured
-crossover (docs/methods/cpu_kernels.md) is faster than any sparse loop; nothing dense is kept.
+On CPUs with AMX, bf16 batches (2 tokens and more, prefill included) run on the tile unit: the
+kernel expands 16 rows at a time into a dense strip in cache and multiplies it there
+(``amx_strips.h``). Elsewhere many-token steps take the other road past ``DENSE_FROM_TOKENS``
+tokens: C is expanded to a dense float32 ``[out, k]`` for that call only and multiplied by one
+GEMM, which past the measured crossover (docs/methods/cpu_kernels.md) is faster than any sparse
+loop; nothing dense is kept.
 
 Registered as the custom op ``slimserve::bitmask_matmul`` so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.
@@ -35,7 +38,8 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
     ext = _cpu_kernel() if z.device.type == "cpu" else None
     if ext is None:
         return bitmask_product(z, values, mask)
-    if z.shape[0] >= DENSE_FROM_TOKENS:
+    on_tile_unit = z.dtype == values.dtype == torch.bfloat16 and ext.amx_usable()
+    if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
         return (z.float() @ ext.bitmask_to_dense(values, mask, z.shape[1]).t()).to(z.dtype)
     return ext.bitmask_matmul(z, values, mask).to(z.dtype)
 

@@ -12,6 +12,8 @@
 //  * scalar: the set bits one by one.
 // A batch (N > 1) decodes each row's mask once, reads z transposed ([k, N] float32, cache-resident) and,
 // for each stored value, updates 16 tokens with one contiguous load and one FMA, as the ELL kernel does.
+// bf16 batches on CPUs with AMX run on the tile unit instead (amx_strips.h): each row's 32 atoms at a time are
+// expanded from its packed values under 32 bits of its own mask, so the stored mask is the expand mask as it is.
 // Built at first use by plugin/kernels/cpp.py for the best ISA the compiler flags allow.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -26,6 +28,8 @@
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
+
+#include "amx_strips.h"
 
 namespace {
 
@@ -255,7 +259,50 @@ void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, cons
   });
 }
 
+#if defined(SLIMSERVE_AMX)
+// bf16 batches from this many tokens take the tile unit (bench/sparse_kernels.py: the batched vector loop ran at
+// 0.2-0.5x of the dense layer from 2 tokens on).
+constexpr int64_t kAmxFromTokens = 2;
+
+// y [tokens, out] float32 = z · Cᵀ on the tile unit, for bf16 z and values.
+torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, const torch::Tensor& mask) {
+  const int64_t atoms = z.size(1), out = values.size(0), nnz = values.size(1), mask_bytes = mask.size(1);
+  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1) {
+    const uint8_t* row = msk + o * mask_bytes;
+    const uint16_t* packed = val + o * nnz;
+    for (int64_t b = 0; b < 4 * s0; b += 8) {  // skip the values of the atoms before span s0
+      uint64_t word = 0;
+      std::memcpy(&word, row + b, std::min<int64_t>(8, 4 * s0 - b));
+      packed += __builtin_popcountll(word);
+    }
+    for (int64_t s = s0; s < s1; ++s) {
+      uint32_t bits = 0;
+      std::memcpy(&bits, row + 4 * s, std::min<int64_t>(4, mask_bytes - 4 * s));
+      const int count = __builtin_popcount(bits);
+      const __mmask32 first = count == 32 ? ~0u : (1u << count) - 1;
+      const __m512i kept = _mm512_maskz_loadu_epi16(first, packed);
+      _mm512_storeu_si512(dense + (s - s0) * span_stride, _mm512_maskz_expand_epi16(bits, kept));
+      packed += count;
+    }
+  };
+  auto y = torch::empty({z.size(0), out}, z.options().dtype(at::kFloat));
+  slimserve_amx::strips(slimserve_amx::pack_tokens(z), z.size(0), atoms, out, expand_row, y.data_ptr<float>());
+  return y;
+}
+#endif
+
 }  // namespace
+
+// Whether bf16 batches run on the AMX tile unit in this build and process.
+bool amx_usable() {
+#if defined(SLIMSERVE_AMX)
+  return slimserve_amx::permitted();
+#else
+  return false;
+#endif
+}
 
 torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
   TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && mask.dim() == 2 && mask.size(0) == values.size(0),
@@ -265,6 +312,12 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
   TORCH_CHECK(mask.scalar_type() == at::kByte, "bitmask_matmul: mask must be uint8");
   TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
               "bitmask_matmul: values must be float32 or bfloat16");
+#if defined(SLIMSERVE_AMX)
+  if (z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && z.size(0) >= kAmxFromTokens &&
+      amx_usable()) {
+    return matmul_amx(z.contiguous(), values, mask).to(at::kBFloat16);
+  }
+#endif
   auto zf = z.to(at::kFloat).contiguous();
   auto y = torch::empty({z.size(0), values.size(0)}, values.options());
   if (values.scalar_type() == at::kBFloat16) {
@@ -302,4 +355,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmask_to_dense", &bitmask_to_dense, "the dense [out, k] float32 matrix a bitmask encodes");
   m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
+  m.def("amx_usable", &amx_usable, "whether bf16 batches run on the AMX tile unit in this build and process");
 }

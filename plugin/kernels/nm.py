@@ -1,11 +1,15 @@
 """``y = x · Wᵀ`` for an N:M sparse weight stored as kept values plus packed offsets (the ``nm`` scheme).
 
-Few tokens (decode) run the compiled kernel (``nm_cpu.cpp``), which reads only the stored bytes:
-memory-bound, so at 2:4 in bf16 it reads 56 % of dense's bytes. Many tokens (prefill, chunked
-prefill, speculative verification) are compute-bound, where a dense GEMM wins: the weight is
-decompressed for that call only and then freed, so the process never holds a dense copy.
-``MANY_TOKENS`` is the crossover, measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md).
-Without a compiler the PyTorch reference of the scheme does the same arithmetic, more slowly.
+The compiled kernel (``nm_cpu.cpp``) reads only the stored bytes. Few tokens (decode) run its
+vector loops: memory-bound, so at 2:4 in bf16 they read 56 % of dense's bytes. From a handful of
+tokens on those loops are compute-bound and lose to oneDNN's dense GEMM, which on CPUs with AMX
+(Intel Sapphire Rapids and later) runs on the tile unit. There, bf16 batches of 2:4 and 4:8
+weights go to the tile unit too: the kernel expands 16 rows at a time into a dense strip in cache
+and multiplies it with AMX, at every token count up to prefill. Elsewhere (AVX2 hosts, fp32,
+other patterns) steps above ``MANY_TOKENS`` decompress the weight for that call only and run a
+dense GEMM, and the process never holds a dense copy. Crossovers are measured with
+``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch reference of the
+scheme does the same arithmetic, more slowly.
 
 The product is the custom op ``slimserve::nm_matmul`` so torch.compile (vLLM's default on CPU)
 treats it as one opaque call.
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 from slimserve.loaders.schemes.nm import nm_to_dense
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
-#: Token counts above this run a dense GEMM on a per-call decompressed weight (measured crossover).
+#: Token counts above this run a dense GEMM on a per-call decompressed weight, unless the AMX tile unit takes them.
 MANY_TOKENS = 16
 
 
@@ -40,10 +44,12 @@ def nm_decompressed(values: torch.Tensor, positions: torch.Tensor, in_features: 
 def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int, group: int) -> torch.Tensor:
     """``x [N, in] · Wᵀ`` for W given as ``values [out, in·kept/group]`` and ``positions``: ``[N, out]``, x dtype."""
     in_features = x.shape[1]
-    if x.shape[0] > MANY_TOKENS:
+    ext = _cpu_kernel() if x.device.type == "cpu" else None
+    on_tile_unit = (ext is not None and x.dtype == values.dtype == torch.bfloat16
+                    and ext.amx_usable(in_features, kept, group))
+    if x.shape[0] > MANY_TOKENS and not on_tile_unit:
         weight = nm_decompressed(values, positions, in_features, kept, group)
         return F.linear(x, weight.to(x.dtype))
-    ext = _cpu_kernel() if x.device.type == "cpu" else None
     if ext is not None:
         return ext.nm_matmul(x, values, positions, kept, group).to(x.dtype)
     return x @ nm_to_dense(values.to(x.dtype), positions, in_features, kept, group).t()

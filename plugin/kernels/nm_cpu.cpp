@@ -9,7 +9,8 @@
 // = 32 inputs, 48 offset bits); the two differ only in how a block's offsets become lane indices (block_index).
 // Other patterns decode each row's columns into a small buffer and gather. Built at first use by
 // plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512),
-// else scalar. Also decompresses to a dense weight for many-token steps.
+// else scalar. Also decompresses to a dense weight for many-token steps. bf16 batches of 2:4 and 4:8 on CPUs with AMX
+// run on the tile unit instead (amx_strips.h), prefill included.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -18,6 +19,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "amx_strips.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -324,12 +327,93 @@ void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_
   }
 }
 
+#if defined(SLIMSERVE_AMX)
+// bf16 batches on CPUs with AMX run on the tile unit (amx_strips.h); 2:4 and 4:8 rows expand 32 inputs from their 16
+// kept values under the mask their offsets give. Measured with bench/nm_kernel.py: the permute path wins below 5
+// tokens (memory-bound, it reads only the stored bytes); from 5 tokens on, and for prefill, the tile unit wins.
+constexpr int64_t kAmxFromTokens = 5;
+
+// Kept-input mask of 32 inputs (their 16 stored values) of one row, from that span's offsets.
+struct TwoOfFourMask {
+  uint8_t byte_mask[256];  // one offsets byte (two groups) -> the 8 inputs it keeps
+  TwoOfFourMask() {
+    for (int b = 0; b < 256; ++b) {
+      byte_mask[b] = static_cast<uint8_t>((1 << (b & 3)) | (1 << ((b >> 2) & 3)) | (16 << ((b >> 4) & 3)) |
+                                          (16 << ((b >> 6) & 3)));
+    }
+  }
+  uint32_t operator()(const uint8_t* meta, int64_t span) const {  // 32 offset bits: 4 bytes
+    const uint8_t* m = meta + span * 4;
+    return byte_mask[m[0]] | (byte_mask[m[1]] << 8) | (byte_mask[m[2]] << 16) |
+           (static_cast<uint32_t>(byte_mask[m[3]]) << 24);
+  }
+};
+
+struct FourOfEightMask {
+  uint8_t group_mask[4096];  // one group's four 3-bit offsets -> the 8 inputs it keeps
+  FourOfEightMask() {
+    for (int c = 0; c < 4096; ++c) {
+      group_mask[c] = static_cast<uint8_t>((1 << (c & 7)) | (1 << ((c >> 3) & 7)) | (1 << ((c >> 6) & 7)) |
+                                           (1 << ((c >> 9) & 7)));
+    }
+  }
+  uint32_t operator()(const uint8_t* meta, int64_t span) const {  // 48 offset bits: 6 bytes, 12 per group
+    const uint8_t* m = meta + span * 6;
+    const uint32_t low = m[0] | (m[1] << 8) | (m[2] << 16), high = m[3] | (m[4] << 8) | (m[5] << 16);
+    return group_mask[low & 0xFFF] | (group_mask[low >> 12] << 8) | (group_mask[high & 0xFFF] << 16) |
+           (static_cast<uint32_t>(group_mask[high >> 12]) << 24);
+  }
+};
+
+template <typename Mask>
+void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions, const Mask& mask,
+                torch::Tensor& y) {
+  const int64_t in = x.size(1), stored = values.size(1), meta_bytes = positions.size(1);
+  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* meta = positions.data_ptr<uint8_t>();
+  const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1) {
+    const uint16_t* kept = val + o * stored;
+    const uint8_t* row_meta = meta + o * meta_bytes;
+    for (int64_t s = s0; s < s1; ++s) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kept + s * 16));
+      _mm512_storeu_si512(dense + (s - s0) * span_stride,
+                          _mm512_maskz_expand_epi16(mask(row_meta, s), _mm512_castsi256_si512(packed)));
+    }
+  };
+  slimserve_amx::strips(slimserve_amx::pack_tokens(x), x.size(0), in, values.size(0), expand_row, y.data_ptr<float>());
+}
+#endif  // SLIMSERVE_AMX
+
+// Whether this build and process run bf16 batches of this pattern on the tile unit.
+bool amx_usable(int64_t in, int64_t kept, int64_t group) {
+#if defined(SLIMSERVE_AMX)
+  return ((kept == 2 && group == 4) || (kept == 4 && group == 8)) && in % slimserve_amx::kDepth == 0 &&
+         slimserve_amx::permitted();
+#else
+  (void)in, (void)kept, (void)group;
+  return false;
+#endif
+}
 }  // namespace
 
 // y [N, out] float32 = x [N, in] · Wᵀ, W given by its kept values and packed offsets.
 torch::Tensor nm_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept, int64_t group) {
   TORCH_CHECK(x.dim() == 2, "nm_matmul: x must be [N, in]");
   check_args(values, positions, x.size(1), kept, group);
+#if defined(SLIMSERVE_AMX)
+  if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && x.size(0) >= kAmxFromTokens &&
+      amx_usable(x.size(1), kept, group)) {
+    static const TwoOfFourMask two_of_four;
+    static const FourOfEightMask four_of_eight;
+    auto y = torch::empty({x.size(0), values.size(0)}, x.options().dtype(at::kFloat));
+    if (kept == 2) {
+      matmul_amx(x.contiguous(), values, positions, two_of_four, y);
+    } else {
+      matmul_amx(x.contiguous(), values, positions, four_of_eight, y);
+    }
+    return y;
+  }
+#endif
   auto xf = x.to(at::kFloat).contiguous();
   auto y = torch::empty({x.size(0), values.size(0)}, xf.options());
   if (values.scalar_type() == at::kBFloat16) {
@@ -361,4 +445,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nm_matmul", &nm_matmul, "y = x · Wᵀ for N:M sparse W stored as kept values + packed offsets (float32 out)");
   m.def("nm_decompress", &nm_decompress, "the dense weight of an N:M sparse module, in its values' dtype");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
+  m.def("amx_usable", &amx_usable,
+        "whether bf16 batches of this pattern and input count run on the AMX tile unit in this build and process");
 }
