@@ -74,6 +74,15 @@ if __name__ == "__main__":
             t1, tn = run(batch, 1), run(batch, 1 + args["tokens"])
             rates.append(batch * args["tokens"] / (tn - t1))
         result[f"b{batch}"] = sorted(rates)[len(rates) // 2]
+    if args["prefill"]:  # prompt tok/s of one long prompt; each repeat starts differently, so no prefix-cache hit
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        times = []
+        for repeat in range(args["repeats"] + 1):
+            ids = [(7 * i + repeat) % 500 + 3 for i in range(args["prefill"])]
+            start = time.perf_counter()
+            llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+            times.append(time.perf_counter() - start)
+        result["prefill"] = args["prefill"] / sorted(times[1:])[len(times[1:]) // 2]  # the first is a warm-up
     procs = [psutil.Process()] + psutil.Process().children(recursive=True)
     hwm = 0
     for p in procs:
@@ -155,11 +164,12 @@ def write_nm_variant(dense_dir: Path, out: Path, variant: str) -> Path:
 
 
 def measure(model: Path, batches: list[int], tokens: int, repeats: int,
-            engine: dict | None = None) -> dict[str, float]:
-    """Decode tok/s (and peak RSS) of ``model`` in a fresh vLLM; ``engine``: extra engine arguments (e.g. Sirius)."""
+            engine: dict | None = None, prefill: int = 0) -> dict[str, float]:
+    """Decode tok/s (and peak RSS) of ``model`` in a fresh vLLM; ``engine``: extra engine arguments (e.g. Sirius);
+    ``prefill``: also the prompt tok/s of a prompt that long (0: not measured)."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     args = json.dumps({"model": str(model), "batches": batches, "tokens": tokens, "repeats": repeats,
-                       "engine": engine or {}})
+                       "engine": engine or {}, "prefill": prefill})
     proc = subprocess.run([sys.executable, "-c", _RUNNER, args], env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT="):
@@ -177,6 +187,9 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill", type=int, default=0, metavar="N",
+                        help="also measure prompt tok/s of an N-token prompt (N < 512, the model's context; one "
+                             "request, median of the repeats)")
     parser.add_argument("--readme", type=Path, default=Path(__file__).with_name("README.md"))
     parser.add_argument("--heading", default=HEADING,
                         help="the bench/README.md section this run replaces (a subset of variants gets its own)")
@@ -189,7 +202,7 @@ def main() -> None:
         dense_dir = build_tiny_causal_lm(Path(tmp) / "dense", "llama", **MODEL, weight_std=0.02)
         for variant in args.variants:
             model = write_variant(dense_dir, Path(tmp) / variant, variant)
-            result = measure(model, args.batches, args.tokens, args.repeats)
+            result = measure(model, args.batches, args.tokens, args.repeats, prefill=args.prefill)
             summary = compression_summary(model)
             rows.append({"variant": variant, "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
                          "weights": weight_bytes(model), **result})
@@ -197,12 +210,16 @@ def main() -> None:
     dense = rows[0]
     header = ["variant", "params removed", "bytes removed", "weights MiB", "peak RSS MiB"]
     header += [f"b{b} tok/s" for b in args.batches] + [f"b{b} vs dense" for b in args.batches]
+    if args.prefill:
+        header += [f"prefill {args.prefill} tok/s", "prefill vs dense"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["variant"], f"{row['ratio']:.1%}", f"{row['bytes_ratio']:.1%}", f"{row['weights'] / 2**20:.0f}",
                  f"{row['peak_rss'] / 2**20:.0f}"]
         cells += [f"{row[f'b{b}']:.1f}" for b in args.batches]
         cells += [f"{row[f'b{b}'] / dense[f'b{b}']:.2f}x" for b in args.batches]
+        if args.prefill:
+            cells += [f"{row['prefill']:.0f}", f"{row['prefill'] / dense['prefill']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
