@@ -32,11 +32,12 @@ import pytest
 
 from slimserve.loaders.checkpoint import open_checkpoint
 from slimserve.loaders.compress.rsparse import compress_rsparse
+from slimserve.server.chat_eval import vllm_child_env
 from slimserve.testing.live import serve_process
 from slimserve.testing.metrics import metric_value
 from slimserve.testing.models import local_text
 from slimserve.testing.sirius import sirius_keep_all_reference
-from slimserve.testing.vllm import INPROCESS_ENV, hf_chosen_logprobs, hf_greedy
+from slimserve.testing.vllm import hf_chosen_logprobs, hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -148,9 +149,7 @@ def run_engine(model: Path, sirius: dict[str, Any] | None, *, phases: tuple[str,
                request_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one vLLM engine (Sirius off if ``sirius`` is None) through ``main``, ``phases`` and one phase per
     ``request_options`` entry (name: the requests' ``sirius`` option); see module docstring."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc ships the probe functions by value
-           INPROCESS_ENV: "0"}  # engine core in-process: ~28 s less per start (see slimserve.testing.vllm)
+    env = {**vllm_child_env(), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # collective_rpc ships the probes by value
     args = {"model": str(model), "sirius": sirius, "prompts": PROMPTS, "phases": list(phases),
             "enforce_eager": enforce_eager, "max_tokens": MAX_TOKENS, "long_prompt": long_prompt,
             "request_options": request_options or {}}

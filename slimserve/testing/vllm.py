@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-#: vLLM runs its engine core in a separate process unless this is "0".
-INPROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+from slimserve.server.chat_eval import vllm_chat_answers, vllm_child_env
 
 _GREEDY_SCRIPT = r"""
 import json, sys
@@ -43,23 +42,11 @@ def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 
         "executor": executor, "dtype": dtype, "enforce_eager": enforce_eager}, tp=tp * pp, timeout=timeout)
 
 
-_CHAT_SCRIPT = r"""
-import json, sys
-from vllm import LLM, SamplingParams
-if __name__ == "__main__":
-    args = json.loads(sys.argv[1])
-    llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=True, max_model_len=512, max_num_seqs=4, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"])
-    outs = llm.chat([[{"role": "user", "content": q}] for q in args["questions"]], params, use_tqdm=False)
-    print("CHAT_ANSWERS=" + json.dumps([o.outputs[0].text for o in outs]), flush=True)
-"""
-
-
 def vllm_chat(model_dir: str | Path, questions: list[str], *, max_tokens: int = 48, dtype: str = "bfloat16",
               timeout: float = 600) -> list[str]:
     """Greedy single-turn chat answers from real vLLM (the model's chat template applied), one per question."""
-    return _run_vllm(_CHAT_SCRIPT, "CHAT_ANSWERS=", {"model": str(model_dir), "questions": questions,
-                                                     "max_tokens": max_tokens, "dtype": dtype}, timeout=timeout)
+    return [answer["text"] for answer in vllm_chat_answers(model_dir, questions, max_tokens=max_tokens, dtype=dtype,
+                                                            timeout=timeout)]
 
 
 def _run_vllm(script: str, marker: str, args: dict[str, Any], *, tp: int = 1, timeout: float = 600) -> Any:
@@ -72,14 +59,7 @@ def _run_vllm(script: str, marker: str, args: dict[str, Any], *, tp: int = 1, ti
     import subprocess
     import sys
 
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # The engine core in this process rather than a second one: on 2 cores the extra process (its own
-    # vLLM import, its polling) cost ~28 s per start at TP 1 (17 s against 45 s for a tiny model) and
-    # ~16 s at TP 2; the model runs through the same executor, workers and plugin either way.
-    env.setdefault(INPROCESS_ENV, "0")
+    env = vllm_child_env()
     if tp > 1:
         # one core per worker; more workers than cores (TP 2 x PP 2 on 2 cores) share them round-robin
         cores = sorted(os.sched_getaffinity(0))
