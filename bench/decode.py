@@ -128,7 +128,7 @@ def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
             tensors = {"u": torch.randn(out_features, r, generator=generator) * scale,
                        "v": torch.randn(r, in_features, generator=generator) * scale,
                        **encode_sparse(row_top(torch.randn(out_features, in_features, generator=generator) * scale, s),
-                                       s, budget.float_bytes)}
+                                       s)}
             fields = {"rank": r, "nnz": s, "encoding": "bitmask" if "s_mask" in tensors else "ell"}
         else:
             k, s = dictsparse_sizes(out_features, in_features, ratio, budget=budget)

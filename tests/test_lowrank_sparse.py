@@ -17,7 +17,7 @@ from slimserve.loaders.compress.run import compress
 from slimserve.loaders.compress.whitening import SvdLlm, Whitening
 from slimserve.loaders.converters import convert_lowrank_sparse
 from slimserve.loaders.schemes import SCHEMES
-from slimserve.loaders.schemes.lowrank_sparse import encode_sparse, sparse_product
+from slimserve.loaders.schemes.lowrank_sparse import encode_sparse, sparse_encoding, sparse_product
 from slimserve.plugin.vllm.lowrank_sparse import local_sparse
 
 SCHEME = SCHEMES["lowrank_sparse"]
@@ -34,20 +34,29 @@ def _module(out: int, inn: int, rank: int, nnz: int, seed: int = 0) -> tuple[dic
     g = torch.Generator().manual_seed(seed)
     sparse = torch.randn(out, inn, generator=g) * (torch.rand(out, inn, generator=g) < nnz / inn)
     tensors = {"u": torch.randn(out, rank, generator=g), "v": torch.randn(rank, inn, generator=g),
-               **encode_sparse(sparse, nnz, 4)}
+               **encode_sparse(sparse, nnz)}
     spec = {"scheme": "lowrank_sparse", "in_features": inn, "out_features": out, "rank": rank, "nnz": nnz,
-            "encoding": "ell"}
+            "encoding": sparse_encoding(out, inn, nnz)}
     return spec, tensors
 
 
-@pytest.mark.parametrize("inn", [200, 300])  # uint8 and int16 column indices
-def test_reference_forward_equals_densified_product(inn: int) -> None:
-    spec, tensors = _module(48, inn, 5, 17)
+# (in, nnz): ELL with uint8 columns, ELL with int16 columns, and a bitmask (at 25 % density a row's mask, in/8
+# bytes, is smaller than its int16 columns)
+@pytest.mark.parametrize(("inn", "nnz", "positions"), [(200, 17, "s_indices"), (300, 17, "s_indices"),
+                                                       (300, 75, "s_mask")])
+def test_reference_forward_equals_densified_product_in_each_encoding(inn: int, nnz: int, positions: str) -> None:
+    spec, tensors = _module(48, inn, 5, nnz)
+    assert set(tensors) == {"u", "v", "s_values", positions}
+    assert spec["encoding"] == ("bitmask" if positions == "s_mask" else "ell")
     x = torch.randn(7, inn)
     dense = SCHEME.reconstruct(spec, tensors)
     torch.testing.assert_close(SCHEME.forward(spec, tensors, x), x @ dense.t(), rtol=1e-4, atol=1e-4)
     assert dense.shape == (48, inn)
-    assert tensors["s_indices"].dtype == (torch.uint8 if inn <= 256 else torch.int16)
+    expected_dtype = torch.uint8 if positions == "s_mask" or inn <= 256 else torch.int16
+    assert tensors[positions].dtype == expected_dtype
+    stored = SCHEME.stored_bytes(spec, 4)
+    other = "ell" if spec["encoding"] == "bitmask" else "bitmask"
+    assert stored < SCHEME.stored_bytes({**spec, "encoding": other}, 4)  # the writer's pick is the smaller one
 
 
 def test_oats_beats_plain_svd_at_equal_bytes_on_outliers() -> None:
@@ -72,7 +81,8 @@ def test_oats_alternation_never_increases_the_error_and_sizes_fill_the_budget() 
     assert history[-1] < history[0]
     budget = Budget("bytes", 2)
     rank, nnz = oats_sizes(1536, 576, 0.3, budget)
-    spec = {"in_features": 576, "out_features": 1536, "rank": rank, "nnz": nnz, "encoding": "ell"}
+    spec = {"in_features": 576, "out_features": 1536, "rank": rank, "nnz": nnz,
+            "encoding": sparse_encoding(1536, 576, nnz)}
     limit = budget.allowed(1536, 576, 0.3)
     assert budget.cost("lowrank_sparse", spec) <= limit < budget.cost("lowrank_sparse", {**spec, "nnz": nnz + 1})
     # the factors get the 30 % share of the allowance (the paper's rank ratio)
@@ -158,7 +168,9 @@ def test_converter_names_what_it_cannot_read(tiny_llama: Path, tmp_path: Path) -
 def test_validate_names_bad_sparse_columns(tiny_llama: Path, tmp_path: Path) -> None:
     module = "model.layers.0.self_attn.q_proj"
     state, _ = _factor_state(tiny_llama, [module])
-    save_file(state, str(tmp_path / "f.safetensors"))
+    dense_s = state[f"{module}.S"]
+    state[f"{module}.S"] = dense_s * (torch.rand(dense_s.shape, generator=torch.Generator().manual_seed(1)) < 0.25)
+    save_file(state, str(tmp_path / "f.safetensors"))  # S at <= 5 % density: stored ELL
     out = convert_lowrank_sparse(tmp_path / "f.safetensors", tmp_path / "slim", base=tiny_llama)
     shard = next(out.glob("*.safetensors"))
     tensors = load_file(str(shard))
@@ -169,11 +181,27 @@ def test_validate_names_bad_sparse_columns(tiny_llama: Path, tmp_path: Path) -> 
         validate_checkpoint(out)
 
 
+def test_validate_names_a_bad_sparse_mask(tiny_llama: Path, tmp_path: Path) -> None:
+    module = "model.layers.0.self_attn.q_proj"
+    state, _ = _factor_state(tiny_llama, [module])
+    dense_s = state[f"{module}.S"]
+    state[f"{module}.S"] = dense_s + (torch.rand(dense_s.shape, generator=torch.Generator().manual_seed(1)) < 0.3)
+    save_file(state, str(tmp_path / "f.safetensors"))  # S at ~40 % density: stored as a bitmask
+    out = convert_lowrank_sparse(tmp_path / "f.safetensors", tmp_path / "slim", base=tiny_llama)
+    shard = next(out.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    mask = tensors[f"{module}.s_mask"]
+    mask[3, 0] ^= 1  # row 3 gains or loses one stored column
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"q_proj\.s_mask.*row 3 has \d+ bits set"):
+        validate_checkpoint(out)
+
+
 def test_row_parallel_slice_matches_the_column_range() -> None:
     spec, tensors = _module(40, 300, 3, 30)
     dense = SCHEME.reconstruct(spec, tensors)
     for rank in range(2):
-        local = local_sparse(tensors, 300, rank * 150, 150, 4)
+        local = local_sparse(tensors, 300, rank * 150, 150)
         x = torch.randn(5, 150)
         torch.testing.assert_close(sparse_product(x, local, 150), x @ (dense - tensors["u"] @ tensors["v"])
                                    [:, rank * 150:(rank + 1) * 150].t(), rtol=1e-4, atol=1e-4)

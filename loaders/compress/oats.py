@@ -29,7 +29,7 @@ import torch
 
 from slimserve.loaders.compress.budget import PARAMS, Budget
 from slimserve.loaders.compress.whitening import Factorization, Whitening, check_whitened, dense_option
-from slimserve.loaders.schemes.lowrank_sparse import encode_sparse
+from slimserve.loaders.schemes.lowrank_sparse import encode_sparse, sparse_encoding
 
 RANK_SHARE = 0.3
 ITERATIONS = 20
@@ -52,7 +52,7 @@ def oats_sizes(out_features: int, in_features: int, ratio: float, budget: Budget
     def cost(nnz: int) -> int:
         return budget.cost("lowrank_sparse", {"in_features": in_features, "out_features": out_features,
                                               "rank": rank, "nnz": nnz,
-                                              "encoding": _encoding(out_features, in_features, nnz, budget)})
+                                              "encoding": sparse_encoding(out_features, in_features, nnz)})
 
     if cost(1) > limit:
         return None
@@ -61,12 +61,6 @@ def oats_sizes(out_features: int, in_features: int, ratio: float, budget: Budget
         mid = (low + high + 1) // 2
         low, high = (mid, high) if cost(mid) <= limit else (low, mid - 1)
     return rank, low
-
-
-def _encoding(out_features: int, in_features: int, nnz: int, budget: Budget) -> str:
-    from slimserve.loaders.schemes.lowrank_sparse import sparse_encoding
-
-    return sparse_encoding(out_features, in_features, nnz, budget.float_bytes)
 
 
 def row_top(matrix: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -156,8 +150,8 @@ class Oats:
         # Balance each rank component between u and v (same product), as the lowrank writers do.
         balance = (u.norm(dim=0) / v.norm(dim=1).clamp_min(1e-30)).sqrt().where(u.norm(dim=0) > 0, 1.0)
         tensors = {"u": u / balance, "v": v * balance[:, None],
-                   **encode_sparse(sparse, nnz, self.budget.float_bytes)}
-        encoding = "bitmask" if "s_mask" in tensors else "ell"
-        fact = Factorization("lowrank_sparse", tensors, {"rank": rank, "nnz": nnz, "encoding": encoding},
+                   **encode_sparse(sparse, nnz)}
+        fact = Factorization("lowrank_sparse", tensors,
+                             {"rank": rank, "nnz": nnz, "encoding": sparse_encoding(out_features, in_features, nnz)},
                              out_features=out_features, in_features=in_features)
         return fact, error

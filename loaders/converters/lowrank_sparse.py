@@ -166,10 +166,10 @@ def convert_lowrank_sparse(src: str | Path, out: str | Path, base: str | Path) -
         true_nonzeros += int(row_counts.sum())
         tensors = {"u": second.to(dtype), "v": (first.float() * scale).to(dtype),
                    **{k: v.to(dtype) if v.is_floating_point() else v
-                      for k, v in encode_sparse(sparse, nnz, dtype.itemsize).items()}}
+                      for k, v in encode_sparse(sparse, nnz).items()}}
         writer.add_module(module, "lowrank_sparse", tensors, in_features=shape[1], out_features=shape[0],
                           rank=second.shape[1], nnz=nnz,
-                          encoding=sparse_encoding(shape[0], shape[1], nnz, dtype.itemsize))
+                          encoding=sparse_encoding(shape[0], shape[1], nnz))
     missing = sorted(m for m in base_modules if m not in grouped and f"{m}.weight" not in replaced)
     writer.producer["s_padding"] = round(stored / max(true_nonzeros, 1), 4)
     for name, tensor in replaced.items():

@@ -27,40 +27,53 @@ from typing import Any
 import torch
 
 from slimserve.errors import CheckpointError
+from slimserve.loaders.schemes import sparse_rows
 from slimserve.loaders.schemes.base import Scheme, TensorSpec, smallest_index_dtype
-from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef, ell_product
 
-ENCODINGS = ("ell",)
+ENCODINGS = sparse_rows.ENCODINGS
 
 
-def sparse_encoding(out_features: int, in_features: int, nnz: int, float_bytes: int) -> str:
-    """The encoding of S storing ``nnz`` entries per row in the fewest bytes."""
-    return "ell"
+def sparse_encoding(out_features: int, in_features: int, nnz: int) -> str:
+    """The encoding of S storing ``nnz`` entries per row in the fewest bytes (the values weigh the same in both)."""
+    return sparse_rows.smallest_encoding(out_features, in_features, nnz)
 
 
 def sparse_specs(out_features: int, in_features: int, nnz: int, encoding: str) -> list[TensorSpec]:
     """S's stored tensors; rows follow the layer's outputs (split with them), the input axis is never split."""
-    return [TensorSpec("s_values", (out_features, nnz), out_dim=0),
-            TensorSpec("s_indices", (out_features, nnz), out_dim=0, index_dtype=smallest_index_dtype(in_features))]
+    positions = (
+        TensorSpec("s_mask", (out_features, sparse_rows.mask_bytes_per_row(in_features)), out_dim=0,
+                   index_dtype=torch.uint8)
+        if encoding == sparse_rows.BITMASK
+        else TensorSpec("s_indices", (out_features, nnz), out_dim=0, index_dtype=smallest_index_dtype(in_features))
+    )
+    return [TensorSpec("s_values", (out_features, nnz), out_dim=0), positions]
 
 
-def encode_sparse(sparse: torch.Tensor, nnz: int, float_bytes: int) -> dict[str, torch.Tensor]:
-    """S's tensors for a dense ``[out, in]`` matrix keeping its ``nnz`` largest magnitudes per row.
+def encode_sparse(sparse: torch.Tensor, nnz: int) -> dict[str, torch.Tensor]:
+    """S's tensors for a dense ``[out, in]`` matrix keeping its ``nnz`` largest magnitudes per row, in the
+    smaller encoding (``sparse_encoding``).
 
     Rows with fewer nonzeros are padded with explicit zeros on their lowest unused columns.
     """
-    values, indices = dense_to_coef(sparse, nnz)
+    values, indices = sparse_rows.dense_to_ell(sparse, nnz)
+    if sparse_encoding(*sparse.shape, nnz) == sparse_rows.BITMASK:
+        values, mask = sparse_rows.ell_to_bitmask(values, indices, sparse.shape[1])
+        return {"s_values": values, "s_mask": mask}
     return {"s_values": values, "s_indices": indices}
 
 
 def decode_sparse(tensors: Mapping[str, torch.Tensor], in_features: int) -> torch.Tensor:
-    """S as a dense float32 ``[out, in]`` matrix (references, densify, re-slicing)."""
-    return coef_to_dense(tensors["s_values"].float(), tensors["s_indices"], in_features)
+    """S as a dense float32 ``[out, in]`` matrix (references, densify, re-slicing), from either encoding."""
+    if "s_mask" in tensors:
+        return sparse_rows.bitmask_to_dense(tensors["s_values"].float(), tensors["s_mask"], in_features)
+    return sparse_rows.ell_to_dense(tensors["s_values"].float(), tensors["s_indices"], in_features)
 
 
 def sparse_product(x: torch.Tensor, tensors: Mapping[str, torch.Tensor], in_features: int) -> torch.Tensor:
     """``x Sᵀ`` reading only S's stored entries (the plain-PyTorch reference of the kernels)."""
-    return ell_product(x, tensors["s_values"], tensors["s_indices"])
+    if "s_mask" in tensors:
+        return sparse_rows.bitmask_product(x, tensors["s_values"], tensors["s_mask"])
+    return sparse_rows.ell_product(x, tensors["s_values"], tensors["s_indices"])
 
 
 class LowRankSparseScheme(Scheme):
@@ -73,7 +86,7 @@ class LowRankSparseScheme(Scheme):
         # layer's full width as full_in_features: S is loaded whole on every rank and re-sliced there.
         addressed = spec.get("full_in_features", spec["in_features"])
         return [TensorSpec("u", (out, r), out_dim=0), TensorSpec("v", (r, spec["in_features"]), in_dim=1),
-                *sparse_specs(out, addressed, spec["nnz"], spec.get("encoding", "ell"))]
+                *sparse_specs(out, addressed, spec["nnz"], spec.get("encoding", sparse_rows.ELL))]
 
     def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
         super().check_fields(module, spec, file)
@@ -93,6 +106,14 @@ class LowRankSparseScheme(Scheme):
 
     def check_values(self, module: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                      files: Mapping[str, str]) -> None:
+        if spec["encoding"] == sparse_rows.BITMASK:
+            in_features = spec.get("full_in_features", spec["in_features"])
+            problem = sparse_rows.bitmask_problem(tensors["s_mask"], in_features, spec["nnz"])
+            if problem is not None:
+                _, what, expected = problem
+                raise CheckpointError(what, file=files["s_mask"], tensor=f"{module}.s_mask",
+                                      expected=f"{expected} (in_features={in_features}, nnz={spec['nnz']})")
+            return
         indices = tensors["s_indices"].long()
         name = f"{module}.s_indices"
         bad = (indices < 0) | (indices >= spec["in_features"])

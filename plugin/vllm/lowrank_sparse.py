@@ -1,8 +1,8 @@
 """vLLM runner of ``lowrank_sparse`` shards: ``y = (x Vᵀ) Uᵀ + x Sᵀ``.
 
 S needs the layer input x itself, so the runner has no first factor (linear.py hands it x):
-V and U run as prepacked GEMMs (vLLM's own dense path on CPU) and S as the ELL sparse product,
-which reads only S's stored values and positions.
+V and U run as prepacked GEMMs (vLLM's own dense path on CPU) and S as the sparse product of its
+encoding (ELL or bitmask), which reads only S's stored values and positions.
 
 Tensor parallelism: column-parallel layers (q/k/v, gate/up) split u, S's rows and their
 positions along the output axis like a dense weight, in the generic loader. A row-parallel
@@ -22,16 +22,17 @@ from typing import Any
 import torch
 
 from slimserve.loaders.schemes.lowrank_sparse import decode_sparse, encode_sparse
+from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul
 from slimserve.plugin.kernels.gemm import prepacked_linear
 
 
-def local_sparse(tensors: Mapping[str, torch.Tensor], in_full: int, in_start: int, in_local: int,
-                 float_bytes: int) -> dict[str, torch.Tensor]:
+def local_sparse(tensors: Mapping[str, torch.Tensor], in_full: int, in_start: int,
+                 in_local: int) -> dict[str, torch.Tensor]:
     """S's tensors restricted to input columns ``[in_start, in_start + in_local)``, re-encoded."""
     columns = decode_sparse(tensors, in_full)[:, in_start:in_start + in_local]
     nnz = max(1, int((columns != 0).sum(dim=1).max()))
-    encoded = encode_sparse(columns, nnz, float_bytes)
+    encoded = encode_sparse(columns, nnz)
     return {k: v.to(tensors["s_values"].dtype) if v.is_floating_point() else v for k, v in encoded.items()}
 
 
@@ -46,12 +47,14 @@ class LowRankSparseShard:
         if in_local != in_full:
             from vllm.distributed import get_tensor_model_parallel_rank
 
-            sparse = local_sparse(sparse, in_full, get_tensor_model_parallel_rank() * in_local, in_local,
-                                  tensors["s_values"].element_size())
+            sparse = local_sparse(sparse, in_full, get_tensor_model_parallel_rank() * in_local, in_local)
         self.out_features = tensors["u"].shape[0]
         self.v = prepacked_linear(tensors["v"])
         self.u = prepacked_linear(tensors["u"])
-        self.sparse = EllMatmul(sparse["s_values"], sparse["s_indices"], in_local)
+        if "s_mask" in sparse:
+            self.sparse = BitmaskMatmul(sparse["s_values"], sparse["s_mask"], in_local)
+        else:
+            self.sparse = EllMatmul(sparse["s_values"], sparse["s_indices"], in_local)
         self.second = self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
