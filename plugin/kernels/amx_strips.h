@@ -53,14 +53,22 @@ struct alignas(64) TileConfig {
 
 inline int64_t padded_depth(int64_t in) { return (in + kDepth - 1) / kDepth * kDepth; }
 
+// Scratch of the calling thread, kept across calls: at prefill sizes (MiB) a fresh allocation was page-faulted on
+// every call of every layer.
+template <typename T>
+std::vector<T>& scratch() {
+  thread_local std::vector<T> buffer;
+  return buffer;
+}
+
 // x [tokens, in] bf16 as the tile unit's second operand: per tile of 16 tokens and per pair of inputs (2i, 2i + 1)
 // one 64-byte row holding (x[t, 2i], x[t, 2i + 1]) for the 16 tokens; zeros past the last token and past `in` (up to
 // the depth padded to 32, so the expanded rows' padding multiplies zeros).
-inline at::Tensor pack_tokens(const at::Tensor& x) {
+inline void pack_tokens(const at::Tensor& x, std::vector<uint32_t>& packed) {
   const int64_t tokens = x.size(0), in = x.size(1), pairs = padded_depth(in) / 2;
   const int64_t tiles = (tokens + kTile - 1) / kTile;
-  at::Tensor packed = torch::empty({tiles * pairs * kTile}, x.options().dtype(at::kInt));
-  auto* rows = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  packed.resize(tiles * pairs * kTile);
+  uint32_t* rows = packed.data();
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   at::parallel_for(0, tiles * pairs, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -78,7 +86,6 @@ inline at::Tensor pack_tokens(const at::Tensor& x) {
       }
     }
   });
-  return packed;
 }
 
 // Inputs per K-chunk for many tokens, in spans of 32: 512 inputs, so x's chunk for 500 tokens is 512 KiB (L2).
@@ -88,19 +95,22 @@ inline at::Tensor pack_tokens(const at::Tensor& x) {
 constexpr int64_t kChunkSpans = 16;
 constexpr int64_t kWholeRowTiles = 4;
 
-// y [tokens, out] float32 for x packed by pack_tokens. Threads take strips of 16 rows; each walks the inputs in
+// y [tokens, out] float32 = x · Wᵀ for contiguous bf16 x [tokens, in]. Threads take strips of 16 rows; each walks the inputs in
 // K-chunks, expands its strips' chunk with `expand_row(o, dense, span_stride, s0, s1)` (row o's 32 bf16 inputs of
 // span s written at dense + (s - s0) * span_stride, padding past the row's inputs zero) and adds its product with
 // every token tile to sums kept per strip and tile, so each weight element is expanded once a call. The chunk is
 // span-major, so each [16 rows, 32 inputs] tile is one contiguous KiB: row-major with a stride of 2 * in bytes put
 // all 16 rows of a tile load in one L1 set at in = 2048.
 template <typename ExpandRow>
-void strips(const at::Tensor& packed_tokens, int64_t tokens, int64_t in, int64_t out, const ExpandRow& expand_row,
-            float* y) {
+void strips(const at::Tensor& x, int64_t out, const ExpandRow& expand_row, float* y) {
+  const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t depth = padded_depth(in), spans = depth / kDepth, tiles = (tokens + kTile - 1) / kTile;
   const int64_t strip_count = (out + kTile - 1) / kTile, tile_floats = kTile * kTile;
-  const auto* packed = reinterpret_cast<const uint32_t*>(packed_tokens.data_ptr<int32_t>());
-  std::vector<float> sums(strip_count * tiles * tile_floats);  // [strip][token tile][16 rows][16 tokens]
+  std::vector<uint32_t>& packed_tokens = scratch<uint32_t>();
+  pack_tokens(x, packed_tokens);
+  const uint32_t* packed = packed_tokens.data();
+  std::vector<float>& sums = scratch<float>();  // [strip][token tile][16 rows][16 tokens], written before read
+  sums.resize(strip_count * tiles * tile_floats);
   at::parallel_for(0, strip_count, 1, [&](int64_t strip_begin, int64_t strip_end) {
     TileConfig config;
     for (int t = 0; t < 3; ++t) {  // tmm0: sums [16 rows, 16 tokens] fp32; tmm1: weights; tmm2: tokens

@@ -266,7 +266,7 @@ constexpr int64_t kAmxFromTokens = 2;
 
 // y [tokens, out] float32 = z · Cᵀ on the tile unit, for bf16 z and values.
 torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, const torch::Tensor& mask) {
-  const int64_t atoms = z.size(1), out = values.size(0), nnz = values.size(1), mask_bytes = mask.size(1);
+  const int64_t out = values.size(0), nnz = values.size(1), mask_bytes = mask.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* msk = mask.data_ptr<uint8_t>();
   const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1) {
@@ -288,7 +288,7 @@ torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, co
     }
   };
   auto y = torch::empty({z.size(0), out}, z.options().dtype(at::kFloat));
-  slimserve_amx::strips(slimserve_amx::pack_tokens(z), z.size(0), atoms, out, expand_row, y.data_ptr<float>());
+  slimserve_amx::strips(z, out, expand_row, y.data_ptr<float>());
   return y;
 }
 #endif

@@ -368,7 +368,7 @@ struct FourOfEightMask {
 template <typename Mask>
 void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions, const Mask& mask,
                 torch::Tensor& y) {
-  const int64_t in = x.size(1), stored = values.size(1), meta_bytes = positions.size(1);
+  const int64_t stored = values.size(1), meta_bytes = positions.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* meta = positions.data_ptr<uint8_t>();
   const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1) {
@@ -380,7 +380,7 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
                           _mm512_maskz_expand_epi16(mask(row_meta, s), _mm512_castsi256_si512(packed)));
     }
   };
-  slimserve_amx::strips(slimserve_amx::pack_tokens(x), x.size(0), in, values.size(0), expand_row, y.data_ptr<float>());
+  slimserve_amx::strips(x, values.size(0), expand_row, y.data_ptr<float>());
 }
 #endif  // SLIMSERVE_AMX
 
