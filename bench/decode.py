@@ -38,6 +38,7 @@ from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
 from slimserve.loaders.schemes.lowrank_sparse import encode_sparse
 from slimserve.loaders.schemes.nm import nm_mask, pack_nm
+from slimserve.server.cpu_tuning import choose_dtype, host_cpu_info
 from slimserve.testing.models import build_tiny_causal_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,7 +59,7 @@ import psutil
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
-    llm = LLM(model=args["model"], dtype="bfloat16", enforce_eager=True, max_model_len=512,
+    llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=True, max_model_len=512,
               max_num_seqs=max(args["batches"]), seed=0, **args["engine"])
     prompt = "The history of the city begins with a small settlement on the river"
     result = {}
@@ -83,16 +84,17 @@ if __name__ == "__main__":
             llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
             times.append(time.perf_counter() - start)
         result["prefill"] = args["prefill"] / sorted(times[1:])[len(times[1:]) // 2]  # the first is a warm-up
+    # peak (VmHWM) and steady (VmRSS, after every request) resident memory of the largest process: the worker
     procs = [psutil.Process()] + psutil.Process().children(recursive=True)
-    hwm = 0
+    result["peak_rss"] = result["steady_rss"] = 0
     for p in procs:
         try:
             for line in open(f"/proc/{p.pid}/status"):
-                if line.startswith("VmHWM:"):
-                    hwm = max(hwm, int(line.split()[1]) * 1024)
+                for key, field in (("peak_rss", "VmHWM:"), ("steady_rss", "VmRSS:")):
+                    if line.startswith(field):
+                        result[key] = max(result[key], int(line.split()[1]) * 1024)
         except OSError:
             pass
-    result["peak_rss"] = hwm
     print("BENCH_RESULT=" + json.dumps(result), flush=True)
 """
 
@@ -164,12 +166,12 @@ def write_nm_variant(dense_dir: Path, out: Path, variant: str) -> Path:
 
 
 def measure(model: Path, batches: list[int], tokens: int, repeats: int,
-            engine: dict | None = None, prefill: int = 0) -> dict[str, float]:
-    """Decode tok/s (and peak RSS) of ``model`` in a fresh vLLM; ``engine``: extra engine arguments (e.g. Sirius);
-    ``prefill``: also the prompt tok/s of a prompt that long (0: not measured)."""
+            engine: dict | None = None, prefill: int = 0, dtype: str = "bfloat16") -> dict[str, float]:
+    """Decode tok/s (and peak RSS) of ``model`` in a fresh vLLM serving it as ``dtype``; ``engine``: extra engine
+    arguments (e.g. Sirius); ``prefill``: also the prompt tok/s of a prompt that long (0: not measured)."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     args = json.dumps({"model": str(model), "batches": batches, "tokens": tokens, "repeats": repeats,
-                       "engine": engine or {}, "prefill": prefill})
+                       "engine": engine or {}, "prefill": prefill, "dtype": dtype})
     proc = subprocess.run([sys.executable, "-c", _RUNNER, args], env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT="):
@@ -190,11 +192,15 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=0, metavar="N",
                         help="also measure prompt tok/s of an N-token prompt (N < 512, the model's context; one "
                              "request, median of the repeats)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="the dtype vLLM serves the bf16 checkpoints as; auto: what `slimserve serve` picks for "
+                             "this CPU (bf16 where the ISA computes it natively, else fp32)")
     parser.add_argument("--readme", type=Path, default=Path(__file__).with_name("README.md"))
     parser.add_argument("--heading", default=HEADING,
                         help="the bench/README.md section this run replaces (a subset of variants gets its own)")
     args = parser.parse_args()
     machine = describe_machine()
+    dtype, why = choose_dtype(host_cpu_info().flags) if args.dtype == "auto" else (args.dtype, "chosen by --dtype")
     if "dense" not in args.variants:
         args.variants = ["dense", *args.variants]
     rows = []
@@ -202,20 +208,20 @@ def main() -> None:
         dense_dir = build_tiny_causal_lm(Path(tmp) / "dense", "llama", **MODEL, weight_std=0.02)
         for variant in args.variants:
             model = write_variant(dense_dir, Path(tmp) / variant, variant)
-            result = measure(model, args.batches, args.tokens, args.repeats, prefill=args.prefill)
+            result = measure(model, args.batches, args.tokens, args.repeats, prefill=args.prefill, dtype=dtype)
             summary = compression_summary(model)
             rows.append({"variant": variant, "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
                          "weights": weight_bytes(model), **result})
             print(json.dumps(rows[-1]), flush=True)
     dense = rows[0]
-    header = ["variant", "params removed", "bytes removed", "weights MiB", "peak RSS MiB"]
+    header = ["variant", "params removed", "bytes removed", "weights MiB", "peak RSS MiB", "steady RSS MiB"]
     header += [f"b{b} tok/s" for b in args.batches] + [f"b{b} vs dense" for b in args.batches]
     if args.prefill:
         header += [f"prefill {args.prefill} tok/s", "prefill vs dense"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["variant"], f"{row['ratio']:.1%}", f"{row['bytes_ratio']:.1%}", f"{row['weights'] / 2**20:.0f}",
-                 f"{row['peak_rss'] / 2**20:.0f}"]
+                 f"{row['peak_rss'] / 2**20:.0f}", f"{row['steady_rss'] / 2**20:.0f}"]
         cells += [f"{row[f'b{b}']:.1f}" for b in args.batches]
         cells += [f"{row[f'b{b}'] / dense[f'b{b}']:.2f}x" for b in args.batches]
         if args.prefill:
@@ -225,9 +231,9 @@ def main() -> None:
     print(table)
     command = "python bench/decode.py " + " ".join(sys.argv[1:])
     section = (f"{args.heading}\n\nCommand: `{command.strip()}`\n\n"
-               f"Llama hidden 2048, FFN 5632, 8 layers, bf16, vllm-cpu 0.32.0, {args.tokens} decoded "
-               f"tokens, median of {args.repeats}. Machine at the start: {machine}; at the end: "
-               f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n\n{table}\n")
+               f"Llama hidden 2048, FFN 5632, 8 layers, bf16 checkpoints served as {dtype} ({why}), "
+               f"vllm-cpu 0.32.0, {args.tokens} decoded tokens, median of {args.repeats}. Machine at the start: "
+               f"{machine}; at the end: load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n\n{table}\n")
     update_readme(args.readme, args.heading, section)
 
 

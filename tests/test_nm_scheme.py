@@ -108,6 +108,39 @@ def test_kernel_equals_the_reference_per_isa(isa: str, kept: int, group: int, to
     assert dense.dtype == dtype and torch.equal(dense, weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kept", "group", "in_features"), [(2, 4, 1032), (4, 8, 1032), (2, 4, 1028)])
+@pytest.mark.parametrize("tokens", [2, 9])
+def test_long_rows_in_batches_equal_the_reference(isa: str, kept: int, group: int, in_features: int, tokens: int,
+                                                  dtype: torch.dtype) -> None:
+    # 1032 inputs: AVX2 batches expand rows in chunks of 512 inputs, so three chunks, the last of 8; 1028 is not a
+    # multiple of 8, which that loop needs, so those rows take the permute path.
+    weight = _pruned(21, in_features, kept, group, seed=tokens).to(dtype)
+    tensors = pack_nm(weight, kept, group)
+    kernel = nm_kernel._cpu_kernel()
+    assert kernel is not None and kernel.isa() == isa
+    x = torch.randn(tokens, in_features).to(dtype)
+    got = kernel.nm_matmul(x, tensors["values"], tensors["positions"], kept, group)
+    torch.testing.assert_close(got, x.float() @ weight.float().t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kept", "group"), PATTERNS)
+def test_many_tokens_by_decompressed_strips_equal_the_reference(isa: str, kept: int, group: int,
+                                                                dtype: torch.dtype) -> None:
+    # 300 rows: a whole strip of 256 rows and a partial one
+    in_features = 232 if group == 4 else 240
+    weight = _pruned(300, in_features, kept, group, seed=group).to(dtype)
+    tensors = pack_nm(weight, kept, group)
+    kernel = nm_kernel._cpu_kernel()
+    assert kernel is not None and kernel.isa() == isa
+    x = torch.randn(20, in_features).to(dtype)
+    got = kernel.nm_matmul_strips(x, tensors["values"], tensors["positions"], kept, group)
+    assert got.dtype == dtype and got.shape == (20, 300)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), x.float() @ weight.float().t(), rtol=tolerance, atol=tolerance)
+
+
 def test_the_op_switches_to_a_dense_gemm_above_the_crossover_with_the_same_result() -> None:
     weight = _pruned(40, 128, 2, 4)
     tensors = pack_nm(weight, 2, 4)
@@ -142,13 +175,13 @@ def test_many_bf16_tokens_stay_on_the_tile_unit_and_others_decompress(monkeypatc
     weight = _pruned(40, 128, 2, 4).to(torch.bfloat16)
     tensors = pack_nm(weight, 2, 4)
     decompressed: list[torch.dtype] = []
-    original = nm_kernel.nm_decompressed
+    original = nm_kernel.many_tokens_product
 
-    def spy(values: torch.Tensor, *args: int) -> torch.Tensor:
+    def spy(x: torch.Tensor, values: torch.Tensor, *args: int) -> torch.Tensor:
         decompressed.append(values.dtype)
-        return original(values, *args)
+        return original(x, values, *args)
 
-    monkeypatch.setattr(nm_kernel, "nm_decompressed", spy)
+    monkeypatch.setattr(nm_kernel, "many_tokens_product", spy)
     x = torch.randn(nm_kernel.MANY_TOKENS + 24, 128)
     bf16 = nm_kernel.NMMatmul(tensors["values"], tensors["positions"], 2, 4)(x.to(torch.bfloat16))
     torch.testing.assert_close(bf16.float(), (x.to(torch.bfloat16).float() @ weight.float().t()), rtol=1e-2, atol=1e-2)

@@ -5,11 +5,13 @@ vector loops: memory-bound, so at 2:4 in bf16 they read 56 % of dense's bytes. F
 tokens on those loops are compute-bound and lose to oneDNN's dense GEMM, which on CPUs with AMX
 (Intel Sapphire Rapids and later) runs on the tile unit. There, bf16 batches of 2:4 and 4:8
 weights go to the tile unit too: the kernel expands 16 rows at a time into a dense strip in cache
-and multiplies it with AMX, at every token count up to prefill. Elsewhere (AVX2 hosts, fp32,
-other patterns) steps above ``MANY_TOKENS`` decompress the weight for that call only and run a
-dense GEMM, and the process never holds a dense copy. Crossovers are measured with
-``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch reference of the
-scheme does the same arithmetic, more slowly.
+and multiplies it with AMX, at every token count up to prefill. On AVX2 hosts (which serve fp32)
+2:4 and 4:8 batches expand each row's kept values into dense lanes once per 8 inputs and share
+them across the tokens with plain FMAs. Elsewhere steps above ``MANY_TOKENS`` decompress strips of
+rows into one buffer that stays in cache and run ATen's GEMM per strip, so the process never holds
+a dense copy of a layer. Crossovers are measured with ``bench/nm_kernel.py`` (see
+docs/methods/nm.md). Without a compiler the PyTorch reference of the scheme does the same
+arithmetic, more slowly.
 
 The product is the custom op ``slimserve::nm_matmul`` so torch.compile (vLLM's default on CPU)
 treats it as one opaque call.
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from slimserve.loaders.schemes.nm import nm_to_dense
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
-#: Token counts above this run a dense GEMM on a per-call decompressed weight, unless the AMX tile unit takes them.
+#: Token counts above this run dense GEMMs on decompressed strips of W, unless the AMX tile unit takes them.
 MANY_TOKENS = 16
 
 
@@ -31,13 +33,14 @@ def _cpu_kernel():
     return load_cpu_extension("slimserve_nm_cpu", "nm_cpu.cpp")
 
 
-def nm_decompressed(values: torch.Tensor, positions: torch.Tensor, in_features: int, kept: int,
-                    group: int) -> torch.Tensor:
-    """The dense ``[out, in]`` weight in ``values``' dtype: compiled on CPU, the reference elsewhere."""
+def many_tokens_product(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int,
+                        group: int) -> torch.Tensor:
+    """``x · Wᵀ`` by dense GEMMs: per strip of rows decompressed in cache (compiled, on CPU), else through the
+    reference's whole dense weight."""
     ext = _cpu_kernel() if values.device.type == "cpu" else None
     if ext is not None:
-        return ext.nm_decompress(values, positions, in_features, kept, group)
-    return nm_to_dense(values, positions, in_features, kept, group)
+        return ext.nm_matmul_strips(x, values, positions, kept, group)
+    return F.linear(x, nm_to_dense(values, positions, x.shape[1], kept, group).to(x.dtype))
 
 
 @torch.library.custom_op("slimserve::nm_matmul", mutates_args=())
@@ -48,8 +51,7 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ke
     on_tile_unit = (ext is not None and x.dtype == values.dtype == torch.bfloat16
                     and ext.amx_usable(in_features, kept, group))
     if x.shape[0] > MANY_TOKENS and not on_tile_unit:
-        weight = nm_decompressed(values, positions, in_features, kept, group)
-        return F.linear(x, weight.to(x.dtype))
+        return many_tokens_product(x, values, positions, kept, group)
     if ext is not None:
         return ext.nm_matmul(x, values, positions, kept, group).to(x.dtype)
     return x @ nm_to_dense(values.to(x.dtype), positions, in_features, kept, group).t()

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -207,6 +208,113 @@ void rows_fixed(const float* x, const V* values, const uint8_t* positions, float
   }
 }
 
+#if defined(SLIMSERVE_AVX2)
+// AVX2 batches of 2:4 and 4:8 rows: each row's kept values are expanded to dense lanes in registers, 8 inputs at a
+// time (4 stored values, zero lanes where pruned), and multiplied with plain FMAs against contiguous x. The permute
+// path above re-picks x entries for every token (two vpermps and a blend per token and 8 values); here the one
+// permute per 8 inputs is shared by every token of the block, so from a few tokens on the FMAs alone bound the loop
+// even though it multiplies the pruned zeros too. Inputs go in chunks whose x rows of a block stay in L1 while the
+// thread's rows pass over them (8 tokens of 2048 fp32 inputs are 64 KiB, twice an EPYC core's L1).
+constexpr int64_t kExpandedChunk = 512;
+// From this many tokens the expanded loop beats the permute path (bench/nm_kernel.py on an AMD EPYC, fp32).
+constexpr int64_t kExpandedFromTokens = 2;
+
+// Lane bytes of 8 dense inputs: which of 4 stored values (lanes 0-3 of a register whose lanes 4-7 are zero) each input
+// takes, 4 (a zero lane) where pruned.
+struct TwoOfFourLanes {
+  static constexpr int kBits = 2;
+  uint64_t byte_lanes[256];  // one offsets byte = two groups = 4 stored values = 8 inputs
+  TwoOfFourLanes() {
+    for (int b = 0; b < 256; ++b) {
+      uint8_t lanes[8] = {4, 4, 4, 4, 4, 4, 4, 4};
+      for (int k = 0; k < 4; ++k) lanes[k / 2 * 4 + ((b >> (2 * k)) & 3)] = static_cast<uint8_t>(k);
+      std::memcpy(&byte_lanes[b], lanes, 8);
+    }
+  }
+  uint64_t operator()(const uint8_t* meta, int64_t d) const { return byte_lanes[meta[d]]; }  // inputs 8d .. 8d + 7
+};
+
+struct FourOfEightLanes {
+  static constexpr int kBits = 3;
+  uint64_t pair_lanes[64];  // two 3-bit offsets -> lanes 0 and 1 at them, 4 elsewhere (4096 whole-group entries would
+                            // not stay in L1 beside x)
+  FourOfEightLanes() {
+    for (int c = 0; c < 64; ++c) {
+      uint8_t lanes[8] = {4, 4, 4, 4, 4, 4, 4, 4};
+      lanes[c & 7] = 0;
+      lanes[c >> 3] = 1;
+      std::memcpy(&pair_lanes[c], lanes, 8);
+    }
+  }
+  uint64_t operator()(const uint8_t* meta, int64_t d) const {  // group d: 12 offset bits from bit 12d
+    uint16_t bits;
+    std::memcpy(&bits, meta + d * 12 / 8, 2);
+    const uint32_t group = (bits >> (d * 12 % 8)) & 0xFFF;
+    // the second pair's lanes are 2, 3 (and 6, a zero lane too, where pruned); the bytewise min merges the pairs
+    const __m128i first = _mm_cvtsi64_si128(static_cast<int64_t>(pair_lanes[group & 63]));
+    const __m128i second = _mm_add_epi8(_mm_cvtsi64_si128(static_cast<int64_t>(pair_lanes[group >> 6])),
+                                        _mm_set1_epi8(2));
+    return static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_min_epu8(first, second)));
+  }
+};
+
+// 4 stored values in lanes 0-3, zeros in lanes 4-7.
+template <typename V> inline __m256 load4_zero_upper(const V* p) {
+  __m128 four;
+  if constexpr (std::is_same<V, float>::value) {
+    four = _mm_loadu_ps(p);
+  } else {
+    const __m128i wide = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    four = _mm_castsi128_ps(_mm_slli_epi32(wide, 16));
+  }
+  return _mm256_set_m128(_mm_setzero_ps(), four);
+}
+
+template <typename V, int NT, typename Lanes>
+void rows_expanded(const float* x, const V* values, const uint8_t* positions, float* y, int64_t in, int64_t out,
+                   int64_t row_begin, int64_t row_end, const Lanes& lanes) {
+  const int64_t stored = in / 2, meta_bytes = (stored * Lanes::kBits + 7) / 8;
+  for (int64_t c0 = 0; c0 < in; c0 += kExpandedChunk) {
+    const int64_t d1 = std::min(in, c0 + kExpandedChunk) / 8;
+    for (int64_t o = row_begin; o < row_end; ++o) {
+      const V* val = values + o * stored;
+      const uint8_t* meta = positions + o * meta_bytes;
+      __m256 acc[NT];
+      for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
+      // A chunk of a row is 16 cache lines: too short for the hardware prefetcher to ramp up on each new row, so
+      // the row two ahead is prefetched by hand.
+      _mm_prefetch(reinterpret_cast<const char*>(meta + 2 * meta_bytes + c0 / 8), _MM_HINT_T0);
+      for (int64_t d = c0 / 8; d < d1; ++d) {
+        _mm_prefetch(reinterpret_cast<const char*>(val + 2 * stored + 4 * d), _MM_HINT_T0);
+        const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(lanes(meta, d))));
+        const __m256 w = _mm256_permutevar8x32_ps(load4_zero_upper(val + 4 * d), idx);
+        for (int n = 0; n < NT; ++n) acc[n] = _mm256_fmadd_ps(_mm256_loadu_ps(x + n * in + 8 * d), w, acc[n]);
+      }
+      for (int n = 0; n < NT; ++n) y[n * out + o] = (c0 == 0 ? 0.f : y[n * out + o]) + reduce_add8(acc[n]);
+    }
+  }
+}
+
+template <typename V, typename Lanes>
+void rows_expanded_tokens(const float* x, const V* values, const uint8_t* positions, float* y, int64_t tokens,
+                          int64_t in, int64_t out, int64_t row_begin, int64_t row_end, const Lanes& lanes) {
+  for (int64_t n0 = 0; n0 < tokens; n0 += kTokenBlock) {
+    const float* xb = x + n0 * in;
+    float* yb = y + n0 * out;
+    switch (std::min(kTokenBlock, tokens - n0)) {
+      case 1: rows_expanded<V, 1>(xb, values, positions, yb, in, out, row_begin, row_end, lanes); break;
+      case 2: rows_expanded<V, 2>(xb, values, positions, yb, in, out, row_begin, row_end, lanes); break;
+      case 3: rows_expanded<V, 3>(xb, values, positions, yb, in, out, row_begin, row_end, lanes); break;
+      case 4: rows_expanded<V, 4>(xb, values, positions, yb, in, out, row_begin, row_end, lanes); break;
+      case 5: rows_expanded<V, 5>(xb, values, positions, yb, in, out, row_begin, row_end, lanes); break;
+      case 6: rows_expanded<V, 6>(xb, values, positions, yb, in, out, row_begin, row_end, lanes); break;
+      case 7: rows_expanded<V, 7>(xb, values, positions, yb, in, out, row_begin, row_end, lanes); break;
+      default: rows_expanded<V, 8>(xb, values, positions, yb, in, out, row_begin, row_end, lanes); break;
+    }
+  }
+}
+#endif  // SLIMSERVE_AVX2
+
 // All tokens through rows_fixed, in blocks of up to 8 (each block re-reads the rows, which are cache-hot then).
 template <typename V, typename Pattern>
 void rows_tokens(const float* x, const V* values, const uint8_t* positions, float* y, int64_t tokens, int64_t in,
@@ -271,7 +379,23 @@ void matmul_dispatch(const torch::Tensor& xf, const torch::Tensor& values, const
   const V* val = values.data_ptr<V>();
   const uint8_t* meta = positions.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
+#if defined(SLIMSERVE_AVX2)
+  const bool expanded = tokens >= kExpandedFromTokens && in % 8 == 0 &&
+                        ((kept == 2 && group == 4) || (kept == 4 && group == 8));
+  static const TwoOfFourLanes two_of_four;
+  static const FourOfEightLanes four_of_eight;
+#endif
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+#if defined(SLIMSERVE_AVX2)
+    if (expanded && group == 4) {
+      rows_expanded_tokens<V>(x, val, meta, yp, tokens, in, out, begin, end, two_of_four);
+      return;
+    }
+    if (expanded) {
+      rows_expanded_tokens<V>(x, val, meta, yp, tokens, in, out, begin, end, four_of_eight);
+      return;
+    }
+#endif
     if (kept == 2 && group == 4) {
       rows_tokens<V, TwoOfFour>(x, val, meta, yp, tokens, in, out, begin, end);
     } else if (kept == 4 && group == 8) {
@@ -441,8 +565,42 @@ torch::Tensor nm_decompress(torch::Tensor values, torch::Tensor positions, int64
   return dense;
 }
 
+// y [N, out] = x [N, in] · Wᵀ in x's dtype for many tokens (prefill) where the tile unit does not take them: strips
+// of rows are decompressed into one buffer that stays in cache and multiplied by ATen's GEMM into yᵀ. Decompressing
+// the whole weight per call instead allocates, page-faults and writes a dense copy of the layer (46 MiB fp32 for
+// [5632, 2048]), which cost more than the GEMM of a few hundred tokens.
+torch::Tensor nm_matmul_strips(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
+                               int64_t group) {
+  TORCH_CHECK(x.dim() == 2, "nm_matmul_strips: x must be [N, in]");
+  const int64_t in = x.size(1), out = values.size(0);
+  check_args(values, positions, in, kept, group);
+  constexpr int64_t kStripRows = 256;
+  auto xt = x.to(values.scalar_type()).t();
+  auto yt = torch::empty({out, x.size(0)}, x.options().dtype(values.scalar_type()));
+  auto strip = torch::empty({std::min(out, kStripRows), in}, values.options());
+  for (int64_t r0 = 0; r0 < out; r0 += kStripRows) {
+    const int64_t rows = std::min(kStripRows, out - r0);
+    auto strip_rows = strip.narrow(0, 0, rows);
+    auto strip_values = values.narrow(0, r0, rows), strip_positions = positions.narrow(0, r0, rows);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      if (values.scalar_type() == at::kBFloat16) {
+        decompress_rows<c10::BFloat16>(strip_values.data_ptr<c10::BFloat16>(), strip_positions.data_ptr<uint8_t>(),
+                                       strip_rows.data_ptr<c10::BFloat16>(), in, kept, group, begin, end);
+      } else {
+        decompress_rows<float>(strip_values.data_ptr<float>(), strip_positions.data_ptr<uint8_t>(),
+                               strip_rows.data_ptr<float>(), in, kept, group, begin, end);
+      }
+    });
+    auto yt_rows = yt.narrow(0, r0, rows);
+    at::mm_out(yt_rows, strip_rows, xt);
+  }
+  return yt.t().to(x.scalar_type()).contiguous();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nm_matmul", &nm_matmul, "y = x · Wᵀ for N:M sparse W stored as kept values + packed offsets (float32 out)");
+  m.def("nm_matmul_strips", &nm_matmul_strips,
+        "y = x · Wᵀ in x's dtype for many tokens: strips of W decompressed in cache, each multiplied by ATen's GEMM");
   m.def("nm_decompress", &nm_decompress, "the dense weight of an N:M sparse module, in its values' dtype");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
   m.def("amx_usable", &amx_usable,
