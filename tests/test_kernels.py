@@ -144,8 +144,20 @@ def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, at
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     assert out.dtype == dtype and out.is_contiguous()
-    torch.testing.assert_close(kernel.ext.bitmask_to_dense(values, mask, atoms),
-                               sparse_rows.bitmask_to_dense(values.float(), mask, atoms))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitmask_many_tokens_by_decoded_strips_equal_the_reference(dtype: torch.dtype, isa: str) -> None:
+    torch.manual_seed(0)
+    values, mask = sparse_rows.dense_to_bitmask(torch.randn(300, 75), 30)  # 300 rows: a strip of 256 and a part
+    values = values.to(dtype)
+    z = torch.randn(20, 75, dtype=dtype)
+    kernel = BitmaskMatmul(values, mask, 75)
+    assert kernel.ext is not None and kernel.ext.isa() == isa
+    out = kernel.ext.bitmask_matmul_strips(z, values, mask)
+    assert out.dtype == torch.float32 and out.shape == (20, 300) and out.is_contiguous()
+    expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tile_unit", ["1", "0"])

@@ -8,9 +8,9 @@ scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch r
 On CPUs with AMX, bf16 batches (2 tokens and more, prefill included) run on the tile unit: the
 kernel expands 16 rows at a time into a dense strip in cache and multiplies it there
 (``amx_strips.h``). Elsewhere many-token steps take the other road past ``DENSE_FROM_TOKENS``
-tokens: C is expanded to a dense float32 ``[out, k]`` for that call only and multiplied by one
-GEMM, which past the measured crossover (docs/methods/cpu_kernels.md) is faster than any sparse
-loop; nothing dense is kept.
+tokens: strips of 256 rows of C are decoded into one float32 buffer that stays in cache and each is
+multiplied by ATen's GEMM, which past the measured crossover (docs/methods/cpu_kernels.md) is
+faster than any sparse loop; nothing dense is kept.
 
 Registered as the custom op ``slimserve::bitmask_matmul`` so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.
@@ -23,9 +23,10 @@ import torch
 from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
-#: From this many tokens a call expands C and runs one dense GEMM (crossover measured with bench/sparse_kernels.py
-#: on the quiet Xeon after the mask decode became branch-free, both ISAs: bench/README.md).
-DENSE_FROM_TOKENS = 256
+#: From this many tokens a call decodes C in strips and runs dense GEMMs on them. Measured on an AMD EPYC (AVX2, fp32,
+#: 2 threads, [5632, 1547] at s = 773, bench/README.md): the strips overtake the sparse loop between 32 and 64 tokens
+#: (17.0 against 20.3 ms at 64). Where bf16 batches take the AMX tile unit the threshold does not apply.
+DENSE_FROM_TOKENS = 64
 
 
 def _cpu_kernel():
@@ -40,7 +41,7 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
         return bitmask_product(z, values, mask)
     on_tile_unit = z.dtype == values.dtype == torch.bfloat16 and ext.amx_usable()
     if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
-        return (z.float() @ ext.bitmask_to_dense(values, mask, z.shape[1]).t()).to(z.dtype)
+        return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
     return ext.bitmask_matmul(z, values, mask).to(z.dtype)
 
 

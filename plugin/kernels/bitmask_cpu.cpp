@@ -181,9 +181,17 @@ void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, cons
   (void)values_end;
 }
 
-// A batch: zt is [atoms, ld] float32 (ld = tokens rounded up to 16, padding columns zero). Each row's
-// mask is decoded once into its s column offsets (decode_row_offsets, once per row, not once per 16
-// tokens); then every stored value is broadcast against 16 tokens, two FMA chains as in the ELL kernel.
+// Tokens a batch step multiplies each stored value with: one vector register of fp32 lanes (8 with AVX2, so an
+// 8-token decode step does one FMA per value, not two with half the lanes padding).
+#if defined(SLIMSERVE_AVX2)
+constexpr int64_t kBatchLanes = 8;
+#else
+constexpr int64_t kBatchLanes = 16;
+#endif
+
+// A batch: zt is [atoms, ld] float32 (ld = tokens rounded up to kBatchLanes, padding columns zero). Each row's
+// mask is decoded once into its s column offsets (decode_row_offsets, once per row, not once per block of
+// tokens); then every stored value is broadcast against kBatchLanes tokens, two FMA chains as in the ELL kernel.
 template <typename V>
 void bitmask_rows_batched(const float* zt, int64_t ld, const V* values, const uint8_t* mask, V* y, int64_t tokens,
                           int64_t out_features, int64_t nnz, int64_t mask_bytes, int64_t row_begin, int64_t row_end) {
@@ -191,8 +199,8 @@ void bitmask_rows_batched(const float* zt, int64_t ld, const V* values, const ui
   for (int64_t o = row_begin; o < row_end; ++o) {
     const V* val = values + o * nnz;
     decode_row_offsets(mask + o * mask_bytes, mask_bytes, static_cast<int32_t>(ld), nnz, offsets.data());
-    for (int64_t n0 = 0; n0 < tokens; n0 += 16) {
-      const int64_t nt = std::min<int64_t>(16, tokens - n0);
+    for (int64_t n0 = 0; n0 < tokens; n0 += kBatchLanes) {
+      const int64_t nt = std::min<int64_t>(kBatchLanes, tokens - n0);
       alignas(64) float sums[16] = {};
       const float* base = zt + n0;
 #if defined(__AVX512F__)
@@ -205,28 +213,18 @@ void bitmask_rows_batched(const float* zt, int64_t ld, const V* values, const ui
       if (i < nnz) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[i])), _mm512_load_ps(base + offsets[i]), acc0);
       _mm512_store_ps(sums, _mm512_add_ps(acc0, acc1));
 #elif defined(SLIMSERVE_AVX2)
-      __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       int64_t i = 0;
       for (; i + 1 < nnz; i += 2) {
-        const float* z0 = base + offsets[i];
-        const float* z1 = base + offsets[i + 1];
-        const __m256 v0 = _mm256_set1_ps(to_float(val[i])), v1 = _mm256_set1_ps(to_float(val[i + 1]));
-        lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0), lo0);
-        hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0 + 8), hi0);
-        lo1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1), lo1);
-        hi1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1 + 8), hi1);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i])), _mm256_load_ps(base + offsets[i]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i + 1])), _mm256_load_ps(base + offsets[i + 1]), acc1);
       }
-      if (i < nnz) {
-        const __m256 v0 = _mm256_set1_ps(to_float(val[i]));
-        lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(base + offsets[i]), lo0);
-        hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(base + offsets[i] + 8), hi0);
-      }
-      _mm256_store_ps(sums, _mm256_add_ps(lo0, lo1));
-      _mm256_store_ps(sums + 8, _mm256_add_ps(hi0, hi1));
+      if (i < nnz) acc0 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i])), _mm256_load_ps(base + offsets[i]), acc0);
+      _mm256_store_ps(sums, _mm256_add_ps(acc0, acc1));
 #else
       for (int64_t i = 0; i < nnz; ++i) {
         const float value = to_float(val[i]);
-        for (int64_t n = 0; n < 16; ++n) sums[n] += value * base[offsets[i] + n];
+        for (int64_t n = 0; n < kBatchLanes; ++n) sums[n] += value * base[offsets[i] + n];
       }
 #endif
       for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
@@ -242,7 +240,7 @@ void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, cons
   const uint8_t* msk = mask.data_ptr<uint8_t>();
   V* out = y.data_ptr<V>();
   if (tokens > 1) {
-    const int64_t ld = (tokens + 15) / 16 * 16;
+    const int64_t ld = (tokens + kBatchLanes - 1) / kBatchLanes * kBatchLanes;
     TORCH_CHECK(atoms * ld < INT32_MAX, "bitmask_matmul: k x tokens must fit int32 offsets; split the batch");
     auto zt = torch::zeros({atoms, ld}, zf.options());
     zt.narrow(1, 0, tokens).copy_(zf.t());
@@ -328,31 +326,68 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
   return y;
 }
 
-// The dense C [out, k] float32 (for many-token steps, where one GEMM over it beats the sparse loop).
-torch::Tensor bitmask_to_dense(torch::Tensor values, torch::Tensor mask, int64_t atoms) {
-  TORCH_CHECK(values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
-              mask.size(1) == (atoms + 7) / 8, "bitmask_to_dense: values [out, s], mask [out, ceil(k/8)] uint8");
-  auto vf = values.to(at::kFloat).contiguous();
-  auto dense = torch::zeros({values.size(0), atoms}, vf.options());
-  const float* val = vf.data_ptr<float>();
-  const uint8_t* msk = mask.data_ptr<uint8_t>();
-  float* out = dense.data_ptr<float>();
-  const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
-  at::parallel_for(0, values.size(0), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const float* v = val + o * nnz;
-      for (int64_t b = 0; b < mask_bytes; ++b) {
-        for (uint32_t bits = msk[o * mask_bytes + b]; bits != 0; bits &= bits - 1) {
-          out[o * atoms + b * 8 + __builtin_ctz(bits)] = *v++;
-        }
+namespace {
+// Rows [begin, end) of C as dense float32 rows of `atoms` columns at `out` (zeroed here).
+template <typename V>
+void bitmask_rows_to_dense(const V* values, const uint8_t* mask, float* out, int64_t atoms, int64_t nnz,
+                           int64_t mask_bytes, int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    const V* v = values + o * nnz;
+    float* row = out + o * atoms;
+    std::memset(row, 0, sizeof(float) * atoms);
+    for (int64_t b = 0; b < mask_bytes; ++b) {
+      for (uint32_t bits = mask[o * mask_bytes + b]; bits != 0; bits &= bits - 1) {
+        row[b * 8 + __builtin_ctz(bits)] = to_float(*v++);
       }
     }
+  }
+}
+
+void check_dense_args(const torch::Tensor& values, const torch::Tensor& mask, int64_t atoms, const char* op) {
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
+              mask.size(0) == values.size(0) && mask.size(1) == (atoms + 7) / 8 &&
+              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              op, ": values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8");
+}
+
+// Rows [begin, end) of C into `out` (row `begin` first), from values of either dtype.
+void rows_to_dense(const torch::Tensor& values, const torch::Tensor& mask, float* out, int64_t atoms, int64_t begin,
+                   int64_t end) {
+  const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
+  const uint8_t* msk = mask.data_ptr<uint8_t>() + begin * mask_bytes;
+  at::parallel_for(0, end - begin, 16, [&](int64_t b, int64_t e) {
+    if (values.scalar_type() == at::kBFloat16) {
+      bitmask_rows_to_dense(values.data_ptr<c10::BFloat16>() + begin * nnz, msk, out, atoms, nnz, mask_bytes, b, e);
+    } else {
+      bitmask_rows_to_dense(values.data_ptr<float>() + begin * nnz, msk, out, atoms, nnz, mask_bytes, b, e);
+    }
   });
-  return dense;
+}
+}  // namespace
+
+// y [N, out] float32 = z · Cᵀ for many tokens (prefill) off the tile unit: strips of C's rows are decoded into one
+// float32 buffer that stays in cache and multiplied by ATen's GEMM into yᵀ. Decoding all of C per call instead
+// allocates, page-faults and writes a dense copy (35 MiB for [5632, 1547]) on every call of every layer.
+torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
+  TORCH_CHECK(z.dim() == 2, "bitmask_matmul_strips: z must be [N, k]");
+  const int64_t atoms = z.size(1), out = values.size(0);
+  check_dense_args(values, mask, atoms, "bitmask_matmul_strips");
+  constexpr int64_t kStripRows = 256;
+  auto zt = z.to(at::kFloat).t();
+  auto yt = torch::empty({out, z.size(0)}, z.options().dtype(at::kFloat));
+  auto strip = torch::empty({std::min(out, kStripRows), atoms}, yt.options());
+  for (int64_t r0 = 0; r0 < out; r0 += kStripRows) {
+    const int64_t rows = std::min(kStripRows, out - r0);
+    rows_to_dense(values, mask, strip.data_ptr<float>(), atoms, r0, r0 + rows);
+    auto yt_rows = yt.narrow(0, r0, rows);
+    at::mm_out(yt_rows, strip.narrow(0, 0, rows), zt);
+  }
+  return yt.t().contiguous();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bitmask_to_dense", &bitmask_to_dense, "the dense [out, k] float32 matrix a bitmask encodes");
+  m.def("bitmask_matmul_strips", &bitmask_matmul_strips,
+        "y = z · Cᵀ (float32) for many tokens: strips of C decoded in cache, each multiplied by ATen's GEMM");
   m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
   m.def("amx_usable", &amx_usable, "whether bf16 batches run on the AMX tile unit in this build and process");
