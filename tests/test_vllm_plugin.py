@@ -7,6 +7,8 @@ the same weights the factors stand for, run by a different engine, in float32.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,35 @@ def test_missing_factor_is_named_when_vllm_loads(mixed_llama: Path, tmp_path: Pa
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(RuntimeError, match=r"tensor 'model.layers.1.mlp.gate_proj.coef_mask'.*missing"):
         vllm_greedy(broken, PROMPTS[:1])
+
+
+_TRIM_PROBE = """
+import ctypes
+from pathlib import Path
+import torch
+from slimserve.plugin.vllm.linear import _malloc_trim, _return_freed_memory
+if _malloc_trim() is None:
+    raise SystemExit(3)
+libc = ctypes.CDLL(None)
+libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MiB come from the heap, as a layer's buffers do
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free() alone does not hand the heap's top back
+resident = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+blocks = [torch.ones(1 << 18) for _ in range(256)]  # 256 x 1 MiB, touched
+kept = blocks[1::2]  # every other block stays live, so the freed ones are holes, not the heap's top
+before = resident()
+del blocks
+freed = before - resident()
+_return_freed_memory()
+print(freed >> 20, (before - resident()) >> 20, len(kept))
+"""
+
+
+def test_freed_heap_pages_go_back_to_the_os_after_a_layer_loads() -> None:
+    """Load buffers freed inside glibc's heap stay resident until the loader trims it (the worker's RSS would not
+    fall by the bytes a compressed checkpoint saves). Run in its own process: the malloc settings it needs last."""
+    proc = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, timeout=120)
+    if proc.returncode == 3:
+        pytest.skip("not glibc: no malloc_trim")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    freed_mib, returned_mib, _ = (int(v) for v in proc.stdout.split()[-3:])
+    assert freed_mib < 32 and returned_mib > 96, (freed_mib, returned_mib)
