@@ -6,6 +6,7 @@ memory-bound Llama of bench/decode.py (out 5632, in 2048) at 30 % of its bf16 by
 
 * ``ell-u8`` / ``ell-i16``: the ELL kernel with uint8 / int16 indices (k ≤ 256 only for uint8, so its
   row uses the same s with k clipped to 256 and is a kernel-speed comparison, not a real layer);
+* ``ell-strips``: the ELL many-token road (strips of C expanded to float32 in cache, a GEMM each);
 * ``bitmask``: the bitmask kernel's sparse loop;
 * ``dense-gemm``: what the many-token road costs: strips of C decoded to float32 in cache, a GEMM each;
 * ``dense-weight``: the dense layer ``x Wᵀ`` [5632, 2048] itself (the reference the scheme must beat).
@@ -16,6 +17,7 @@ It also prints the stored bytes of dictsparse at a 30 % *parameter* budget (ρ =
 CoSpaDi checkpoints were sized by) for SmolLM2-135M's decoder linears, in each encoding.
 
     OMP_NUM_THREADS=1 python bench/sparse_kernels.py            # prints a markdown table
+    OMP_NUM_THREADS=2 python bench/sparse_kernels.py --dtype float32   # what AVX2-only hosts serve
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 SMOLLM2_LINEARS = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
+def _dtype_arg() -> str:
+    """``--dtype bfloat16|float32`` (default bfloat16; float32 is what AVX2-only hosts serve)."""
+    dtype = sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else "bfloat16"
+    if dtype not in ("bfloat16", "float32"):
+        raise SystemExit(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    return dtype
+
+
 def _time(fn, repeats: int = 5) -> float:
     fn()
     times = []
@@ -45,7 +55,7 @@ def _time(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_isa() -> dict[str, dict[int, float]]:
+def run_isa(dtype: torch.dtype) -> dict[str, dict[int, float]]:
     """Microseconds per call of each road at each token count, for the ISA in $SLIMSERVE_CPU_ISA."""
     from slimserve.loaders.compress.budget import Budget, dictsparse_sizes
     from slimserve.loaders.schemes import sparse_rows
@@ -55,21 +65,22 @@ def run_isa() -> dict[str, dict[int, float]]:
     k, s = dictsparse_sizes(OUT, IN, RATIO, 2.0, Budget("bytes", 2))
     coef = torch.randn(OUT, k) * k ** -0.5
     values, indices = sparse_rows.dense_to_ell(coef, s)
-    values = values.to(torch.bfloat16)
+    values = values.to(dtype)
     _, mask = sparse_rows.ell_to_bitmask(values, indices, k)
     u8_values, u8_indices = sparse_rows.dense_to_ell(coef[:, :256], min(s, 256))
-    u8_values = u8_values.to(torch.bfloat16)
+    u8_values = u8_values.to(dtype)
     ext_ell, ext_bm = ell._cpu_kernel(), bitmask._cpu_kernel()
-    weight = torch.randn(OUT, IN, dtype=torch.bfloat16)
-    result: dict[str, dict[int, float]] = {"ell-u8": {}, "ell-i16": {}, "bitmask": {}, "dense-gemm": {},
-                                           "dense-weight": {}}
+    weight = torch.randn(OUT, IN, dtype=dtype)
+    roads = ["ell-u8", "ell-i16", "ell-strips", "bitmask", "dense-gemm", "dense-weight"]
+    result: dict[str, dict[int, float]] = {road: {} for road in roads}
     i16 = indices.to(torch.int16)
     for n in TOKENS:
-        z = torch.randn(n, k, dtype=torch.bfloat16)
-        x = torch.randn(n, IN, dtype=torch.bfloat16)
+        z = torch.randn(n, k, dtype=dtype)
+        x = torch.randn(n, IN, dtype=dtype)
         z8 = z[:, :256].contiguous()
         result["ell-u8"][n] = _time(lambda: ext_ell.ell_matmul(z8, u8_values, u8_indices)) * 1e6
         result["ell-i16"][n] = _time(lambda: ext_ell.ell_matmul(z, values, i16)) * 1e6
+        result["ell-strips"][n] = _time(lambda: ext_ell.ell_matmul_strips(z, values, i16).to(z.dtype)) * 1e6
         result["bitmask"][n] = _time(lambda: ext_bm.bitmask_matmul(z, values, mask)) * 1e6
         result["dense-gemm"][n] = _time(lambda: ext_bm.bitmask_matmul_strips(z, values, mask).to(z.dtype)) * 1e6
         result["dense-weight"][n] = _time(lambda: torch.nn.functional.linear(x, weight)) * 1e6
@@ -98,15 +109,16 @@ def checkpoint_bytes() -> list[str]:
 def main() -> None:
     from slimserve.plugin.kernels.cpp import supported_isas
 
+    dtype = _dtype_arg()
     runs = []
     for isa in [i for i in ("avx512", "avx2") if i in supported_isas()]:
-        proc = subprocess.run([sys.executable, __file__, "--child"], env=dict(os.environ, SLIMSERVE_CPU_ISA=isa),
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", "--dtype", dtype],
+                              env=dict(os.environ, SLIMSERVE_CPU_ISA=isa), capture_output=True, text=True, check=True)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"CPU: {cpu_model()}; torch threads {torch.get_num_threads()}; k = {runs[0]['k']}, s = {runs[0]['s']}\n")
     for run in runs:
         times = run["times"]
-        print(f"ISA {run['isa']}: µs per call (bf16 values)\n")
+        print(f"ISA {run['isa']}: µs per call ({dtype} values)\n")
         print("| N | " + " | ".join(times) + " | bitmask vs dense weight |")
         print("|" + "---|" * (len(times) + 2))
         for n in TOKENS:
@@ -122,6 +134,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if "--child" in sys.argv:
-        print(json.dumps(run_isa()))
+        print(json.dumps(run_isa(getattr(torch, _dtype_arg()))))
     else:
         main()

@@ -147,6 +147,22 @@ def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, at
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.uint8, torch.int16, torch.int32])
+def test_ell_many_tokens_by_expanded_strips_equal_the_reference(dtype: torch.dtype, index_dtype: torch.dtype,
+                                                                isa: str) -> None:
+    torch.manual_seed(0)
+    values, indices = sparse_rows.dense_to_ell(torch.randn(300, 75), 30)  # 300 rows: a strip of 256 and a part
+    values, indices = values.to(dtype), indices.to(index_dtype)
+    z = torch.randn(20, 75, dtype=dtype)
+    kernel = EllMatmul(values, indices, 75)
+    assert kernel.ext is not None and kernel.ext.isa() == isa
+    out = kernel.ext.ell_matmul_strips(z, values, indices)
+    assert out.dtype == torch.float32 and out.shape == (20, 300) and out.is_contiguous()
+    expected = z.double() @ coef_to_dense(values.double(), indices.long(), 75).t()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitmask_many_tokens_by_decoded_strips_equal_the_reference(dtype: torch.dtype, isa: str) -> None:
     torch.manual_seed(0)
     values, mask = sparse_rows.dense_to_bitmask(torch.randn(300, 75), 30)  # 300 rows: a strip of 256 and a part

@@ -24,9 +24,10 @@ from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
 #: From this many tokens a call decodes C in strips and runs dense GEMMs on them. Measured on an AMD EPYC (AVX2, fp32,
-#: 2 threads, [5632, 1547] at s = 773, bench/README.md): the strips overtake the sparse loop between 32 and 64 tokens
-#: (17.0 against 20.3 ms at 64). Where bf16 batches take the AMX tile unit the threshold does not apply.
-DENSE_FROM_TOKENS = 64
+#: 2 threads, [5632, 1547] at s = 773, docs/methods/cpu_kernels.md): the sparse loop wins through 96 tokens (16.2
+#: against 17.7 ms), the strips from 128 (21.0 against 29.3). Where bf16 batches take the AMX tile unit it does not
+#: apply.
+DENSE_FROM_TOKENS = 128
 
 
 def _cpu_kernel():

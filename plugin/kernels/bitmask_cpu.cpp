@@ -181,26 +181,31 @@ void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, cons
   (void)values_end;
 }
 
-// Tokens a batch step multiplies each stored value with: one vector register of fp32 lanes (8 with AVX2, so an
-// 8-token decode step does one FMA per value, not two with half the lanes padding).
+// zt's row length for a batch, which is also how many tokens one pass over a row multiplies: 16 (one AVX-512
+// register, two AVX2 halves), except that AVX2 takes up to 8 tokens in one register, so an 8-token decode step does
+// one FMA per value, not two with half the lanes padding. Past 8 tokens AVX2 keeps 16 a pass: two passes of 8 would
+// read each zt cache line twice.
+inline int64_t batch_width(int64_t tokens) {
 #if defined(SLIMSERVE_AVX2)
-constexpr int64_t kBatchLanes = 8;
+  return tokens <= 8 ? 8 : (tokens + 15) / 16 * 16;
 #else
-constexpr int64_t kBatchLanes = 16;
+  return (tokens + 15) / 16 * 16;
 #endif
+}
 
-// A batch: zt is [atoms, ld] float32 (ld = tokens rounded up to kBatchLanes, padding columns zero). Each row's
-// mask is decoded once into its s column offsets (decode_row_offsets, once per row, not once per block of
-// tokens); then every stored value is broadcast against kBatchLanes tokens, two FMA chains as in the ELL kernel.
+// A batch: zt is [atoms, ld] float32 (ld = batch_width(tokens), padding columns zero). Each row's mask is decoded
+// once into its s column offsets (decode_row_offsets, once per row, not once per block of tokens); then every stored
+// value is broadcast against min(ld, 16) tokens, two FMA chains as in the ELL kernel.
 template <typename V>
 void bitmask_rows_batched(const float* zt, int64_t ld, const V* values, const uint8_t* mask, V* y, int64_t tokens,
                           int64_t out_features, int64_t nnz, int64_t mask_bytes, int64_t row_begin, int64_t row_end) {
   std::vector<int32_t> offsets(nnz + 8);  // zt offset of each stored column of the current row
+  const int64_t step = std::min<int64_t>(ld, 16);
   for (int64_t o = row_begin; o < row_end; ++o) {
     const V* val = values + o * nnz;
     decode_row_offsets(mask + o * mask_bytes, mask_bytes, static_cast<int32_t>(ld), nnz, offsets.data());
-    for (int64_t n0 = 0; n0 < tokens; n0 += kBatchLanes) {
-      const int64_t nt = std::min<int64_t>(kBatchLanes, tokens - n0);
+    for (int64_t n0 = 0; n0 < tokens; n0 += step) {
+      const int64_t nt = std::min<int64_t>(step, tokens - n0);
       alignas(64) float sums[16] = {};
       const float* base = zt + n0;
 #if defined(__AVX512F__)
@@ -213,18 +218,40 @@ void bitmask_rows_batched(const float* zt, int64_t ld, const V* values, const ui
       if (i < nnz) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[i])), _mm512_load_ps(base + offsets[i]), acc0);
       _mm512_store_ps(sums, _mm512_add_ps(acc0, acc1));
 #elif defined(SLIMSERVE_AVX2)
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 1 < nnz; i += 2) {
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i])), _mm256_load_ps(base + offsets[i]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i + 1])), _mm256_load_ps(base + offsets[i + 1]), acc1);
+      if (step == 8) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 1 < nnz; i += 2) {
+          acc0 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i])), _mm256_load_ps(base + offsets[i]), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i + 1])), _mm256_load_ps(base + offsets[i + 1]), acc1);
+        }
+        if (i < nnz) acc0 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i])), _mm256_load_ps(base + offsets[i]), acc0);
+        _mm256_store_ps(sums, _mm256_add_ps(acc0, acc1));
+      } else {
+        __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(),
+               hi1 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 1 < nnz; i += 2) {
+          const float* z0 = base + offsets[i];
+          const float* z1 = base + offsets[i + 1];
+          const __m256 v0 = _mm256_set1_ps(to_float(val[i])), v1 = _mm256_set1_ps(to_float(val[i + 1]));
+          lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0), lo0);
+          hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0 + 8), hi0);
+          lo1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1), lo1);
+          hi1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1 + 8), hi1);
+        }
+        if (i < nnz) {
+          const __m256 v0 = _mm256_set1_ps(to_float(val[i]));
+          lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(base + offsets[i]), lo0);
+          hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(base + offsets[i] + 8), hi0);
+        }
+        _mm256_store_ps(sums, _mm256_add_ps(lo0, lo1));
+        _mm256_store_ps(sums + 8, _mm256_add_ps(hi0, hi1));
       }
-      if (i < nnz) acc0 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i])), _mm256_load_ps(base + offsets[i]), acc0);
-      _mm256_store_ps(sums, _mm256_add_ps(acc0, acc1));
 #else
       for (int64_t i = 0; i < nnz; ++i) {
         const float value = to_float(val[i]);
-        for (int64_t n = 0; n < kBatchLanes; ++n) sums[n] += value * base[offsets[i] + n];
+        for (int64_t n = 0; n < 16; ++n) sums[n] += value * base[offsets[i] + n];
       }
 #endif
       for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
@@ -240,7 +267,7 @@ void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, cons
   const uint8_t* msk = mask.data_ptr<uint8_t>();
   V* out = y.data_ptr<V>();
   if (tokens > 1) {
-    const int64_t ld = (tokens + kBatchLanes - 1) / kBatchLanes * kBatchLanes;
+    const int64_t ld = batch_width(tokens);
     TORCH_CHECK(atoms * ld < INT32_MAX, "bitmask_matmul: k x tokens must fit int32 offsets; split the batch");
     auto zt = torch::zeros({atoms, ld}, zf.options());
     zt.narrow(1, 0, tokens).copy_(zf.t());
