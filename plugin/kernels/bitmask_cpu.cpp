@@ -11,7 +11,7 @@
 //    _mm256_permutevar8x32_ps indices and multiplied with a masked load of 8 z entries.
 //  * scalar: the set bits one by one.
 // A batch (N > 1) decodes each row's mask once, reads z transposed ([k, N] float32, cache-resident) and,
-// for each stored value, updates 16 tokens with one contiguous load and one FMA, as the ELL kernel does.
+// for each stored value, updates 16 tokens with one contiguous load and one FMA (vector_rows.h, shared with ELL).
 // bf16 batches on CPUs with AMX run on the tile unit instead (amx_strips.h): each row's 32 atoms at a time are
 // expanded from its packed values under 32 bits of its own mask, so the stored mask is the expand mask as it is.
 // Built at first use by plugin/kernels/cpp.py for the best ISA the compiler flags allow.
@@ -25,21 +25,14 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
-
 #include "amx_strips.h"
+#include "vector_rows.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr const char* kIsa = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr const char* kIsa = "avx2";
-#define SLIMSERVE_AVX2 1
-#else
-constexpr const char* kIsa = "scalar";
+using slimserve_rows::kIsa;
+#if defined(SLIMSERVE_AVX2)
+using slimserve_rows::reduce_add8;
 #endif
 
 template <typename V> inline float to_float(V v) { return static_cast<float>(v); }
@@ -87,12 +80,6 @@ template <typename V> inline __m256 load_packed8(const V* p, int count, const V*
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
-}
-
-inline float reduce_add8(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
 }
 #endif
 
@@ -181,84 +168,6 @@ void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, cons
   (void)values_end;
 }
 
-// zt's row length for a batch, which is also how many tokens one pass over a row multiplies: 16 (one AVX-512
-// register, two AVX2 halves), except that AVX2 takes up to 8 tokens in one register, so an 8-token decode step does
-// one FMA per value, not two with half the lanes padding. Past 8 tokens AVX2 keeps 16 a pass: two passes of 8 would
-// read each zt cache line twice.
-inline int64_t batch_width(int64_t tokens) {
-#if defined(SLIMSERVE_AVX2)
-  return tokens <= 8 ? 8 : (tokens + 15) / 16 * 16;
-#else
-  return (tokens + 15) / 16 * 16;
-#endif
-}
-
-// A batch: zt is [atoms, ld] float32 (ld = batch_width(tokens), padding columns zero). Each row's mask is decoded
-// once into its s column offsets (decode_row_offsets, once per row, not once per block of tokens); then every stored
-// value is broadcast against min(ld, 16) tokens, two FMA chains as in the ELL kernel.
-template <typename V>
-void bitmask_rows_batched(const float* zt, int64_t ld, const V* values, const uint8_t* mask, V* y, int64_t tokens,
-                          int64_t out_features, int64_t nnz, int64_t mask_bytes, int64_t row_begin, int64_t row_end) {
-  std::vector<int32_t> offsets(nnz + 8);  // zt offset of each stored column of the current row
-  const int64_t step = std::min<int64_t>(ld, 16);
-  for (int64_t o = row_begin; o < row_end; ++o) {
-    const V* val = values + o * nnz;
-    decode_row_offsets(mask + o * mask_bytes, mask_bytes, static_cast<int32_t>(ld), nnz, offsets.data());
-    for (int64_t n0 = 0; n0 < tokens; n0 += step) {
-      const int64_t nt = std::min<int64_t>(step, tokens - n0);
-      alignas(64) float sums[16] = {};
-      const float* base = zt + n0;
-#if defined(__AVX512F__)
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-      int64_t i = 0;
-      for (; i + 1 < nnz; i += 2) {
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[i])), _mm512_load_ps(base + offsets[i]), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[i + 1])), _mm512_load_ps(base + offsets[i + 1]), acc1);
-      }
-      if (i < nnz) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(to_float(val[i])), _mm512_load_ps(base + offsets[i]), acc0);
-      _mm512_store_ps(sums, _mm512_add_ps(acc0, acc1));
-#elif defined(SLIMSERVE_AVX2)
-      if (step == 8) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 1 < nnz; i += 2) {
-          acc0 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i])), _mm256_load_ps(base + offsets[i]), acc0);
-          acc1 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i + 1])), _mm256_load_ps(base + offsets[i + 1]), acc1);
-        }
-        if (i < nnz) acc0 = _mm256_fmadd_ps(_mm256_set1_ps(to_float(val[i])), _mm256_load_ps(base + offsets[i]), acc0);
-        _mm256_store_ps(sums, _mm256_add_ps(acc0, acc1));
-      } else {
-        __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(),
-               hi1 = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 1 < nnz; i += 2) {
-          const float* z0 = base + offsets[i];
-          const float* z1 = base + offsets[i + 1];
-          const __m256 v0 = _mm256_set1_ps(to_float(val[i])), v1 = _mm256_set1_ps(to_float(val[i + 1]));
-          lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0), lo0);
-          hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0 + 8), hi0);
-          lo1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1), lo1);
-          hi1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1 + 8), hi1);
-        }
-        if (i < nnz) {
-          const __m256 v0 = _mm256_set1_ps(to_float(val[i]));
-          lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(base + offsets[i]), lo0);
-          hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(base + offsets[i] + 8), hi0);
-        }
-        _mm256_store_ps(sums, _mm256_add_ps(lo0, lo1));
-        _mm256_store_ps(sums + 8, _mm256_add_ps(hi0, hi1));
-      }
-#else
-      for (int64_t i = 0; i < nnz; ++i) {
-        const float value = to_float(val[i]);
-        for (int64_t n = 0; n < 16; ++n) sums[n] += value * base[offsets[i] + n];
-      }
-#endif
-      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
-    }
-  }
-}
-
 template <typename V>
 void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const torch::Tensor& mask, torch::Tensor& y) {
   const int64_t tokens = zf.size(0), atoms = zf.size(1);
@@ -267,13 +176,17 @@ void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, cons
   const uint8_t* msk = mask.data_ptr<uint8_t>();
   V* out = y.data_ptr<V>();
   if (tokens > 1) {
-    const int64_t ld = batch_width(tokens);
+    // Each row's mask is decoded once into its nnz zt offsets (decode_row_offsets), not once per pass of tokens.
+    const auto zt = slimserve_rows::transposed_batch(zf);
+    const int64_t ld = zt.size(1);
     TORCH_CHECK(atoms * ld < INT32_MAX, "bitmask_matmul: k x tokens must fit int32 offsets; split the batch");
-    auto zt = torch::zeros({atoms, ld}, zf.options());
-    zt.narrow(1, 0, tokens).copy_(zf.t());
     const float* zt_ptr = zt.data_ptr<float>();
     at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
-      bitmask_rows_batched<V>(zt_ptr, ld, val, msk, out, tokens, out_features, nnz, mask_bytes, begin, end);
+      std::vector<int32_t> offsets(nnz + 8);  // zt offset of each stored column of the current row
+      slimserve_rows::batched_rows(zt_ptr, ld, val, nnz, out, tokens, out_features, begin, end, [&](int64_t o) {
+        decode_row_offsets(msk + o * mask_bytes, mask_bytes, static_cast<int32_t>(ld), nnz, offsets.data());
+        return [row = offsets.data()](int64_t i) { return static_cast<int64_t>(row[i]); };
+      });
     });
     return;
   }
@@ -354,13 +267,14 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
 }
 
 namespace {
-// Rows [begin, end) of C as dense float32 rows of `atoms` columns at `out` (zeroed here).
+// Rows first + begin .. first + end of C as dense float32 rows (zeroed here) at rows begin .. end of `strip`.
 template <typename V>
-void bitmask_rows_to_dense(const V* values, const uint8_t* mask, float* out, int64_t atoms, int64_t nnz,
-                           int64_t mask_bytes, int64_t begin, int64_t end) {
-  for (int64_t o = begin; o < end; ++o) {
+void bitmask_rows_to_dense(const V* values, const uint8_t* mask, float* strip, int64_t atoms, int64_t nnz,
+                           int64_t mask_bytes, int64_t first, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t o = first + r;
     const V* v = values + o * nnz;
-    float* row = out + o * atoms;
+    float* row = strip + r * atoms;
     std::memset(row, 0, sizeof(float) * atoms);
     for (int64_t b = 0; b < mask_bytes; ++b) {
       for (uint32_t bits = mask[o * mask_bytes + b]; bits != 0; bits &= bits - 1) {
@@ -369,47 +283,28 @@ void bitmask_rows_to_dense(const V* values, const uint8_t* mask, float* out, int
     }
   }
 }
-
-void check_dense_args(const torch::Tensor& values, const torch::Tensor& mask, int64_t atoms, const char* op) {
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
-              mask.size(0) == values.size(0) && mask.size(1) == (atoms + 7) / 8 &&
-              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
-              op, ": values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8");
-}
-
-// Rows [begin, end) of C into `out` (row `begin` first), from values of either dtype.
-void rows_to_dense(const torch::Tensor& values, const torch::Tensor& mask, float* out, int64_t atoms, int64_t begin,
-                   int64_t end) {
-  const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
-  const uint8_t* msk = mask.data_ptr<uint8_t>() + begin * mask_bytes;
-  at::parallel_for(0, end - begin, 16, [&](int64_t b, int64_t e) {
-    if (values.scalar_type() == at::kBFloat16) {
-      bitmask_rows_to_dense(values.data_ptr<c10::BFloat16>() + begin * nnz, msk, out, atoms, nnz, mask_bytes, b, e);
-    } else {
-      bitmask_rows_to_dense(values.data_ptr<float>() + begin * nnz, msk, out, atoms, nnz, mask_bytes, b, e);
-    }
-  });
-}
 }  // namespace
 
-// y [N, out] float32 = z · Cᵀ for many tokens (prefill) off the tile unit: strips of C's rows are decoded into one
-// float32 buffer that stays in cache and multiplied by ATen's GEMM into yᵀ. Decoding all of C per call instead
-// allocates, page-faults and writes a dense copy (35 MiB for [5632, 1547]) on every call of every layer.
+// y [N, out] float32 = z · Cᵀ for many tokens (prefill) off the tile unit, on strips of C decoded in cache
+// (vector_rows.h).
 torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
   TORCH_CHECK(z.dim() == 2, "bitmask_matmul_strips: z must be [N, k]");
-  const int64_t atoms = z.size(1), out = values.size(0);
-  check_dense_args(values, mask, atoms, "bitmask_matmul_strips");
-  constexpr int64_t kStripRows = 256;
-  auto zt = z.to(at::kFloat).t();
-  auto yt = torch::empty({out, z.size(0)}, z.options().dtype(at::kFloat));
-  auto strip = torch::empty({std::min(out, kStripRows), atoms}, yt.options());
-  for (int64_t r0 = 0; r0 < out; r0 += kStripRows) {
-    const int64_t rows = std::min(kStripRows, out - r0);
-    rows_to_dense(values, mask, strip.data_ptr<float>(), atoms, r0, r0 + rows);
-    auto yt_rows = yt.narrow(0, r0, rows);
-    at::mm_out(yt_rows, strip.narrow(0, 0, rows), zt);
-  }
-  return yt.t().contiguous();
+  const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1);
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
+              mask.size(0) == values.size(0) && mask_bytes == (atoms + 7) / 8 &&
+              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "bitmask_matmul_strips: values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8");
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  return slimserve_rows::strips_gemm(z, values.size(0), at::kFloat,
+                                     [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
+    if (values.scalar_type() == at::kBFloat16) {
+      bitmask_rows_to_dense(values.data_ptr<c10::BFloat16>(), msk, strip.data_ptr<float>(), atoms, nnz, mask_bytes,
+                            first, begin, end);
+    } else {
+      bitmask_rows_to_dense(values.data_ptr<float>(), msk, strip.data_ptr<float>(), atoms, nnz, mask_bytes, first,
+                            begin, end);
+    }
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -2,9 +2,9 @@
 // Each output row streams its s stored values and indices once for the whole batch (they are
 // the bytes that matter at decode). One token gathers 16 z entries per step; a batch reads
 // z transposed ([k, N], float32, cache-resident) so each stored value updates up to 16 tokens
-// with one contiguous load and one FMA. Indices are uint8 (k <= 256), int16 or int32. Built at first use by plugin/kernels/cpp.py, for the best
-// ISA the compiler flags allow: AVX-512 (16 lanes, masked loads), else AVX2 + FMA (8 lanes, unmasked
-// main loop and a scalar tail; AMD EPYC hosts have no AVX-512), else scalar.
+// with one contiguous load and one FMA (vector_rows.h). Indices are uint8 (k <= 256), int16 or int32. Built at
+// first use by plugin/kernels/cpp.py, for the best ISA the compiler flags allow: AVX-512 (16 lanes, masked loads),
+// else AVX2 + FMA (8 lanes, unmasked main loop and a scalar tail; AMD EPYC hosts have no AVX-512), else scalar.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -14,19 +14,13 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+#include "vector_rows.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr const char* kIsa = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr const char* kIsa = "avx2";
-#define SLIMSERVE_AVX2 1
-#else
-constexpr const char* kIsa = "scalar";
+using slimserve_rows::kIsa;
+#if defined(SLIMSERVE_AVX2)
+using slimserve_rows::reduce_add8;
 #endif
 
 constexpr int64_t kMaxTokens = 16;  // accumulators per row kept in registers; larger batches loop
@@ -74,99 +68,6 @@ template <typename V> inline __m256 load_values8(const V* p) {
   } else {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  }
-}
-
-inline float reduce_add8(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-}
-#endif
-
-#if defined(__AVX512F__) || defined(SLIMSERVE_AVX2)
-// zt's row length for a batch, which is also how many tokens one pass over a row multiplies: 16 (one AVX-512
-// register, two AVX2 halves), except that AVX2 takes up to 8 tokens in one register, so an 8-token decode step does
-// one FMA per value, not two with half the lanes padding. Past 8 tokens AVX2 keeps 16 a pass: two passes of 8 would
-// read each zt cache line twice.
-inline int64_t batch_width(int64_t tokens) {
-#if defined(__AVX512F__)
-  return (tokens + 15) / 16 * 16;
-#else
-  return tokens <= 8 ? 8 : (tokens + 15) / 16 * 16;
-#endif
-}
-
-// Batched rows: zt is [atoms, ld] float32 (ld = batch_width(tokens), so every load is aligned); each value is
-// broadcast against a vector of min(ld, 16) tokens.
-template <typename V, typename I>
-void ell_rows_batched(const float* zt, int64_t ld, const V* values, const I* indices, V* y, int64_t tokens,
-                      int64_t out_features, int64_t nnz, int64_t row_begin, int64_t row_end) {
-  for (int64_t o = row_begin; o < row_end; ++o) {
-    const V* val = values + o * nnz;
-    const I* idx = indices + o * nnz;
-    const int64_t step = std::min<int64_t>(ld, 16);
-    for (int64_t n0 = 0; n0 < tokens; n0 += step) {
-      const int64_t nt = std::min<int64_t>(step, tokens - n0);
-#if defined(__AVX512F__)
-      const __mmask16 m = nt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nt) - 1);
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-      int64_t t = 0;
-      for (; t + 1 < nnz; t += 2) {  // two independent chains hide the FMA latency
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[t])),
-                               _mm512_maskz_loadu_ps(m, zt + static_cast<int64_t>(idx[t]) * ld + n0), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[t + 1])),
-                               _mm512_maskz_loadu_ps(m, zt + static_cast<int64_t>(idx[t + 1]) * ld + n0), acc1);
-      }
-      if (t < nnz) {
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[t])),
-                               _mm512_maskz_loadu_ps(m, zt + static_cast<int64_t>(idx[t]) * ld + n0), acc0);
-      }
-      alignas(64) float sums[16];
-      _mm512_store_ps(sums, _mm512_add_ps(acc0, acc1));
-#else
-      // AVX2: one or two 8-token halves; zt's padding columns are zero, so no mask is needed.
-      alignas(32) float sums[16];
-      if (step == 8) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        int64_t t = 0;
-        for (; t + 1 < nnz; t += 2) {
-          acc0 = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(val[t])),
-                                 _mm256_load_ps(zt + static_cast<int64_t>(idx[t]) * ld + n0), acc0);
-          acc1 = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(val[t + 1])),
-                                 _mm256_load_ps(zt + static_cast<int64_t>(idx[t + 1]) * ld + n0), acc1);
-        }
-        if (t < nnz) {
-          acc0 = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(val[t])),
-                                 _mm256_load_ps(zt + static_cast<int64_t>(idx[t]) * ld + n0), acc0);
-        }
-        _mm256_store_ps(sums, _mm256_add_ps(acc0, acc1));
-      } else {
-        __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(),
-               hi1 = _mm256_setzero_ps();
-        int64_t t = 0;
-        for (; t + 1 < nnz; t += 2) {
-          const float* z0 = zt + static_cast<int64_t>(idx[t]) * ld + n0;
-          const float* z1 = zt + static_cast<int64_t>(idx[t + 1]) * ld + n0;
-          const __m256 v0 = _mm256_set1_ps(static_cast<float>(val[t]));
-          const __m256 v1 = _mm256_set1_ps(static_cast<float>(val[t + 1]));
-          lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0), lo0);
-          hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0 + 8), hi0);
-          lo1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1), lo1);
-          hi1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1 + 8), hi1);
-        }
-        if (t < nnz) {
-          const float* z0 = zt + static_cast<int64_t>(idx[t]) * ld + n0;
-          const __m256 v0 = _mm256_set1_ps(static_cast<float>(val[t]));
-          lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0), lo0);
-          hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0 + 8), hi0);
-        }
-        _mm256_store_ps(sums, _mm256_add_ps(lo0, lo1));
-        _mm256_store_ps(sums + 8, _mm256_add_ps(hi0, hi1));
-      }
-#endif
-      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
-    }
   }
 }
 #endif
@@ -232,12 +133,14 @@ void ell_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const to
   V* out = y.data_ptr<V>();
 #if defined(__AVX512F__) || defined(SLIMSERVE_AVX2)
   if (tokens > 1) {
-    const int64_t ld = batch_width(tokens);
-    auto zt = torch::zeros({atoms, ld}, zf.options());
-    zt.narrow(1, 0, tokens).copy_(zf.t());
+    const auto zt = slimserve_rows::transposed_batch(zf);
     const float* zt_ptr = zt.data_ptr<float>();
+    const int64_t ld = zt.size(1);
     at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
-      ell_rows_batched<V, I>(zt_ptr, ld, val, idx, out, tokens, out_features, nnz, begin, end);
+      slimserve_rows::batched_rows(zt_ptr, ld, val, nnz, out, tokens, out_features, begin, end, [&](int64_t o) {
+        const I* row = idx + o * nnz;
+        return [row, ld](int64_t t) { return static_cast<int64_t>(row[t]) * ld; };
+      });
     });
     return;
   }
@@ -248,14 +151,47 @@ void ell_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const to
   });
 }
 
+void check_args(const torch::Tensor& z, const torch::Tensor& values, const torch::Tensor& indices, const char* op) {
+  TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes(), op,
+              ": z [N, k], values and indices [out, s]");
+  TORCH_CHECK(values.is_contiguous() && indices.is_contiguous(), op, ": values and indices must be contiguous");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16, op,
+              ": values must be float32 or bfloat16");
+  TORCH_CHECK(indices.scalar_type() == at::kByte || indices.scalar_type() == at::kShort ||
+              indices.scalar_type() == at::kInt, op, ": indices must be uint8, int16 or int32");
+}
+
+// Rows first + begin .. first + end of C as dense float32 rows (zeroed here) at rows begin .. end of `strip`.
+template <typename V, typename I>
+void ell_rows_to_dense(const V* values, const I* indices, float* strip, int64_t atoms, int64_t nnz, int64_t first,
+                       int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    float* row = strip + r * atoms;
+    std::memset(row, 0, sizeof(float) * atoms);
+    const V* val = values + (first + r) * nnz;
+    const I* idx = indices + (first + r) * nnz;
+    for (int64_t t = 0; t < nnz; ++t) row[idx[t]] = static_cast<float>(val[t]);
+  }
+}
+
+template <typename V>
+void ell_strip_to_dense(const torch::Tensor& values, const torch::Tensor& indices, float* strip, int64_t atoms,
+                        int64_t first, int64_t begin, int64_t end) {
+  const V* val = values.data_ptr<V>();
+  const int64_t nnz = values.size(1);
+  if (indices.scalar_type() == at::kByte) {
+    ell_rows_to_dense(val, indices.data_ptr<uint8_t>(), strip, atoms, nnz, first, begin, end);
+  } else if (indices.scalar_type() == at::kShort) {
+    ell_rows_to_dense(val, indices.data_ptr<int16_t>(), strip, atoms, nnz, first, begin, end);
+  } else {
+    ell_rows_to_dense(val, indices.data_ptr<int32_t>(), strip, atoms, nnz, first, begin, end);
+  }
+}
+
 }  // namespace
 
 torch::Tensor ell_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
-  TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes(),
-              "ell_matmul: z [N, k], values and indices [out, s]");
-  TORCH_CHECK(values.is_contiguous() && indices.is_contiguous(), "ell_matmul: values and indices must be contiguous");
-  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
-              "ell_matmul: values must be float32 or bfloat16");
+  check_args(z, values, indices, "ell_matmul");
   auto zf = z.to(at::kFloat).contiguous();
   auto y = torch::empty({z.size(0), values.size(0)}, values.options());
   const bool bf16 = values.scalar_type() == at::kBFloat16;
@@ -264,70 +200,23 @@ torch::Tensor ell_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor in
   } else if (indices.scalar_type() == at::kShort) {
     bf16 ? ell_dispatch<c10::BFloat16, int16_t>(zf, values, indices, y) : ell_dispatch<float, int16_t>(zf, values, indices, y);
   } else {
-    TORCH_CHECK(indices.scalar_type() == at::kInt, "ell_matmul: indices must be uint8, int16 or int32");
     bf16 ? ell_dispatch<c10::BFloat16, int32_t>(zf, values, indices, y) : ell_dispatch<float, int32_t>(zf, values, indices, y);
   }
   return y;
 }
 
-namespace {
-// Rows [begin, end) of C as dense float32 rows of `atoms` columns at `out` (zeroed here; row `begin` first).
-template <typename V, typename I>
-void ell_rows_to_dense(const V* values, const I* indices, float* out, int64_t atoms, int64_t nnz, int64_t begin,
-                       int64_t end) {
-  at::parallel_for(0, end - begin, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      float* row = out + r * atoms;
-      std::memset(row, 0, sizeof(float) * atoms);
-      const V* val = values + (begin + r) * nnz;
-      const I* idx = indices + (begin + r) * nnz;
-      for (int64_t t = 0; t < nnz; ++t) row[idx[t]] = static_cast<float>(val[t]);
+// y [N, out] float32 = z · Cᵀ for many tokens (prefill), on strips of C expanded in cache (vector_rows.h).
+torch::Tensor ell_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
+  check_args(z, values, indices, "ell_matmul_strips");
+  const int64_t atoms = z.size(1);
+  return slimserve_rows::strips_gemm(z, values.size(0), at::kFloat,
+                                     [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
+    if (values.scalar_type() == at::kBFloat16) {
+      ell_strip_to_dense<c10::BFloat16>(values, indices, strip.data_ptr<float>(), atoms, first, begin, end);
+    } else {
+      ell_strip_to_dense<float>(values, indices, strip.data_ptr<float>(), atoms, first, begin, end);
     }
   });
-}
-
-template <typename V>
-void ell_strip_to_dense(const torch::Tensor& values, const torch::Tensor& indices, float* out, int64_t atoms,
-                        int64_t begin, int64_t end) {
-  const V* val = values.data_ptr<V>();
-  const int64_t nnz = values.size(1);
-  if (indices.scalar_type() == at::kByte) {
-    ell_rows_to_dense(val, indices.data_ptr<uint8_t>(), out, atoms, nnz, begin, end);
-  } else if (indices.scalar_type() == at::kShort) {
-    ell_rows_to_dense(val, indices.data_ptr<int16_t>(), out, atoms, nnz, begin, end);
-  } else {
-    ell_rows_to_dense(val, indices.data_ptr<int32_t>(), out, atoms, nnz, begin, end);
-  }
-}
-}  // namespace
-
-// y [N, out] float32 = z · Cᵀ for many tokens (prefill): strips of C's rows are expanded into one float32 buffer
-// that stays in cache and multiplied by ATen's GEMM into yᵀ. Expanding all of C per call instead allocates,
-// page-faults and writes a dense copy on every call of every layer.
-torch::Tensor ell_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
-  TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes(),
-              "ell_matmul_strips: z [N, k], values and indices [out, s]");
-  TORCH_CHECK(values.is_contiguous() && indices.is_contiguous(), "ell_matmul_strips: values and indices must be contiguous");
-  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
-              "ell_matmul_strips: values must be float32 or bfloat16");
-  TORCH_CHECK(indices.scalar_type() == at::kByte || indices.scalar_type() == at::kShort ||
-              indices.scalar_type() == at::kInt, "ell_matmul_strips: indices must be uint8, int16 or int32");
-  const int64_t atoms = z.size(1), out = values.size(0);
-  constexpr int64_t kStripRows = 256;
-  auto zt = z.to(at::kFloat).t();
-  auto yt = torch::empty({out, z.size(0)}, z.options().dtype(at::kFloat));
-  auto strip = torch::empty({std::min(out, kStripRows), atoms}, yt.options());
-  for (int64_t r0 = 0; r0 < out; r0 += kStripRows) {
-    const int64_t rows = std::min(kStripRows, out - r0);
-    if (values.scalar_type() == at::kBFloat16) {
-      ell_strip_to_dense<c10::BFloat16>(values, indices, strip.data_ptr<float>(), atoms, r0, r0 + rows);
-    } else {
-      ell_strip_to_dense<float>(values, indices, strip.data_ptr<float>(), atoms, r0, r0 + rows);
-    }
-    auto yt_rows = yt.narrow(0, r0, rows);
-    at::mm_out(yt_rows, strip.narrow(0, 0, rows), zt);
-  }
-  return yt.t().contiguous();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

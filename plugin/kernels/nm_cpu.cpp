@@ -9,7 +9,7 @@
 // = 32 inputs, 48 offset bits); the two differ only in how a block's offsets become lane indices (block_index).
 // Other patterns decode each row's columns into a small buffer and gather. Built at first use by
 // plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512),
-// else scalar. Also decompresses to a dense weight for many-token steps. bf16 batches of 2:4 and 4:8 on CPUs with AMX
+// else scalar. Many-token steps run on strips of rows decompressed in cache (vector_rows.h). bf16 batches of 2:4 and 4:8 on CPUs with AMX
 // run on the tile unit instead (amx_strips.h), prefill included.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,20 +22,13 @@
 #include <vector>
 
 #include "amx_strips.h"
-
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+#include "vector_rows.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr const char* kIsa = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr const char* kIsa = "avx2";
-#define SLIMSERVE_AVX2 1
-#else
-constexpr const char* kIsa = "scalar";
+using slimserve_rows::kIsa;
+#if defined(SLIMSERVE_AVX2)
+using slimserve_rows::reduce_add8;
 #endif
 
 constexpr int64_t kTokenBlock = 8;  // accumulators kept in registers per row; larger batches loop over blocks
@@ -77,12 +70,6 @@ template <typename V> inline __m256 load8(const V* p) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
-}
-
-inline float reduce_add8(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
 }
 #endif
 
@@ -548,60 +535,32 @@ torch::Tensor nm_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor pos
   return y;
 }
 
-// The dense [out, in] weight in values' dtype (zeros at pruned positions), for many-token steps.
-torch::Tensor nm_decompress(torch::Tensor values, torch::Tensor positions, int64_t in, int64_t kept, int64_t group) {
-  check_args(values, positions, in, kept, group);
-  auto dense = torch::empty({values.size(0), in}, values.options());
-  const int64_t out = values.size(0);
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    if (values.scalar_type() == at::kBFloat16) {
-      decompress_rows<c10::BFloat16>(values.data_ptr<c10::BFloat16>(), positions.data_ptr<uint8_t>(),
-                                     dense.data_ptr<c10::BFloat16>(), in, kept, group, begin, end);
-    } else {
-      decompress_rows<float>(values.data_ptr<float>(), positions.data_ptr<uint8_t>(), dense.data_ptr<float>(), in,
-                             kept, group, begin, end);
-    }
-  });
-  return dense;
-}
-
-// y [N, out] = x [N, in] · Wᵀ in x's dtype for many tokens (prefill) where the tile unit does not take them: strips
-// of rows are decompressed into one buffer that stays in cache and multiplied by ATen's GEMM into yᵀ. Decompressing
-// the whole weight per call instead allocates, page-faults and writes a dense copy of the layer (46 MiB fp32 for
-// [5632, 2048]), which cost more than the GEMM of a few hundred tokens.
+// y [N, out] = x [N, in] · Wᵀ in x's dtype for many tokens (prefill) where the tile unit does not take them, on
+// strips of W decompressed in cache (vector_rows.h).
 torch::Tensor nm_matmul_strips(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
                                int64_t group) {
   TORCH_CHECK(x.dim() == 2, "nm_matmul_strips: x must be [N, in]");
-  const int64_t in = x.size(1), out = values.size(0);
+  const int64_t in = x.size(1);
   check_args(values, positions, in, kept, group);
-  constexpr int64_t kStripRows = 256;
-  auto xt = x.to(values.scalar_type()).t();
-  auto yt = torch::empty({out, x.size(0)}, x.options().dtype(values.scalar_type()));
-  auto strip = torch::empty({std::min(out, kStripRows), in}, values.options());
-  for (int64_t r0 = 0; r0 < out; r0 += kStripRows) {
-    const int64_t rows = std::min(kStripRows, out - r0);
-    auto strip_rows = strip.narrow(0, 0, rows);
-    auto strip_values = values.narrow(0, r0, rows), strip_positions = positions.narrow(0, r0, rows);
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      if (values.scalar_type() == at::kBFloat16) {
-        decompress_rows<c10::BFloat16>(strip_values.data_ptr<c10::BFloat16>(), strip_positions.data_ptr<uint8_t>(),
-                                       strip_rows.data_ptr<c10::BFloat16>(), in, kept, group, begin, end);
-      } else {
-        decompress_rows<float>(strip_values.data_ptr<float>(), strip_positions.data_ptr<uint8_t>(),
-                               strip_rows.data_ptr<float>(), in, kept, group, begin, end);
-      }
-    });
-    auto yt_rows = yt.narrow(0, r0, rows);
-    at::mm_out(yt_rows, strip_rows, xt);
-  }
-  return yt.t().to(x.scalar_type()).contiguous();
+  const int64_t stored = values.size(1), meta_bytes = positions.size(1);
+  const uint8_t* meta = positions.data_ptr<uint8_t>();
+  const auto y = slimserve_rows::strips_gemm(x, values.size(0), values.scalar_type(),
+                                             [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
+    if (values.scalar_type() == at::kBFloat16) {
+      decompress_rows<c10::BFloat16>(values.data_ptr<c10::BFloat16>() + first * stored, meta + first * meta_bytes,
+                                     strip.data_ptr<c10::BFloat16>(), in, kept, group, begin, end);
+    } else {
+      decompress_rows<float>(values.data_ptr<float>() + first * stored, meta + first * meta_bytes,
+                             strip.data_ptr<float>(), in, kept, group, begin, end);
+    }
+  });
+  return y.to(x.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nm_matmul", &nm_matmul, "y = x · Wᵀ for N:M sparse W stored as kept values + packed offsets (float32 out)");
   m.def("nm_matmul_strips", &nm_matmul_strips,
         "y = x · Wᵀ in x's dtype for many tokens: strips of W decompressed in cache, each multiplied by ATen's GEMM");
-  m.def("nm_decompress", &nm_decompress, "the dense weight of an N:M sparse module, in its values' dtype");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
   m.def("amx_usable", &amx_usable,
         "whether bf16 batches of this pattern and input count run on the AMX tile unit in this build and process");

@@ -19,21 +19,16 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+#include "vector_rows.h"
 
 namespace {
 
+using slimserve_rows::kIsa;
 #if defined(__AVX512F__)
-constexpr const char* kIsa = "avx512";
 constexpr int64_t kLanes = 16;
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr const char* kIsa = "avx2";
+#elif defined(SLIMSERVE_AVX2)
 constexpr int64_t kLanes = 8;
-#define SLIMSERVE_AVX2 1
 #else
-constexpr const char* kIsa = "scalar";
 constexpr int64_t kLanes = 16;  // unused: the scalar build has no vector part
 #endif
 

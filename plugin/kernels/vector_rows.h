@@ -1,0 +1,158 @@
+// What slimserve's CPU kernels share (ell_cpu.cpp, bitmask_cpu.cpp, nm_cpu.cpp, rsparse_cpu.cpp): which instruction
+// set a build's loops use, the batched row loop of the row-sparse encodings, and the many-token driver that runs
+// strips of a decoded weight through ATen's GEMM. One place, so an ISA rule or a tuning measured on one kernel holds
+// for all of them.
+//
+// The ISA is chosen at compile time from the flags plugin/kernels/cpp.py passes: AVX-512 (16 fp32 lanes), else
+// AVX2 + FMA (8 lanes; AMD EPYC hosts have no AVX-512), else scalar loops.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define SLIMSERVE_AVX2 1
+#endif
+
+namespace slimserve_rows {
+
+#if defined(__AVX512F__)
+constexpr const char* kIsa = "avx512";
+#elif defined(SLIMSERVE_AVX2)
+constexpr const char* kIsa = "avx2";
+#else
+constexpr const char* kIsa = "scalar";
+#endif
+
+#if defined(SLIMSERVE_AVX2)
+inline float reduce_add8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+#endif
+
+// The row length of a batch's transposed activations zt ([k, ld] float32, padding columns zero), which is also how
+// many tokens one pass over a row multiplies: 16 (one AVX-512 register, two AVX2 halves), except that AVX2 takes up
+// to 8 tokens in one register, so an 8-token decode step does one FMA per stored value, not two with half the lanes
+// padding. Past 8 tokens AVX2 keeps 16 a pass: two passes of 8 read each zt cache line twice and were slower
+// (bitmask 6.0 vs 4.4 ms at 16 tokens on an AMD EPYC).
+inline int64_t batch_width(int64_t tokens) {
+#if defined(SLIMSERVE_AVX2)
+  return tokens <= 8 ? 8 : (tokens + 15) / 16 * 16;
+#else
+  return (tokens + 15) / 16 * 16;
+#endif
+}
+
+// A batch of a row-sparse weight: y[n, o] = Σ_i values[o, i] · zt[column(o, i), n]. Each row's nnz stored values
+// are read once per pass of min(ld, 16) tokens and each is broadcast against that many tokens of its column with
+// one aligned load and one FMA (two chains hide the FMA latency). `row_offsets(o)` prepares row o and returns
+// `offset(i)`, the zt offset (column · ld) of its stored value i: ELL reads its index, the bitmask kernel decodes
+// the row's mask once into a buffer.
+template <typename V, typename RowOffsets>
+void batched_rows(const float* zt, int64_t ld, const V* values, int64_t nnz, V* y, int64_t tokens,
+                  int64_t out_features, int64_t row_begin, int64_t row_end, const RowOffsets& row_offsets) {
+  const int64_t step = std::min<int64_t>(ld, 16);
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const V* val = values + o * nnz;
+    const auto offset = row_offsets(o);
+    for (int64_t n0 = 0; n0 < tokens; n0 += step) {
+      const int64_t nt = std::min<int64_t>(step, tokens - n0);
+      alignas(64) float sums[16] = {};
+      const float* base = zt + n0;
+#if defined(__AVX512F__)
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 1 < nnz; i += 2) {
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[i])), _mm512_load_ps(base + offset(i)), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[i + 1])), _mm512_load_ps(base + offset(i + 1)),
+                               acc1);
+      }
+      if (i < nnz) {
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(val[i])), _mm512_load_ps(base + offset(i)), acc0);
+      }
+      _mm512_store_ps(sums, _mm512_add_ps(acc0, acc1));
+#elif defined(SLIMSERVE_AVX2)
+      if (step == 8) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 1 < nnz; i += 2) {
+          acc0 = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(val[i])), _mm256_load_ps(base + offset(i)), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(val[i + 1])), _mm256_load_ps(base + offset(i + 1)),
+                                 acc1);
+        }
+        if (i < nnz) {
+          acc0 = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(val[i])), _mm256_load_ps(base + offset(i)), acc0);
+        }
+        _mm256_store_ps(sums, _mm256_add_ps(acc0, acc1));
+      } else {
+        __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(),
+               hi1 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 1 < nnz; i += 2) {
+          const float* z0 = base + offset(i);
+          const float* z1 = base + offset(i + 1);
+          const __m256 v0 = _mm256_set1_ps(static_cast<float>(val[i]));
+          const __m256 v1 = _mm256_set1_ps(static_cast<float>(val[i + 1]));
+          lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0), lo0);
+          hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0 + 8), hi0);
+          lo1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1), lo1);
+          hi1 = _mm256_fmadd_ps(v1, _mm256_load_ps(z1 + 8), hi1);
+        }
+        if (i < nnz) {
+          const float* z0 = base + offset(i);
+          const __m256 v0 = _mm256_set1_ps(static_cast<float>(val[i]));
+          lo0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0), lo0);
+          hi0 = _mm256_fmadd_ps(v0, _mm256_load_ps(z0 + 8), hi0);
+        }
+        _mm256_store_ps(sums, _mm256_add_ps(lo0, lo1));
+        _mm256_store_ps(sums + 8, _mm256_add_ps(hi0, hi1));
+      }
+#else
+      for (int64_t i = 0; i < nnz; ++i) {
+        const float value = static_cast<float>(val[i]);
+        const float* z = base + offset(i);
+        for (int64_t n = 0; n < step; ++n) sums[n] += value * z[n];
+      }
+#endif
+      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
+    }
+  }
+}
+
+// zt for batched_rows: z [tokens, k] float32 transposed into [k, batch_width(tokens)], padding columns zero.
+inline at::Tensor transposed_batch(const at::Tensor& z) {
+  auto zt = torch::zeros({z.size(1), batch_width(z.size(0))}, z.options());
+  zt.narrow(1, 0, z.size(0)).copy_(z.t());
+  return zt;
+}
+
+// y [N, out] = x [N, in] · Wᵀ in `dtype` for many tokens (prefill): strips of W's rows are decoded into one buffer
+// that stays in cache and multiplied by ATen's GEMM into yᵀ. Decoding the whole weight per call instead allocates,
+// page-faults and writes a dense copy of the layer on every call (46 MiB fp32 for [5632, 2048]), which cost more
+// than the GEMM of a few hundred tokens. `fill_rows(strip, first, begin, end)` writes rows first + begin .. first +
+// end of W as rows begin .. end of `strip` ([rows, in], `dtype`); threads split each strip's rows.
+template <typename FillRows>
+at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, const FillRows& fill_rows) {
+  constexpr int64_t kStripRows = 256;
+  const auto xt = x.to(dtype).t();
+  auto yt = torch::empty({out, x.size(0)}, x.options().dtype(dtype));
+  auto strip = torch::empty({std::min(out, kStripRows), x.size(1)}, yt.options());
+  for (int64_t first = 0; first < out; first += kStripRows) {
+    auto rows = strip.narrow(0, 0, std::min(kStripRows, out - first));
+    at::parallel_for(0, rows.size(0), 16, [&](int64_t begin, int64_t end) { fill_rows(rows, first, begin, end); });
+    auto yt_rows = yt.narrow(0, first, rows.size(0));
+    at::mm_out(yt_rows, rows, xt);
+  }
+  return yt.t().contiguous();
+}
+
+}  // namespace slimserve_rows
