@@ -429,6 +429,11 @@ void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_
         base[4 + ((m >> 4) & 3)] = v[2];
         base[4 + ((m >> 6) & 3)] = v[3];
       }
+      if (in % 8 != 0) {  // a last lone group: the low half of its byte
+        const uint32_t m = meta[in / 8];
+        row[in / 8 * 8 + (m & 3)] = val[in / 8 * 4];
+        row[in / 8 * 8 + ((m >> 2) & 3)] = val[in / 8 * 4 + 1];
+      }
     } else {
       int64_t j = 0;
       for (int64_t start = 0; start < in; start += group) {
