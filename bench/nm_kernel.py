@@ -1,9 +1,10 @@
-"""One N:M layer on CPU: dense prepacked GEMM vs the nm kernel vs GEMMs on decompressed strips, by token count.
+"""One N:M layer on CPU: dense prepacked GEMM vs the nm kernel vs GEMMs on decompressed strips vs the kept-only loop.
 
 The shape is the benchmark Llama's gate/up projection ([5632, 2048], bf16; ``--dtype float32`` for
 what AVX2-only hosts serve). For each token count N the three ways to compute ``x · Wᵀ`` are timed
 in the same process (median of ``--repeats``); the token count where the strips overtake the
-kernel is the crossover ``plugin/kernels/nm.py`` uses (``MANY_TOKENS``).
+kernel is the crossover ``plugin/kernels/nm.py`` uses (``MANY_TOKENS``). AVX2 builds also time the
+many-token loop that multiplies only the kept weights (``nm_matmul_kept``), which takes those steps there.
 
     python bench/nm_kernel.py                       # 2:4, the native ISA
     SLIMSERVE_CPU_ISA=avx2 python bench/nm_kernel.py --pattern 2:4
@@ -56,8 +57,10 @@ def main() -> None:
     dense = prepacked_linear(weight)
     print(f"{args.pattern} [{out_features}, {in_features}] {args.dtype}, kernel ISA {kernel.isa()}, CPU {cpu_isa()}, "
           f"{torch.get_num_threads()} threads")
-    print("| tokens | dense ms | nm kernel ms | kernel vs dense | strips + GEMM ms | vs dense |")
-    print("|---|---|---|---|---|---|")
+    kept_path = getattr(kernel, "nm_matmul_kept", None)  # AVX2 builds: only the kept weights multiplied
+    print("| tokens | dense ms | nm kernel ms | kernel vs dense | strips + GEMM ms | vs dense | kept only ms "
+          "| vs dense |")
+    print("|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         x = torch.randn(tokens, in_features).to(dtype)
         dense_ms = timed(lambda: dense(x), args.repeats)
@@ -65,8 +68,12 @@ def main() -> None:
                           args.repeats)
         gemm_ms = timed(lambda: kernel.nm_matmul_strips(x, tensors["values"], tensors["positions"], kept, group),
                         args.repeats)
+        kept_cells = "| - | - |"
+        if kept_path is not None:
+            kept_ms = timed(lambda: kept_path(x, tensors["values"], tensors["positions"], kept, group), args.repeats)
+            kept_cells = f"| {kept_ms:.2f} | {dense_ms / kept_ms:.2f}x |"
         print(f"| {tokens} | {dense_ms:.2f} | {kernel_ms:.2f} | {dense_ms / kernel_ms:.2f}x | {gemm_ms:.2f} | "
-              f"{dense_ms / gemm_ms:.2f}x |", flush=True)
+              f"{dense_ms / gemm_ms:.2f}x {kept_cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,40 @@ def test_bitmask_many_tokens_by_decoded_strips_equal_the_reference(dtype: torch.
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [17, 70])  # a part panel of 32 alone, and after whole ones
+@pytest.mark.parametrize("encoding", ["ell-uint8", "ell-int16", "ell-int32", "bitmask"])
+def test_many_tokens_on_the_stored_values_only_equal_the_reference(dtype: torch.dtype, tokens: int, encoding: str,
+                                                                   isa: str) -> None:
+    # 301 rows: two blocks of 128 and a part ending in an unpaired row; 151 values a row: two chunks of 128
+    torch.manual_seed(tokens)
+    z = torch.randn(tokens, 300, dtype=dtype)
+    if encoding == "bitmask":
+        values, mask = sparse_rows.dense_to_bitmask(torch.randn(301, 300), 151)
+        values = values.to(dtype)
+        ext = BitmaskMatmul(values, mask, 300).ext
+        expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
+        product = getattr(ext, "bitmask_matmul_kept", None)
+        arguments = (values, mask)
+    else:
+        index_dtype = {"ell-uint8": torch.uint8, "ell-int16": torch.int16, "ell-int32": torch.int32}[encoding]
+        atoms = 256 if index_dtype == torch.uint8 else 300
+        values, indices = sparse_rows.dense_to_ell(torch.randn(301, atoms), 151)
+        values, indices = values.to(dtype), indices.to(index_dtype)
+        z = z[:, :atoms]
+        ext = EllMatmul(values, indices, atoms).ext
+        expected = z.double() @ coef_to_dense(values.double(), indices.long(), atoms).t()
+        product = getattr(ext, "ell_matmul_kept", None)
+        arguments = (values, indices)
+    assert ext is not None and ext.isa() == isa
+    if isa == "scalar":
+        assert product is None  # the loop is AVX2 + FMA; scalar builds keep the strips
+        return
+    out = product(z, *arguments)
+    assert out.dtype == torch.float32 and out.shape == (tokens, 301) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("tile_unit", ["1", "0"])
 @pytest.mark.parametrize("batch", [2, 17, 300])  # one token tile, a partial second, past DENSE_FROM_TOKENS
 def test_bf16_batches_equal_the_reference_on_and_off_the_amx_tile_unit(
@@ -196,19 +230,23 @@ def test_bf16_batches_equal_the_reference_on_and_off_the_amx_tile_unit(
     torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
 
 
-def test_many_token_calls_take_the_dense_gemm_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past DENSE_FROM_TOKENS each op expands C for one GEMM; both roads give the same product."""
+def test_many_token_calls_leave_the_batch_loop_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past their thresholds the ops leave the batch loop (AVX2: panels of stored values; else strips + GEMM), and
+    every road gives the same product."""
     torch.manual_seed(0)
     values, indices = sparse_rows.dense_to_ell(torch.randn(64, 96), 40)
     _, mask = sparse_rows.ell_to_bitmask(values, indices, 96)
     z = torch.randn(20, 96)
     expected = sparse_rows.bitmask_product(z, values, mask)
     for module, kernel in ((bitmask, BitmaskMatmul(values, mask, 96)), (ell, EllMatmul(values, indices, 96))):
-        sparse = kernel(z)
+        roads = [kernel(z)]
         monkeypatch.setattr(module, "DENSE_FROM_TOKENS", 20)
-        dense = kernel(z)
-        torch.testing.assert_close(sparse, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+        roads.append(kernel(z))
+        if module is bitmask:
+            monkeypatch.setattr(module, "PANELS_FROM_TOKENS", 20)
+            roads.append(kernel(z))
+        for out in roads:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

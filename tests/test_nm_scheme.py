@@ -139,6 +139,27 @@ def test_many_tokens_by_decompressed_strips_equal_the_reference(isa: str, kept: 
     torch.testing.assert_close(got.float(), x.float() @ weight.float().t(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kept", "group", "in_features"), [(2, 4, 1028), (4, 8, 1032), (1, 4, 1028)])
+@pytest.mark.parametrize("tokens", [17, 70])
+def test_many_tokens_on_the_kept_weights_only_equal_the_reference(isa: str, kept: int, group: int, in_features: int,
+                                                                  tokens: int, dtype: torch.dtype) -> None:
+    # 301 rows: two blocks of 128 and a part ending in an unpaired row; over 128 kept values a row: several chunks;
+    # 1028 inputs: 2:4 rows end in a lone group; 17 and 70 tokens: a part panel of 32 alone and after whole ones.
+    weight = _pruned(301, in_features, kept, group, seed=tokens).to(dtype)
+    tensors = pack_nm(weight, kept, group)
+    kernel = nm_kernel._cpu_kernel()
+    assert kernel is not None and kernel.isa() == isa
+    if isa == "scalar":
+        assert not hasattr(kernel, "nm_matmul_kept")  # the loop is AVX2 + FMA; scalar builds keep the strips
+        return
+    x = torch.randn(tokens, in_features).to(dtype)
+    got = kernel.nm_matmul_kept(x, tensors["values"], tensors["positions"], kept, group)
+    assert got.dtype == dtype and got.shape == (tokens, 301)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), x.float() @ weight.float().t(), rtol=tolerance, atol=tolerance)
+
+
 def test_the_op_switches_to_a_dense_gemm_above_the_crossover_with_the_same_result() -> None:
     weight = _pruned(40, 128, 2, 4)
     tensors = pack_nm(weight, 2, 4)

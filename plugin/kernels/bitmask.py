@@ -7,10 +7,11 @@ scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch r
 
 On CPUs with AMX, bf16 batches (2 tokens and more, prefill included) run on the tile unit: the
 kernel expands 16 rows at a time into a dense strip in cache and multiplies it there
-(``amx_strips.h``). Elsewhere many-token steps take the other road past ``DENSE_FROM_TOKENS``
-tokens: strips of 256 rows of C are decoded into one float32 buffer that stays in cache and each is
-multiplied by ATen's GEMM, which past the measured crossover (docs/methods/cpu_kernels.md) is
-faster than any sparse loop; nothing dense is kept.
+(``amx_strips.h``). AVX2 hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values
+against tokens packed in panels of 32 (``vector_rows.h``). Elsewhere many-token steps take the
+other road past ``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are decoded into one float32
+buffer that stays in cache and each is multiplied by ATen's GEMM, which past the measured crossover
+(docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
 
 Registered as the custom op ``slimserve::bitmask_matmul`` so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.
@@ -23,11 +24,15 @@ import torch
 from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
-#: From this many tokens a call decodes C in strips and runs dense GEMMs on them. Measured on an AMD EPYC (AVX2, fp32,
-#: 2 threads, [5632, 1547] at s = 773, docs/methods/cpu_kernels.md): the sparse loop wins through 96 tokens (16.2
-#: against 17.7 ms), the strips from 128 (21.0 against 29.3). Where bf16 batches take the AMX tile unit it does not
-#: apply.
+#: From this many tokens a call of a build without AVX2 panels decodes C in strips and runs dense GEMMs on them.
+#: Measured with the AVX2 build on an AMD EPYC (fp32, 2 threads, [5632, 1547] at s = 773,
+#: docs/methods/cpu_kernels.md): the batch loop wins through 96 tokens (16.2 against 17.7 ms), the strips from 128
+#: (21.0 against 29.3). Where bf16 batches take the AMX tile unit it does not apply.
 DENSE_FROM_TOKENS = 128
+#: From this many tokens AVX2 builds run the loop over C's stored values on panels of 32 tokens instead of the batch
+#: loop, same host and shape: 6.3 against 7.0 ms at 32 tokens (4.5 against 6.7 at 16), 11.7 against 14.4 at 64,
+#: and it stays ahead of the strips at every count measured (21.2 against 32.7 at 128, 83.8 against 98.8 at 512).
+PANELS_FROM_TOKENS = 32
 
 
 def _cpu_kernel():
@@ -41,6 +46,8 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
     if ext is None:
         return bitmask_product(z, values, mask)
     on_tile_unit = z.dtype == values.dtype == torch.bfloat16 and ext.amx_usable()
+    if ext.isa() == "avx2" and z.shape[0] >= PANELS_FROM_TOKENS:
+        return ext.bitmask_matmul_kept(z, values, mask).to(z.dtype)
     if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
         return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
     return ext.bitmask_matmul(z, values, mask).to(z.dtype)

@@ -283,6 +283,13 @@ void bitmask_rows_to_dense(const V* values, const uint8_t* mask, float* strip, i
     }
   }
 }
+
+void check_strip_args(const torch::Tensor& values, const torch::Tensor& mask, int64_t atoms, const char* op) {
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
+              mask.size(0) == values.size(0) && mask.size(1) == (atoms + 7) / 8 &&
+              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              op, ": values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8");
+}
 }  // namespace
 
 // y [N, out] float32 = z · Cᵀ for many tokens (prefill) off the tile unit, on strips of C decoded in cache
@@ -290,10 +297,7 @@ void bitmask_rows_to_dense(const V* values, const uint8_t* mask, float* strip, i
 torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
   TORCH_CHECK(z.dim() == 2, "bitmask_matmul_strips: z must be [N, k]");
   const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1);
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
-              mask.size(0) == values.size(0) && mask_bytes == (atoms + 7) / 8 &&
-              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
-              "bitmask_matmul_strips: values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8");
+  check_strip_args(values, mask, atoms, "bitmask_matmul_strips");
   const uint8_t* msk = mask.data_ptr<uint8_t>();
   return slimserve_rows::strips_gemm(z, values.size(0), at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
@@ -307,9 +311,33 @@ torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch
   });
 }
 
+#if defined(SLIMSERVE_PANELS)
+// y [N, out] float32 = z · Cᵀ for many tokens, multiplying only the stored values (vector_rows.h).
+torch::Tensor bitmask_matmul_kept(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
+  TORCH_CHECK(z.dim() == 2, "bitmask_matmul_kept: z must be [N, k]");
+  const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1);
+  check_strip_args(values, mask, atoms, "bitmask_matmul_kept");
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  const bool bf16 = values.scalar_type() == at::kBFloat16;
+  return slimserve_rows::panel_product(z, values.size(0), nnz, [&](int64_t o, int32_t* cols, float* w) {
+    decode_row_offsets(msk + o * mask_bytes, mask_bytes, slimserve_rows::kPanelTokens, nnz, cols);
+    if (bf16) {
+      const c10::BFloat16* v = values.data_ptr<c10::BFloat16>() + o * nnz;
+      for (int64_t t = 0; t < nnz; ++t) w[t] = static_cast<float>(v[t]);
+    } else {
+      std::memcpy(w, values.data_ptr<float>() + o * nnz, sizeof(float) * nnz);
+    }
+  });
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmask_matmul_strips", &bitmask_matmul_strips,
         "y = z · Cᵀ (float32) for many tokens: strips of C decoded in cache, each multiplied by ATen's GEMM");
+#if defined(SLIMSERVE_PANELS)
+  m.def("bitmask_matmul_kept", &bitmask_matmul_kept,
+        "y = z · Cᵀ (float32) for many tokens, multiplying only the stored values (AVX2 builds)");
+#endif
   m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
   m.def("amx_usable", &amx_usable, "whether bf16 batches run on the AMX tile unit in this build and process");

@@ -3,8 +3,9 @@
 ``y[n, o] = Σ_t z[n, indices[o, t]] · values[o, t]``: every output row reads only its s stored
 coefficients and the s entries of ``z`` they point to, never the k − s zeros. On CPU this is a
 compiled kernel (``ell_cpu.cpp``: AVX-512 gathers, bf16 or float32 values, uint8, int16 or int32
-indices, the stored bytes streamed once per batch); elsewhere, or without a compiler, a
-PyTorch gather does the same arithmetic more slowly.
+indices, the stored bytes streamed once per batch; many tokens on AVX2 hosts multiply only the
+stored values against tokens packed in panels of 32, elsewhere dense GEMMs on strips of C decoded in
+cache); elsewhere, or without a compiler, a PyTorch gather does the same arithmetic more slowly.
 
 The product is registered as the custom op ``slimserve::ell_matmul`` so that torch.compile
 (vLLM's default on CPU) treats it as one opaque call instead of failing to trace the C++
@@ -18,9 +19,10 @@ import torch
 from slimserve.loaders.schemes.sparse_rows import ell_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 
-#: From this many tokens a call expands strips of C to float32 in cache and runs a GEMM per strip, which is then
-#: faster than the sparse loop (AMD EPYC, AVX2, fp32, int16 indices: 12.0 against 15.8 ms at 64 tokens, the loop
-#: still ahead at 32; docs/methods/cpu_kernels.md); nothing dense is kept.
+#: From this many tokens a call leaves the batch loop (AMD EPYC, AVX2, fp32, int16 indices, [5632, 1547] at s = 773,
+#: docs/methods/cpu_kernels.md): AVX2 builds run the loop over C's stored values on panels of 32 tokens (10.7 ms at
+#: 64 tokens against 13.9 for the batch loop and 13.2 for the strips; 5.9 against 5.1 for the batch loop at 32),
+#: other builds expand strips of C to float32 in cache and run a GEMM per strip. Nothing dense is kept.
 DENSE_FROM_TOKENS = 64
 
 
@@ -35,7 +37,8 @@ def ell_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> 
     if ext is None:
         return ell_product(z, values, indices)
     if z.shape[0] >= DENSE_FROM_TOKENS:
-        return ext.ell_matmul_strips(z, values, indices).to(z.dtype)
+        many_tokens = ext.ell_matmul_kept if ext.isa() == "avx2" else ext.ell_matmul_strips
+        return many_tokens(z, values, indices).to(z.dtype)
     return ext.ell_matmul(z, values, indices).to(z.dtype)
 
 

@@ -219,9 +219,41 @@ torch::Tensor ell_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Te
   });
 }
 
+#if defined(SLIMSERVE_PANELS)
+// y [N, out] float32 = z · Cᵀ for many tokens, multiplying only the stored values (vector_rows.h).
+torch::Tensor ell_matmul_kept(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
+  check_args(z, values, indices, "ell_matmul_kept");
+  const int64_t nnz = values.size(1);
+  const bool bf16 = values.scalar_type() == at::kBFloat16;
+  return slimserve_rows::panel_product(z, values.size(0), nnz, [&](int64_t o, int32_t* cols, float* w) {
+    constexpr int32_t kScale = slimserve_rows::kPanelTokens;
+    if (indices.scalar_type() == at::kByte) {
+      const uint8_t* idx = indices.data_ptr<uint8_t>() + o * nnz;
+      for (int64_t t = 0; t < nnz; ++t) cols[t] = idx[t] * kScale;
+    } else if (indices.scalar_type() == at::kShort) {
+      const int16_t* idx = indices.data_ptr<int16_t>() + o * nnz;
+      for (int64_t t = 0; t < nnz; ++t) cols[t] = idx[t] * kScale;
+    } else {
+      const int32_t* idx = indices.data_ptr<int32_t>() + o * nnz;
+      for (int64_t t = 0; t < nnz; ++t) cols[t] = idx[t] * kScale;
+    }
+    if (bf16) {
+      const c10::BFloat16* v = values.data_ptr<c10::BFloat16>() + o * nnz;
+      for (int64_t t = 0; t < nnz; ++t) w[t] = static_cast<float>(v[t]);
+    } else {
+      std::memcpy(w, values.data_ptr<float>() + o * nnz, sizeof(float) * nnz);
+    }
+  });
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ell_matmul_strips", &ell_matmul_strips,
         "y = z · Cᵀ (float32) for many tokens: strips of C expanded in cache, each multiplied by ATen's GEMM");
+#if defined(SLIMSERVE_PANELS)
+  m.def("ell_matmul_kept", &ell_matmul_kept,
+        "y = z · Cᵀ (float32) for many tokens, multiplying only the stored values (AVX2 builds)");
+#endif
   m.def("ell_matmul", &ell_matmul, "y = z · Cᵀ for row-sparse C stored as ELLPACK values + indices");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
 }

@@ -7,9 +7,11 @@ tokens on those loops are compute-bound and lose to oneDNN's dense GEMM, which o
 weights go to the tile unit too: the kernel expands 16 rows at a time into a dense strip in cache
 and multiplies it with AMX, at every token count up to prefill. On AVX2 hosts (which serve fp32)
 2:4 and 4:8 batches expand each row's kept values into dense lanes once per 8 inputs and share
-them across the tokens with plain FMAs. Elsewhere steps above ``MANY_TOKENS`` decompress strips of
-rows into one buffer that stays in cache and run ATen's GEMM per strip, so the process never holds
-a dense copy of a layer. Crossovers are measured with ``bench/nm_kernel.py`` (see
+them across the tokens with plain FMAs, and steps above ``MANY_TOKENS`` multiply only the kept
+weights against x packed in panels of 32 tokens (half of dense's multiply-adds at 2:4, so prefill
+beats the dense GEMM). Elsewhere steps above ``MANY_TOKENS`` decompress strips of rows into one
+buffer that stays in cache and run ATen's GEMM per strip, so the process never holds a dense copy
+of a layer. Crossovers are measured with ``bench/nm_kernel.py`` (see
 docs/methods/nm.md). Without a compiler the PyTorch reference of the scheme does the same
 arithmetic, more slowly.
 
@@ -35,9 +37,12 @@ def _cpu_kernel():
 
 def many_tokens_product(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int,
                         group: int) -> torch.Tensor:
-    """``x · Wᵀ`` by dense GEMMs: per strip of rows decompressed in cache (compiled, on CPU), else through the
-    reference's whole dense weight."""
+    """``x · Wᵀ`` for many tokens: on AVX2 hosts the kernel's loop over the kept weights only (half the
+    multiply-adds at 2:4), elsewhere dense GEMMs per strip of rows decompressed in cache (compiled, on CPU), else
+    through the reference's whole dense weight."""
     ext = _cpu_kernel() if values.device.type == "cpu" else None
+    if ext is not None and ext.isa() == "avx2":
+        return ext.nm_matmul_kept(x, values, positions, kept, group)
     if ext is not None:
         return ext.nm_matmul_strips(x, values, positions, kept, group)
     return F.linear(x, nm_to_dense(values, positions, x.shape[1], kept, group).to(x.dtype))

@@ -443,6 +443,29 @@ void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_
   }
 }
 
+// Input column of every stored value of one row, times `scale` (a panel row's length, so each is an offset into
+// the panel). 2:4 takes a byte (two groups, four values) at a time without bit arithmetic across bytes.
+inline void scaled_columns(const uint8_t* meta, int64_t in, int64_t kept, int64_t group, int bits, int32_t scale,
+                           int32_t* cols) {
+  if (kept == 2 && group == 4) {
+    for (int64_t d = 0; d < in / 8; ++d) {
+      const int32_t m = meta[d], base = static_cast<int32_t>(8 * d);
+      cols[4 * d] = (base + (m & 3)) * scale;
+      cols[4 * d + 1] = (base + ((m >> 2) & 3)) * scale;
+      cols[4 * d + 2] = (base + 4 + ((m >> 4) & 3)) * scale;
+      cols[4 * d + 3] = (base + 4 + ((m >> 6) & 3)) * scale;
+    }
+    if (in % 8 != 0) {  // a last lone group: the low half of its byte
+      const int32_t m = meta[in / 8], base = static_cast<int32_t>(in / 8 * 8);
+      cols[in / 8 * 4] = (base + (m & 3)) * scale;
+      cols[in / 8 * 4 + 1] = (base + ((m >> 2) & 3)) * scale;
+    }
+    return;
+  }
+  decode_columns(meta, cols, in, kept, group, bits);
+  for (int64_t j = 0, stored = in / group * kept; j < stored; ++j) cols[j] *= scale;
+}
+
 #if defined(SLIMSERVE_AMX)
 // bf16 batches on CPUs with AMX run on the tile unit (amx_strips.h); 2:4 and 4:8 rows expand 32 inputs from their 16
 // kept values under the mask their offsets give. Measured with bench/nm_kernel.py: the permute path wins below 5
@@ -562,10 +585,36 @@ torch::Tensor nm_matmul_strips(torch::Tensor x, torch::Tensor values, torch::Ten
   return y.to(x.scalar_type());
 }
 
+#if defined(SLIMSERVE_PANELS)
+// y [N, out] = x [N, in] · Wᵀ in x's dtype for many tokens, multiplying only the kept weights (vector_rows.h).
+torch::Tensor nm_matmul_kept(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
+                             int64_t group) {
+  TORCH_CHECK(x.dim() == 2, "nm_matmul_kept: x must be [N, in]");
+  const int64_t in = x.size(1), stored = values.size(1), meta_bytes = positions.size(1);
+  check_args(values, positions, in, kept, group);
+  const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(group - 1));
+  const uint8_t* meta = positions.data_ptr<uint8_t>();
+  const auto y = slimserve_rows::panel_product(x, values.size(0), stored, [&](int64_t o, int32_t* cols, float* w) {
+    scaled_columns(meta + o * meta_bytes, in, kept, group, bits, slimserve_rows::kPanelTokens, cols);
+    if (values.scalar_type() == at::kBFloat16) {
+      const c10::BFloat16* v = values.data_ptr<c10::BFloat16>() + o * stored;
+      for (int64_t j = 0; j < stored; ++j) w[j] = static_cast<float>(v[j]);
+    } else {
+      std::memcpy(w, values.data_ptr<float>() + o * stored, sizeof(float) * stored);
+    }
+  });
+  return y.to(x.scalar_type());
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nm_matmul", &nm_matmul, "y = x · Wᵀ for N:M sparse W stored as kept values + packed offsets (float32 out)");
   m.def("nm_matmul_strips", &nm_matmul_strips,
         "y = x · Wᵀ in x's dtype for many tokens: strips of W decompressed in cache, each multiplied by ATen's GEMM");
+#if defined(SLIMSERVE_PANELS)
+  m.def("nm_matmul_kept", &nm_matmul_kept,
+        "y = x · Wᵀ in x's dtype for many tokens, multiplying only the kept weights (AVX2 builds)");
+#endif
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
   m.def("amx_usable", &amx_usable,
         "whether bf16 batches of this pattern and input count run on the AMX tile unit in this build and process");

@@ -1,6 +1,6 @@
 // What slimserve's CPU kernels share (ell_cpu.cpp, bitmask_cpu.cpp, nm_cpu.cpp, rsparse_cpu.cpp): which instruction
-// set a build's loops use, the batched row loop of the row-sparse encodings, and the many-token driver that runs
-// strips of a decoded weight through ATen's GEMM. One place, so an ISA rule or a tuning measured on one kernel holds
+// set a build's loops use, the batched row loop of the row-sparse encodings, and the two many-token roads: strips
+// of a decoded weight through ATen's GEMM, and (AVX2) a loop over the stored values only on panels of tokens. One place, so an ISA rule or a tuning measured on one kernel holds
 // for all of them.
 //
 // The ISA is chosen at compile time from the flags plugin/kernels/cpp.py passes: AVX-512 (16 fp32 lanes), else
@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -154,5 +155,81 @@ at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, c
   }
   return yt.t().contiguous();
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define SLIMSERVE_PANELS 1
+// Many tokens (prefill) multiplying only a sparse weight's stored values: at 50 % density half of a dense GEMM's
+// multiply-adds (2:4 and 4:8 nm, dictsparse coefficients at s = k/2), where strips_gemm multiplies the zeros too and
+// so can at best tie with the dense GEMM. x is packed in panels of kPanelTokens tokens ([in, 32] each), so a stored
+// value w at column c updates its row's 32 token sums with one broadcast and four FMAs against panel row c (128
+// contiguous bytes). Two rows at a time keep eight FMA chains in flight (FMA latency 4, two issued a cycle). Rows go
+// in blocks of kPanelRowBlock whose decoded columns and widened values are read from L2 while every panel passes
+// over them, kPanelChunk values of a row at a time so a chunk's panel rows stay in L1 across the block. Sizes
+// measured with bench/nm_kernel.py on an AMD EPYC (docs/methods/cpu_kernels.md). AVX-512 builds compile it too
+// (AVX2 is a subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane
+// GEMM.
+constexpr int64_t kPanelTokens = 32;
+constexpr int64_t kPanelRowBlock = 128;
+constexpr int64_t kPanelChunk = 128;
+
+// y [N, out] float32 = x [N, in] · Wᵀ for W with nnz stored values a row. `decode_row(o, cols, weights)` writes
+// row o's value columns times kPanelTokens (offsets into a panel) and its values widened to float32; it may write
+// up to 8 columns past the row's nnz (the next row's decode overwrites them).
+template <typename DecodeRow>
+at::Tensor panel_product(const at::Tensor& x, int64_t out, int64_t nnz, const DecodeRow& decode_row) {
+  constexpr int kVectors = kPanelTokens / 8;
+  const int64_t tokens = x.size(0), in = x.size(1);
+  TORCH_CHECK(in * kPanelTokens < INT32_MAX, "panel_product: in_features x 32 must fit int32 offsets");
+  const int64_t panel_count = (tokens + kPanelTokens - 1) / kPanelTokens, ld = panel_count * kPanelTokens;
+  auto padded = torch::zeros({ld, in}, x.options().dtype(at::kFloat));
+  padded.narrow(0, 0, tokens).copy_(x);
+  const auto panels = padded.view({panel_count, kPanelTokens, in}).transpose(1, 2).contiguous();  // [p, in, 32]
+  auto yt = torch::empty({out, ld}, panels.options());
+  const float* packed = panels.data_ptr<float>();
+  float* y = yt.data_ptr<float>();
+  at::parallel_for(0, out, kPanelRowBlock, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<int32_t> cols(kPanelRowBlock * nnz + 8);  // rows decode in order, each may write 8 slots past its end
+    std::vector<float> weights(kPanelRowBlock * nnz);
+    for (int64_t b0 = row_begin; b0 < row_end; b0 += kPanelRowBlock) {
+      const int64_t rows = std::min(kPanelRowBlock, row_end - b0);
+      for (int64_t r = 0; r < rows; ++r) decode_row(b0 + r, cols.data() + r * nnz, weights.data() + r * nnz);
+      for (int64_t j0 = 0; j0 < nnz; j0 += kPanelChunk) {
+        const int64_t j1 = std::min(nnz, j0 + kPanelChunk);
+        for (int64_t p = 0; p < panel_count; ++p) {
+          const float* panel = packed + p * in * kPanelTokens;
+          for (int64_t r = 0; r < rows; r += 2) {
+            const bool pair = r + 1 < rows;  // an unpaired last row computes itself twice and stores once
+            const int32_t* c0 = cols.data() + r * nnz;
+            const int32_t* c1 = pair ? c0 + nnz : c0;
+            const float* w0 = weights.data() + r * nnz;
+            const float* w1 = pair ? w0 + nnz : w0;
+            float* y0 = y + (b0 + r) * ld + p * kPanelTokens;
+            float* y1 = pair ? y0 + ld : y0;
+            __m256 a[kVectors], b[kVectors];
+            for (int k = 0; k < kVectors; ++k) {
+              a[k] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y0 + 8 * k);
+              b[k] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y1 + 8 * k);
+            }
+            for (int64_t j = j0; j < j1; ++j) {
+              const __m256 u = _mm256_broadcast_ss(w0 + j), v = _mm256_broadcast_ss(w1 + j);
+              const float* x0 = panel + c0[j];
+              const float* x1 = panel + c1[j];
+              for (int k = 0; k < kVectors; ++k) {
+                a[k] = _mm256_fmadd_ps(u, _mm256_loadu_ps(x0 + 8 * k), a[k]);
+                b[k] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x1 + 8 * k), b[k]);
+              }
+            }
+            for (int k = 0; k < kVectors; ++k) {
+              _mm256_storeu_ps(y1 + 8 * k, b[k]);
+              _mm256_storeu_ps(y0 + 8 * k, a[k]);
+            }
+          }
+        }
+      }
+    }
+  });
+  return yt.narrow(1, 0, tokens).t().contiguous();
+}
+#endif
 
 }  // namespace slimserve_rows
