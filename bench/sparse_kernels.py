@@ -9,6 +9,8 @@ memory-bound Llama of bench/decode.py (out 5632, in 2048) at 30 % of its bf16 by
 * ``ell-strips``: the ELL many-token road (strips of C expanded to float32 in cache, a GEMM each);
 * ``bitmask``: the bitmask kernel's sparse loop;
 * ``dense-gemm``: what the many-token road costs: strips of C decoded to float32 in cache, a GEMM each;
+* ``ell-panels`` / ``bitmask-panels`` (AVX2 builds): the many-token loop over the stored values only, tokens
+  packed in panels of 32 (``vector_rows.h``);
 * ``dense-weight``: the dense layer ``x Wᵀ`` [5632, 2048] itself (the reference the scheme must beat).
 
 Each ISA runs in its own process (``SLIMSERVE_CPU_ISA``). The crossover is the first N where
@@ -71,8 +73,9 @@ def run_isa(dtype: torch.dtype) -> dict[str, dict[int, float]]:
     u8_values = u8_values.to(dtype)
     ext_ell, ext_bm = ell._cpu_kernel(), bitmask._cpu_kernel()
     weight = torch.randn(OUT, IN, dtype=dtype)
-    roads = ["ell-u8", "ell-i16", "ell-strips", "bitmask", "dense-gemm", "dense-weight"]
-    result: dict[str, dict[int, float]] = {road: {} for road in roads}
+    panels = hasattr(ext_bm, "bitmask_matmul_kept")  # AVX2 builds
+    roads = ["ell-u8", "ell-i16", "ell-strips", "bitmask", "dense-gemm"] + ["ell-panels", "bitmask-panels"] * panels
+    result: dict[str, dict[int, float]] = {road: {} for road in roads + ["dense-weight"]}
     i16 = indices.to(torch.int16)
     for n in TOKENS:
         z = torch.randn(n, k, dtype=dtype)
@@ -83,6 +86,9 @@ def run_isa(dtype: torch.dtype) -> dict[str, dict[int, float]]:
         result["ell-strips"][n] = _time(lambda: ext_ell.ell_matmul_strips(z, values, i16).to(z.dtype)) * 1e6
         result["bitmask"][n] = _time(lambda: ext_bm.bitmask_matmul(z, values, mask)) * 1e6
         result["dense-gemm"][n] = _time(lambda: ext_bm.bitmask_matmul_strips(z, values, mask).to(z.dtype)) * 1e6
+        if panels:
+            result["ell-panels"][n] = _time(lambda: ext_ell.ell_matmul_kept(z, values, i16)) * 1e6
+            result["bitmask-panels"][n] = _time(lambda: ext_bm.bitmask_matmul_kept(z, values, mask)) * 1e6
         result["dense-weight"][n] = _time(lambda: torch.nn.functional.linear(x, weight)) * 1e6
     return {"isa": ext_bm.isa(), "k": k, "s": s, "times": result}
 
