@@ -318,15 +318,9 @@ torch::Tensor bitmask_matmul_kept(torch::Tensor z, torch::Tensor values, torch::
   const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1);
   check_strip_args(values, mask, atoms, "bitmask_matmul_kept");
   const uint8_t* msk = mask.data_ptr<uint8_t>();
-  const bool bf16 = values.scalar_type() == at::kBFloat16;
   return slimserve_rows::panel_product(z, values.size(0), nnz, [&](int64_t o, int32_t* cols, float* w) {
     decode_row_offsets(msk + o * mask_bytes, mask_bytes, slimserve_rows::kPanelTokens, nnz, cols);
-    if (bf16) {
-      const c10::BFloat16* v = values.data_ptr<c10::BFloat16>() + o * nnz;
-      for (int64_t t = 0; t < nnz; ++t) w[t] = static_cast<float>(v[t]);
-    } else {
-      std::memcpy(w, values.data_ptr<float>() + o * nnz, sizeof(float) * nnz);
-    }
+    slimserve_rows::widen_row(values, o, w);
   });
 }
 #endif

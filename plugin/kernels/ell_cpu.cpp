@@ -224,7 +224,6 @@ torch::Tensor ell_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Te
 torch::Tensor ell_matmul_kept(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
   check_args(z, values, indices, "ell_matmul_kept");
   const int64_t nnz = values.size(1);
-  const bool bf16 = values.scalar_type() == at::kBFloat16;
   return slimserve_rows::panel_product(z, values.size(0), nnz, [&](int64_t o, int32_t* cols, float* w) {
     constexpr int32_t kScale = slimserve_rows::kPanelTokens;
     if (indices.scalar_type() == at::kByte) {
@@ -237,12 +236,7 @@ torch::Tensor ell_matmul_kept(torch::Tensor z, torch::Tensor values, torch::Tens
       const int32_t* idx = indices.data_ptr<int32_t>() + o * nnz;
       for (int64_t t = 0; t < nnz; ++t) cols[t] = idx[t] * kScale;
     }
-    if (bf16) {
-      const c10::BFloat16* v = values.data_ptr<c10::BFloat16>() + o * nnz;
-      for (int64_t t = 0; t < nnz; ++t) w[t] = static_cast<float>(v[t]);
-    } else {
-      std::memcpy(w, values.data_ptr<float>() + o * nnz, sizeof(float) * nnz);
-    }
+    slimserve_rows::widen_row(values, o, w);
   });
 }
 #endif

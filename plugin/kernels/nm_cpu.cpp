@@ -596,12 +596,7 @@ torch::Tensor nm_matmul_kept(torch::Tensor x, torch::Tensor values, torch::Tenso
   const uint8_t* meta = positions.data_ptr<uint8_t>();
   const auto y = slimserve_rows::panel_product(x, values.size(0), stored, [&](int64_t o, int32_t* cols, float* w) {
     scaled_columns(meta + o * meta_bytes, in, kept, group, bits, slimserve_rows::kPanelTokens, cols);
-    if (values.scalar_type() == at::kBFloat16) {
-      const c10::BFloat16* v = values.data_ptr<c10::BFloat16>() + o * stored;
-      for (int64_t j = 0; j < stored; ++j) w[j] = static_cast<float>(v[j]);
-    } else {
-      std::memcpy(w, values.data_ptr<float>() + o * stored, sizeof(float) * stored);
-    }
+    slimserve_rows::widen_row(values, o, w);
   });
   return y.to(x.scalar_type());
 }

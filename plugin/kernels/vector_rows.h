@@ -8,10 +8,12 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -171,6 +173,17 @@ at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, c
 constexpr int64_t kPanelTokens = 32;
 constexpr int64_t kPanelRowBlock = 128;
 constexpr int64_t kPanelChunk = 128;
+
+// Row o of `values` ([rows, n], float32 or bfloat16, contiguous) as float32 at w, for a panel_product decoder.
+inline void widen_row(const at::Tensor& values, int64_t o, float* w) {
+  const int64_t n = values.size(1);
+  if (values.scalar_type() == at::kBFloat16) {
+    const c10::BFloat16* v = values.data_ptr<c10::BFloat16>() + o * n;
+    for (int64_t t = 0; t < n; ++t) w[t] = static_cast<float>(v[t]);
+  } else {
+    std::memcpy(w, values.data_ptr<float>() + o * n, sizeof(float) * n);
+  }
+}
 
 // y [N, out] float32 = x [N, in] · Wᵀ for W with nnz stored values a row. `decode_row(o, cols, weights)` writes
 // row o's value columns times kPanelTokens (offsets into a panel) and its values widened to float32; it may write
