@@ -165,9 +165,11 @@ at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, c
 // so can at best tie with the dense GEMM. x is packed in panels of kPanelTokens tokens ([in, 32] each), so a stored
 // value w at column c updates its row's 32 token sums with one broadcast and four FMAs against panel row c (128
 // contiguous bytes). Two rows at a time keep eight FMA chains in flight (FMA latency 4, two issued a cycle). Rows go
-// in blocks of kPanelRowBlock whose decoded columns and widened values are read from L2 while every panel passes
-// over them, kPanelChunk values of a row at a time so a chunk's panel rows stay in L1 across the block. Sizes
-// measured with bench/nm_kernel.py on an AMD EPYC (docs/methods/cpu_kernels.md). AVX-512 builds compile it too
+// in blocks of kPanelRowBlock, decoded once (columns times 32, values widened to fp32) and reused by every panel,
+// kPanelChunk values of a row at a time: the block's chunk (128 KiB) stays in L2 and the panel rows it touches
+// (256 inputs at 2:4, 32 KiB) mostly in L1. Row blocks of 32 and 128 and chunks of 64, 128 and 256 were tried with
+// bench/nm_kernel.py on an AMD EPYC; none stood out beyond that VM's run-to-run spread (docs/methods/cpu_kernels.md),
+// so the sizes are a choice, not an optimum. AVX-512 builds compile it too
 // (AVX2 is a subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane
 // GEMM.
 constexpr int64_t kPanelTokens = 32;
