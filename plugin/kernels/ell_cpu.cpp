@@ -161,6 +161,18 @@ void check_args(const torch::Tensor& z, const torch::Tensor& values, const torch
               indices.scalar_type() == at::kInt, op, ": indices must be uint8, int16 or int32");
 }
 
+// fn(indices' data) with its element type (uint8, int16 or int32, as check_args allows).
+template <typename Fn>
+void with_indices(const torch::Tensor& indices, const Fn& fn) {
+  if (indices.scalar_type() == at::kByte) {
+    fn(indices.data_ptr<uint8_t>());
+  } else if (indices.scalar_type() == at::kShort) {
+    fn(indices.data_ptr<int16_t>());
+  } else {
+    fn(indices.data_ptr<int32_t>());
+  }
+}
+
 // Rows first + begin .. first + end of C as dense float32 rows (zeroed here) at rows begin .. end of `strip`.
 template <typename V, typename I>
 void ell_rows_to_dense(const V* values, const I* indices, float* strip, int64_t atoms, int64_t nnz, int64_t first,
@@ -174,48 +186,36 @@ void ell_rows_to_dense(const V* values, const I* indices, float* strip, int64_t 
   }
 }
 
-template <typename V>
-void ell_strip_to_dense(const torch::Tensor& values, const torch::Tensor& indices, float* strip, int64_t atoms,
-                        int64_t first, int64_t begin, int64_t end) {
-  const V* val = values.data_ptr<V>();
-  const int64_t nnz = values.size(1);
-  if (indices.scalar_type() == at::kByte) {
-    ell_rows_to_dense(val, indices.data_ptr<uint8_t>(), strip, atoms, nnz, first, begin, end);
-  } else if (indices.scalar_type() == at::kShort) {
-    ell_rows_to_dense(val, indices.data_ptr<int16_t>(), strip, atoms, nnz, first, begin, end);
-  } else {
-    ell_rows_to_dense(val, indices.data_ptr<int32_t>(), strip, atoms, nnz, first, begin, end);
-  }
-}
-
 }  // namespace
 
 torch::Tensor ell_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
   check_args(z, values, indices, "ell_matmul");
   auto zf = z.to(at::kFloat).contiguous();
   auto y = torch::empty({z.size(0), values.size(0)}, values.options());
-  const bool bf16 = values.scalar_type() == at::kBFloat16;
-  if (indices.scalar_type() == at::kByte) {
-    bf16 ? ell_dispatch<c10::BFloat16, uint8_t>(zf, values, indices, y) : ell_dispatch<float, uint8_t>(zf, values, indices, y);
-  } else if (indices.scalar_type() == at::kShort) {
-    bf16 ? ell_dispatch<c10::BFloat16, int16_t>(zf, values, indices, y) : ell_dispatch<float, int16_t>(zf, values, indices, y);
-  } else {
-    bf16 ? ell_dispatch<c10::BFloat16, int32_t>(zf, values, indices, y) : ell_dispatch<float, int32_t>(zf, values, indices, y);
-  }
+  with_indices(indices, [&](const auto* idx) {
+    using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
+    if (values.scalar_type() == at::kBFloat16) {
+      ell_dispatch<c10::BFloat16, I>(zf, values, indices, y);
+    } else {
+      ell_dispatch<float, I>(zf, values, indices, y);
+    }
+  });
   return y;
 }
 
 // y [N, out] float32 = z · Cᵀ for many tokens (prefill), on strips of C expanded in cache (vector_rows.h).
 torch::Tensor ell_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
   check_args(z, values, indices, "ell_matmul_strips");
-  const int64_t atoms = z.size(1);
+  const int64_t atoms = z.size(1), nnz = values.size(1);
   return slimserve_rows::strips_gemm(z, values.size(0), at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
-    if (values.scalar_type() == at::kBFloat16) {
-      ell_strip_to_dense<c10::BFloat16>(values, indices, strip.data_ptr<float>(), atoms, first, begin, end);
-    } else {
-      ell_strip_to_dense<float>(values, indices, strip.data_ptr<float>(), atoms, first, begin, end);
-    }
+    with_indices(indices, [&](const auto* idx) {
+      if (values.scalar_type() == at::kBFloat16) {
+        ell_rows_to_dense(values.data_ptr<c10::BFloat16>(), idx, strip.data_ptr<float>(), atoms, nnz, first, begin, end);
+      } else {
+        ell_rows_to_dense(values.data_ptr<float>(), idx, strip.data_ptr<float>(), atoms, nnz, first, begin, end);
+      }
+    });
   });
 }
 
@@ -225,17 +225,9 @@ torch::Tensor ell_matmul_kept(torch::Tensor z, torch::Tensor values, torch::Tens
   check_args(z, values, indices, "ell_matmul_kept");
   const int64_t nnz = values.size(1);
   return slimserve_rows::panel_product(z, values.size(0), nnz, [&](int64_t o, int32_t* cols, float* w) {
-    constexpr int32_t kScale = slimserve_rows::kPanelTokens;
-    if (indices.scalar_type() == at::kByte) {
-      const uint8_t* idx = indices.data_ptr<uint8_t>() + o * nnz;
-      for (int64_t t = 0; t < nnz; ++t) cols[t] = idx[t] * kScale;
-    } else if (indices.scalar_type() == at::kShort) {
-      const int16_t* idx = indices.data_ptr<int16_t>() + o * nnz;
-      for (int64_t t = 0; t < nnz; ++t) cols[t] = idx[t] * kScale;
-    } else {
-      const int32_t* idx = indices.data_ptr<int32_t>() + o * nnz;
-      for (int64_t t = 0; t < nnz; ++t) cols[t] = idx[t] * kScale;
-    }
+    with_indices(indices, [&](const auto* idx) {
+      for (int64_t t = 0; t < nnz; ++t) cols[t] = static_cast<int32_t>(idx[o * nnz + t]) * slimserve_rows::kPanelTokens;
+    });
     slimserve_rows::widen_row(values, o, w);
   });
 }

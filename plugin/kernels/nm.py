@@ -8,12 +8,12 @@ weights go to the tile unit too: the kernel expands 16 rows at a time into a den
 and multiplies it with AMX, at every token count up to prefill. On AVX2 hosts (which serve fp32)
 2:4 and 4:8 batches expand each row's kept values into dense lanes once per 8 inputs and share
 them across the tokens with plain FMAs, and steps above ``MANY_TOKENS`` multiply only the kept
-weights against x packed in panels of 32 tokens (half of dense's multiply-adds at 2:4, so prefill
-beats the dense GEMM). Elsewhere steps above ``MANY_TOKENS`` decompress strips of rows into one
-buffer that stays in cache and run ATen's GEMM per strip, so the process never holds a dense copy
-of a layer. Crossovers are measured with ``bench/nm_kernel.py`` (see
-docs/methods/nm.md). Without a compiler the PyTorch reference of the scheme does the same
-arithmetic, more slowly.
+weights against x packed in panels of 32 tokens (half of dense's multiply-adds at 2:4; measured
+about level with the dense GEMM at prefill, ahead of the strips below 128 tokens). Elsewhere
+steps above ``MANY_TOKENS`` decompress strips of rows into one buffer that stays in cache and run
+ATen's GEMM per strip, so the process never holds a dense copy of a layer. Crossovers are
+measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch
+reference of the scheme does the same arithmetic, more slowly.
 
 The product is the custom op ``slimserve::nm_matmul`` so torch.compile (vLLM's default on CPU)
 treats it as one opaque call.

@@ -9,8 +9,9 @@
 // = 32 inputs, 48 offset bits); the two differ only in how a block's offsets become lane indices (block_index).
 // Other patterns decode each row's columns into a small buffer and gather. Built at first use by
 // plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512),
-// else scalar. Many-token steps run on strips of rows decompressed in cache (vector_rows.h). bf16 batches of 2:4 and 4:8 on CPUs with AMX
-// run on the tile unit instead (amx_strips.h), prefill included.
+// else scalar. Many-token steps multiply only the kept weights on AVX2 builds, elsewhere strips of rows decompressed
+// in cache (both in vector_rows.h). bf16 batches of 2:4 and 4:8 on CPUs with AMX run on the tile unit instead
+// (amx_strips.h), prefill included.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -41,11 +42,28 @@ inline int32_t offset_at(const uint8_t* row, int64_t j, int bits) {
   return static_cast<int32_t>((word >> (bit & 7)) & ((1u << bits) - 1));
 }
 
-// Input column of every stored entry of one row (group start + offset), without per-entry divisions.
-inline void decode_columns(const uint8_t* meta, int32_t* cols, int64_t in, int64_t kept, int64_t group, int bits) {
+// Input column of every stored entry of one row (group start + offset), times `scale` (1, or a panel row's length so
+// each is an offset into a panel), without per-entry divisions. 2:4 takes a byte (two groups, four values) at a
+// time without bit arithmetic across bytes; a row whose inputs end in a lone group reads the low half of its byte.
+inline void decode_columns(const uint8_t* meta, int32_t* cols, int64_t in, int64_t kept, int64_t group, int bits,
+                           int32_t scale = 1) {
+  if (kept == 2 && group == 4) {
+    for (int64_t d = 0; d < (in + 4) / 8; ++d) {
+      const int32_t m = meta[d], base = static_cast<int32_t>(8 * d);
+      cols[4 * d] = (base + (m & 3)) * scale;
+      cols[4 * d + 1] = (base + ((m >> 2) & 3)) * scale;
+      if (8 * d + 4 < in) {
+        cols[4 * d + 2] = (base + 4 + ((m >> 4) & 3)) * scale;
+        cols[4 * d + 3] = (base + 4 + ((m >> 6) & 3)) * scale;
+      }
+    }
+    return;
+  }
   int64_t j = 0;
   for (int64_t start = 0; start < in; start += group) {
-    for (int64_t k = 0; k < kept; ++k, ++j) cols[j] = static_cast<int32_t>(start) + offset_at(meta, j, bits);
+    for (int64_t k = 0; k < kept; ++k, ++j) {
+      cols[j] = (static_cast<int32_t>(start) + offset_at(meta, j, bits)) * scale;
+    }
   }
 }
 
@@ -414,56 +432,14 @@ void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_
                      int64_t row_begin, int64_t row_end) {
   const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(group - 1));
   const int64_t stored = in / group * kept, meta_bytes = (stored * bits + 7) / 8;
+  std::vector<int32_t> cols(stored);
   for (int64_t o = row_begin; o < row_end; ++o) {
     V* row = dense + o * in;
     std::memset(static_cast<void*>(row), 0, sizeof(V) * in);
     const V* val = values + o * stored;
-    const uint8_t* meta = positions + o * meta_bytes;
-    if (kept == 2 && group == 4) {  // one byte = two groups: no bit arithmetic across bytes
-      for (int64_t b = 0; b < in / 8; ++b) {
-        const uint32_t m = meta[b];
-        V* base = row + 8 * b;
-        const V* v = val + 4 * b;
-        base[m & 3] = v[0];
-        base[(m >> 2) & 3] = v[1];
-        base[4 + ((m >> 4) & 3)] = v[2];
-        base[4 + ((m >> 6) & 3)] = v[3];
-      }
-      if (in % 8 != 0) {  // a last lone group: the low half of its byte
-        const uint32_t m = meta[in / 8];
-        row[in / 8 * 8 + (m & 3)] = val[in / 8 * 4];
-        row[in / 8 * 8 + ((m >> 2) & 3)] = val[in / 8 * 4 + 1];
-      }
-    } else {
-      int64_t j = 0;
-      for (int64_t start = 0; start < in; start += group) {
-        for (int64_t k = 0; k < kept; ++k, ++j) row[start + offset_at(meta, j, bits)] = val[j];
-      }
-    }
+    decode_columns(positions + o * meta_bytes, cols.data(), in, kept, group, bits);
+    for (int64_t j = 0; j < stored; ++j) row[cols[j]] = val[j];
   }
-}
-
-// Input column of every stored value of one row, times `scale` (a panel row's length, so each is an offset into
-// the panel). 2:4 takes a byte (two groups, four values) at a time without bit arithmetic across bytes.
-inline void scaled_columns(const uint8_t* meta, int64_t in, int64_t kept, int64_t group, int bits, int32_t scale,
-                           int32_t* cols) {
-  if (kept == 2 && group == 4) {
-    for (int64_t d = 0; d < in / 8; ++d) {
-      const int32_t m = meta[d], base = static_cast<int32_t>(8 * d);
-      cols[4 * d] = (base + (m & 3)) * scale;
-      cols[4 * d + 1] = (base + ((m >> 2) & 3)) * scale;
-      cols[4 * d + 2] = (base + 4 + ((m >> 4) & 3)) * scale;
-      cols[4 * d + 3] = (base + 4 + ((m >> 6) & 3)) * scale;
-    }
-    if (in % 8 != 0) {  // a last lone group: the low half of its byte
-      const int32_t m = meta[in / 8], base = static_cast<int32_t>(in / 8 * 8);
-      cols[in / 8 * 4] = (base + (m & 3)) * scale;
-      cols[in / 8 * 4 + 1] = (base + ((m >> 2) & 3)) * scale;
-    }
-    return;
-  }
-  decode_columns(meta, cols, in, kept, group, bits);
-  for (int64_t j = 0, stored = in / group * kept; j < stored; ++j) cols[j] *= scale;
 }
 
 #if defined(SLIMSERVE_AMX)
@@ -595,7 +571,7 @@ torch::Tensor nm_matmul_kept(torch::Tensor x, torch::Tensor values, torch::Tenso
   const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(group - 1));
   const uint8_t* meta = positions.data_ptr<uint8_t>();
   const auto y = slimserve_rows::panel_product(x, values.size(0), stored, [&](int64_t o, int32_t* cols, float* w) {
-    scaled_columns(meta + o * meta_bytes, in, kept, group, bits, slimserve_rows::kPanelTokens, cols);
+    decode_columns(meta + o * meta_bytes, cols, in, kept, group, bits, slimserve_rows::kPanelTokens);
     slimserve_rows::widen_row(values, o, w);
   });
   return y.to(x.scalar_type());
