@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from slimserve.attention.patterns import Mode, PatternParams, VideoLayout, block_mask, dense_mask
 
@@ -33,15 +33,28 @@ Stripes = tuple[tuple[int, ...], ...]
 
 @functools.cache
 def compiled_flex_attention():
-    """``torch.compile(flex_attention)``, compiled once per process.
+    """``torch.compile(flex_attention)`` with static shapes, compiled once per process (Sparse-vDiT and SparseD).
 
-    Every (mask, shape, dtype) triggers a recompile; past dynamo's recompile limit it would
-    silently fall back to the eager kernel that materializes O(S^2) scores, so the limit is
-    raised here (Sparse-VideoGen uses the same value).
+    Every (mask, shape, dtype) compiles anew (about a minute on 2 CPU cores, seconds on a GPU):
+    torch's CPU FlexAttention template does not build with dynamic shapes. Past dynamo's
+    recompile limit it would silently fall back to the eager kernel that materializes O(S^2)
+    scores, so the limit is raised here (Sparse-VideoGen uses the same value).
     """
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 576)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 576)
     return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_kernel_options(mask: BlockMask, query: torch.Tensor) -> dict[str, int] | None:
+    """Tile sizes for compiled FlexAttention on CUDA when the mask's blocks are smaller than its defaults.
+
+    The CUDA kernel tiles queries and keys by up to 128 and refuses a mask whose blocks its tiles
+    do not divide (the CPU kernel takes any multiple of 16), so there the tiles follow the mask.
+    """
+    q_block, kv_block = mask.BLOCK_SIZE
+    if not query.is_cuda or min(q_block, kv_block) >= 128:
+        return None
+    return {"BLOCK_M": q_block, "BLOCK_N": kv_block}
 
 
 def padding_mask(key_valid: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
@@ -130,7 +143,8 @@ def masked_attention(
         raise ValueError(f"unknown attention backend {backend!r} (expected one of {BACKENDS})")
     kernel = flex_attention if backend == "flex_eager" else compiled_flex_attention()
     score_mod = None if key_valid is None else _padding_score_mod(key_valid)
-    return kernel(q, k, v, score_mod=score_mod, block_mask=block_mask(mode, layout, params, stripes, device))
+    mask = block_mask(mode, layout, params, stripes, device)
+    return kernel(q, k, v, score_mod=score_mod, block_mask=mask, kernel_options=flex_kernel_options(mask, q))
 
 
 def mode_attention(

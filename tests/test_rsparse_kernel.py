@@ -92,11 +92,15 @@ def test_triton_kernel_in_the_interpreter() -> None:
     pytest.importorskip("triton")
     script = (
         "import torch\n"
-        "from slimserve.plugin.kernels.rsparse import _triton_sparse_mm\n"
+        "from slimserve.plugin.kernels import rsparse\n"
+        "from slimserve.plugin.kernels.rsparse import TritonBlocks, _triton_sparse_mm\n"
         "from slimserve.loaders.schemes.rsparse import exact_mask\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "for n in (1, 3):\n"
-        "    x = torch.randn(n, 70, generator=g); wt = torch.randn(70, 200, generator=g); norm = wt.norm(dim=1)\n"
+        "for n, blocks in ((1, TritonBlocks()), (3, TritonBlocks(32, 64, 1)), (3, TritonBlocks(16, 128, 2))):\n"
+        "    rsparse.TRITON_BLOCKS = blocks  # one program over all 70 inputs, then 3 and 3 programs\n"
+        "    x = torch.randn(n, 70, generator=g); norm = (wt := torch.randn(70, 200, generator=g)).norm(dim=1)\n"
+        "    if n == 3:  # a segment of a fused Wᵀ: a column slice whose rows stride by the fused width\n"
+        "        wt = torch.cat([torch.randn(70, 50, generator=g), wt], dim=1)[:, 50:]\n"
         "    y, rest = _triton_sparse_mm(x, wt, norm, 6.0, True)\n"
         "    m = exact_mask(x, norm, 6.0)\n"
         "    assert 0.2 < m.float().mean() < 0.8\n"

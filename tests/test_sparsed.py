@@ -127,6 +127,13 @@ def test_gathered_kernel_refuses_unequal_row_budgets() -> None:
         kept_block_rows(keep, 1)
 
 
+def test_the_automatic_kernel_on_cpu_is_the_gathered_one() -> None:
+    q, k, _ = _qkv(200)
+    keep = select_tiles(q, k, 50, SparsedParams(rho=0.2, block=32))
+    tiles = LayerTiles.build(keep, 32, 200, kv_heads=2, dense_above=1.0)
+    assert tiles.kernel == "gather" and isinstance(tiles.plan, torch.Tensor)
+
+
 def test_rho_one_keeps_every_tile_and_falls_back_to_dense() -> None:
     q, k, _ = _qkv(200)
     keep = select_tiles(q, k, 50, SparsedParams(rho=1.0, block=32))

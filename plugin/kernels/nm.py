@@ -15,17 +15,26 @@ ATen's GEMM per strip, so the process never holds a dense copy of a layer. Cross
 measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch
 reference of the scheme does the same arithmetic, more slowly.
 
+On CUDA, 2:4 fp16/bf16 weights go to NVIDIA's sparse tensor cores (Ampere and later) through
+PyTorch's semi-structured sparse tensor, which stores the same kind of packed values and 2-bit
+positions as this scheme; other patterns, dtypes and shapes the tensor cores refuse take the
+reference path (``bench/cuda_backends.py`` measures both on a GPU).
+
 The product is the custom op ``slimserve::nm_matmul`` so torch.compile (vLLM's default on CPU)
 treats it as one opaque call.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from slimserve.loaders.schemes.nm import nm_to_dense
 from slimserve.plugin.kernels.cpp import load_cpu_extension
+
+logger = logging.getLogger(__name__)
 
 #: Token counts above this run dense GEMMs on decompressed strips of W, unless the AMX tile unit takes them.
 MANY_TOKENS = 16
@@ -67,16 +76,41 @@ def _(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int,
     return x.new_empty(x.shape[0], values.shape[0])
 
 
+def sparse_tensor_core_weight(values: torch.Tensor, positions: torch.Tensor, in_features: int, kept: int,
+                              group: int) -> torch.Tensor | None:
+    """The weight as PyTorch's semi-structured sparse tensor when the GPU's sparse tensor cores take it, else None.
+
+    Those cores multiply 2:4 fp16/bf16 weights directly (cuSPARSELt or CUTLASS underneath); the
+    kernels want rows and inputs in multiples of their tile and a GPU of compute capability 8.0 or
+    later, and PyTorch raises when a weight does not fit, so such a weight keeps the portable path.
+    """
+    if values.device.type != "cuda" or (kept, group) != (2, 4) or values.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from torch.sparse import to_sparse_semi_structured
+
+    try:
+        return to_sparse_semi_structured(nm_to_dense(values, positions, in_features, kept, group))
+    except (RuntimeError, ValueError) as error:
+        logger.info("a 2:4 weight of %d x %d stays off the sparse tensor cores: %s", values.shape[0], in_features,
+                    error)
+        return None
+
+
 class NMMatmul:
     """``y = x · Wᵀ`` for one N:M sparse module (or its TP slice), prepared once at load."""
 
     def __init__(self, values: torch.Tensor, positions: torch.Tensor, kept: int, group: int) -> None:
-        self.values = values.contiguous()
-        self.positions = positions.contiguous()
+        in_features = values.shape[1] * group // kept
+        self.tensor_cores = sparse_tensor_core_weight(values, positions, in_features, kept, group)
+        # The tensor cores' copy holds the whole weight; keeping the scheme's tensors too would double it.
+        self.values = None if self.tensor_cores is not None else values.contiguous()
+        self.positions = None if self.tensor_cores is not None else positions.contiguous()
         self.kept = kept
         self.group = group
         # Build (or load) the kernel now, at model load, not inside the first traced forward.
         self.ext = _cpu_kernel() if values.device.type == "cpu" else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tensor_cores is not None:
+            return F.linear(x.to(self.tensor_cores.dtype), self.tensor_cores).to(x.dtype)
         return torch.ops.slimserve.nm_matmul(x.contiguous(), self.values, self.positions, self.kept, self.group)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -73,7 +74,8 @@ def segmented_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torc
     if not x.is_cuda:
         return masked_segments(x, weight_t, col_norms, thresholds, splits, with_rest, low_rank)
     segments = weight_t.split(list(splits), dim=1)
-    parts = [_triton_sparse_mm(x, w, n, t, True) for w, n, t in zip(segments, col_norms, thresholds)]
+    parts = [_triton_sparse_mm(x, w, n, t, with_rest or lr is not None)
+             for w, n, t, lr in zip(segments, col_norms, thresholds, low_rank)]
     return _add_low_rank([y for y, _ in parts], [r for _, r in parts], low_rank, with_rest)
 
 
@@ -91,7 +93,7 @@ def masked_segments(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
     return _add_low_rank(ys, [x * ~m for m in masks], low_rank or [None] * len(splits), with_rest)
 
 
-def _add_low_rank(ys: list[torch.Tensor], rests: list[torch.Tensor],
+def _add_low_rank(ys: list[torch.Tensor], rests: list[torch.Tensor | None],
                   low_rank: Sequence[tuple[torch.Tensor, torch.Tensor] | None], with_rest: bool,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Adds each segment's ``U_r(S_r V_rᵀ rest)`` to its exact part and joins the segments."""
@@ -119,40 +121,65 @@ def _triton_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, col_norm: torch.T
     x = x.contiguous()
     y = torch.zeros(tokens, out_features, dtype=torch.float32, device=x.device)
     block_n = max(triton.next_power_of_2(tokens), 1)
-    grid = (triton.cdiv(out_features, _BLOCK_OUT), triton.cdiv(in_features, _BLOCK_IN))
-    _rsparse_kernel()[grid](x, weight_t, col_norm, y, tokens, in_features, out_features, float(threshold),
-                            BLOCK_N=block_n, BLOCK_IN=_BLOCK_IN, BLOCK_OUT=_BLOCK_OUT)
+    grid = (triton.cdiv(out_features, TRITON_BLOCKS.out), triton.cdiv(in_features, TRITON_BLOCKS.inputs_per_program))
+    # A segment of a fused Wᵀ (gate | up) is a column slice: rows stride by the fused width.
+    if weight_t.stride(1) != 1:
+        weight_t = weight_t.contiguous()
+    _rsparse_kernel()[grid](x, weight_t, col_norm, y, tokens, in_features, out_features, weight_t.stride(0),
+                            float(threshold),
+                            BLOCK_N=block_n, BLOCK_IN=TRITON_BLOCKS.inputs, BLOCK_OUT=TRITON_BLOCKS.out,
+                            K_STEPS=TRITON_BLOCKS.steps)
     rest = None
     if with_rest:
         rest = torch.where(x.float().abs() * col_norm > threshold, torch.zeros_like(x), x)
     return y.to(x.dtype), rest
 
 
-_BLOCK_IN, _BLOCK_OUT = 32, 128
+@dataclass
+class TritonBlocks:
+    """The triton kernel's tile: ``inputs`` x ``out`` weights per step, ``steps`` steps of inputs per program.
+
+    Each program accumulates ``steps`` tiles in registers before its one atomic add, so fewer
+    steps mean more programs and more atomics on ``y``; ``bench/cuda_backends.py`` sweeps these.
+    """
+
+    inputs: int = 32
+    out: int = 128
+    steps: int = 8
+
+    @property
+    def inputs_per_program(self) -> int:
+        return self.inputs * self.steps
+
+
+TRITON_BLOCKS = TritonBlocks()
 
 
 @functools.cache
 def _rsparse_kernel():
-    """Split-K over input channels; each program loads only its active rows (masked loads), then atomically adds."""
+    """Split-K over input channels; each program loads only its active rows (masked loads) of ``K_STEPS`` tiles,
+    then atomically adds its partial sums."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kernel(x_ptr, w_ptr, norm_ptr, y_ptr, tokens, in_features, out_features, threshold,
-               BLOCK_N: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    def kernel(x_ptr, w_ptr, norm_ptr, y_ptr, tokens, in_features, out_features, w_row_stride, threshold,
+               BLOCK_N: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, K_STEPS: tl.constexpr):
         offs_o = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-        offs_k = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
         offs_n = tl.arange(0, BLOCK_N)
-        in_k = offs_k < in_features
-        x = tl.load(x_ptr + offs_n[:, None] * in_features + offs_k[None, :],
-                    mask=(offs_n[:, None] < tokens) & in_k[None, :], other=0.0).to(tl.float32)
-        norm = tl.load(norm_ptr + offs_k, mask=in_k, other=0.0)
-        keep = tl.abs(x) * norm[None, :] > threshold
-        xs = tl.where(keep, x, 0.0)
-        active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch
-        w = tl.load(w_ptr + offs_k[:, None] * out_features + offs_o[None, :],
-                    mask=active[:, None] & (offs_o[None, :] < out_features), other=0.0).to(tl.float32)
-        acc = tl.sum(xs[:, :, None] * w[None, :, :], axis=1)  # [BLOCK_N, BLOCK_OUT]
+        acc = tl.zeros((BLOCK_N, BLOCK_OUT), dtype=tl.float32)
+        for step in tl.static_range(K_STEPS):
+            offs_k = (tl.program_id(1) * K_STEPS + step) * BLOCK_IN + tl.arange(0, BLOCK_IN)
+            in_k = offs_k < in_features
+            x = tl.load(x_ptr + offs_n[:, None] * in_features + offs_k[None, :],
+                        mask=(offs_n[:, None] < tokens) & in_k[None, :], other=0.0).to(tl.float32)
+            norm = tl.load(norm_ptr + offs_k, mask=in_k, other=0.0)
+            keep = tl.abs(x) * norm[None, :] > threshold
+            xs = tl.where(keep, x, 0.0)
+            active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch
+            w = tl.load(w_ptr + offs_k[:, None] * w_row_stride + offs_o[None, :],
+                        mask=active[:, None] & (offs_o[None, :] < out_features), other=0.0).to(tl.float32)
+            acc += tl.sum(xs[:, :, None] * w[None, :, :], axis=1)  # [BLOCK_N, BLOCK_OUT]
         tl.atomic_add(y_ptr + offs_n[:, None] * out_features + offs_o[None, :], acc,
                       mask=(offs_n[:, None] < tokens) & (offs_o[None, :] < out_features))
 

@@ -38,7 +38,7 @@ class SparsedRequest:
     params: SparsedParams
     prompt_length: int
     total_steps: int
-    kernel: SparseKernel = "gather"
+    kernel: SparseKernel = "auto"
     dense_above: float = DENSE_ABOVE_DENSITY
     step: int = 0
     layers: dict[int, LayerTiles] = field(default_factory=dict)

@@ -73,7 +73,7 @@ class DiffusionLMEngine(TextEngine):
 
     def __init__(self, model: Any, tokenizer: Any, model_name: str, *, mask_token_id: int,
                  steps: int | None, block_length: int | None, logit_shift: int = 0,
-                 sparsed: SparsedParams | None = None, sparse_kernel: SparseKernel = "gather") -> None:
+                 sparsed: SparsedParams | None = None, sparse_kernel: SparseKernel = "auto") -> None:
         super().__init__(model_name)
         self.model = make_bidirectional(model.eval())
         self.tokenizer = tokenizer
@@ -327,7 +327,7 @@ def load_mapped_model(model_dir: Path, config: Any, rename: Callable[[str], str 
 
 
 def load_diffusion_lm_engine(model_dir: str | Path, model_name: str,
-                             sparse_kernel: SparseKernel = "gather") -> DiffusionLMEngine:
+                             sparse_kernel: SparseKernel = "auto") -> DiffusionLMEngine:
     """Load a LLaDA, Dream or slimserve diffusion-LM folder (layouts in the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
