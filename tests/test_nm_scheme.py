@@ -189,6 +189,24 @@ def test_bf16_batches_on_the_amx_tile_unit_equal_the_reference(kept: int, group:
     torch.testing.assert_close(got, x.float() @ weight.float().t(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("kept", "group"), [(2, 4), (4, 8)])
+@pytest.mark.parametrize("tokens", [1, 5, 8, 13, 32])
+def test_bf16_batches_on_the_dot_product_loop_equal_the_reference(kept: int, group: int, tokens: int) -> None:
+    # 37 rows: a lone last row; 96 inputs: three spans of 32; 5, 13 tokens: partial blocks of 8.
+    kernel = nm_kernel._cpu_kernel()
+    if kernel is None or not kernel.dot_usable(96, kept, group):
+        pytest.skip("this CPU (or kernel build) has no AVX512_BF16 + VBMI2")
+    assert not kernel.dot_usable(80, kept, group)  # inputs must fill whole spans of 32
+    weight = _pruned(37, 96, kept, group, seed=tokens).to(torch.bfloat16)
+    tensors = pack_nm(weight, kept, group)
+    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    expected = x.float() @ weight.float().t()
+    got = kernel.nm_matmul_dot(x, tensors["values"], tensors["positions"], kept, group)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel.nm_matmul(x, tensors["values"], tensors["positions"], kept, group), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_many_bf16_tokens_stay_on_the_tile_unit_and_others_decompress(monkeypatch: pytest.MonkeyPatch) -> None:
     _amx_kernel(128, 2, 4)
     weight = _pruned(40, 128, 2, 4).to(torch.bfloat16)

@@ -9,7 +9,11 @@ and multiplies it with AMX, at every token count up to prefill. On AVX2 hosts (w
 2:4 and 4:8 batches expand each row's kept values into dense lanes once per 8 inputs and share
 them across the tokens with plain FMAs, and steps above ``MANY_TOKENS`` multiply only the kept
 weights against x packed in panels of 32 tokens (half of dense's multiply-adds at 2:4; measured
-about level with the dense GEMM at prefill, ahead of the strips below 128 tokens). Elsewhere
+about level with the dense GEMM at prefill, ahead of the strips below 128 tokens). On CPUs with
+AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches of 4 to ``DOT_UP_TO_TOKENS`` tokens expand
+two rows' stored values in registers and dot them with 8 tokens at a time (``_mm512_dpbf16_ps``);
+there the dense bf16 GEMM is bound by those dot products from a few tokens on, so 2:4 wins only at
+one and two tokens and this loop comes closest to dense above that (measured 0.6-0.9x). Elsewhere
 steps above ``MANY_TOKENS`` decompress strips of rows into one buffer that stays in cache and run
 ATen's GEMM per strip, so the process never holds a dense copy of a layer. Crossovers are
 measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch
@@ -39,6 +43,10 @@ logger = logging.getLogger(__name__)
 #: Token counts above this run dense GEMMs on decompressed strips of W, unless the AMX tile unit takes them.
 MANY_TOKENS = 16
 
+#: On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4), bf16 batches up to this many tokens stay in the kernel's
+#: bf16 dot-product loop; the strips overtake it above (bench/nm_kernel.py, docs/methods/nm.md).
+DOT_UP_TO_TOKENS = 32
+
 
 def _cpu_kernel():
     return load_cpu_extension("slimserve_nm_cpu", "nm_cpu.cpp")
@@ -62,9 +70,10 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ke
     """``x [N, in] · Wᵀ`` for W given as ``values [out, in·kept/group]`` and ``positions``: ``[N, out]``, x dtype."""
     in_features = x.shape[1]
     ext = _cpu_kernel() if x.device.type == "cpu" else None
-    on_tile_unit = (ext is not None and x.dtype == values.dtype == torch.bfloat16
-                    and ext.amx_usable(in_features, kept, group))
-    if x.shape[0] > MANY_TOKENS and not on_tile_unit:
+    bf16 = ext is not None and x.dtype == values.dtype == torch.bfloat16
+    kernel_takes_batch = bf16 and (ext.amx_usable(in_features, kept, group)
+                                   or (x.shape[0] <= DOT_UP_TO_TOKENS and ext.dot_usable(in_features, kept, group)))
+    if x.shape[0] > MANY_TOKENS and not kernel_takes_batch:
         return many_tokens_product(x, values, positions, kept, group)
     if ext is not None:
         return ext.nm_matmul(x, values, positions, kept, group).to(x.dtype)

@@ -427,27 +427,9 @@ void check_args(const torch::Tensor& values, const torch::Tensor& positions, int
               "nm: values / positions widths do not match in_features, kept and group");
 }
 
-template <typename V>
-void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_t in, int64_t kept, int64_t group,
-                     int64_t row_begin, int64_t row_end) {
-  const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(group - 1));
-  const int64_t stored = in / group * kept, meta_bytes = (stored * bits + 7) / 8;
-  std::vector<int32_t> cols(stored);
-  for (int64_t o = row_begin; o < row_end; ++o) {
-    V* row = dense + o * in;
-    std::memset(static_cast<void*>(row), 0, sizeof(V) * in);
-    const V* val = values + o * stored;
-    decode_columns(positions + o * meta_bytes, cols.data(), in, kept, group, bits);
-    for (int64_t j = 0; j < stored; ++j) row[cols[j]] = val[j];
-  }
-}
-
-#if defined(SLIMSERVE_AMX)
-// bf16 batches on CPUs with AMX run on the tile unit (amx_strips.h); 2:4 and 4:8 rows expand 32 inputs from their 16
-// kept values under the mask their offsets give. Measured with bench/nm_kernel.py: the permute path wins below 5
-// tokens (memory-bound, it reads only the stored bytes); from 5 tokens on, and for prefill, the tile unit wins.
-constexpr int64_t kAmxFromTokens = 5;
-
+#if defined(__AVX512VBMI2__)
+// 2:4 and 4:8 rows keep 16 of every 32 inputs; the masks below give which, so AVX-512 VBMI2's expands (AMD Zen 4,
+// Intel Ice Lake and later) turn 16 stored values into 32 dense inputs in one or two instructions.
 // Kept-input mask of 32 inputs (their 16 stored values) of one row, from that span's offsets.
 struct TwoOfFourMask {
   uint8_t byte_mask[256];  // one offsets byte (two groups) -> the 8 inputs it keeps
@@ -480,6 +462,76 @@ struct FourOfEightMask {
   }
 };
 
+// 32 bf16 inputs from the 16 stored values at `kept` (raw bits), zeros where `mask` has no bit. The stored values are
+// loaded first and expanded in registers: expand straight from memory is microcoded and several times slower on AMD
+// Zen 4.
+inline __m512i expand_bf16(const uint16_t* kept, uint32_t mask) {
+  return _mm512_maskz_expand_epi16(mask, _mm512_castsi256_si512(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kept))));
+}
+
+// 32 dense inputs at `dense` from the 16 stored values at `kept`, zeros where `mask` has no bit.
+inline void expand_span(const c10::BFloat16* kept, uint32_t mask, c10::BFloat16* dense) {
+  _mm512_storeu_si512(dense, expand_bf16(reinterpret_cast<const uint16_t*>(kept), mask));
+}
+
+inline void expand_span(const float* kept, uint32_t mask, float* dense) {
+  // Each half of the span holds whole groups, so 8 of its 16 inputs are kept (2:4 and 4:8 alike).
+  _mm512_storeu_ps(dense, _mm512_maskz_expand_ps(static_cast<__mmask16>(mask),
+                                                 _mm512_castps256_ps512(_mm256_loadu_ps(kept))));
+  _mm512_storeu_ps(dense + 16, _mm512_maskz_expand_ps(static_cast<__mmask16>(mask >> 16),
+                                                      _mm512_castps256_ps512(_mm256_loadu_ps(kept + 8))));
+}
+
+// decompress_rows for 2:4 and 4:8: expand loads over whole 32-input spans, the last partial span entry by entry.
+template <typename V, typename Mask>
+void expand_rows(const V* values, const uint8_t* positions, V* dense, int64_t in, int64_t kept, int64_t group,
+                 int bits, const Mask& mask, int64_t row_begin, int64_t row_end) {
+  const int64_t stored = in / group * kept, meta_bytes = (stored * bits + 7) / 8, spans = in / 32;
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    V* row = dense + o * in;
+    const V* val = values + o * stored;
+    const uint8_t* meta = positions + o * meta_bytes;
+    for (int64_t s = 0; s < spans; ++s) expand_span(val + s * 16, mask(meta, s), row + s * 32);
+    std::memset(static_cast<void*>(row + spans * 32), 0, sizeof(V) * (in - spans * 32));
+    for (int64_t j = spans * 16; j < stored; ++j) row[j / kept * group + offset_at(meta, j, bits)] = val[j];
+  }
+}
+#endif
+
+template <typename V>
+void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_t in, int64_t kept, int64_t group,
+                     int64_t row_begin, int64_t row_end) {
+  const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(group - 1));
+#if defined(__AVX512VBMI2__)
+  static const TwoOfFourMask two_of_four;
+  static const FourOfEightMask four_of_eight;
+  if (kept == 2 && group == 4) {
+    expand_rows(values, positions, dense, in, kept, group, bits, two_of_four, row_begin, row_end);
+    return;
+  }
+  if (kept == 4 && group == 8) {
+    expand_rows(values, positions, dense, in, kept, group, bits, four_of_eight, row_begin, row_end);
+    return;
+  }
+#endif
+  const int64_t stored = in / group * kept, meta_bytes = (stored * bits + 7) / 8;
+  std::vector<int32_t> cols(stored);
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    V* row = dense + o * in;
+    std::memset(static_cast<void*>(row), 0, sizeof(V) * in);
+    const V* val = values + o * stored;
+    decode_columns(positions + o * meta_bytes, cols.data(), in, kept, group, bits);
+    for (int64_t j = 0; j < stored; ++j) row[cols[j]] = val[j];
+  }
+}
+
+#if defined(SLIMSERVE_AMX)
+// bf16 batches on CPUs with AMX run on the tile unit (amx_strips.h); 2:4 and 4:8 rows expand 32 inputs from their 16
+// kept values under the mask their offsets give. Measured with bench/nm_kernel.py: the permute path wins below 5
+// tokens (memory-bound, it reads only the stored bytes); from 5 tokens on, and for prefill, the tile unit wins.
+constexpr int64_t kAmxFromTokens = 5;
+
 template <typename Mask>
 void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions, const Mask& mask,
                 torch::Tensor& y) {
@@ -499,6 +551,68 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
 }
 #endif  // SLIMSERVE_AMX
 
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+#define SLIMSERVE_DPBF16 1
+// bf16 batches of 2:4 and 4:8 rows on CPUs with AVX512_BF16 and no usable tile unit (AMD Zen 4, or AMX not
+// permitted): each 32-input span of two rows is expanded from its 16 stored values into registers and dotted with
+// the inputs of 8 tokens by _mm512_dpbf16_ps (two bf16 products into each fp32 lane), 16 accumulators in flight. The
+// stored bytes are read once per 8 tokens, where the vector loops above gather x once per stored value and token.
+constexpr int64_t kDotTokens = 8;
+// Below this many tokens the permute loop, which reads only the stored bytes, is faster: measured on an AMD EPYC
+// (Zen 4) with bench/nm_kernel.py, 2.0x and 1.5x of dense at 1 and 2 tokens against the dot loop's 0.5x and 0.6x,
+// level at 4. Here a dense bf16 GEMM is bound by the dot products, not by memory, from a few tokens on.
+constexpr int64_t kDotFromTokens = 4;
+
+template <typename Mask>
+void matmul_dot(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions, const Mask& mask,
+                torch::Tensor& y) {
+  const int64_t tokens = x.size(0), in = x.size(1), out = values.size(0), stored = values.size(1);
+  const int64_t meta_bytes = positions.size(1), spans = in / 32, blocks = (tokens + kDotTokens - 1) / kDotTokens;
+  auto padded = torch::zeros({blocks * kDotTokens, in}, x.options());  // whole token blocks, zero rows past N
+  padded.narrow(0, 0, tokens).copy_(x);
+  const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
+  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* meta = positions.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (out + 1) / 2, 8, [&](int64_t pair_begin, int64_t pair_end) {
+    for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+      const int64_t o0 = 2 * pair, o1 = std::min(o0 + 1, out - 1);  // a lone last row is dotted twice
+      const uint16_t *v0 = val + o0 * stored, *v1 = val + o1 * stored;
+      const uint8_t *m0 = meta + o0 * meta_bytes, *m1 = meta + o1 * meta_bytes;
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m512 acc0[kDotTokens], acc1[kDotTokens];
+        for (int t = 0; t < kDotTokens; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+        const uint16_t* xb = xp + b * kDotTokens * in;
+        for (int64_t s = 0; s < spans; ++s) {
+          const __m512bh w0 = (__m512bh)expand_bf16(v0 + s * 16, mask(m0, s));
+          const __m512bh w1 = (__m512bh)expand_bf16(v1 + s * 16, mask(m1, s));
+          for (int t = 0; t < kDotTokens; ++t) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * in + s * 32);
+            acc0[t] = _mm512_dpbf16_ps(acc0[t], w0, xv);
+            acc1[t] = _mm512_dpbf16_ps(acc1[t], w1, xv);
+          }
+        }
+        for (int t = 0; t < kDotTokens && b * kDotTokens + t < tokens; ++t) {
+          float* yn = yp + (b * kDotTokens + t) * out;
+          yn[o0] = _mm512_reduce_add_ps(acc0[t]);
+          yn[o1] = _mm512_reduce_add_ps(acc1[t]);
+        }
+      }
+    }
+  });
+}
+#endif  // SLIMSERVE_DPBF16
+
+// Whether this build runs bf16 batches of this pattern on the bf16 dot-product loop (matmul_dot).
+bool dot_usable(int64_t in, int64_t kept, int64_t group) {
+#if defined(SLIMSERVE_DPBF16)
+  return ((kept == 2 && group == 4) || (kept == 4 && group == 8)) && in % 32 == 0;
+#else
+  (void)in, (void)kept, (void)group;
+  return false;
+#endif
+}
+
 // Whether this build and process run bf16 batches of this pattern on the tile unit.
 bool amx_usable(int64_t in, int64_t kept, int64_t group) {
 #if defined(SLIMSERVE_AMX)
@@ -510,6 +624,26 @@ bool amx_usable(int64_t in, int64_t kept, int64_t group) {
 #endif
 }
 }  // namespace
+
+#if defined(SLIMSERVE_DPBF16)
+// y [N, out] float32 = x [N, in] · Wᵀ for bf16 x and values of a pattern dot_usable takes.
+torch::Tensor nm_matmul_dot(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
+                            int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16,
+              "nm_matmul_dot: x [N, in] and values must be bfloat16");
+  check_args(values, positions, x.size(1), kept, group);
+  TORCH_CHECK(dot_usable(x.size(1), kept, group), "nm_matmul_dot: takes 2:4 or 4:8 with in_features a multiple of 32");
+  static const TwoOfFourMask two_of_four;
+  static const FourOfEightMask four_of_eight;
+  auto y = torch::empty({x.size(0), values.size(0)}, x.options().dtype(at::kFloat));
+  if (kept == 2) {
+    matmul_dot(x.contiguous(), values, positions, two_of_four, y);
+  } else {
+    matmul_dot(x.contiguous(), values, positions, four_of_eight, y);
+  }
+  return y;
+}
+#endif
 
 // y [N, out] float32 = x [N, in] · Wᵀ, W given by its kept values and packed offsets.
 torch::Tensor nm_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept, int64_t group) {
@@ -527,6 +661,12 @@ torch::Tensor nm_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor pos
       matmul_amx(x.contiguous(), values, positions, four_of_eight, y);
     }
     return y;
+  }
+#endif
+#if defined(SLIMSERVE_DPBF16)
+  if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && x.size(0) >= kDotFromTokens &&
+      dot_usable(x.size(1), kept, group)) {
+    return nm_matmul_dot(x, values, positions, kept, group);
   }
 #endif
   auto xf = x.to(at::kFloat).contiguous();
@@ -587,6 +727,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x · Wᵀ in x's dtype for many tokens, multiplying only the kept weights (AVX2 builds)");
 #endif
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
+#if defined(SLIMSERVE_DPBF16)
+  m.def("nm_matmul_dot", &nm_matmul_dot,
+        "y = x · Wᵀ for bf16 batches of 2:4 / 4:8 rows: expanded spans dotted with _mm512_dpbf16_ps (float32 out)");
+#endif
+  m.def("dot_usable", &dot_usable, "whether this build runs bf16 batches of this pattern on the bf16 dot-product loop");
   m.def("amx_usable", &amx_usable,
         "whether bf16 batches of this pattern and input count run on the AMX tile unit in this build and process");
 }
