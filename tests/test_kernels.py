@@ -230,6 +230,24 @@ def test_bf16_batches_equal_the_reference_on_and_off_the_amx_tile_unit(
     torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("batch", [2, 8, 13])  # one token block, a partial second
+@pytest.mark.parametrize("atoms", [75, 1547])  # a partial last mask word; SmolLM2-sized k with unequal spans
+def test_bf16_batches_on_the_dot_product_loop_equal_the_reference(batch: int, atoms: int) -> None:
+    """On CPUs with AVX512_BF16 and VBMI2 bf16 batches dot expanded 32-atom spans; row 37 of 37 is a lone row."""
+    kernel = bitmask._cpu_kernel()
+    if kernel is None or not hasattr(kernel, "bitmask_matmul_dot"):
+        pytest.skip("this CPU (or kernel build) has no AVX512_BF16 + VBMI2")
+    torch.manual_seed(batch)
+    values, mask = sparse_rows.dense_to_bitmask(torch.randn(37, atoms), atoms * 2 // 5)
+    values = values.to(torch.bfloat16)
+    z = torch.randn(batch, atoms, dtype=torch.bfloat16)
+    expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
+    torch.testing.assert_close(kernel.bitmask_matmul_dot(z, values, mask).double(), expected, rtol=1e-4, atol=1e-4)
+    out = BitmaskMatmul(values, mask, atoms)(z)  # the op's road for this count
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
+
+
 def test_many_token_calls_leave_the_batch_loop_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past their thresholds the ops leave the batch loop (AVX2: panels of stored values; else strips + GEMM), and
     every road gives the same product."""

@@ -7,7 +7,9 @@ scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch r
 
 On CPUs with AMX, bf16 batches (2 tokens and more, prefill included) run on the tile unit: the
 kernel expands 16 rows at a time into a dense strip in cache and multiplies it there
-(``amx_strips.h``). AVX2 hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values
+(``amx_strips.h``). On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below
+``DENSE_FROM_TOKENS`` expand rows in registers and dot them with 8 tokens at a time by
+``vdpbf16ps`` (``vector_rows.h``). AVX2 hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values
 against tokens packed in panels of 32 (``vector_rows.h``). Elsewhere many-token steps take the
 other road past ``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are decoded into one float32
 buffer that stays in cache and each is multiplied by ATen's GEMM, which past the measured crossover

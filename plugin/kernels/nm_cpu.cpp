@@ -462,17 +462,9 @@ struct FourOfEightMask {
   }
 };
 
-// 32 bf16 inputs from the 16 stored values at `kept` (raw bits), zeros where `mask` has no bit. The stored values are
-// loaded first and expanded in registers: expand straight from memory is microcoded and several times slower on AMD
-// Zen 4.
-inline __m512i expand_bf16(const uint16_t* kept, uint32_t mask) {
-  return _mm512_maskz_expand_epi16(mask, _mm512_castsi256_si512(
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kept))));
-}
-
 // 32 dense inputs at `dense` from the 16 stored values at `kept`, zeros where `mask` has no bit.
 inline void expand_span(const c10::BFloat16* kept, uint32_t mask, c10::BFloat16* dense) {
-  _mm512_storeu_si512(dense, expand_bf16(reinterpret_cast<const uint16_t*>(kept), mask));
+  _mm512_storeu_si512(dense, slimserve_rows::expand_bf16(reinterpret_cast<const uint16_t*>(kept), mask));
 }
 
 inline void expand_span(const float* kept, uint32_t mask, float* dense) {
@@ -551,59 +543,14 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
 }
 #endif  // SLIMSERVE_AMX
 
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
-#define SLIMSERVE_DPBF16 1
-// bf16 batches of 2:4 and 4:8 rows on CPUs with AVX512_BF16 and no usable tile unit (AMD Zen 4, or AMX not
-// permitted): each 32-input span of two rows is expanded from its 16 stored values into registers and dotted with
-// the inputs of 8 tokens by _mm512_dpbf16_ps (two bf16 products into each fp32 lane), 16 accumulators in flight. The
-// stored bytes are read once per 8 tokens, where the vector loops above gather x once per stored value and token.
-constexpr int64_t kDotTokens = 8;
+#if defined(SLIMSERVE_DPBF16)
 // Below this many tokens the permute loop, which reads only the stored bytes, is faster: measured on an AMD EPYC
 // (Zen 4) with bench/nm_kernel.py, 2.0x and 1.5x of dense at 1 and 2 tokens against the dot loop's 0.5x and 0.6x,
 // level at 4. Here a dense bf16 GEMM is bound by the dot products, not by memory, from a few tokens on.
 constexpr int64_t kDotFromTokens = 4;
+#endif
 
-template <typename Mask>
-void matmul_dot(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions, const Mask& mask,
-                torch::Tensor& y) {
-  const int64_t tokens = x.size(0), in = x.size(1), out = values.size(0), stored = values.size(1);
-  const int64_t meta_bytes = positions.size(1), spans = in / 32, blocks = (tokens + kDotTokens - 1) / kDotTokens;
-  auto padded = torch::zeros({blocks * kDotTokens, in}, x.options());  // whole token blocks, zero rows past N
-  padded.narrow(0, 0, tokens).copy_(x);
-  const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
-  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
-  const uint8_t* meta = positions.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (out + 1) / 2, 8, [&](int64_t pair_begin, int64_t pair_end) {
-    for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
-      const int64_t o0 = 2 * pair, o1 = std::min(o0 + 1, out - 1);  // a lone last row is dotted twice
-      const uint16_t *v0 = val + o0 * stored, *v1 = val + o1 * stored;
-      const uint8_t *m0 = meta + o0 * meta_bytes, *m1 = meta + o1 * meta_bytes;
-      for (int64_t b = 0; b < blocks; ++b) {
-        __m512 acc0[kDotTokens], acc1[kDotTokens];
-        for (int t = 0; t < kDotTokens; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
-        const uint16_t* xb = xp + b * kDotTokens * in;
-        for (int64_t s = 0; s < spans; ++s) {
-          const __m512bh w0 = (__m512bh)expand_bf16(v0 + s * 16, mask(m0, s));
-          const __m512bh w1 = (__m512bh)expand_bf16(v1 + s * 16, mask(m1, s));
-          for (int t = 0; t < kDotTokens; ++t) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * in + s * 32);
-            acc0[t] = _mm512_dpbf16_ps(acc0[t], w0, xv);
-            acc1[t] = _mm512_dpbf16_ps(acc1[t], w1, xv);
-          }
-        }
-        for (int t = 0; t < kDotTokens && b * kDotTokens + t < tokens; ++t) {
-          float* yn = yp + (b * kDotTokens + t) * out;
-          yn[o0] = _mm512_reduce_add_ps(acc0[t]);
-          yn[o1] = _mm512_reduce_add_ps(acc1[t]);
-        }
-      }
-    }
-  });
-}
-#endif  // SLIMSERVE_DPBF16
-
-// Whether this build runs bf16 batches of this pattern on the bf16 dot-product loop (matmul_dot).
+// Whether this build runs bf16 batches of this pattern on the bf16 dot-product loop (expanded_dot, vector_rows.h).
 bool dot_usable(int64_t in, int64_t kept, int64_t group) {
 #if defined(SLIMSERVE_DPBF16)
   return ((kept == 2 && group == 4) || (kept == 4 && group == 8)) && in % 32 == 0;
@@ -626,6 +573,20 @@ bool amx_usable(int64_t in, int64_t kept, int64_t group) {
 }  // namespace
 
 #if defined(SLIMSERVE_DPBF16)
+// One row's 32-input spans for expanded_dot: 16 stored values each, placed by the pattern's mask table.
+template <typename Mask>
+struct NMSpans {
+  const uint16_t* values;
+  const uint8_t* meta;
+  const Mask& mask;
+  int64_t span = 0;
+  __m512i next() {
+    const __m512i dense = slimserve_rows::expand_bf16(values + 16 * span, mask(meta, span));
+    ++span;
+    return dense;
+  }
+};
+
 // y [N, out] float32 = x [N, in] · Wᵀ for bf16 x and values of a pattern dot_usable takes.
 torch::Tensor nm_matmul_dot(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
                             int64_t group) {
@@ -635,13 +596,15 @@ torch::Tensor nm_matmul_dot(torch::Tensor x, torch::Tensor values, torch::Tensor
   TORCH_CHECK(dot_usable(x.size(1), kept, group), "nm_matmul_dot: takes 2:4 or 4:8 with in_features a multiple of 32");
   static const TwoOfFourMask two_of_four;
   static const FourOfEightMask four_of_eight;
-  auto y = torch::empty({x.size(0), values.size(0)}, x.options().dtype(at::kFloat));
-  if (kept == 2) {
-    matmul_dot(x.contiguous(), values, positions, two_of_four, y);
-  } else {
-    matmul_dot(x.contiguous(), values, positions, four_of_eight, y);
-  }
-  return y;
+  const int64_t stored = values.size(1), meta_bytes = positions.size(1);
+  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* meta = positions.data_ptr<uint8_t>();
+  const auto dot = [&](const auto& mask) {
+    return slimserve_rows::expanded_dot(x.contiguous(), values.size(0), [&](int64_t o) {
+      return NMSpans<std::decay_t<decltype(mask)>>{val + o * stored, meta + o * meta_bytes, mask};
+    });
+  };
+  return kept == 2 ? dot(two_of_four) : dot(four_of_eight);
 }
 #endif
 

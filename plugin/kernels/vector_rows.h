@@ -1,7 +1,8 @@
 // What slimserve's CPU kernels share (ell_cpu.cpp, bitmask_cpu.cpp, nm_cpu.cpp, rsparse_cpu.cpp): which instruction
 // set a build's loops use, the batched row loop of the row-sparse encodings, and the two many-token roads: strips
-// of a decoded weight through ATen's GEMM, and (AVX2) a loop over the stored values only on panels of tokens. One place, so an ISA rule or a tuning measured on one kernel holds
-// for all of them.
+// of a decoded weight through ATen's GEMM, and (AVX2) a loop over the stored values only on panels of tokens; and
+// (AVX512_BF16) the bf16 dot-product loop over expanded spans. One place, so an ISA rule or a tuning measured on one
+// kernel holds for all of them.
 //
 // The ISA is chosen at compile time from the flags plugin/kernels/cpp.py passes: AVX-512 (16 fp32 lanes), else
 // AVX2 + FMA (8 lanes; AMD EPYC hosts have no AVX-512), else scalar loops.
@@ -246,5 +247,68 @@ at::Tensor panel_product(const at::Tensor& x, int64_t out, int64_t nnz, const De
   return yt.narrow(1, 0, tokens).t().contiguous();
 }
 #endif
+
+#if defined(__AVX512VBMI2__)
+// 32 bf16 inputs (raw bits) from the first popcount(mask) of the 32 stored values at `packed`, zeros where `mask`
+// has no bit. The values are loaded first and expanded in registers: expanding straight from memory is microcoded on
+// AMD Zen 4 and made expanded_dot below twice as slow.
+inline __m512i expand_bf16(const uint16_t* packed, uint32_t mask, int count = 16) {
+  const __m512i kept = count == 16
+      ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed)))
+      : _mm512_maskz_loadu_epi16(count == 32 ? ~0u : (1u << count) - 1, packed);
+  return _mm512_maskz_expand_epi16(mask, kept);
+}
+
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+#define SLIMSERVE_DPBF16 1
+// bf16 batches of a sparse weight on CPUs with AVX512_BF16 and no usable tile unit (AMD Zen 4, or AMX not
+// permitted), where oneDNN's dense bf16 GEMM is bound by vdpbf16ps from a few tokens on: each row's 32-input spans
+// are expanded in registers from its stored values (vpexpandw under a 32-bit mask) and dotted with the inputs of
+// kDotTokens tokens by _mm512_dpbf16_ps, two rows at a time (16 accumulators). The stored bytes are read once per
+// kDotTokens tokens; the vector loops gather x once per stored value and token instead.
+constexpr int64_t kDotTokens = 8;
+
+// y [N, out] float32 = x [N, in] · Wᵀ for bf16 x. `row_spans(o)` returns a cursor over row o of W whose `next()`
+// gives its 32-input spans in order (expand_bf16 results); inputs past `in` in the last span must come back zero.
+template <typename RowSpans>
+at::Tensor expanded_dot(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
+  const int64_t tokens = x.size(0), in = x.size(1), spans = (in + 31) / 32, width = spans * 32;
+  const int64_t blocks = (tokens + kDotTokens - 1) / kDotTokens;
+  auto padded = torch::zeros({blocks * kDotTokens, width}, x.options().dtype(at::kBFloat16));  // whole blocks, spans
+  padded.narrow(0, 0, tokens).narrow(1, 0, in).copy_(x);
+  const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
+  auto y = torch::empty({tokens, out}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (out + 1) / 2, 8, [&](int64_t pair_begin, int64_t pair_end) {
+    for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+      const int64_t o0 = 2 * pair, o1 = std::min(o0 + 1, out - 1);  // a lone last row is dotted twice
+      for (int64_t b = 0; b < blocks; ++b) {
+        auto r0 = row_spans(o0);
+        auto r1 = row_spans(o1);
+        __m512 acc0[kDotTokens], acc1[kDotTokens];
+        for (int t = 0; t < kDotTokens; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+        const uint16_t* xb = xp + b * kDotTokens * width;
+        for (int64_t s = 0; s < spans; ++s) {
+          const __m512bh w0 = (__m512bh)r0.next();
+          const __m512bh w1 = (__m512bh)r1.next();
+          for (int t = 0; t < kDotTokens; ++t) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * width + s * 32);
+            acc0[t] = _mm512_dpbf16_ps(acc0[t], w0, xv);
+            acc1[t] = _mm512_dpbf16_ps(acc1[t], w1, xv);
+          }
+        }
+        for (int t = 0; t < kDotTokens && b * kDotTokens + t < tokens; ++t) {
+          float* yn = yp + (b * kDotTokens + t) * out;
+          yn[o0] = _mm512_reduce_add_ps(acc0[t]);
+          yn[o1] = _mm512_reduce_add_ps(acc1[t]);
+        }
+      }
+    }
+  });
+  return y;
+}
+#endif  // SLIMSERVE_DPBF16
 
 }  // namespace slimserve_rows
