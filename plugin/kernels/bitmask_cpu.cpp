@@ -239,9 +239,11 @@ torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, co
 // 2 threads: 1.3-1.4 ms from 2 to 8 tokens against 3.0-3.1 ms for the batch loop; at one token the loop, which
 // reads each stored value once, is faster (0.65 against 1.2 ms).
 constexpr int64_t kDotFromTokens = 2;
+#endif
 
-// One row's 32-atom spans for expanded_dot (vector_rows.h): its next popcount(bits) packed values, expanded under
-// those 32 bits of its mask, so the stored mask is the expand mask as it is (as for the tile unit).
+#if defined(__AVX512VBMI2__)
+// One row's 32-atom spans (for expanded_dot in vector_rows.h and bf16 strips): its next popcount(bits) packed values,
+// expanded under those 32 bits of its mask, so the stored mask is the expand mask as it is (as for the tile unit).
 struct BitmaskSpans {
   const uint8_t* mask;
   int64_t mask_bytes;
@@ -308,18 +310,29 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
 }
 
 namespace {
-// Rows first + begin .. first + end of C as dense float32 rows (zeroed here) at rows begin .. end of `strip`.
-template <typename V>
-void bitmask_rows_to_dense(const V* values, const uint8_t* mask, float* strip, int64_t atoms, int64_t nnz,
+// Rows first + begin .. first + end of C as dense rows in O (float32 or bf16; zeroed here) at rows begin .. end of
+// `strip`. bf16 rows of bf16 values are expanded 32 atoms at a time where VBMI2 allows, else set bit by set bit.
+template <typename V, typename O>
+void bitmask_rows_to_dense(const V* values, const uint8_t* mask, O* strip, int64_t atoms, int64_t nnz,
                            int64_t mask_bytes, int64_t first, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const int64_t o = first + r;
     const V* v = values + o * nnz;
-    float* row = strip + r * atoms;
-    std::memset(row, 0, sizeof(float) * atoms);
+    O* row = strip + r * atoms;
+#if defined(__AVX512VBMI2__)
+    if constexpr (std::is_same<V, c10::BFloat16>::value && std::is_same<O, c10::BFloat16>::value) {
+      BitmaskSpans spans{mask + o * mask_bytes, mask_bytes, reinterpret_cast<const uint16_t*>(v)};
+      for (int64_t j = 0; j < atoms; j += 32) {
+        const int64_t left = atoms - j;  // the last span is stored under a mask: the next row may be another thread's
+        _mm512_mask_storeu_epi16(row + j, left >= 32 ? ~0u : (1u << left) - 1, spans.next());
+      }
+      continue;
+    }
+#endif
+    std::memset(static_cast<void*>(row), 0, sizeof(O) * atoms);
     for (int64_t b = 0; b < mask_bytes; ++b) {
       for (uint32_t bits = mask[o * mask_bytes + b]; bits != 0; bits &= bits - 1) {
-        row[b * 8 + __builtin_ctz(bits)] = to_float(*v++);
+        row[b * 8 + __builtin_ctz(bits)] = static_cast<O>(to_float(*v++));
       }
     }
   }
@@ -348,16 +361,26 @@ torch::Tensor bitmask_matmul_dot(torch::Tensor z, torch::Tensor values, torch::T
 }
 #endif
 
-// y [N, out] float32 = z · Cᵀ for many tokens (prefill) off the tile unit, on strips of C decoded in cache
-// (vector_rows.h).
+// y [N, out] = z · Cᵀ for many tokens (prefill) off the tile unit, on strips of C decoded in cache (float32 out, bf16 for
+// bf16 batches where the CPU has AVX512_BF16; vector_rows.h).
 torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
   TORCH_CHECK(z.dim() == 2, "bitmask_matmul_strips: z must be [N, k]");
   const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1);
   check_strip_args(values, mask, atoms, "bitmask_matmul_strips");
   const uint8_t* msk = mask.data_ptr<uint8_t>();
-  return slimserve_rows::strips_gemm(z, values.size(0), at::kFloat,
+#if defined(__AVX512BF16__)
+  // A CPU with native bf16 dot products runs a bf16 GEMM at about twice the fp32 rate (AMD Zen 4), so bf16 batches
+  // keep bf16 strips; elsewhere bf16 GEMMs are emulated and the strips stay float32.
+  const bool bf16 = z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16;
+#else
+  const bool bf16 = false;
+#endif
+  return slimserve_rows::strips_gemm(z, values.size(0), bf16 ? at::kBFloat16 : at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
-    if (values.scalar_type() == at::kBFloat16) {
+    if (bf16) {
+      bitmask_rows_to_dense(values.data_ptr<c10::BFloat16>(), msk, strip.data_ptr<c10::BFloat16>(), atoms, nnz,
+                            mask_bytes, first, begin, end);
+    } else if (values.scalar_type() == at::kBFloat16) {
       bitmask_rows_to_dense(values.data_ptr<c10::BFloat16>(), msk, strip.data_ptr<float>(), atoms, nnz, mask_bytes,
                             first, begin, end);
     } else {
