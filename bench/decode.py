@@ -6,7 +6,8 @@ one run; ratios are to the dense figure of that run. Factor values are random: s
 memory depend on shapes and storage, not on the values (quality is measured elsewhere).
 
 Decode rate = generated tokens / (time for 1 + T tokens − time for 1 token), so prefill and
-scheduling start-up cancel out.
+scheduling start-up cancel out. Start time is the engine's construction (weights loaded and
+packed, memory profiled, KV cache allocated), with the CPU kernels already built and cached.
 
     python bench/decode.py                  # all variants, prints and writes bench/README.md
     python bench/decode.py --variants dense lowrank-0.3 --tokens 64
@@ -60,10 +61,12 @@ import psutil
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
+    start = time.perf_counter()  # engine start: load, weight packing, memory profiling, KV cache (kernels cached)
     llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=True, max_model_len=512,
               max_num_seqs=max(args["batches"]), seed=0, **args["engine"])
+    result = {"start": time.perf_counter() - start}
     prompt = "The history of the city begins with a small settlement on the river"
-    result = {}
+
     def run(batch, tokens):
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         start = time.perf_counter()
@@ -168,8 +171,8 @@ def write_nm_variant(dense_dir: Path, out: Path, variant: str) -> Path:
 
 def measure(model: Path, batches: list[int], tokens: int, repeats: int,
             engine: dict | None = None, prefill: int = 0, dtype: str = "bfloat16") -> dict[str, float]:
-    """Decode tok/s (and peak RSS) of ``model`` in a fresh vLLM serving it as ``dtype``; ``engine``: extra engine
-    arguments (e.g. Sirius); ``prefill``: also the prompt tok/s of a prompt that long (0: not measured)."""
+    """Decode tok/s, engine start time and RSS of ``model`` in a fresh vLLM serving it as ``dtype``; ``engine``: extra
+    engine arguments (e.g. Sirius); ``prefill``: also the prompt tok/s of a prompt that long (0: not measured)."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     args = json.dumps({"model": str(model), "batches": batches, "tokens": tokens, "repeats": repeats,
                        "engine": engine or {}, "prefill": prefill, "dtype": dtype})
@@ -219,6 +222,7 @@ def main() -> None:
     header += [f"b{b} tok/s" for b in args.batches] + [f"b{b} vs dense" for b in args.batches]
     if args.prefill:
         header += [f"prefill {args.prefill} tok/s", "prefill vs dense"]
+    header += ["start s", "start vs dense"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["variant"], f"{row['ratio']:.1%}", f"{row['bytes_ratio']:.1%}", f"{row['weights'] / 2**20:.0f}",
@@ -227,6 +231,7 @@ def main() -> None:
         cells += [f"{row[f'b{b}'] / dense[f'b{b}']:.2f}x" for b in args.batches]
         if args.prefill:
             cells += [f"{row['prefill']:.0f}", f"{row['prefill'] / dense['prefill']:.2f}x"]
+        cells += [f"{row['start']:.1f}", f"{row['start'] / dense['start']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
