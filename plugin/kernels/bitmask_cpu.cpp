@@ -200,47 +200,6 @@ void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, cons
   });
 }
 
-#if defined(SLIMSERVE_AMX)
-// bf16 batches from this many tokens take the tile unit (bench/sparse_kernels.py: the batched vector loop ran at
-// 0.2-0.5x of the dense layer from 2 tokens on).
-constexpr int64_t kAmxFromTokens = 2;
-
-// y [tokens, out] float32 = z · Cᵀ on the tile unit, for bf16 z and values.
-torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, const torch::Tensor& mask) {
-  const int64_t out = values.size(0), nnz = values.size(1), mask_bytes = mask.size(1);
-  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
-  const uint8_t* msk = mask.data_ptr<uint8_t>();
-  const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1) {
-    const uint8_t* row = msk + o * mask_bytes;
-    const uint16_t* packed = val + o * nnz;
-    for (int64_t b = 0; b < 4 * s0; b += 8) {  // skip the values of the atoms before span s0
-      uint64_t word = 0;
-      std::memcpy(&word, row + b, std::min<int64_t>(8, 4 * s0 - b));
-      packed += __builtin_popcountll(word);
-    }
-    for (int64_t s = s0; s < s1; ++s) {
-      uint32_t bits = 0;
-      std::memcpy(&bits, row + 4 * s, std::min<int64_t>(4, mask_bytes - 4 * s));
-      const int count = __builtin_popcount(bits);
-      const __mmask32 first = count == 32 ? ~0u : (1u << count) - 1;
-      const __m512i kept = _mm512_maskz_loadu_epi16(first, packed);
-      _mm512_storeu_si512(dense + (s - s0) * span_stride, _mm512_maskz_expand_epi16(bits, kept));
-      packed += count;
-    }
-  };
-  auto y = torch::empty({z.size(0), out}, z.options().dtype(at::kFloat));
-  slimserve_amx::strips(z, out, expand_row, y.data_ptr<float>());
-  return y;
-}
-#endif
-
-#if defined(SLIMSERVE_DPBF16)
-// bf16 batches from this many tokens take expanded_dot. Measured on an AMD EPYC (Zen 4), [5632, 1547] at s = 773,
-// 2 threads: 1.3-1.4 ms from 2 to 8 tokens against 3.0-3.1 ms for the batch loop; at one token the loop, which
-// reads each stored value once, is faster (0.65 against 1.2 ms).
-constexpr int64_t kDotFromTokens = 2;
-#endif
-
 #if defined(__AVX512VBMI2__)
 // One row's 32-atom spans (for expanded_dot in vector_rows.h and bf16 strips): its next popcount(bits) packed values,
 // expanded under those 32 bits of its mask, so the stored mask is the expand mask as it is (as for the tile unit).
@@ -265,10 +224,63 @@ struct BitmaskSpans {
 };
 #endif
 
+#if defined(SLIMSERVE_AMX)
+// bf16 batches from this many tokens take the tile unit (bench/sparse_kernels.py: the batched vector loop ran at
+// 0.2-0.5x of the dense layer from 2 tokens on).
+constexpr int64_t kAmxFromTokens = 2;
+
+// y [tokens, out] float32 = z · Cᵀ on the tile unit, for bf16 z and values.
+torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, const torch::Tensor& mask) {
+  const int64_t out = values.size(0), nnz = values.size(1), mask_bytes = mask.size(1);
+  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1) {
+    const uint8_t* row = msk + o * mask_bytes;
+    const uint16_t* packed = val + o * nnz;
+    for (int64_t b = 0; b < 4 * s0; b += 8) {  // skip the values of the atoms before span s0
+      uint64_t word = 0;
+      std::memcpy(&word, row + b, std::min<int64_t>(8, 4 * s0 - b));
+      packed += __builtin_popcountll(word);
+    }
+    BitmaskSpans spans{row, mask_bytes, packed, s0};
+    for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(dense + (s - s0) * span_stride, spans.next());
+  };
+  auto y = torch::empty({z.size(0), out}, z.options().dtype(at::kFloat));
+  slimserve_amx::strips(z, out, expand_row, y.data_ptr<float>());
+  return y;
+}
+#endif
+
+#if defined(SLIMSERVE_DPBF16)
+// bf16 batches from this many tokens take expanded_dot. Measured on an AMD EPYC (Zen 4), [5632, 1547] at s = 773,
+// 2 threads: 1.3-1.4 ms from 2 to 8 tokens against 3.0-3.1 ms for the batch loop; at one token the loop, which
+// reads each stored value once, is faster (0.65 against 1.2 ms).
+constexpr int64_t kDotFromTokens = 2;
+#endif
+
+
+void check_strip_args(const torch::Tensor& values, const torch::Tensor& mask, int64_t atoms, const char* op) {
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
+              mask.size(0) == values.size(0) && mask.size(1) == (atoms + 7) / 8 &&
+              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              op, ": values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8");
+}
+
 }  // namespace
 
 #if defined(SLIMSERVE_DPBF16)
-torch::Tensor bitmask_matmul_dot(torch::Tensor z, torch::Tensor values, torch::Tensor mask);
+// y [N, out] float32 = z · Cᵀ for bf16 z and values, on the bf16 dot-product loop.
+torch::Tensor bitmask_matmul_dot(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
+  TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16,
+              "bitmask_matmul_dot: z [N, k] and values must be bfloat16");
+  check_strip_args(values, mask, z.size(1), "bitmask_matmul_dot");
+  const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
+  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  return slimserve_rows::expanded_dot(z.contiguous(), values.size(0), [&](int64_t o) {
+    return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz};
+  });
+}
 #endif
 
 // Whether bf16 batches run on the AMX tile unit in this build and process.
@@ -338,28 +350,7 @@ void bitmask_rows_to_dense(const V* values, const uint8_t* mask, O* strip, int64
   }
 }
 
-void check_strip_args(const torch::Tensor& values, const torch::Tensor& mask, int64_t atoms, const char* op) {
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
-              mask.size(0) == values.size(0) && mask.size(1) == (atoms + 7) / 8 &&
-              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
-              op, ": values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8");
-}
 }  // namespace
-
-#if defined(SLIMSERVE_DPBF16)
-// y [N, out] float32 = z · Cᵀ for bf16 z and values, on the bf16 dot-product loop.
-torch::Tensor bitmask_matmul_dot(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
-  TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16,
-              "bitmask_matmul_dot: z [N, k] and values must be bfloat16");
-  check_strip_args(values, mask, z.size(1), "bitmask_matmul_dot");
-  const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
-  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
-  const uint8_t* msk = mask.data_ptr<uint8_t>();
-  return slimserve_rows::expanded_dot(z.contiguous(), values.size(0), [&](int64_t o) {
-    return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz};
-  });
-}
-#endif
 
 // y [N, out] = z · Cᵀ for many tokens (prefill) off the tile unit, on strips of C decoded in cache (float32 out, bf16 for
 // bf16 batches where the CPU has AVX512_BF16; vector_rows.h).

@@ -462,6 +462,14 @@ struct FourOfEightMask {
   }
 };
 
+// Calls `fn` with the mask table of 2:4 (kept 2) or 4:8 (kept 4), each built once per process.
+template <typename Fn>
+auto with_span_mask(int64_t kept, const Fn& fn) {
+  static const TwoOfFourMask two_of_four;
+  static const FourOfEightMask four_of_eight;
+  return kept == 2 ? fn(two_of_four) : fn(four_of_eight);
+}
+
 // 32 dense inputs at `dense` from the 16 stored values at `kept`, zeros where `mask` has no bit.
 inline void expand_span(const c10::BFloat16* kept, uint32_t mask, c10::BFloat16* dense) {
   _mm512_storeu_si512(dense, slimserve_rows::expand_bf16(reinterpret_cast<const uint16_t*>(kept), mask));
@@ -496,14 +504,10 @@ void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_
                      int64_t row_begin, int64_t row_end) {
   const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(group - 1));
 #if defined(__AVX512VBMI2__)
-  static const TwoOfFourMask two_of_four;
-  static const FourOfEightMask four_of_eight;
-  if (kept == 2 && group == 4) {
-    expand_rows(values, positions, dense, in, kept, group, bits, two_of_four, row_begin, row_end);
-    return;
-  }
-  if (kept == 4 && group == 8) {
-    expand_rows(values, positions, dense, in, kept, group, bits, four_of_eight, row_begin, row_end);
+  if ((kept == 2 && group == 4) || (kept == 4 && group == 8)) {
+    with_span_mask(kept, [&](const auto& mask) {
+      expand_rows(values, positions, dense, in, kept, group, bits, mask, row_begin, row_end);
+    });
     return;
   }
 #endif
@@ -534,9 +538,7 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
     const uint16_t* kept = val + o * stored;
     const uint8_t* row_meta = meta + o * meta_bytes;
     for (int64_t s = s0; s < s1; ++s) {
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kept + s * 16));
-      _mm512_storeu_si512(dense + (s - s0) * span_stride,
-                          _mm512_maskz_expand_epi16(mask(row_meta, s), _mm512_castsi256_si512(packed)));
+      _mm512_storeu_si512(dense + (s - s0) * span_stride, slimserve_rows::expand_bf16(kept + s * 16, mask(row_meta, s)));
     }
   };
   slimserve_amx::strips(x, values.size(0), expand_row, y.data_ptr<float>());
@@ -594,17 +596,14 @@ torch::Tensor nm_matmul_dot(torch::Tensor x, torch::Tensor values, torch::Tensor
               "nm_matmul_dot: x [N, in] and values must be bfloat16");
   check_args(values, positions, x.size(1), kept, group);
   TORCH_CHECK(dot_usable(x.size(1), kept, group), "nm_matmul_dot: takes 2:4 or 4:8 with in_features a multiple of 32");
-  static const TwoOfFourMask two_of_four;
-  static const FourOfEightMask four_of_eight;
   const int64_t stored = values.size(1), meta_bytes = positions.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* meta = positions.data_ptr<uint8_t>();
-  const auto dot = [&](const auto& mask) {
+  return with_span_mask(kept, [&](const auto& mask) {
     return slimserve_rows::expanded_dot(x.contiguous(), values.size(0), [&](int64_t o) {
       return NMSpans<std::decay_t<decltype(mask)>>{val + o * stored, meta + o * meta_bytes, mask};
     });
-  };
-  return kept == 2 ? dot(two_of_four) : dot(four_of_eight);
+  });
 }
 #endif
 
@@ -615,14 +614,8 @@ torch::Tensor nm_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor pos
 #if defined(SLIMSERVE_AMX)
   if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && x.size(0) >= kAmxFromTokens &&
       amx_usable(x.size(1), kept, group)) {
-    static const TwoOfFourMask two_of_four;
-    static const FourOfEightMask four_of_eight;
     auto y = torch::empty({x.size(0), values.size(0)}, x.options().dtype(at::kFloat));
-    if (kept == 2) {
-      matmul_amx(x.contiguous(), values, positions, two_of_four, y);
-    } else {
-      matmul_amx(x.contiguous(), values, positions, four_of_eight, y);
-    }
+    with_span_mask(kept, [&](const auto& mask) { matmul_amx(x.contiguous(), values, positions, mask, y); });
     return y;
   }
 #endif
