@@ -8,10 +8,12 @@ best on small models), optionally plus a hidden-state MSE on the last hidden sta
 
 Only the stored float factors train, on their fixed support: lowrank ``u``/``v``, dictsparse
 ``dictionary`` and ``coef_values`` (the coefficient indices stay), N:M ``values`` (the packed
-positions stay). Schemes, shapes, ranks, index tensors and sparsity patterns never change, so the
-healed checkpoint serves through the same kernels. Not trained: modules kept dense, embeddings and
-norms (they were not damaged), and rsparse modules (their thresholds were searched on the dense
-weights and their sparse forward is not a product with one weight).
+positions stay), lowrank_sparse ``u``/``v`` and S's ``s_values`` (its indices or mask stay; a
+pruned, rank-0 layer trains only its kept weights). Schemes, shapes, ranks, index tensors and
+sparsity patterns never change, so the healed checkpoint serves through the same kernels. Not
+trained: modules kept dense, embeddings and norms (they were not damaged), and rsparse modules
+(their thresholds were searched on the dense weights and their sparse forward is not a product
+with one weight).
 
 Resumable: the trained factors, the optimizer state and the step are saved beside OUT
 (``OUT.heal-state.pt``); batch i is drawn from a generator seeded by ``(seed, i)``, so a resumed
@@ -34,11 +36,12 @@ from tqdm import tqdm
 from slimserve.errors import CompressionError
 from slimserve.loaders.checkpoint import Checkpoint, CheckpointWriter, copy_aux_files, iter_tensors, open_checkpoint
 from slimserve.loaders.reference import SchemeLinear, reference_model
+from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.windows import bos_token_id
 
 # The float tensors healing trains, per scheme; every other tensor is copied unchanged.
 TRAINED_TENSORS: dict[str, tuple[str, ...]] = {"lowrank": ("u", "v"), "dictsparse": ("dictionary", "coef_values"),
-                                               "nm": ("values",)}
+                                               "nm": ("values",), "lowrank_sparse": ("u", "v", "s_values")}
 STATE_SUFFIX = ".heal-state.pt"
 # Report files of ``compress`` carried over to the healed checkpoint.
 REPORT_FILES = ("slimserve_report.json", "slimserve_report.png")
@@ -92,8 +95,10 @@ def state_path(out: str | Path) -> Path:
 
 def trainable_tensors(ckpt: Checkpoint) -> list[tuple[str, str]]:
     """``(module, tensor suffix)`` of every stored float factor healing trains, in module order."""
+    empty = {(module, t.suffix) for module, spec in ckpt.modules.items() if spec["scheme"] in TRAINED_TENSORS
+             for t in SCHEMES[spec["scheme"]].tensor_specs(spec) if 0 in t.shape}  # e.g. rank 0's u and v
     return [(module, suffix) for module, spec in ckpt.modules.items()
-            for suffix in TRAINED_TENSORS.get(spec["scheme"], ())]
+            for suffix in TRAINED_TENSORS.get(spec["scheme"], ()) if (module, suffix) not in empty]
 
 
 class _Data:

@@ -15,8 +15,9 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="svd",
                    help="svd: plain truncated SVD (uncalibrated); svd-llm: whitened SVD; cospadi: whitened sparse "
                         "dictionary learning; rocket: eigenbasis + sparse coefficients + ridge refit; rsparse: "
-                        "R-Sparse rank-aware activation sparsity (budgeted by --sparsity); sparsegpt, wanda: N:M "
-                        "pruning to --pattern (default: svd)")
+                        "R-Sparse rank-aware activation sparsity (budgeted by --sparsity); oats: low-rank + "
+                        "row-sparse; sparsegpt, wanda: pruning, row-sparse to --ratio or N:M to --pattern "
+                        "(default: svd)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=float, help="fraction of decoder-linear bytes (or, with --budget params, "
                                                     "parameters) removed (0.3 keeps 70%%)")
@@ -24,7 +25,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--sparsity", type=float, help="rsparse only: fraction of each linear's MACs removed per "
                                                        "decoded token (e.g. 0.5)")
     budget.add_argument("--pattern", help="sparsegpt and wanda only: N:M, N weights kept of every M consecutive "
-                                          "inputs (e.g. 2:4, 4:8)")
+                                          "inputs (e.g. 2:4, 4:8); with --ratio instead they prune row-sparse")
     p.add_argument("--budget", default="bytes", choices=["bytes", "params"],
                    help="what --ratio counts: bytes stored, values and indices (default), or float parameters "
                         "with indices not counted, as the papers count (for comparison tables)")
@@ -74,11 +75,10 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
             return _run_rsparse(args)
         from slimserve.loaders.compress.prune import PRUNE_METHODS, prune
 
-        if (args.method in PRUNE_METHODS) != (args.pattern is not None):
-            raise CompressionError(f"--method {args.method}: N:M pruning (sparsegpt, wanda) is budgeted by its "
-                                   "pattern, not by --ratio or --rank: use --method sparsegpt|wanda with "
-                                   "--pattern N:M (and only then)", field="--pattern")
-        if args.method in PRUNE_METHODS:
+        if args.pattern is not None and args.method not in PRUNE_METHODS:
+            raise CompressionError(f"--pattern is N:M pruning, which --method {args.method} does not do: use "
+                                   "--method sparsegpt|wanda with --pattern N:M", field="--pattern")
+        if args.pattern is not None:
             out = prune(args.src, args.out, method=args.method, pattern=args.pattern, calib=args.calib,
                         calib_cache=args.calib_cache, seed=args.seed, calib_samples=args.calib_samples,
                         calib_seq_len=args.calib_seq_len, progress=not args.quiet)

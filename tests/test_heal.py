@@ -107,3 +107,20 @@ def test_cli_heal_and_compress_heal_steps(compressed, narrow_llama, text_file, t
     producer = validate_checkpoint(both).quantization_config["producer"]
     assert producer["heal"]["steps"] == 2 and producer["calibration"]["sequential"] is True
     assert (both / "slimserve_report.json").is_file() and not list(tmp_path.glob("*.unhealed*"))
+
+
+def test_heal_trains_a_pruned_row_sparse_checkpoint_on_its_support(narrow_llama, text_file, tmp_path):
+    """Rank-0 ``lowrank_sparse`` (``compress --method sparsegpt --ratio``): only the kept weights train."""
+    pruned = compress(narrow_llama, tmp_path / "sparsegpt", method="sparsegpt", ratio=0.5, calib=text_file,
+                      calib_samples=8, calib_seq_len=64, progress=False)
+    source = open_checkpoint(pruned)
+    assert {(m, s) for m, s in trainable_tensors(source)} == {(m, "s_values") for m in source.modules}
+    result = heal(pruned, tmp_path / "healed", teacher=narrow_llama, text=text_file,
+                  settings=HealSettings(steps=20, eval_every=20, **SMALL), progress=False)
+    assert result.held_out[-1][1] < 0.95 * result.held_out[0][1], result.held_out
+    healed = validate_checkpoint(result.path)
+    assert healed.modules == source.modules
+    old, new = _tensors(pruned), _tensors(result.path)
+    for name, tensor in old.items():
+        changed = not torch.equal(new[name], tensor)
+        assert changed == name.endswith(".s_values"), name  # masks, empty factors and the rest: bit for bit

@@ -1,4 +1,5 @@
-"""N:M pruning (``compress --method sparsegpt|wanda --pattern N:M``): exact patterns, OBS beats scoring, errors."""
+"""Pruning (``compress --method sparsegpt|wanda``, N:M by ``--pattern`` or row-sparse by ``--ratio``): exact patterns,
+OBS beats scoring, byte budgets, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from slimserve.errors import CompressionError
 from slimserve.loaders.checkpoint import open_checkpoint, validate_checkpoint
 from slimserve.loaders.compress.calibration import load_or_collect_grams
-from slimserve.loaders.compress.prune import parse_pattern, prune, sparsegpt_prune, wanda_prune
+from slimserve.loaders.compress.prune import parse_pattern, prune
+from slimserve.loaders.compress.pruners import sparsegpt_prune, sparsegpt_rows, wanda_prune, wanda_rows
 from slimserve.loaders.compress.run import REPORT_JSON
 from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.nm import nm_mask
@@ -129,8 +131,8 @@ def test_bad_patterns_name_the_option(text):
 
 def test_bad_invocations_are_named_errors(narrow_llama, text_file, tmp_path, capsys):
     base = ["compress", str(narrow_llama), str(tmp_path / "o"), "--calib", str(text_file), "--quiet"]
-    assert main([*base, "--method", "wanda", "--ratio", "0.5"]) == 2
-    assert "not by --ratio" in capsys.readouterr().err
+    assert main([*base, "--method", "wanda", "--rank", "8"]) == 2
+    assert "--rank 8" in capsys.readouterr().err
     assert main([*base, "--method", "svd-llm", "--pattern", "2:4"]) == 2
     assert "--pattern" in capsys.readouterr().err
     assert main([*base, "--method", "sparsegpt", "--pattern", "3:2"]) == 2
@@ -157,3 +159,39 @@ def test_pruned_checkpoint_layers_match_the_pruning_functions(narrow_llama, text
         weight = dense.tensor(f"{module}.weight").float()
         torch.testing.assert_close(ckpt.reconstruct(module), sparsegpt_prune(weight, grams[module], 4, 8),
                                    rtol=0, atol=0)
+
+
+def test_row_sparse_pruning_keeps_exactly_nnz_per_row_and_sparsegpt_beats_wanda():
+    """Row-sparse (``--ratio``): each row keeps exactly nnz anywhere; OBS beats scoring on the Gram's inputs."""
+    weight = torch.randn(48, 300, generator=torch.Generator().manual_seed(3))
+    gram = correlated_gram(300)
+    nnz = 171  # not a multiple of the 128-column block: the blocks' shares must still add up exactly
+    sparsegpt, wanda = sparsegpt_rows(weight, gram, nnz), wanda_rows(weight, gram, nnz)
+    for pruned in (sparsegpt, wanda):
+        assert bool(((pruned != 0).sum(dim=1) == nnz).all())
+    magnitude = weight * (weight.abs() >= weight.abs().topk(nnz, dim=1).values[:, -1:])
+    errors = [output_error(weight, p, gram) for p in (sparsegpt, wanda, magnitude)]
+    assert errors[0] < 0.8 * errors[1] < 0.8 * errors[2], errors
+    # Equal input norms: Wanda is magnitude pruning per row.
+    assert torch.equal(wanda_rows(weight, 5.0 * torch.eye(300, dtype=torch.float64), nnz), magnitude)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_cli_ratio_prunes_row_sparse_within_the_byte_budget(narrow_llama, text_file, tmp_path, method):
+    """``--ratio`` instead of ``--pattern``: a rank-0 ``lowrank_sparse`` checkpoint, byte-true, exact per row."""
+    out = tmp_path / "ckpt"
+    assert main(["compress", str(narrow_llama), str(out), "--method", method, "--ratio", "0.3",
+                 "--calib", str(text_file), "--calib-samples", "8", "--calib-seq-len", "64", "--quiet"]) == 0
+    ckpt, dense = validate_checkpoint(out), open_checkpoint(narrow_llama)
+    grams = load_or_collect_grams(narrow_llama, text_file, tmp_path / "grams.safetensors",
+                                  samples=CALIB["calib_samples"], seq_len=CALIB["calib_seq_len"])
+    prune_rows = sparsegpt_rows if method == "sparsegpt" else wanda_rows
+    for module, spec in ckpt.modules.items():
+        assert (spec["scheme"], spec["rank"], spec["encoding"]) == ("lowrank_sparse", 0, "bitmask"), module
+        weight = dense.tensor(f"{module}.weight").float()
+        expected = prune_rows(weight, grams[module], spec["nnz"])
+        torch.testing.assert_close(ckpt.reconstruct(module), expected, rtol=0, atol=0)
+    summary = json.loads((out / REPORT_JSON).read_text())
+    assert 0.29 <= summary["bytes_ratio_achieved"] < 0.31
+    # the bitmask costs 1 bit a weight: 1/32 of a float32 value, the difference between the two counts
+    assert summary["params_ratio_achieved"] - summary["bytes_ratio_achieved"] == pytest.approx(1 / 32)

@@ -23,6 +23,7 @@ from typing import Any
 from slimserve.errors import CompressionError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import smallest_index_dtype
+from slimserve.loaders.schemes.lowrank_sparse import sparse_encoding
 
 BUDGETS = ("bytes", "params")
 
@@ -116,5 +117,25 @@ def dictsparse_sizes(out_features: int, in_features: int, ratio: float, atoms_pe
     return k, max(1, int(k / atoms_per_nnz))
 
 
-def _spec(out_features: int, in_features: int, **fields: int) -> dict[str, int]:
+def lowrank_sparse_nnz(out_features: int, in_features: int, rank: int, limit: float,
+                       budget: Budget = PARAMS) -> int | None:
+    """Largest per-row count s of a ``lowrank_sparse`` layer of rank ``rank`` costing at most ``limit``.
+
+    The cost is the scheme's own (factors + S in its smaller encoding, as the writer stores it);
+    ``None`` when even s = 1 does not fit. Rank 0 is a plain row-sparse weight (the pruners').
+    """
+    def cost(nnz: int) -> int:
+        return budget.cost("lowrank_sparse", _spec(out_features, in_features, rank=rank, nnz=nnz,
+                                                   encoding=sparse_encoding(out_features, in_features, nnz)))
+
+    if cost(1) > limit:
+        return None
+    low, high = 1, in_features  # cost is non-decreasing in s: bisect the largest s that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if cost(mid) <= limit else (low, mid - 1)
+    return low
+
+
+def _spec(out_features: int, in_features: int, **fields: int | str) -> dict[str, int | str]:
     return {"in_features": in_features, "out_features": out_features, **fields}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from slimserve.loaders.compress.budget import PARAMS, Budget
+from slimserve.loaders.compress.budget import PARAMS, Budget, lowrank_sparse_nnz
 from slimserve.loaders.compress.whitening import Factorization, Whitening, check_whitened, dense_option
 from slimserve.loaders.schemes.lowrank_sparse import encode_sparse, sparse_encoding
 
@@ -48,19 +48,8 @@ def oats_sizes(out_features: int, in_features: int, ratio: float, budget: Budget
     limit = budget.allowed(out_features, in_features, ratio)
     per_rank = budget.value_cost * (out_features + in_features)
     rank = max(1, min(int(rank_share * limit // per_rank), out_features, in_features))
-
-    def cost(nnz: int) -> int:
-        return budget.cost("lowrank_sparse", {"in_features": in_features, "out_features": out_features,
-                                              "rank": rank, "nnz": nnz,
-                                              "encoding": sparse_encoding(out_features, in_features, nnz)})
-
-    if cost(1) > limit:
-        return None
-    low, high = 1, in_features  # cost is non-decreasing in s: bisect the largest s that fits
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if cost(mid) <= limit else (low, mid - 1)
-    return rank, low
+    nnz = lowrank_sparse_nnz(out_features, in_features, rank, limit, budget)
+    return None if nnz is None else (rank, nnz)
 
 
 def row_top(matrix: torch.Tensor, nnz: int) -> torch.Tensor:

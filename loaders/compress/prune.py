@@ -1,19 +1,9 @@
 """``slimserve compress --method sparsegpt|wanda --pattern N:M``: post-training N:M pruning to the ``nm`` scheme.
 
-Both methods keep ``N`` of every ``M`` consecutive *input* weights of each output row (N counts
-the weights **kept**, as the ``nm`` scheme does; the papers' code passes the count zeroed) and
-both read only the calibration Gram ``G = XᵀX`` the compressor already collects and caches
-(``calibration.py``), never the activations themselves:
-
-- **Wanda** scores ``|W_ij|·‖X_j‖`` (``‖X_j‖ = √G_jj``) and keeps the N best of each group. No
-  weight is changed. With equal input norms it is magnitude pruning.
-- **SparseGPT** (optimal brain surgeon, column by column): ``H = G + λI`` with λ = 1 % of the
-  mean diagonal; the upper Cholesky factor ``U`` of ``H⁻¹``; for each column i in order, when i
-  starts a group the N columns of that group with the largest ``w²/U_cc²`` (on the weights as
-  already updated) are kept; the pruned part of column i is ``err = (w − q)/U_ii`` and
-  ``err ⊗ U[i, i:]`` is subtracted from the columns not processed yet, so the kept weights absorb
-  what the pruned ones did on the calibration inputs. Updates inside a block of 128 columns are
-  applied at once, to the rest of the matrix lazily once per block (one GEMM).
+The pruning itself (Wanda's scores, SparseGPT's optimal-brain-surgeon sweep) is in
+``pruners.py``, shared with row-sparse pruning (``--ratio``), which goes through ``compress``.
+This module turns a dense checkpoint into an ``nm`` one: every decoder linear keeps ``N`` of
+every ``M`` consecutive *input* weights of each output row (N counts the weights **kept**).
 
 The Grams come from one pass of the *dense* model (the compressor's cache), not from inputs
 re-run through the already-pruned blocks below as both papers do; docs/methods/compression.md
@@ -33,16 +23,12 @@ from tqdm import tqdm
 from slimserve.errors import CheckpointError, CompressionError
 from slimserve.loaders.checkpoint import CheckpointWriter, copy_aux_files, iter_tensors
 from slimserve.loaders.compress.calibration import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, load_or_collect_grams
+from slimserve.loaders.compress.pruners import DAMPENING, PRUNE_METHODS, sparsegpt_prune, wanda_prune
 from slimserve.loaders.compress.run import LayerReport, achieved_ratios, open_dense_source, write_report
 from slimserve.loaders.compress.whitening import Whitening, relative_errors
 from slimserve.loaders.schemes import SCHEMES
-from slimserve.loaders.schemes.nm import MAX_GROUP, nm_mask, pack_nm
+from slimserve.loaders.schemes.nm import MAX_GROUP, pack_nm
 
-PRUNE_METHODS = ("sparsegpt", "wanda")
-#: SparseGPT's dampening: λ = this fraction of the Hessian's mean diagonal (the paper's 1 %).
-DAMPENING = 0.01
-#: SparseGPT's lazy-update block (columns); rounded up to a multiple of the group size.
-BLOCK_COLUMNS = 128
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -57,54 +43,6 @@ def parse_pattern(text: str) -> tuple[int, int]:
         raise CompressionError(f"--pattern {text} keeps {kept} of every {group}", field="--pattern",
                                expected=f"0 < N < M <= {MAX_GROUP} (N counts the weights KEPT, e.g. 2:4 or 4:8)")
     return kept, group
-
-
-def wanda_prune(weight: torch.Tensor, gram: torch.Tensor, kept: int, group: int) -> torch.Tensor:
-    """Wanda N:M: zero all but the ``kept`` largest ``|W_ij|·‖X_j‖`` of every group; the rest unchanged."""
-    norms = gram.diagonal().double().clamp_min(0).sqrt()
-    score = weight.double().abs() * norms
-    return weight * nm_mask(score, kept, group)
-
-
-def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, kept: int, group: int, *,
-                    dampening: float = DAMPENING, block_columns: int = BLOCK_COLUMNS) -> torch.Tensor:
-    """SparseGPT N:M (see the module docstring), in float64; returns the pruned, updated weight in its dtype.
-
-    Inputs never seen in calibration (``G_jj = 0``) carry no information: their weights are
-    zeroed and their Hessian diagonal set to 1 so the factorization exists (as the paper's code does).
-    """
-    w = weight.double().clone()
-    h = gram.double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(dampening * float(h.diagonal().mean()))
-    try:
-        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise CompressionError("the dampened calibration Hessian XᵀX + λI is not positive definite",
-                               expected="finite activations on the --calib text") from None
-    columns = w.shape[1]
-    block = -(-block_columns // group) * group
-    for start in range(0, columns, block):
-        stop = min(start + block, columns)
-        local = w[:, start:stop].clone()
-        errors = torch.zeros_like(local)
-        u_block = upper[start:stop, start:stop]
-        diag = u_block.diagonal()
-        keep = torch.zeros_like(local, dtype=torch.bool)
-        for i in range(stop - start):
-            if i % group == 0:
-                saliency = local[:, i:i + group].square() / diag[i:i + group].square()
-                keep[:, i:i + group] = nm_mask(saliency, kept, group)
-            column = local[:, i]
-            err = (column - column * keep[:, i]) / diag[i]
-            # Row i of U spreads the pruned mass over the columns after i (column i becomes its kept part).
-            local[:, i:] -= err[:, None] * u_block[i, i:][None, :]
-            errors[:, i] = err
-        w[:, start:stop] = local * keep
-        w[:, stop:] -= errors @ upper[start:stop, stop:]
-    return w.to(weight.dtype)
 
 
 def prune_weight(method: str, weight: torch.Tensor, gram: torch.Tensor, kept: int, group: int) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """``slimserve compress``: stream a dense HF model folder into a slimserve checkpoint, layer by layer.
 
 Methods: ``svd`` (plain truncated SVD, uncalibrated), ``svd-llm`` (whitened SVD), ``cospadi``
-(whitened sparse dictionary learning) and ``rocket`` (eigenbasis + sparsified coefficients +
-ridge dictionary refit). ``budget`` says what ``ratio`` counts (``bytes`` stored, indices
-included, by default; ``params`` as the papers count; see ``budget.py``). Allocations: ``uniform``
+(whitened sparse dictionary learning), ``rocket`` (eigenbasis + sparsified coefficients +
+ridge dictionary refit), ``oats`` (low-rank + row-sparse) and ``sparsegpt`` / ``wanda`` (row-sparse
+pruning, stored as ``lowrank_sparse`` of rank 0; their N:M form is ``prune.py``). ``budget`` says
+what ``ratio`` counts (``bytes`` stored, indices included, by default; ``params`` as the papers
+count; see ``budget.py``). Allocations: ``uniform``
 (every decoder linear loses ``ratio`` of its bytes or parameters) or ``knapsack`` (every layer
 is profiled at ``PROFILE_LEVELS`` and the multiple-choice knapsack picks one level per layer, or
 keeps it dense, for the least summed relative weight-space error within the global budget, after ROCKET's error cap).
@@ -36,12 +38,13 @@ from slimserve.loaders.compress.calibration import (
 )
 from slimserve.loaders.compress.cospadi import CoSpaDi
 from slimserve.loaders.compress.oats import Oats
+from slimserve.loaders.compress.pruners import PRUNE_METHODS, RowPruner
 from slimserve.loaders.compress.rocket import REFINE_ITERATIONS, Rocket
 from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dense_option, relative_errors
 from slimserve.loaders.models import check_architecture, decoder_linear_modules, layer_index
 
-METHODS = ("svd", "svd-llm", "cospadi", "rocket", "oats")
-CALIBRATED = ("svd-llm", "cospadi", "rocket", "oats")
+METHODS = ("svd", "svd-llm", "cospadi", "rocket", "oats", *PRUNE_METHODS)
+CALIBRATED = ("svd-llm", "cospadi", "rocket", "oats", *PRUNE_METHODS)
 ALLOCATIONS = ("uniform", "knapsack")
 # Levels (fraction of a layer's bytes or parameters removed, as the budget counts) the knapsack
 # chooses from, besides "keep dense".
@@ -168,7 +171,7 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     return path
 
 
-LayerFactory = Callable[[str], tuple[torch.Tensor, Whitening, SvdLlm | Rocket | CoSpaDi | Oats]]
+LayerFactory = Callable[[str], tuple[torch.Tensor, Whitening, SvdLlm | Rocket | CoSpaDi | Oats | RowPruner]]
 
 
 def open_dense_source(src: str | Path, verb: str) -> tuple[Checkpoint, list[str]]:
@@ -200,6 +203,8 @@ def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | SequentialGrams
             return weight, whitening, SvdLlm(weight, whitening, budget)
         if method == "oats":
             return weight, whitening, Oats(weight, whitening, grams[module], budget)
+        if method in PRUNE_METHODS:
+            return weight, whitening, RowPruner(method, weight, whitening, grams[module], budget)
         if method == "rocket":
             return weight, whitening, Rocket(weight, whitening, refine_iterations=REFINE_ITERATIONS if refine else 0,
                                              budget=budget)

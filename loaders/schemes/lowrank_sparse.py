@@ -3,6 +3,8 @@
 Tensors (``nn.Linear`` layout, ``y = x Wᵀ``):
 
 - ``u [out, r]`` and ``v [r, in]``: the low-rank factors, applied V first as in ``lowrank``;
+  r may be 0 (both tensors empty): then W = S, a plain row-sparse weight, which is how the
+  pruners (``compress --method sparsegpt|wanda --ratio R``) store unstructured sparsity;
 - S, an ``[out, in]`` matrix with exactly ``nnz`` stored entries in every row, never written as
   dense zeros: ``s_values [out, nnz]`` plus where each value sits along the input axis, in the
   ``encoding`` field's form (see ``sparse_rows``):
@@ -89,7 +91,8 @@ class LowRankSparseScheme(Scheme):
                 *sparse_specs(out, addressed, spec["nnz"], spec.get("encoding", sparse_rows.ELL))]
 
     def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
-        super().check_fields(module, spec, file)
+        # rank 0 (no low-rank part) is valid: W = S alone
+        super().check_fields(module, {**spec, "rank": spec["rank"] + 1} if spec.get("rank") == 0 else spec, file)
         field = f"quantization_config.modules.{module}"
         limit = min(spec["out_features"], spec["in_features"])
         if spec["rank"] > limit:

@@ -49,12 +49,15 @@ class LowRankSparseShard:
 
             sparse = local_sparse(sparse, in_full, get_tensor_model_parallel_rank() * in_local, in_local)
         self.out_features = tensors["u"].shape[0]
-        self.v = prepacked_linear(tensors["v"])
-        self.u = prepacked_linear(tensors["u"])
         if "s_mask" in sparse:
             self.sparse = BitmaskMatmul(sparse["s_values"], sparse["s_mask"], in_local)
         else:
             self.sparse = EllMatmul(sparse["s_values"], sparse["s_indices"], in_local)
+        if tensors["v"].shape[0] == 0:  # rank 0 (a pruned, row-sparse weight): S alone, no empty GEMMs
+            self.second = self.sparse
+            return
+        self.v = prepacked_linear(tensors["v"])
+        self.u = prepacked_linear(tensors["u"])
         self.second = self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
