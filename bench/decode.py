@@ -11,6 +11,11 @@ packed, memory profiled, KV cache allocated), with the CPU kernels already built
 
     python bench/decode.py                  # all variants, prints and writes bench/README.md
     python bench/decode.py --variants dense lowrank-0.3 --tokens 64
+    python bench/decode.py --checkpoints DENSE CKPT... --prefill 512 --heading "## ..."   # real checkpoints
+
+With ``--checkpoints`` the rows are those folders instead (the first one dense, the reference),
+e.g. the real SmolLM2 and its compressed checkpoints; the context is then 1024 tokens so a
+512-token prompt fits.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from slimserve.loaders.checkpoint import (
     iter_tensors,
     open_checkpoint,
 )
-from slimserve.loaders.compress.budget import PARAMS, Budget, dictsparse_sizes, lowrank_rank
+from slimserve.loaders.compress.budget import PARAMS, Budget, dictsparse_sizes, lowrank_rank, lowrank_sparse_nnz
 from slimserve.loaders.compress.oats import oats_sizes, row_top
 from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
@@ -54,6 +59,8 @@ VARIANTS += ["nm-2:4", "nm-4:8"]  # N:M semi-structured sparsity, named kept:gro
 # dictsparse sized by --budget bytes (bf16): the encoding writers pick (bitmask here), and the same sizes forced to ELL
 VARIANTS += ["dictsparse-bytes-0.3", "dictsparse-ell-bytes-0.3"]
 VARIANTS += ["lowrank_sparse-bytes-0.3"]  # U·V + S at OATS's split of 30 % of the bytes removed
+# row-sparse (lowrank_sparse of rank 0, what `compress --method sparsegpt --ratio` writes) at 20 / 30 % of the bytes
+VARIANTS += ["sparse-bytes-0.2", "sparse-bytes-0.3"]
 
 _RUNNER = r"""
 import json, os, sys, time
@@ -62,7 +69,7 @@ from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     start = time.perf_counter()  # engine start: load, weight packing, memory profiling, KV cache (kernels cached)
-    llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=True, max_model_len=512,
+    llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=True, max_model_len=args["context"],
               max_num_seqs=max(args["batches"]), seed=0, **args["engine"])
     result = {"start": time.perf_counter() - start}
     prompt = "The history of the city begins with a small settlement on the river"
@@ -83,7 +90,7 @@ if __name__ == "__main__":
         params = SamplingParams(temperature=0.0, max_tokens=1)
         times = []
         for repeat in range(args["repeats"] + 1):
-            ids = [(7 * i + repeat) % 500 + 3 for i in range(args["prefill"])]
+            ids = [(7 * i + repeat) % 500 + 3 for i in range(args["prefill"])]  # ids < 503: any vocabulary
             start = time.perf_counter()
             llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
             times.append(time.perf_counter() - start)
@@ -129,8 +136,10 @@ def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
             tensors = {"u": torch.randn(out_features, r, generator=generator) * scale,
                        "v": torch.randn(r, in_features, generator=generator) * scale}
             fields = {"rank": r}
-        elif scheme == "lowrank_sparse":
-            r, s = oats_sizes(out_features, in_features, ratio, budget)
+        elif scheme in ("lowrank_sparse", "sparse"):
+            r, s = (oats_sizes(out_features, in_features, ratio, budget) if scheme == "lowrank_sparse" else
+                    (0, lowrank_sparse_nnz(out_features, in_features, 0,
+                                           budget.allowed(out_features, in_features, ratio), budget)))
             tensors = {"u": torch.randn(out_features, r, generator=generator) * scale,
                        "v": torch.randn(r, in_features, generator=generator) * scale,
                        **encode_sparse(row_top(torch.randn(out_features, in_features, generator=generator) * scale, s),
@@ -144,7 +153,8 @@ def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
             # without "encoding" the writer stores the smaller one (bitmask at k/s = 2)
             fields = {"atoms": k, "nnz": s, **({"encoding": "ell"} if "ell" in options else {})}
         stored = {k: v.to(MODEL["dtype"]) if v.is_floating_point() else v for k, v in tensors.items()}
-        writer.add_module(module, scheme, stored, in_features=in_features, out_features=out_features, **fields)
+        writer.add_module(module, "lowrank_sparse" if scheme == "sparse" else scheme, stored, in_features=in_features,
+                          out_features=out_features, **fields)
     copy_aux_files(dense_dir, out)
     return writer.finish()
 
@@ -169,13 +179,14 @@ def write_nm_variant(dense_dir: Path, out: Path, variant: str) -> Path:
     return writer.finish()
 
 
-def measure(model: Path, batches: list[int], tokens: int, repeats: int,
-            engine: dict | None = None, prefill: int = 0, dtype: str = "bfloat16") -> dict[str, float]:
+def measure(model: Path, batches: list[int], tokens: int, repeats: int, engine: dict | None = None,
+            prefill: int = 0, dtype: str = "bfloat16", context: int = 512) -> dict[str, float]:
     """Decode tok/s, engine start time and RSS of ``model`` in a fresh vLLM serving it as ``dtype``; ``engine``: extra
-    engine arguments (e.g. Sirius); ``prefill``: also the prompt tok/s of a prompt that long (0: not measured)."""
+    engine arguments (e.g. Sirius); ``prefill``: also the prompt tok/s of a prompt that long (0: not measured);
+    ``context``: the engine's max_model_len."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     args = json.dumps({"model": str(model), "batches": batches, "tokens": tokens, "repeats": repeats,
-                       "engine": engine or {}, "prefill": prefill, "dtype": dtype})
+                       "engine": engine or {}, "prefill": prefill, "dtype": dtype, "context": context})
     proc = subprocess.run([sys.executable, "-c", _RUNNER, args], env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT="):
@@ -190,6 +201,9 @@ def weight_bytes(model: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--checkpoints", nargs="+", type=Path, metavar="DIR",
+                        help="measure these model folders instead of the synthetic variants; the first is the dense "
+                             "reference")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -208,15 +222,24 @@ def main() -> None:
     if "dense" not in args.variants:
         args.variants = ["dense", *args.variants]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        dense_dir = build_tiny_causal_lm(Path(tmp) / "dense", "llama", **MODEL, weight_std=0.02)
-        for variant in args.variants:
-            model = write_variant(dense_dir, Path(tmp) / variant, variant)
-            result = measure(model, args.batches, args.tokens, args.repeats, prefill=args.prefill, dtype=dtype)
-            summary = compression_summary(model)
-            rows.append({"variant": variant, "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
-                         "weights": weight_bytes(model), **result})
-            print(json.dumps(rows[-1]), flush=True)
+    context = 1024 if args.checkpoints else 512
+
+    def add_row(name: str, model: Path) -> None:
+        result = measure(model, args.batches, args.tokens, args.repeats, prefill=args.prefill, dtype=dtype,
+                         context=context)
+        summary = compression_summary(model)
+        rows.append({"variant": name, "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
+                     "weights": weight_bytes(model), **result})
+        print(json.dumps(rows[-1]), flush=True)
+
+    if args.checkpoints:
+        for model in args.checkpoints:
+            add_row(model.name, model)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            dense_dir = build_tiny_causal_lm(Path(tmp) / "dense", "llama", **MODEL, weight_std=0.02)
+            for variant in args.variants:
+                add_row(variant, write_variant(dense_dir, Path(tmp) / variant, variant))
     dense = rows[0]
     header = ["variant", "params removed", "bytes removed", "weights MiB", "peak RSS MiB", "steady RSS MiB"]
     header += [f"b{b} tok/s" for b in args.batches] + [f"b{b} vs dense" for b in args.batches]
@@ -237,7 +260,8 @@ def main() -> None:
     print(table)
     command = "python bench/decode.py " + shlex.join(sys.argv[1:])
     section = (f"{args.heading}\n\nCommand: `{command.strip()}`\n\n"
-               f"Llama hidden 2048, FFN 5632, 8 layers, bf16 checkpoints served as {dtype} ({why}), "
+               f"{'These model folders' if args.checkpoints else 'Llama hidden 2048, FFN 5632, 8 layers'}, "
+               f"bf16 checkpoints served as {dtype} ({why}), "
                f"vllm-cpu 0.32.0, {args.tokens} decoded tokens, median of {args.repeats}. Machine at the start: "
                f"{machine}; at the end: load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n\n{table}\n")
     update_readme(args.readme, args.heading, section)
