@@ -65,10 +65,14 @@ def wanda_rows(weight: torch.Tensor, gram: torch.Tensor, nnz: int) -> torch.Tens
     return weight * top_per_row(score, nnz)
 
 
-def top_per_row(score: torch.Tensor, kept: int) -> torch.Tensor:
-    """Bool mask keeping the ``kept`` largest scores of every row (ties to the lower column: deterministic)."""
-    order = torch.argsort(score, dim=1, descending=True, stable=True)[:, :kept]
-    return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(1, order, True)
+def top_per_row(score: torch.Tensor, kept: int | torch.Tensor) -> torch.Tensor:
+    """Bool mask keeping the ``kept`` (one count, or one per row) largest scores of every row.
+
+    Ties go to the lower column, so the mask is deterministic.
+    """
+    order = torch.argsort(score, dim=1, descending=True, stable=True)
+    ranks = torch.argsort(order, dim=1)  # each entry's place in its row's order
+    return ranks < (kept[:, None] if isinstance(kept, torch.Tensor) else kept)
 
 
 def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, kept: int, group: int, *,
@@ -90,9 +94,7 @@ def sparsegpt_rows(weight: torch.Tensor, gram: torch.Tensor, nnz: int) -> torch.
     in_block = top_per_row(initial, nnz)
 
     def choose(saliency: torch.Tensor, start: int) -> torch.Tensor:
-        counts = in_block[:, start:start + saliency.shape[1]].sum(dim=1)
-        ranks = torch.argsort(torch.argsort(saliency, dim=1, descending=True, stable=True), dim=1)
-        return ranks < counts[:, None]
+        return top_per_row(saliency, in_block[:, start:start + saliency.shape[1]].sum(dim=1))
 
     return sparsegpt(weight, gram, choose, BLOCK_COLUMNS, upper=upper)
 
