@@ -21,18 +21,22 @@ DEMO_METHOD = "sparsegpt"
 DEMO_RATIO = 0.2
 DEMO_ALLOCATION = "uniform"
 DEMO_BUDGET = "bytes"
+DEMO_HEAL_STEPS = 0
 CALIBRATION_NOVEL = "prideprejudice"
 
 
 def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: float = DEMO_RATIO,
-                          allocation: str = DEMO_ALLOCATION) -> Path:
-    """The compressed SmolLM2 folder, built once (a valid existing one is reused)."""
+                          allocation: str = DEMO_ALLOCATION, heal_steps: int = DEMO_HEAL_STEPS) -> Path:
+    """The compressed (and, with ``heal_steps``, healed) SmolLM2 folder, built once (a valid existing one is reused)."""
+    import shutil
+
     from slimserve.errors import CheckpointError
     from slimserve.loaders.assets import austen_text, smollm2_folder
     from slimserve.loaders.checkpoint import validate_checkpoint
     from slimserve.loaders.compress.run import compress
+    from slimserve.loaders.heal import HealSettings, heal
 
-    out = demo_checkpoint_path(artifacts, method, ratio, allocation)
+    out = demo_checkpoint_path(artifacts, method, ratio, allocation, heal_steps)
     try:
         validate_checkpoint(out, check_values=False)
         return out
@@ -40,14 +44,24 @@ def build_demo_checkpoint(artifacts: Path, method: str = DEMO_METHOD, ratio: flo
         pass
     dense = smollm2_folder(artifacts / "smollm2-135m")
     calib = austen_text(CALIBRATION_NOVEL, artifacts / "texts")
-    return compress(dense, out, method=method, ratio=ratio, allocation=allocation, budget=DEMO_BUDGET, calib=calib,
-                    calib_cache=artifacts / "smollm2-135m.grams.pt")
+    target = out.with_name(out.name + ".unhealed") if heal_steps else out
+    compress(dense, target, method=method, ratio=ratio, allocation=allocation, budget=DEMO_BUDGET, calib=calib,
+             calib_cache=artifacts / "smollm2-135m.grams.pt")
+    if not heal_steps:
+        return out
+    # bench/recovery.py's healing settings, with which the table measured the healed rows
+    settings = HealSettings(steps=heal_steps, lr=2e-4, seq_len=128, batch=2, eval_every=max(1, heal_steps // 4),
+                            eval_windows=2, save_every=heal_steps)
+    healed = heal(target, out, teacher=dense, text=calib, settings=settings).path
+    shutil.rmtree(target)
+    return healed
 
 
 def demo_checkpoint_path(artifacts: Path, method: str = DEMO_METHOD, ratio: float = DEMO_RATIO,
-                         allocation: str = DEMO_ALLOCATION) -> Path:
+                         allocation: str = DEMO_ALLOCATION, heal_steps: int = DEMO_HEAL_STEPS) -> Path:
     """Where ``build_demo_checkpoint`` puts (and looks for) the compressed folder of these settings."""
-    return artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}-{DEMO_BUDGET}-{compressor_digest()}"
+    healed = f"-heal{heal_steps}" if heal_steps else ""
+    return artifacts / f"smollm2-135m-{method}-{allocation}-{ratio:g}-{DEMO_BUDGET}{healed}-{compressor_digest()}"
 
 
 def compressor_digest() -> str:
@@ -59,7 +73,7 @@ def compressor_digest() -> str:
     import slimserve.loaders as loaders
 
     root = Path(loaders.__file__).parent
-    sources = sorted([*root.glob("compress/*.py"), *root.glob("schemes/*.py"), root / "checkpoint.py",
+    sources = sorted([*root.glob("compress/*.py"), *root.glob("schemes/*.py"), root / "checkpoint.py", root / "heal.py",
                       root / "assets.py", Path(__file__)])
     digest = hashlib.sha256()
     for source in sources:
@@ -93,6 +107,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=DEMO_METHOD)
     p.add_argument("--ratio", type=float, default=DEMO_RATIO)
     p.add_argument("--allocation", default=DEMO_ALLOCATION)
+    p.add_argument("--heal-steps", type=int, default=DEMO_HEAL_STEPS,
+                   help="distil the dense model into the checkpoint for this many steps after compressing "
+                        f"(default {DEMO_HEAL_STEPS})")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="build and inspect the checkpoint, do not serve")
@@ -102,7 +119,8 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         from slimserve.loaders.checkpoint import compression_summary
         from slimserve.server.launch import serve
 
-        ckpt = build_demo_checkpoint(args.artifacts or ARTIFACTS, args.method, args.ratio, args.allocation)
+        ckpt = build_demo_checkpoint(args.artifacts or ARTIFACTS, args.method, args.ratio, args.allocation,
+                                     args.heal_steps)
         summary = compression_summary(ckpt)
         name = ckpt.name
         print(f"\nslimserve demo: {ckpt} ({args.method}, {args.allocation} allocation): "
