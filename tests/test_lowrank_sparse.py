@@ -208,31 +208,18 @@ def test_row_parallel_slice_matches_the_column_range() -> None:
 
 
 @pytest.mark.slow
-def test_vllm_serves_oats_checkpoint_like_its_densified_export(tiny_llama: Path, text_file: Path,
-                                                                tmp_path: Path) -> None:
-    """One OATS checkpoint, compiled TP 1 and eager TP 2 (row-parallel S re-sliced per rank), greedy == reference."""
+@pytest.mark.parametrize(("method", "ratio", "rank_zero"), [("oats", 0.3, False), ("sparsegpt", 0.5, True)])
+def test_vllm_serves_checkpoint_like_its_densified_export(tiny_llama: Path, text_file: Path, tmp_path: Path,
+                                                          method: str, ratio: float, rank_zero: bool) -> None:
+    """OATS (U·V + S) and a row-sparse pruned checkpoint (rank 0: S alone), compiled TP 1 and eager TP 2
+    (row-parallel S re-sliced per rank): greedy == the densified export's."""
     from slimserve.testing.vllm import hf_greedy, vllm_greedy
 
     prompts = ["The quick brown fox", "Return a new list of", "import json"]
-    ckpt = compress(tiny_llama, tmp_path / "oats", method="oats", ratio=0.3, calib=text_file,
+    ckpt = compress(tiny_llama, tmp_path / method, method=method, ratio=ratio, calib=text_file,
                     calib_samples=8, calib_seq_len=160, progress=False)
+    assert all((spec["rank"] == 0) == rank_zero for spec in open_checkpoint(ckpt).modules.values())
     reference = hf_greedy(densify(ckpt, tmp_path / "dense"), prompts)
     assert hf_greedy(tiny_llama, prompts) != reference  # the compression changed the model
-    assert vllm_greedy(ckpt, prompts, enforce_eager=False) == reference
-    assert vllm_greedy(ckpt, prompts, tp=2) == reference
-
-
-@pytest.mark.slow
-def test_vllm_serves_row_sparse_pruned_checkpoint_like_its_densified_export(tiny_llama: Path, text_file: Path,
-                                                                             tmp_path: Path) -> None:
-    """Rank 0 (``compress --method sparsegpt --ratio``): S alone, compiled TP 1 and eager TP 2, greedy == reference."""
-    from slimserve.testing.vllm import hf_greedy, vllm_greedy
-
-    prompts = ["The quick brown fox", "Return a new list of", "import json"]
-    ckpt = compress(tiny_llama, tmp_path / "sparsegpt", method="sparsegpt", ratio=0.5, calib=text_file,
-                    calib_samples=8, calib_seq_len=160, progress=False)
-    assert {spec["rank"] for spec in open_checkpoint(ckpt).modules.values()} == {0}
-    reference = hf_greedy(densify(ckpt, tmp_path / "dense"), prompts)
-    assert hf_greedy(tiny_llama, prompts) != reference  # the pruning changed the model
     assert vllm_greedy(ckpt, prompts, enforce_eager=False) == reference
     assert vllm_greedy(ckpt, prompts, tp=2) == reference
