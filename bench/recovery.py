@@ -99,7 +99,7 @@ def main() -> int:
         cache = args.calib_cache or work / "grams.pt"
 
     def save(name: str, row: dict) -> None:
-        rows[name] = row
+        rows[name] = {**row, "cpu": row.get("cpu") or cpu_model()}
         store.write_text(json.dumps(rows, indent=1))
         print(f"{name}: {row}", flush=True)
         write_readme(rows)
@@ -175,7 +175,8 @@ def write_readme(rows: dict) -> None:
              "calibration text, KL to the dense model's logits, only stored factors trained; tokens, lr and wall "
              "time per row. Chat: `slimserve eval chat` on the shipped questions (greedy through vLLM, "
              "exact/numeric match; 95 % Wilson interval). In brackets: x dense.", "",
-             f"CPU: {rows['dense'].get('cpu', 'unknown')}, 2 cores shared with other jobs (times are indicative). "
+             f"CPU: {rows['dense'].get('cpu', 'unknown')} unless the time cell names another, 2 cores shared with "
+             "other jobs (times are indicative). "
              "Command: `OMP_NUM_THREADS=2 .venv/bin/python bench/recovery.py`.", "",
              "| configuration | Emma | Moby Dick | chat accuracy | params / bytes removed | time |",
              "|---|---|---|---|---|---|",
@@ -190,6 +191,8 @@ def write_readme(rows: dict) -> None:
                          f"held-out KL {kl[0][1]:.3f} -> {kl[-1][1]:.3f} ({row['held_out_kl_written']:.3f} in bf16)")
         else:
             time_cell = f"compress {row['compress_s']:.0f} s"
+        if row.get("cpu", rows["dense"].get("cpu")) != rows["dense"].get("cpu"):
+            time_cell += f" ({row['cpu']})"
         chat = chat_cell(row, rows["dense"].get("chat"))
         removed = f"{row['ratio']:.1%}" + (f" / {row['bytes_ratio']:.1%}" if "bytes_ratio" in row else "")
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {chat} | {removed} | {time_cell} |")

@@ -96,6 +96,7 @@ Call it (once vLLM prints "Application startup complete"):
 print(c.chat.completions.create(model='{model}', \\
     messages=[{{'role': 'user', 'content': '{question}'}}]).choices[0].message.content)"
 
+Answers are greedy unless a request sets "temperature".
 Metrics: curl {base.removesuffix('/v1')}/metrics   (vllm:* latency histograms, slimserve:* compression)
 """
 
@@ -129,8 +130,10 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         print(how_to_call(args.host, args.port, name), flush=True)
         if args.no_serve:
             return 0
+        # Greedy unless a request sets its temperature: the model has no sampling defaults, so vLLM's would be
+        # temperature 1, at which a 135M model (dense or not) often rambles, in French when asked about France.
         return serve(ckpt, served_model_name=name, host=args.host, port=args.port,
-                     extra_args=["--max-model-len", "2048"])
+                     extra_args=["--max-model-len", "2048", "--override-generation-config", '{"temperature": 0.0}'])
 
     p.set_defaults(handler=run)
 
