@@ -15,7 +15,7 @@ other road past ``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are decode
 buffer that stays in cache and each is multiplied by ATen's GEMM, which past the measured crossover
 (docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
 
-Registered as the custom op ``slimserve::bitmask_matmul`` so torch.compile (vLLM's default on CPU)
+Registered as the operator ``slimserve::bitmask_matmul`` (``ops.py``) so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.
 """
 
@@ -25,6 +25,7 @@ import torch
 
 from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
+from slimserve.plugin.kernels.ops import register_op
 
 #: From this many tokens a call of a build without AVX2 panels decodes C in strips and runs dense GEMMs on them.
 #: Measured with the AVX2 build on an AMD EPYC (fp32, 2 threads, [5632, 1547] at s = 773,
@@ -41,7 +42,11 @@ def _cpu_kernel():
     return load_cpu_extension("slimserve_bitmask_cpu", "bitmask_cpu.cpp")
 
 
-@torch.library.custom_op("slimserve::bitmask_matmul", mutates_args=())
+def _bitmask_matmul_shape(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return z.new_empty(z.shape[0], values.shape[0])
+
+
+@register_op("bitmask_matmul", fake=_bitmask_matmul_shape)
 def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``z [N, k] · Cᵀ`` for C given as ``values [out, s]`` + ``mask [out, ceil(k/8)]``; ``[N, out]`` in z's dtype."""
     ext = _cpu_kernel() if z.device.type == "cpu" else None
@@ -53,11 +58,6 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
     if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
         return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
     return ext.bitmask_matmul(z, values, mask).to(z.dtype)
-
-
-@bitmask_matmul.register_fake
-def _(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return z.new_empty(z.shape[0], values.shape[0])
 
 
 class BitmaskMatmul:

@@ -90,13 +90,17 @@ def _cpu_flags_line() -> str:
         return ""
 
 
-def supported_isas() -> list[str]:
-    """The kernel variants this CPU can run, widest first (``scalar`` always)."""
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
+    """The kernel variants this CPU can run, widest first (``scalar`` always).
+
+    Cached: every kernel op call asks, and parsing the flags line each time cost ~5 µs a call.
+    """
     flags = set(_cpu_flags_line().partition(":")[2].split())
     isas = ["avx512"] if "avx512f" in flags else []
     if {"avx2", "fma"} <= flags:
         isas.append("avx2")
-    return [*isas, "scalar"]
+    return (*isas, "scalar")
 
 
 def cpu_flags_digest() -> str:

@@ -7,7 +7,7 @@ indices, the stored bytes streamed once per batch; many tokens on AVX2 hosts mul
 stored values against tokens packed in panels of 32, elsewhere dense GEMMs on strips of C decoded in
 cache); elsewhere, or without a compiler, a PyTorch gather does the same arithmetic more slowly.
 
-The product is registered as the custom op ``slimserve::ell_matmul`` so that torch.compile
+The product is registered as the operator ``slimserve::ell_matmul`` (``ops.py``) so that torch.compile
 (vLLM's default on CPU) treats it as one opaque call instead of failing to trace the C++
 extension.
 """
@@ -18,6 +18,7 @@ import torch
 
 from slimserve.loaders.schemes.sparse_rows import ell_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
+from slimserve.plugin.kernels.ops import register_op
 
 #: From this many tokens a call leaves the batch loop (AMD EPYC, AVX2, fp32, int16 indices, [5632, 1547] at s = 773,
 #: docs/methods/cpu_kernels.md): AVX2 builds run the loop over C's stored values on panels of 32 tokens (10.7 ms at
@@ -30,7 +31,11 @@ def _cpu_kernel():
     return load_cpu_extension("slimserve_ell_cpu", "ell_cpu.cpp")
 
 
-@torch.library.custom_op("slimserve::ell_matmul", mutates_args=())
+def _ell_matmul_shape(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return z.new_empty(z.shape[0], values.shape[0])
+
+
+@register_op("ell_matmul", fake=_ell_matmul_shape)
 def ell_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``z [N, k] · Cᵀ`` for C given as ``values, indices [out, s]``; returns ``[N, out]`` in z's dtype."""
     ext = _cpu_kernel() if z.device.type == "cpu" else None
@@ -40,11 +45,6 @@ def ell_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> 
         many_tokens = ext.ell_matmul_kept if ext.isa() == "avx2" else ext.ell_matmul_strips
         return many_tokens(z, values, indices).to(z.dtype)
     return ext.ell_matmul(z, values, indices).to(z.dtype)
-
-
-@ell_matmul.register_fake
-def _(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return z.new_empty(z.shape[0], values.shape[0])
 
 
 class EllMatmul:

@@ -24,7 +24,7 @@ PyTorch's semi-structured sparse tensor, which stores the same kind of packed va
 positions as this scheme; other patterns, dtypes and shapes the tensor cores refuse take the
 reference path (``bench/cuda_backends.py`` measures both on a GPU).
 
-The product is the custom op ``slimserve::nm_matmul`` so torch.compile (vLLM's default on CPU)
+The product is the operator ``slimserve::nm_matmul`` (``ops.py``) so torch.compile (vLLM's default on CPU)
 treats it as one opaque call.
 """
 
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from slimserve.loaders.schemes.nm import nm_to_dense
 from slimserve.plugin.kernels.cpp import load_cpu_extension
+from slimserve.plugin.kernels.ops import register_op
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,12 @@ def many_tokens_product(x: torch.Tensor, values: torch.Tensor, positions: torch.
     return F.linear(x, nm_to_dense(values, positions, x.shape[1], kept, group).to(x.dtype))
 
 
-@torch.library.custom_op("slimserve::nm_matmul", mutates_args=())
+def _nm_matmul_shape(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int,
+                     group: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@register_op("nm_matmul", fake=_nm_matmul_shape)
 def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int, group: int) -> torch.Tensor:
     """``x [N, in] · Wᵀ`` for W given as ``values [out, in·kept/group]`` and ``positions``: ``[N, out]``, x dtype."""
     in_features = x.shape[1]
@@ -78,11 +84,6 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ke
     if ext is not None:
         return ext.nm_matmul(x, values, positions, kept, group).to(x.dtype)
     return x @ nm_to_dense(values.to(x.dtype), positions, in_features, kept, group).t()
-
-
-@nm_matmul.register_fake
-def _(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int, group: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], values.shape[0])
 
 
 def sparse_tensor_core_weight(values: torch.Tensor, positions: torch.Tensor, in_features: int, kept: int,

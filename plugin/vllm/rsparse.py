@@ -20,7 +20,7 @@ Token kinds come from vLLM's forward context (the attention metadata's ``max_que
 
 Memory: W is held twice, packed for prefill and column-major (``weight_t``) for decode.
 
-The whole forward is the custom op ``slimserve::rsparse_linear``: under vLLM's default
+The whole forward is the operator ``slimserve::rsparse_linear`` (``plugin/kernels/ops.py``): under vLLM's default
 torch.compile mode a traced Python branch on the step's token kinds would be frozen at
 trace time, and the C++ kernel cannot be traced at all, so the op is opaque to the compiler
 and decides per step at run time. The op finds its layer by name in vLLM's forward context
@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 
 from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.ops import register_op
 from slimserve.plugin.kernels.rsparse import cpu_extension, low_rank_operands, masked_segments, segmented_sparse_mm
 
 SPARSE_PREFILL_ENV = "SLIMSERVE_RSPARSE_SPARSE_PREFILL"
@@ -90,7 +91,11 @@ def decode_rows() -> torch.Tensor | bool:
     return rows
 
 
-@torch.library.custom_op("slimserve::rsparse_linear", mutates_args=())
+def _rsparse_linear_shape(x: torch.Tensor, layer: str, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+@register_op("rsparse_linear", fake=_rsparse_linear_shape)
 def rsparse_linear(x: torch.Tensor, layer: str, out_features: int) -> torch.Tensor:
     """The R-Sparse layer named ``layer`` in vLLM's forward context applied to ``x [N, in]``."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -100,18 +105,13 @@ def rsparse_linear(x: torch.Tensor, layer: str, out_features: int) -> torch.Tens
     return get_forward_context().no_compile_layers[layer].forward(x)
 
 
-@rsparse_linear.register_fake
-def _(x: torch.Tensor, layer: str, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
-
-
 def context_layers(static_forward_context: Mapping[str, Any]) -> list[RSparseLayer]:
     """Every R-Sparse layer of one engine, from its compilation config's ``static_forward_context``."""
     return [layer for name, layer in static_forward_context.items() if name.startswith(CONTEXT_PREFIX)]
 
 
 def set_mode(layers: Iterable[RSparseLayer], mode: Mode) -> None:
-    """Put ``layers`` in ``mode`` (read by the custom op at run time, so compiled graphs follow it)."""
+    """Put ``layers`` in ``mode`` (read by the operator at run time, so compiled graphs follow it)."""
     for layer in layers:
         layer.mode = mode
 

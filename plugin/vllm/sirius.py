@@ -37,6 +37,7 @@ from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSamp
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from slimserve.errors import SlimserveError
+from slimserve.plugin.kernels.ops import register_op
 from slimserve.plugin.vllm.rsparse import Mode, RSparseLayer, context_layers, set_mode
 from slimserve.plugin.vllm.sirius_settings import (
     LIKELIHOOD_TEMPERATURE,
@@ -149,17 +150,16 @@ class SiriusProposer(DraftModelProposer):
 CATS_PREFIX = "slimserve_cats."
 
 
-@torch.library.custom_op("slimserve::cats_silu_and_mul", mutates_args=())
+def _cats_silu_and_mul_shape(x: torch.Tensor, layer: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@register_op("cats_silu_and_mul", fake=_cats_silu_and_mul_shape)
 def cats_silu_and_mul(x: torch.Tensor, layer: str) -> torch.Tensor:
     """The ``CatsActivation`` named ``layer`` in vLLM's forward context applied to ``x [N, 2d]``."""
     from vllm.forward_context import get_forward_context
 
     return get_forward_context().no_compile_layers[layer].forward(x)
-
-
-@cats_silu_and_mul.register_fake
-def _(x: torch.Tensor, layer: str) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
 class CatsActivation:
@@ -171,7 +171,7 @@ class CatsActivation:
     text, so any dense checkpoint can be served this way. It emulates the drafter's arithmetic
     (accuracy); the down projection still reads every row, so it saves no time on its own.
 
-    Like the R-Sparse layers, the mode is read at run time inside an opaque custom op, so vLLM's
+    Like the R-Sparse layers, the mode is read at run time inside an opaque operator, so vLLM's
     compiled graphs follow ``set_mode``; ``rows`` counts tokens computed each way.
     """
 
@@ -184,7 +184,7 @@ class CatsActivation:
 
     @classmethod
     def install(cls, model: torch.nn.Module, sparsity: float, context: dict[str, Any]) -> list[CatsActivation]:
-        """Route every ``SiluAndMul`` of ``model`` through the custom op; returns the new layers."""
+        """Route every ``SiluAndMul`` of ``model`` through the operator; returns the new layers."""
         from vllm.model_executor.layers.activation import SiluAndMul
 
         layers = []
