@@ -18,7 +18,7 @@ from slimserve.loaders.compress.whitening import SvdLlm, Whitening
 from slimserve.loaders.converters import convert_lowrank_sparse
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.lowrank_sparse import encode_sparse, sparse_encoding, sparse_product
-from slimserve.plugin.vllm.lowrank_sparse import local_sparse
+from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard, local_sparse
 
 SCHEME = SCHEMES["lowrank_sparse"]
 
@@ -223,3 +223,24 @@ def test_vllm_serves_checkpoint_like_its_densified_export(tiny_llama: Path, text
     assert hf_greedy(tiny_llama, prompts) != reference  # the compression changed the model
     assert vllm_greedy(ckpt, prompts, enforce_eager=False) == reference
     assert vllm_greedy(ckpt, prompts, tp=2) == reference
+
+
+def test_rank_zero_shards_of_a_fused_layer_run_as_one_sparse_product() -> None:
+    """q/k/v (or gate/up) pruned row-sparse at one nnz stack into one S; anything else runs shard by shard."""
+    generator = torch.Generator().manual_seed(0)
+    inn, nnz = 96, 60
+    shards, specs = [], []
+    for out in (64, 32, 32):
+        weight = torch.randn(out, inn, generator=generator)
+        kept = weight * (weight.abs() >= weight.abs().topk(nnz, dim=1).values[:, -1:])
+        shards.append({"u": torch.zeros(out, 0), "v": torch.zeros(0, inn), **encode_sparse(kept, nnz)})
+        specs.append({"in_features": inn, "out_features": out, "rank": 0, "nnz": nnz,
+                      "encoding": sparse_encoding(out, inn, nnz)})
+    whole = LowRankSparseShard.layer(shards, specs)
+    assert whole is not None and whole.out_features == 128
+    x = torch.randn(3, inn, generator=generator)
+    expected = torch.cat([LowRankSparseShard(t, spec).second(x) for t, spec in zip(shards, specs)], dim=1)
+    torch.testing.assert_close(whole.second(x), expected)
+    # a shard with a low-rank part, or another nnz, keeps the per-shard runners
+    assert LowRankSparseShard.layer(shards, [specs[0], {**specs[1], "rank": 2}, specs[2]]) is None
+    assert LowRankSparseShard.layer(shards, [specs[0], {**specs[1], "nnz": nnz - 1}, specs[2]]) is None

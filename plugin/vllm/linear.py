@@ -8,7 +8,8 @@ is scheme-specific (U, the sparse coefficients, identity). Because the shards of
 layer share their input, all first factors are stacked into one prepacked GEMM; then each
 shard's second op writes its slice of the output. A runner without a first factor
 (``rsparse``, whose mask tests the input itself) gets the layer input x instead; a layer whose
-shards all use a scheme listed in ``LAYER_RUNNERS`` (rsparse) gets one runner for all of them.
+shards all use a scheme listed in ``LAYER_RUNNERS`` (rsparse; lowrank_sparse when every shard is rank 0
+with equal nnz) gets one runner for all of them.
 
 Parameters are declared in ``create_weights`` from the scheme's ``TensorSpec`` list. A stored
 tensor is a flat buffer holding that suffix for every shard that has it (ranks differ per
@@ -219,8 +220,10 @@ class SlimserveLinearMethod(LinearMethodBase):
                     tensors[suffix] = flat[slot.offset:slot.offset + slot.numel].view(slot.spec.shape)
             shard_tensors.append(tensors)
         schemes = {spec["scheme"] for spec in self.shard_specs}
-        if len(schemes) == 1 and (layer_runner := LAYER_RUNNERS.get(next(iter(schemes)))) is not None:
-            runners = [layer_runner(shard_tensors, self.shard_specs)]
+        layer_runner = LAYER_RUNNERS.get(next(iter(schemes))) if len(schemes) == 1 else None
+        whole = layer_runner(shard_tensors, self.shard_specs) if layer_runner is not None else None
+        if whole is not None:
+            runners = [whole]
         else:
             runners = [SHARD_RUNNERS[spec["scheme"]](t, spec) for t, spec in zip(shard_tensors, self.shard_specs)]
         firsts: list[torch.Tensor] = []

@@ -16,7 +16,7 @@ rank is about S's, not S's / TP, in exchange for no format change.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -62,3 +62,19 @@ class LowRankSparseShard:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.u(self.v(x)) + self.sparse(x)
+
+    @classmethod
+    def layer(cls, shard_tensors: Sequence[Mapping[str, torch.Tensor]],
+              specs: Sequence[Mapping[str, Any]]) -> LowRankSparseShard | None:
+        """A fused layer's shards (q/k/v, gate/up) as one S, or None to run them shard by shard.
+
+        Shards that are S alone (rank 0, a pruned weight) with the same nnz and encoding, each over
+        the whole input (no row-parallel re-slicing), stack row-wise into one sparse product: one
+        kernel call per layer instead of one per shard, which on a small model's decode step is
+        most of what the sparse layers cost beyond their reads.
+        """
+        same_rows = len({(int(spec["nnz"]), spec.get("encoding")) for spec in specs}) == 1
+        whole_input = all(t["v"].shape[1] == int(spec["in_features"]) for t, spec in zip(shard_tensors, specs))
+        if len(specs) < 2 or any(int(spec["rank"]) != 0 for spec in specs) or not (same_rows and whole_input):
+            return None
+        return cls({name: torch.cat([t[name] for t in shard_tensors]) for name in shard_tensors[0]}, specs[0])

@@ -77,8 +77,10 @@ SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]
     "nm": NMShard,
     "lowrank_sparse": LowRankSparseShard,
 }
-# Schemes whose shards, when every shard of a layer has that scheme, run as one runner over
-# all of them (called with the shards' tensors and specs, in output order).
-LAYER_RUNNERS: dict[str, Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[Mapping[str, Any]]], ShardRunner]] = {
+# Schemes whose shards, when every shard of a layer has that scheme, may run as one runner over
+# all of them (called with the shards' tensors and specs, in output order; None: run them shard by shard).
+LAYER_RUNNERS: dict[str, Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[Mapping[str, Any]]],
+                                  ShardRunner | None]] = {
     "rsparse": RSparseLayer,
+    "lowrank_sparse": LowRankSparseShard.layer,
 }
