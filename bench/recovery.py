@@ -42,6 +42,7 @@ RESULTS = BENCH / "results"
 README = BENCH / "README.md"
 SECTION = "## Sequential calibration and healing on SmolLM2-135M (issue 16)"
 MOBY_DEB = "r-cran-tokenizers"
+HEAL_LR = 2e-4
 
 
 def moby_dick(folder: Path = ARTIFACTS / "texts") -> Path:
@@ -74,7 +75,7 @@ def main() -> int:
     parser.add_argument("--heal-steps", type=int, default=40, help="0: no healed rows")
     parser.add_argument("--heal-batch", type=int, default=2)
     parser.add_argument("--heal-seq-len", type=int, default=128)
-    parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--heal-lr", type=float, default=HEAL_LR)
     parser.add_argument("--model", type=Path, help="SmolLM2 folder (default: the assets one)")
     parser.add_argument("--calib-cache", type=Path,
                         help="Gram cache (default: bench-recovery/grams.pt in the asset cache)")
@@ -130,7 +131,8 @@ def main() -> int:
                 summary = compression_summary(out)
                 save(name, {"ppl": ppl(out), "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
                             "compress_s": round(time.time() - start, 1), **chat(out)})
-            healed_name = f"{name}/heal{args.heal_steps}"
+            lr_part = "" if args.heal_lr == HEAL_LR else f"@lr{args.heal_lr:g}"  # other rates get their own rows
+            healed_name = f"{name}/heal{args.heal_steps}{lr_part}"
             if healed_name in rows or args.heal_steps == 0:
                 continue
             settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, seq_len=args.heal_seq_len,
