@@ -53,8 +53,11 @@ class Scheme:
 
     name: ClassVar[str]
     #: scheme-specific fields required in a module entry, e.g. ("rank",); the base ``check_fields``
-    #: requires positive integers, a scheme with other field types (floats) overrides it
+    #: requires positive integers (non-negative for those in ``zero_allowed``); a scheme with other field
+    #: types (floats) overrides it
     fields: ClassVar[tuple[str, ...]] = ()
+    #: those of ``fields`` that may be 0 (the rest must be positive)
+    zero_allowed: ClassVar[tuple[str, ...]] = ()
 
     def tensor_specs(self, spec: Mapping[str, Any]) -> list[TensorSpec]:
         raise NotImplementedError
@@ -76,11 +79,12 @@ class Scheme:
         """Check scheme fields for range; ``spec`` already has positive in/out features."""
         for field in self.fields:
             value = spec.get(field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            least = 0 if field in self.zero_allowed else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise CheckpointError(
                     f"module '{module}' has {field}={value!r}",
                     file=file, field=f"quantization_config.modules.{module}.{field}",
-                    expected="a positive integer",
+                    expected="a non-negative integer" if least == 0 else "a positive integer",
                 )
 
     def check_values(self, module: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],

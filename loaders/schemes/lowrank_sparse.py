@@ -81,6 +81,7 @@ def sparse_product(x: torch.Tensor, tensors: Mapping[str, torch.Tensor], in_feat
 class LowRankSparseScheme(Scheme):
     name = "lowrank_sparse"
     fields = ("rank", "nnz")
+    zero_allowed = ("rank",)  # rank 0, no low-rank part: W = S alone
 
     def tensor_specs(self, spec: Mapping[str, Any]) -> list[TensorSpec]:
         out, r = spec["out_features"], spec["rank"]
@@ -91,8 +92,7 @@ class LowRankSparseScheme(Scheme):
                 *sparse_specs(out, addressed, spec["nnz"], spec.get("encoding", sparse_rows.ELL))]
 
     def check_fields(self, module: str, spec: Mapping[str, Any], file: str) -> None:
-        # rank 0 (no low-rank part) is valid: W = S alone
-        super().check_fields(module, {**spec, "rank": spec["rank"] + 1} if spec.get("rank") == 0 else spec, file)
+        super().check_fields(module, spec, file)
         field = f"quantization_config.modules.{module}"
         limit = min(spec["out_features"], spec["in_features"])
         if spec["rank"] > limit:
