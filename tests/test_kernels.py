@@ -216,7 +216,7 @@ def test_many_tokens_on_the_stored_values_only_equal_the_reference(dtype: torch.
 
 
 @pytest.mark.parametrize("tile_unit", ["1", "0"])
-@pytest.mark.parametrize("batch", [2, 17, 300])  # one token tile, a partial second, past DENSE_FROM_TOKENS
+@pytest.mark.parametrize("batch", [1, 2, 17, 300])  # one token tile, a partial second, past DENSE_FROM_TOKENS
 def test_bf16_batches_equal_the_reference_on_and_off_the_amx_tile_unit(
         tile_unit: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """On AMX hosts bf16 batches run on the tile unit (SLIMSERVE_AMX=0 keeps them on the vector loops)."""

@@ -5,7 +5,7 @@ packed values and ceil(k/8) mask bytes (the layout in ``loaders/schemes/sparse_r
 this is the compiled kernel ``bitmask_cpu.cpp`` (AVX-512 expand loads, AVX2 permutation table, or
 scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch reference.
 
-On CPUs with AMX, bf16 batches (2 tokens and more, prefill included) run on the tile unit: the
+On CPUs with AMX, bf16 calls (one token to prefill) run on the tile unit: the
 kernel expands 16 rows at a time into a dense strip in cache and multiplies it there
 (``amx_strips.h``). On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below
 ``DENSE_FROM_TOKENS`` expand rows in registers and dot them with 8 tokens at a time by

@@ -541,7 +541,7 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
       _mm512_storeu_si512(dense + (s - s0) * span_stride, slimserve_rows::expand_bf16(kept + s * 16, mask(row_meta, s)));
     }
   };
-  slimserve_amx::strips(x, values.size(0), expand_row, y.data_ptr<float>());
+  slimserve_amx::strips(x, values.size(0), expand_row, y.data_ptr<c10::BFloat16>());
 }
 #endif  // SLIMSERVE_AMX
 
@@ -607,14 +607,15 @@ torch::Tensor nm_matmul_dot(torch::Tensor x, torch::Tensor values, torch::Tensor
 }
 #endif
 
-// y [N, out] float32 = x [N, in] · Wᵀ, W given by its kept values and packed offsets.
+// y [N, out] = x [N, in] · Wᵀ, W given by its kept values and packed offsets: float32, or bf16 where bf16 batches
+// take the tile unit (rounded once from its fp32 sums).
 torch::Tensor nm_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept, int64_t group) {
   TORCH_CHECK(x.dim() == 2, "nm_matmul: x must be [N, in]");
   check_args(values, positions, x.size(1), kept, group);
 #if defined(SLIMSERVE_AMX)
   if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && x.size(0) >= kAmxFromTokens &&
       amx_usable(x.size(1), kept, group)) {
-    auto y = torch::empty({x.size(0), values.size(0)}, x.options().dtype(at::kFloat));
+    auto y = torch::empty({x.size(0), values.size(0)}, x.options());
     with_span_mask(kept, [&](const auto& mask) { matmul_amx(x.contiguous(), values, positions, mask, y); });
     return y;
   }
@@ -675,7 +676,8 @@ torch::Tensor nm_matmul_kept(torch::Tensor x, torch::Tensor values, torch::Tenso
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nm_matmul", &nm_matmul, "y = x · Wᵀ for N:M sparse W stored as kept values + packed offsets (float32 out)");
+  m.def("nm_matmul", &nm_matmul,
+        "y = x · Wᵀ for N:M sparse W stored as kept values + packed offsets (float32 out; bf16 on the AMX tile unit)");
   m.def("nm_matmul_strips", &nm_matmul_strips,
         "y = x · Wᵀ in x's dtype for many tokens: strips of W decompressed in cache, each multiplied by ATen's GEMM");
 #if defined(SLIMSERVE_PANELS)

@@ -68,6 +68,22 @@ class NMShard:
         self.second = NMMatmul(tensors["values"], tensors["positions"], int(spec["kept"]), int(spec["group"]))
         self.out_features = tensors["values"].shape[0]
 
+    @classmethod
+    def layer(cls, shard_tensors: Sequence[Mapping[str, torch.Tensor]],
+              specs: Sequence[Mapping[str, Any]]) -> NMShard | None:
+        """A fused layer's shards (q/k/v, gate/up) as one N:M weight, or None to run them shard by shard.
+
+        Shards of one pattern over the same inputs stack row-wise (a row's values and positions do not
+        depend on its neighbours): one kernel call per layer packs the tokens once and writes the
+        output whole, where shard by shard each call repacked them and its output was copied into a
+        column slice of the layer's.
+        """
+        same_pattern = len({(int(spec["kept"]), int(spec["group"])) for spec in specs}) == 1
+        same_inputs = len({t["values"].shape[1] for t in shard_tensors}) == 1
+        if len(specs) < 2 or not (same_pattern and same_inputs):
+            return None
+        return cls({name: torch.cat([t[name] for t in shard_tensors]) for name in ("values", "positions")}, specs[0])
+
 
 SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], ShardRunner]] = {
     "dense": DenseShard,
@@ -83,4 +99,5 @@ LAYER_RUNNERS: dict[str, Callable[[Sequence[Mapping[str, torch.Tensor]], Sequenc
                                   ShardRunner | None]] = {
     "rsparse": RSparseLayer,
     "lowrank_sparse": LowRankSparseShard.layer,
+    "nm": NMShard.layer,
 }
