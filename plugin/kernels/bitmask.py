@@ -5,15 +5,16 @@ packed values and ceil(k/8) mask bytes (the layout in ``loaders/schemes/sparse_r
 this is the compiled kernel ``bitmask_cpu.cpp`` (AVX-512 expand loads, AVX2 permutation table, or
 scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch reference.
 
-On CPUs with AMX, bf16 calls (one token to prefill) run on the tile unit: the
-kernel expands 16 rows at a time into a dense strip in cache and multiplies it there
-(``amx_strips.h``). On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below
-``DENSE_FROM_TOKENS`` expand rows in registers and dot them with 8 tokens at a time by
-``vdpbf16ps`` (``vector_rows.h``). AVX2 hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values
-against tokens packed in panels of 32 (``vector_rows.h``). Elsewhere many-token steps take the
-other road past ``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are decoded into one float32
-buffer that stays in cache and each is multiplied by ATen's GEMM, which past the measured crossover
-(docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
+On CPUs with AMX, bf16 batches (2 tokens and more, prefill included) run on the tile unit: the kernel
+expands 16 rows at a time into a dense strip in cache and multiplies it there (``amx_strips.h``); one
+token expands 4 rows at a time in registers and dots them with ``vdpbf16ps``, faster there than the tile
+unit. On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below ``DENSE_FROM_TOKENS``
+expand rows in registers and dot them with 8 tokens at a time by ``vdpbf16ps`` (``vector_rows.h``). AVX2
+hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values against tokens packed in panels
+of 32 (``vector_rows.h``). Elsewhere many-token steps take the other road past ``DENSE_FROM_TOKENS``
+tokens: strips of 256 rows of C are decoded into one float32 buffer that stays in cache and each is
+multiplied by ATen's GEMM, which past the measured crossover (docs/methods/cpu_kernels.md) is faster
+than the batch loop; nothing dense is kept.
 
 Registered as the operator ``slimserve::bitmask_matmul`` (``ops.py``) so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.

@@ -225,12 +225,12 @@ struct BitmaskSpans {
 #endif
 
 #if defined(SLIMSERVE_AMX)
-// bf16 calls from this many tokens take the tile unit (bench/sparse_kernels.py: the batched vector loop ran at
-// 0.2-0.5x of the dense layer from 2 tokens on). One token too: on an Intel Xeon with AMX, 74 % of atoms kept, bf16,
-// 2 threads, weights streamed from memory, the tile unit took 1.6 / 1.3 / 0.11 ms against the one-token loop's
-// 1.7 / 1.8 / 0.16 ms for [5632, 2048] / [2048, 5632] / [1536, 576]: both are bound by expanding the rows, and the
-// unit's unused 15 token columns cost nothing measurable.
-constexpr int64_t kAmxFromTokens = 1;
+// bf16 batches from this many tokens take the tile unit (bench/sparse_kernels.py: the batched vector loop ran at
+// 0.2-0.5x of the dense layer from 2 tokens on). One token takes the one-token dot loop where the build has it
+// (expanded_dot_one): on an Intel Xeon with AMX, 74 % of atoms kept, bf16, 2 threads, weights streamed from memory,
+// [5632, 2048] / [2048, 5632] / [1536, 576] took 1.10 / 0.89 / 0.117 ms there, 1.5-1.6 / 1.4 / 0.12 ms on the tile
+// unit (bound by expanding rows into strips) and 1.7 / 1.8 / 0.16 ms in the one-token loop (dense: 0.96 / 0.90 / 0.09).
+constexpr int64_t kAmxFromTokens = 2;
 
 // y [tokens, out] bf16 = z · Cᵀ on the tile unit, for bf16 z and values.
 torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, const torch::Tensor& mask) {
@@ -280,9 +280,9 @@ torch::Tensor bitmask_matmul_dot(torch::Tensor z, torch::Tensor values, torch::T
   const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* msk = mask.data_ptr<uint8_t>();
-  return slimserve_rows::expanded_dot(z.contiguous(), values.size(0), [&](int64_t o) {
-    return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz};
-  });
+  const auto row_spans = [&](int64_t o) { return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz}; };
+  if (z.size(0) == 1) return slimserve_rows::expanded_dot_one(z.contiguous(), values.size(0), row_spans);
+  return slimserve_rows::expanded_dot(z.contiguous(), values.size(0), row_spans);
 }
 #endif
 
@@ -304,9 +304,11 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
   TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
               "bitmask_matmul: values must be float32 or bfloat16");
 #if defined(SLIMSERVE_AMX)
-  if (z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && z.size(0) >= kAmxFromTokens &&
-      amx_usable()) {
-    return matmul_amx(z.contiguous(), values, mask);
+  if (z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && amx_usable()) {
+#if defined(SLIMSERVE_DPBF16)
+    if (z.size(0) == 1) return bitmask_matmul_dot(z, values, mask).to(at::kBFloat16);
+#endif
+    if (z.size(0) >= kAmxFromTokens) return matmul_amx(z.contiguous(), values, mask);
   }
 #endif
 #if defined(SLIMSERVE_DPBF16)

@@ -13,8 +13,11 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -305,6 +308,40 @@ at::Tensor expanded_dot(const at::Tensor& x, int64_t out, const RowSpans& row_sp
           yn[o1] = _mm512_reduce_add_ps(acc1[t]);
         }
       }
+    }
+  });
+  return y;
+}
+// kRows cursors f(0) .. f(kRows - 1), for loops over that many rows at once (cursors may hold references).
+template <typename F, size_t... I>
+std::array<std::invoke_result_t<F, int64_t>, sizeof...(I)> cursors(const F& f, std::index_sequence<I...>) {
+  return {f(static_cast<int64_t>(I))...};
+}
+
+// y [1, out] float32 = x [1, in] · Wᵀ for one bf16 token: expanded_dot's spans without its 8-token blocks, which at one
+// token dotted seven rows of zeros for every useful one. kRows rows at a time keep that many vdpbf16ps chains in
+// flight; rows past the last are the last row again, dotted and written twice.
+template <typename RowSpans>
+at::Tensor expanded_dot_one(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
+  constexpr int64_t kRows = 4;
+  const int64_t in = x.size(1), spans = (in + 31) / 32;
+  auto padded = torch::zeros({spans * 32}, x.options().dtype(at::kBFloat16));
+  padded.narrow(0, 0, in).copy_(x.reshape({in}));
+  const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
+  auto y = torch::empty({1, out}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (out + kRows - 1) / kRows, 8, [&](int64_t group_begin, int64_t group_end) {
+    for (int64_t group = group_begin; group < group_end; ++group) {
+      const int64_t o0 = kRows * group;
+      const auto cursor = [&](int64_t i) { return row_spans(std::min(o0 + i, out - 1)); };
+      auto rows = cursors(cursor, std::make_index_sequence<kRows>());
+      __m512 acc[kRows];
+      for (int64_t i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < spans; ++s) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + s * 32);
+        for (int64_t i = 0; i < kRows; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)rows[i].next(), xv);
+      }
+      for (int64_t i = 0; i < kRows && o0 + i < out; ++i) yp[o0 + i] = _mm512_reduce_add_ps(acc[i]);
     }
   });
   return y;
