@@ -13,7 +13,8 @@
 // tile load waits for the vector stores to reach L1), and four token tiles per weight-tile load were no faster.
 #pragma once
 
-#if defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && defined(__linux__)
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && \
+    defined(__linux__)
 #define SLIMSERVE_AMX 1
 
 #include <ATen/Parallel.h>
@@ -26,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace slimserve_amx {
@@ -67,22 +69,24 @@ std::vector<T>& scratch() {
 inline void pack_tokens(const at::Tensor& x, std::vector<uint32_t>& packed) {
   const int64_t tokens = x.size(0), in = x.size(1), pairs = padded_depth(in) / 2;
   const int64_t tiles = (tokens + kTile - 1) / kTile;
+  TORCH_CHECK(kTile * in < INT32_MAX, "AMX strips: 16 x in_features must fit int32 offsets");
   packed.resize(tiles * pairs * kTile);
   uint32_t* rows = packed.data();
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  // Offsets of token t's element in a tile, in bf16 units: one 32-bit gather reads a pair for 16 tokens.
+  const __m512i token_offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(in)));
   at::parallel_for(0, tiles * pairs, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t tile = r / pairs, first = 2 * (r % pairs);
+      const int64_t tile = r / pairs, first = 2 * (r % pairs), left = tokens - tile * kTile;
+      const __mmask16 live = left >= kTile ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
       uint32_t* row = rows + r * kTile;
-      for (int64_t t = 0; t < kTile; ++t) {
-        const int64_t token = tile * kTile + t;
-        uint32_t both = 0;
-        if (token < tokens && first + 1 < in) {
-          std::memcpy(&both, xs + token * in + first, 4);
-        } else if (token < tokens && first < in) {
-          both = xs[token * in + first];
-        }
-        row[t] = both;
+      if (first + 1 < in) {
+        const __m512i both = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, token_offsets,
+                                                         xs + tile * kTile * in + first, 2);
+        _mm512_storeu_si512(row, both);
+      } else {  // the last input of an odd count (its pair's second half zero), or padding past the inputs
+        for (int64_t t = 0; t < kTile; ++t) row[t] = first < in && t < left ? xs[(tile * kTile + t) * in + first] : 0;
       }
     }
   });
@@ -151,12 +155,20 @@ void strips(const at::Tensor& x, int64_t out, const ExpandRow& expand_row, Out* 
       }
     }
     _tile_release();
+    // Each sum tile is [16 rows][16 tokens]; y wants [token][row]: a gather with stride 16 reads one token's column.
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(kTile));
     for (int64_t strip = strip_begin; strip < strip_end; ++strip) {
       const int64_t o0 = strip * kTile, rows = std::min(kTile, out - o0);
+      const __mmask16 live = rows == kTile ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
       for (int64_t token = 0; token < tokens; ++token) {
-        const float* column = sums.data() + (strip * tiles + token / kTile) * tile_floats + token % kTile;
-        Out* yt = y + token * out + o0;
-        for (int64_t n = 0; n < rows; ++n) yt[n] = static_cast<Out>(column[n * kTile]);
+        const float* tile_sums = sums.data() + (strip * tiles + token / kTile) * tile_floats + token % kTile;
+        const __m512 sums_of_token = _mm512_i32gather_ps(column, tile_sums, 4);
+        if constexpr (std::is_same_v<Out, float>) {
+          _mm512_mask_storeu_ps(y + token * out + o0, live, sums_of_token);
+        } else {
+          _mm256_mask_storeu_epi16(y + token * out + o0, live, (__m256i)_mm512_cvtneps_pbh(sums_of_token));
+        }
       }
     }
   });
@@ -164,4 +176,4 @@ void strips(const at::Tensor& x, int64_t out, const ExpandRow& expand_row, Out* 
 
 }  // namespace slimserve_amx
 
-#endif  // AMX + AVX512BW + AVX512VBMI2 on Linux
+#endif  // AMX + AVX512_BF16 + AVX512BW + AVX512VBMI2 on Linux
