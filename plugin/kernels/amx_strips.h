@@ -10,7 +10,9 @@
 // unit multiplies bf16 exactly into fp32 sums, as a bf16 GEMM does.
 //
 // Measured and kept simple (docs/methods/nm.md): expanding each span just before its tile load was 1.4x slower (the
-// tile load waits for the vector stores to reach L1), and four token tiles per weight-tile load were no faster.
+// tile load waits for the vector stores to reach L1), and four token tiles per weight-tile load were no faster; two
+// strips per block (with one or two token tiles, so each token tile load feeds two multiplies) and input chunks of 8
+// or 32 spans were slower at 500 tokens on an Intel Xeon (11-14 against 8 ms for [5632, 2048]).
 #pragma once
 
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && \
@@ -100,8 +102,8 @@ constexpr int64_t kChunkSpans = 16;
 constexpr int64_t kWholeRowTiles = 4;
 
 // y [tokens, out] = x · Wᵀ for contiguous bf16 x [tokens, in], y float32 or bf16 (rounded once from the fp32 sums, as
-// a bf16 GEMM's output: a separate fp32 -> bf16 pass over y cost about a quarter of a 500-token prefill of 2:4). Threads take strips of 16 rows; each walks the inputs in
-// K-chunks, expands its strips' chunk with `expand_row(o, dense, span_stride, s0, s1)` (row o's 32 bf16 inputs of
+// a bf16 GEMM's output: a separate fp32 -> bf16 pass over y cost about a quarter of a 500-token prefill of 2:4).
+// Threads take strips of 16 rows; each walks the inputs in K-chunks, expands its strips' chunk with `expand_row(o, dense, span_stride, s0, s1)` (row o's 32 bf16 inputs of
 // span s written at dense + (s - s0) * span_stride, padding past the row's inputs zero) and adds its product with
 // every token tile to sums kept per strip and tile, so each weight element is expanded once a call. The chunk is
 // span-major, so each [16 rows, 32 inputs] tile is one contiguous KiB: row-major with a stride of 2 * in bytes put
