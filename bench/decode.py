@@ -55,7 +55,7 @@ HEADING = "## Decode throughput in vLLM (issue 2)"
 MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,
              vocab_size=512, dtype=torch.bfloat16)
 VARIANTS = ["dense"] + [f"{scheme}-{r}" for scheme in ("lowrank", "dictsparse") for r in ("0.2", "0.3", "0.5")]
-VARIANTS += ["nm-2:4", "nm-4:8"]  # N:M semi-structured sparsity, named kept:group
+VARIANTS += ["nm-2:4", "nm-4:8", "nm-1:4"]  # N:M semi-structured sparsity, named kept:group
 # dictsparse sized by --budget bytes (bf16): the encoding writers pick (bitmask here), and the same sizes forced to ELL
 VARIANTS += ["dictsparse-bytes-0.3", "dictsparse-ell-bytes-0.3"]
 VARIANTS += ["lowrank_sparse-bytes-0.3"]  # U·V + S at OATS's split of 30 % of the bytes removed

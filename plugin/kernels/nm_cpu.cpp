@@ -6,8 +6,9 @@
 // 2:4 has a permute path: 16 values (8 groups) cover 32 consecutive inputs and their 32 offset bits are one uint32,
 // decoded into 16 lane indices with a variable shift; the x entries are picked out of two registers with a permute
 // (AVX-512 vpermt2ps; AVX2 two vpermps and a blend). 4:8 has the same path with 3-bit offsets (16 values = 4 groups
-// = 32 inputs, 48 offset bits); the two differ only in how a block's offsets become lane indices (block_index).
-// Other patterns decode each row's columns into a small buffer and gather. Built at first use by
+// = 32 inputs, 48 offset bits); the two differ only in how a block's offsets become lane indices (block_index). 1:4
+// too, with 16 values covering 64 inputs (two permutes and a fixed blend). Other patterns decode each row's columns
+// into a small buffer and gather. Built at first use by
 // plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512),
 // else scalar. Many-token steps multiply only the kept weights on AVX2 builds, elsewhere strips of rows decompressed
 // in cache (both in vector_rows.h). bf16 batches of 2:4 and 4:8 on CPUs with AMX run on the tile unit instead
@@ -91,9 +92,10 @@ template <typename V> inline __m256 load8(const V* p) {
 }
 #endif
 
-// The patterns with a permute path. Each stores half its inputs (stored = in / 2) and turns the offsets of one block
-// of stored values starting at j (16 with AVX-512, 8 with AVX2) into each value's input position relative to 2j,
-// the block's first input; rows_fixed does the rest.
+// The patterns with a permute path. Each turns the offsets of one block of stored values starting at j (16 with
+// AVX-512, 8 with AVX2) into each value's input position relative to the block's first input (group / kept * j);
+// rows_fixed does the rest. 2:4 and 4:8 store half their inputs, so a block spans 32 inputs (AVX2: 16); 1:4 a quarter,
+// so 64 (AVX2: 32).
 struct TwoOfFour {
   static constexpr int kKept = 2, kGroup = 4, kBits = 2;
 #if defined(__AVX512F__)
@@ -153,19 +155,75 @@ struct FourOfEight {
 #endif
 };
 
+// 1:4: one kept value per group of 4, so value i of a block sits at input 4i + its 2-bit offset.
+struct OneOfFour {
+  static constexpr int kKept = 1, kGroup = 4, kBits = 2;
+#if defined(__AVX512F__)
+  // 16 values = 16 groups = inputs 4j .. 4j + 63; their 32 offset bits are one word
+  static __m512i block_index(const uint8_t* meta, int64_t j) {
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i bases = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
+    uint32_t word;
+    std::memcpy(&word, meta + j / 4, 4);
+    return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts),
+                                             _mm512_set1_epi32(3)), bases);
+  }
+#elif defined(SLIMSERVE_AVX2)
+  // 8 values = 8 groups = inputs 4j .. 4j + 31; 16 offset bits
+  static __m256i block_index(const uint8_t* meta, int64_t j) {
+    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i bases = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    uint16_t half;
+    std::memcpy(&half, meta + j / 4, 2);
+    return _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts),
+                                             _mm256_set1_epi32(3)), bases);
+  }
+#endif
+};
+
+#if defined(__AVX512F__)
+// The 16 x entries a block's indices name, from its window of 16 * kSpread inputs at xr (kSpread = group / kept).
+// A window of 64 (1:4) is two pairs of registers: lanes 0-7 always index the first 32 inputs, lanes 8-15 the last.
+template <int kSpread>
+inline __m512 pick16(const float* xr, __m512i idx) {
+  const __m512 low = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), idx, _mm512_loadu_ps(xr + 16));
+  if constexpr (kSpread == 2) {
+    return low;
+  } else {
+    const __m512 high = _mm512_permutex2var_ps(_mm512_loadu_ps(xr + 32), idx, _mm512_loadu_ps(xr + 48));
+    return _mm512_mask_blend_ps(0xFF00, low, high);
+  }
+}
+#elif defined(SLIMSERVE_AVX2)
+// The 8 x entries a block's indices name, from its window of 8 * kSpread inputs at xr: per 16 inputs two vpermps and
+// a blend on bit 3 of the index; a window of 32 (1:4) takes lanes 0-3 from the first 16 inputs, 4-7 from the last.
+template <int kSpread>
+inline __m256 pick8(const float* xr, __m256i idx) {
+  const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // bit 3 of the index as the sign bit
+  const auto half = [&](const float* x16) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(x16), idx),
+                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(x16 + 8), idx), upper);
+  };
+  if constexpr (kSpread == 2) {
+    return half(xr);
+  } else {
+    return _mm256_blend_ps(half(xr), half(xr + 16), 0xF0);
+  }
+}
+#endif
+
 // Rows of a permute-path pattern for a block of NT tokens (a compile-time count, so the NT accumulators stay in
 // registers): x is [tokens, in] float32 starting at the block's first token, y [tokens, out] float32 likewise. The
-// x entries of a block are picked out of two registers with a permute (AVX-512 vpermt2ps; AVX2 two vpermps and a
-// blend).
+// x entries of a block are picked out of its window with permutes (pick16 / pick8).
 template <typename V, int NT, typename Pattern>
 void rows_fixed(const float* x, const V* values, const uint8_t* positions, float* y, int64_t in, int64_t out,
                 int64_t row_begin, int64_t row_end) {
-  const int64_t stored = in / 2, meta_bytes = (stored * Pattern::kBits + 7) / 8;
+  constexpr int kSpread = Pattern::kGroup / Pattern::kKept;  // inputs per stored value
+  const int64_t stored = in / kSpread, meta_bytes = (stored * Pattern::kBits + 7) / 8;
 #if defined(__AVX512F__)
   const int64_t main = stored / 16 * 16;
 #elif defined(SLIMSERVE_AVX2)
   const int64_t main = stored / 8 * 8;
-  const __m256i seven = _mm256_set1_epi32(7);
 #else
   const int64_t main = 0;
 #endif
@@ -179,11 +237,7 @@ void rows_fixed(const float* x, const V* values, const uint8_t* positions, float
     for (int64_t j = 0; j < main; j += 16) {
       const __m512i idx = Pattern::block_index(meta, j);
       const __m512 vv = load16(val + j);
-      for (int n = 0; n < NT; ++n) {
-        const float* xr = x + n * in + 2 * j;
-        const __m512 picked = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), idx, _mm512_loadu_ps(xr + 16));
-        acc[n] = _mm512_fmadd_ps(picked, vv, acc[n]);
-      }
+      for (int n = 0; n < NT; ++n) acc[n] = _mm512_fmadd_ps(pick16<kSpread>(x + n * in + kSpread * j, idx), vv, acc[n]);
     }
     for (int n = 0; n < NT; ++n) sums[n] = _mm512_reduce_add_ps(acc[n]);
 #elif defined(SLIMSERVE_AVX2)
@@ -191,14 +245,8 @@ void rows_fixed(const float* x, const V* values, const uint8_t* positions, float
     for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
     for (int64_t j = 0; j < main; j += 8) {
       const __m256i idx = Pattern::block_index(meta, j);
-      const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
       const __m256 vv = load8(val + j);
-      for (int n = 0; n < NT; ++n) {
-        const float* xr = x + n * in + 2 * j;
-        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx);
-        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx);
-        acc[n] = _mm256_fmadd_ps(_mm256_blendv_ps(lo, hi, upper), vv, acc[n]);
-      }
+      for (int n = 0; n < NT; ++n) acc[n] = _mm256_fmadd_ps(pick8<kSpread>(x + n * in + kSpread * j, idx), vv, acc[n]);
     }
     for (int n = 0; n < NT; ++n) sums[n] = reduce_add8(acc[n]);
 #else
@@ -405,6 +453,8 @@ void matmul_dispatch(const torch::Tensor& xf, const torch::Tensor& values, const
       rows_tokens<V, TwoOfFour>(x, val, meta, yp, tokens, in, out, begin, end);
     } else if (kept == 4 && group == 8) {
       rows_tokens<V, FourOfEight>(x, val, meta, yp, tokens, in, out, begin, end);
+    } else if (kept == 1 && group == 4) {
+      rows_tokens<V, OneOfFour>(x, val, meta, yp, tokens, in, out, begin, end);
     } else {
       rows_general<V>(x, val, meta, yp, tokens, in, out, kept, group, begin, end);
     }
