@@ -96,23 +96,26 @@ template <typename V> inline __m256 load8(const V* p) {
 // AVX-512, 8 with AVX2) into each value's input position relative to the block's first input (group / kept * j);
 // rows_fixed does the rest. 2:4 and 4:8 store half their inputs, so a block spans 32 inputs (AVX2: 16); 1:4 a quarter,
 // so 64 (AVX2: 32).
-struct TwoOfFour {
-  static constexpr int kKept = 2, kGroup = 4, kBits = 2;
+// 2:4 and 1:4: 2-bit offsets, so a block's 16 values (AVX2: 8) have one 32-bit word (16 bits) of offsets; value i
+// sits in group i / kKept, at input 4 (i / kKept) + its offset from the block's first input.
+template <int KeptOfFour>
+struct OfFour {
+  static constexpr int kKept = KeptOfFour, kGroup = 4, kBits = 2;
 #if defined(__AVX512F__)
-  // 16 values = 8 groups = inputs 2j .. 2j + 31; their 32 offset bits are one word
   static __m512i block_index(const uint8_t* meta, int64_t j) {
-    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i bases = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i shifts = _mm512_slli_epi32(lanes, 1);
+    const __m512i bases = _mm512_slli_epi32(_mm512_srli_epi32(lanes, kKept - 1), 2);  // 4 (i / kKept), kKept 1 or 2
     uint32_t word;
     std::memcpy(&word, meta + j / 4, 4);
     return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts),
                                              _mm512_set1_epi32(3)), bases);
   }
 #elif defined(SLIMSERVE_AVX2)
-  // 8 values = 4 groups = inputs 2j .. 2j + 15; 16 offset bits
   static __m256i block_index(const uint8_t* meta, int64_t j) {
-    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    const __m256i bases = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i shifts = _mm256_slli_epi32(lanes, 1);
+    const __m256i bases = _mm256_slli_epi32(_mm256_srli_epi32(lanes, kKept - 1), 2);
     uint16_t half;
     std::memcpy(&half, meta + j / 4, 2);
     return _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts),
@@ -120,6 +123,8 @@ struct TwoOfFour {
   }
 #endif
 };
+using TwoOfFour = OfFour<2>;
+using OneOfFour = OfFour<1>;
 
 struct FourOfEight {
   static constexpr int kKept = 4, kGroup = 8, kBits = 3;
@@ -151,32 +156,6 @@ struct FourOfEight {
     return _mm256_add_epi32(
         _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), _mm256_set1_epi32(7)),
         bases);
-  }
-#endif
-};
-
-// 1:4: one kept value per group of 4, so value i of a block sits at input 4i + its 2-bit offset.
-struct OneOfFour {
-  static constexpr int kKept = 1, kGroup = 4, kBits = 2;
-#if defined(__AVX512F__)
-  // 16 values = 16 groups = inputs 4j .. 4j + 63; their 32 offset bits are one word
-  static __m512i block_index(const uint8_t* meta, int64_t j) {
-    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i bases = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
-    uint32_t word;
-    std::memcpy(&word, meta + j / 4, 4);
-    return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts),
-                                             _mm512_set1_epi32(3)), bases);
-  }
-#elif defined(SLIMSERVE_AVX2)
-  // 8 values = 8 groups = inputs 4j .. 4j + 31; 16 offset bits
-  static __m256i block_index(const uint8_t* meta, int64_t j) {
-    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    const __m256i bases = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    uint16_t half;
-    std::memcpy(&half, meta + j / 4, 2);
-    return _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts),
-                                             _mm256_set1_epi32(3)), bases);
   }
 #endif
 };
