@@ -101,13 +101,13 @@ inline void pack_tokens(const at::Tensor& x, std::vector<uint32_t>& packed) {
 constexpr int64_t kChunkSpans = 16;
 constexpr int64_t kWholeRowTiles = 4;
 
-// y [tokens, out] = x · Wᵀ for contiguous bf16 x [tokens, in], y float32 or bf16 (rounded once from the fp32 sums, as
-// a bf16 GEMM's output: a separate fp32 -> bf16 pass over y cost about a quarter of a 500-token prefill of 2:4).
-// Threads take strips of 16 rows; each walks the inputs in K-chunks, expands its strips' chunk with `expand_row(o, dense, span_stride, s0, s1)` (row o's 32 bf16 inputs of
-// span s written at dense + (s - s0) * span_stride, padding past the row's inputs zero) and adds its product with
-// every token tile to sums kept per strip and tile, so each weight element is expanded once a call. The chunk is
-// span-major, so each [16 rows, 32 inputs] tile is one contiguous KiB: row-major with a stride of 2 * in bytes put
-// all 16 rows of a tile load in one L1 set at in = 2048.
+// y [tokens, out] = x · Wᵀ for contiguous bf16 x [tokens, in], y float32 or bf16 (rounded once from the fp32 sums, as a
+// bf16 GEMM's output: a separate fp32 -> bf16 pass over y cost about a quarter of a 500-token prefill of 2:4). Threads
+// take strips of 16 rows; each walks the inputs in K-chunks, expands its strips' chunk with `expand_row(o, dense,
+// span_stride, s0, s1)` (row o's 32 bf16 inputs of span s written at dense + (s - s0) * span_stride, padding past the
+// row's inputs zero) and adds its product with every token tile to sums kept per strip and tile, so each weight element
+// is expanded once a call. The chunk is span-major, so each [16 rows, 32 inputs] tile is one contiguous KiB: row-major
+// with a stride of 2 * in bytes put all 16 rows of a tile load in one L1 set at in = 2048.
 template <typename ExpandRow, typename Out>
 void strips(const at::Tensor& x, int64_t out, const ExpandRow& expand_row, Out* y) {
   const int64_t tokens = x.size(0), in = x.size(1);

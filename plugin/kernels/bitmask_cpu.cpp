@@ -228,9 +228,9 @@ struct BitmaskSpans {
 // bf16 batches from this many tokens take the tile unit (bench/sparse_kernels.py: the batched vector loop ran at
 // 0.2-0.5x of the dense layer from 2 tokens on). One token takes the one-token dot loop where the build has it
 // (expanded_dot_one): on an Intel Xeon with AMX, 74 % of atoms kept, bf16, 2 threads, each call on the next of ~400 MB
-// of weight copies,
-// [5632, 2048] / [2048, 5632] / [1536, 576] took 1.10 / 0.89 / 0.117 ms there, 1.5-1.6 / 1.4 / 0.12 ms on the tile
-// unit (bound by expanding rows into strips) and 1.7 / 1.8 / 0.16 ms in the one-token loop (dense: 0.96 / 0.90 / 0.09).
+// of weight copies, [5632, 2048] / [2048, 5632] / [1536, 576] took 1.10 / 0.89 / 0.117 ms there,
+// 1.5-1.6 / 1.4 / 0.12 ms on the tile unit (bound by expanding rows into strips) and 1.7 / 1.8 / 0.16 ms in the
+// one-token loop (dense: 0.96 / 0.90 / 0.09 ms).
 constexpr int64_t kAmxFromTokens = 2;
 
 // y [tokens, out] bf16 = z · Cᵀ on the tile unit, for bf16 z and values.

@@ -8,9 +8,8 @@
 // (AVX-512 vpermt2ps; AVX2 two vpermps and a blend). 4:8 has the same path with 3-bit offsets (16 values = 4 groups
 // = 32 inputs, 48 offset bits); the two differ only in how a block's offsets become lane indices (block_index). 1:4
 // too, with 16 values covering 64 inputs (two permutes and a fixed blend). Other patterns decode each row's columns
-// into a small buffer and gather. Built at first use by
-// plugin/kernels/cpp.py for the best ISA the flags allow: AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512),
-// else scalar. Many-token steps multiply only the kept weights on AVX2 builds, elsewhere strips of rows decompressed
+// into a small buffer and gather. Built at first use by plugin/kernels/cpp.py for the best ISA the flags allow:
+// AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512), else scalar. Many-token steps multiply only the kept weights on AVX2 builds, elsewhere strips of rows decompressed
 // in cache (both in vector_rows.h). bf16 batches of 2:4 and 4:8 on CPUs with AMX run on the tile unit instead
 // (amx_strips.h), prefill included.
 #include <torch/extension.h>
