@@ -216,9 +216,12 @@ def test_many_tokens_on_the_stored_values_only_equal_the_reference(dtype: torch.
 
 
 @pytest.mark.parametrize("tile_unit", ["1", "0"])
-@pytest.mark.parametrize("batch", [1, 2, 17, 300])  # one token tile, a partial second, past DENSE_FROM_TOKENS
+# One token tile narrower than 16, a partial second, four (kept in tile registers), past DENSE_FROM_TOKENS
+@pytest.mark.parametrize("batch", [1, 2, 17, 64, 300])
+# 3 spans (less than one expanded chunk of 8); 1547: 49 spans, six whole chunks and one of 1, the last span partial
+@pytest.mark.parametrize("atoms", [75, 1547])
 def test_bf16_batches_equal_the_reference_on_and_off_the_amx_tile_unit(
-        tile_unit: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        tile_unit: str, batch: int, atoms: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """On AMX hosts bf16 batches run on the tile unit (SLIMSERVE_AMX=0 keeps them on the vector loops)."""
     kernel = bitmask._cpu_kernel()
     if kernel is None or not kernel.amx_usable():
@@ -226,11 +229,11 @@ def test_bf16_batches_equal_the_reference_on_and_off_the_amx_tile_unit(
     monkeypatch.setenv("SLIMSERVE_AMX", tile_unit)
     assert kernel.amx_usable() == (tile_unit == "1")
     torch.manual_seed(0)
-    values, mask = sparse_rows.dense_to_bitmask(torch.randn(37, 75), 30)  # 37 rows: strips of 16; 75 atoms: 3 spans
+    values, mask = sparse_rows.dense_to_bitmask(torch.randn(37, atoms), atoms * 2 // 5)  # 37 rows: strips of 16
     values = values.to(torch.bfloat16)
-    z = torch.randn(batch, 75, dtype=torch.bfloat16)
+    z = torch.randn(batch, atoms, dtype=torch.bfloat16)
     expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
-    out = BitmaskMatmul(values, mask, 75)(z)
+    out = BitmaskMatmul(values, mask, atoms)(z)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
 

@@ -182,14 +182,17 @@ def _amx_kernel(in_features: int, kept: int, group: int):
 
 
 @pytest.mark.parametrize(("kept", "group"), [(2, 4), (4, 8)])
-@pytest.mark.parametrize("tokens", [5, 16, 17, 40])
-def test_bf16_batches_on_the_amx_tile_unit_equal_the_reference(kept: int, group: int, tokens: int) -> None:
-    # 37 rows: two whole strips of 16 and a partial one; 96 inputs: three tile depths of 32; 17 and 40 tokens: a
-    # partial second and third token tile.
-    kernel = _amx_kernel(96, kept, group)
-    weight = _pruned(37, 96, kept, group, seed=tokens).to(torch.bfloat16)
+@pytest.mark.parametrize("tokens", [3, 5, 16, 17, 40, 64])
+@pytest.mark.parametrize("in_features", [96, 1120])
+def test_bf16_batches_on_the_amx_tile_unit_equal_the_reference(kept: int, group: int, tokens: int,
+                                                                in_features: int) -> None:
+    # 37 rows: two whole strips of 16 and a partial one; 96 inputs: three tile depths of 32, less than one expanded
+    # chunk of 8; 1120 inputs: four whole chunks and one of 3 depths; 3 and 5 tokens: a lone tile narrower than 16;
+    # 17 and 40 tokens: a partial second and third token tile; 64: four whole tiles, the most kept in tile registers.
+    kernel = _amx_kernel(in_features, kept, group)
+    weight = _pruned(37, in_features, kept, group, seed=tokens).to(torch.bfloat16)
     tensors = pack_nm(weight, kept, group)
-    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
     got = kernel.nm_matmul(x, tensors["values"], tensors["positions"], kept, group)
     assert got.dtype == torch.bfloat16  # rounded once from the tile unit's fp32 sums
     torch.testing.assert_close(got.float(), x.float() @ weight.float().t(), rtol=BF16_ROUNDING, atol=1e-3)

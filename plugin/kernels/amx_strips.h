@@ -57,67 +57,184 @@ struct alignas(64) TileConfig {
 
 inline int64_t padded_depth(int64_t in) { return (in + kDepth - 1) / kDepth * kDepth; }
 
-// Scratch of the calling thread, kept across calls: at prefill sizes (MiB) a fresh allocation was page-faulted on
-// every call of every layer.
+// `count` elements of the calling thread's scratch of type T, kept across calls (at prefill sizes, MiB, a fresh
+// allocation was page-faulted on every call of every layer), at a 64-byte boundary: a tile row that straddles two
+// cache lines takes two loads, and with the vectors' own alignment, which varies from process to process, the same
+// 512-token product ran in 7 or in 15 ms.
 template <typename T>
-std::vector<T>& scratch() {
+T* scratch(int64_t count) {
+  static_assert(64 % sizeof(T) == 0);
   thread_local std::vector<T> buffer;
-  return buffer;
+  buffer.resize(count + 64 / sizeof(T));
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<T*>((address + 63) / 64 * 64);
 }
 
-// x [tokens, in] bf16 as the tile unit's second operand: per tile of 16 tokens and per pair of inputs (2i, 2i + 1)
-// one 64-byte row holding (x[t, 2i], x[t, 2i + 1]) for the 16 tokens; zeros past the last token and past `in` (up to
-// the depth padded to 32, so the expanded rows' padding multiplies zeros).
-inline void pack_tokens(const at::Tensor& x, std::vector<uint32_t>& packed) {
+// x [tokens, in] bf16 as the tile unit's second operand: per tile of `lanes` tokens (16, or all tokens when fewer) and
+// per pair of inputs (2i, 2i + 1) one row of 4 * lanes bytes holding (x[t, 2i], x[t, 2i + 1]) for those tokens; zeros
+// past the last token and past `in` (up to the depth padded to 32, so the expanded rows' padding multiplies zeros).
+inline const uint32_t* pack_tokens(const at::Tensor& x, int64_t lanes) {
   const int64_t tokens = x.size(0), in = x.size(1), pairs = padded_depth(in) / 2;
-  const int64_t tiles = (tokens + kTile - 1) / kTile;
+  const int64_t tiles = (tokens + lanes - 1) / lanes;
   TORCH_CHECK(kTile * in < INT32_MAX, "AMX strips: 16 x in_features must fit int32 offsets");
-  packed.resize(tiles * pairs * kTile);
-  uint32_t* rows = packed.data();
+  uint32_t* rows = scratch<uint32_t>(tiles * pairs * lanes);
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   // Offsets of token t's element in a tile, in bf16 units: one 32-bit gather reads a pair for 16 tokens.
   const __m512i token_offsets = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(in)));
   at::parallel_for(0, tiles * pairs, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t tile = r / pairs, first = 2 * (r % pairs), left = tokens - tile * kTile;
+      const int64_t tile = r / pairs, first = 2 * (r % pairs), left = std::min(lanes, tokens - tile * lanes);
       const __mmask16 live = left >= kTile ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-      uint32_t* row = rows + r * kTile;
+      uint32_t* row = rows + r * lanes;
       if (first + 1 < in) {
         const __m512i both = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, token_offsets,
-                                                         xs + tile * kTile * in + first, 2);
-        _mm512_storeu_si512(row, both);
+                                                         xs + tile * lanes * in + first, 2);
+        _mm512_mask_storeu_epi32(row, lanes == kTile ? 0xFFFF : static_cast<__mmask16>((1u << lanes) - 1), both);
       } else {  // the last input of an odd count (its pair's second half zero), or padding past the inputs
-        for (int64_t t = 0; t < kTile; ++t) row[t] = first < in && t < left ? xs[(tile * kTile + t) * in + first] : 0;
+        for (int64_t t = 0; t < lanes; ++t) row[t] = first < in && t < left ? xs[(tile * lanes + t) * in + first] : 0;
       }
     }
   });
+  return rows;
 }
 
-// Inputs per K-chunk for many tokens, in spans of 32: 512 inputs, so x's chunk for 500 tokens is 512 KiB (L2).
-// Without chunks each strip multiplied all of x: at 500 tokens and 5632 inputs that streamed 5.6 MiB of packed x
-// from L3 per strip. Up to kWholeRowTiles token tiles x fits in L2 whole and a strip's rows are expanded end to end
-// (chunked, each row was read in 256-byte pieces 2 KiB apart, and 8 tokens ran 1.7x slower).
-constexpr int64_t kChunkSpans = 16;
-constexpr int64_t kWholeRowTiles = 4;
+// Writes strip `o0`'s sums to y [tokens, out]: `sums` holds per token tile one [16 rows][lanes tokens] fp32 tile, y
+// wants [token][row], so a gather with stride `lanes` reads one token's column. bf16 y is rounded once from the fp32
+// sums, as a bf16 GEMM's output (a separate fp32 -> bf16 pass over y cost about a quarter of a 500-token 2:4 prefill).
+template <typename Out>
+inline void write_strip(const float* sums, int64_t lanes, int64_t tokens, int64_t out, int64_t o0, Out* y) {
+  const int64_t rows = std::min(kTile, out - o0);
+  const __mmask16 live = rows == kTile ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(lanes)));
+  for (int64_t token = 0; token < tokens; ++token) {
+    const __m512 sums_of_token = _mm512_i32gather_ps(column, sums + token / lanes * kTile * lanes + token % lanes, 4);
+    if constexpr (std::is_same_v<Out, float>) {
+      _mm512_mask_storeu_ps(y + token * out + o0, live, sums_of_token);
+    } else {
+      _mm256_mask_storeu_epi16(y + token * out + o0, live, (__m256i)_mm512_cvtneps_pbh(sums_of_token));
+    }
+  }
+}
 
-// y [tokens, out] = x · Wᵀ for contiguous bf16 x [tokens, in], y float32 or bf16 (rounded once from the fp32 sums, as a
-// bf16 GEMM's output: a separate fp32 -> bf16 pass over y cost about a quarter of a 500-token prefill of 2:4). Threads
-// take strips of 16 rows; each walks the inputs in K-chunks, expands its strips' chunk with `expand_row(o, dense,
-// span_stride, s0, s1)` (row o's 32 bf16 inputs of span s written at dense + (s - s0) * span_stride, padding past the
-// row's inputs zero) and adds its product with every token tile to sums kept per strip and tile, so each weight element
-// is expanded once a call. The chunk is span-major, so each [16 rows, 32 inputs] tile is one contiguous KiB: row-major
-// with a stride of 2 * in bytes put all 16 rows of a tile load in one L1 set at in = 2048.
+// Up to this many token tiles (64 tokens: decode batches, speculative verification) a strip's sums stay in tile
+// registers tmm0-3 while the strip walks its inputs in chunks of kL1ChunkSpans spans, each expanded into one of two
+// 8 KiB buffers just before it is multiplied, so weight tiles load from L1 (a whole expanded strip, 64 KiB at 2048
+// inputs, did not fit there, and its tile loads came from L2).
+constexpr int64_t kRegisterTiles = 4;
+constexpr int64_t kL1ChunkSpans = 8;
+
+// One span of a strip times `Tiles` token tiles: weights in tmm4, tokens through tmm5-7, sums in tmm0 .. Tiles - 1.
+template <int Tiles>
+inline void multiply_span(const uint16_t* weights, const uint32_t* tokens, int64_t tile_step, int64_t stride) {
+  _tile_loadd(4, weights, 64);
+  _tile_loadd(5, tokens, stride);
+  _tile_dpbf16ps(0, 4, 5);
+  if constexpr (Tiles > 1) {
+    _tile_loadd(6, tokens + tile_step, stride);
+    _tile_dpbf16ps(1, 4, 6);
+  }
+  if constexpr (Tiles > 2) {
+    _tile_loadd(7, tokens + 2 * tile_step, stride);
+    _tile_dpbf16ps(2, 4, 7);
+  }
+  if constexpr (Tiles > 3) {
+    _tile_loadd(5, tokens + 3 * tile_step, stride);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+}
+
+template <int Tiles>
+inline void store_sums(float* sums, int64_t stride) {
+  _tile_stored(0, sums, stride);
+  if constexpr (Tiles > 1) _tile_stored(1, sums + kTile * kTile, stride);
+  if constexpr (Tiles > 2) _tile_stored(2, sums + 2 * kTile * kTile, stride);
+  if constexpr (Tiles > 3) _tile_stored(3, sums + 3 * kTile * kTile, stride);
+}
+
+template <int Tiles>
+inline void zero_sums() {
+  _tile_zero(0);
+  if constexpr (Tiles > 1) _tile_zero(1);
+  if constexpr (Tiles > 2) _tile_zero(2);
+  if constexpr (Tiles > 3) _tile_zero(3);
+}
+
+// y = x · Wᵀ for up to kRegisterTiles token tiles (see strips); x packed by pack_tokens with `lanes` tokens a tile.
+template <int Tiles, typename ExpandRow, typename Out>
+void register_strips(const uint32_t* packed, int64_t lanes, int64_t tokens, int64_t in, int64_t out,
+                     const ExpandRow& expand_row, Out* y) {
+  const int64_t depth = padded_depth(in), spans = depth / kDepth, strip_count = (out + kTile - 1) / kTile;
+  const int64_t tile_step = depth / 2 * lanes, span_step = kDepth / 2 * lanes, stride = 4 * lanes;
+  at::parallel_for(0, strip_count, 1, [&](int64_t strip_begin, int64_t strip_end) {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {  // tmm0-3: sums [16 rows, lanes tokens] fp32; tmm4: weights; tmm5-7: tokens
+      config.rows[t] = kTile;
+      config.colsb[t] = t == 4 ? 64 : static_cast<uint16_t>(stride);
+    }
+    _tile_loadconfig(&config);
+    alignas(64) uint16_t chunks[2][kTile * kL1ChunkSpans * kDepth];
+    alignas(64) float sums[kRegisterTiles * kTile * kTile];
+    int64_t chunk_count = 0;
+    for (int64_t strip = strip_begin; strip < strip_end; ++strip) {
+      const int64_t o0 = strip * kTile, rows = std::min(kTile, out - o0);
+      int64_t consumed[kTile] = {};
+      zero_sums<Tiles>();
+      for (int64_t s0 = 0; s0 < spans; s0 += kL1ChunkSpans) {
+        const int64_t s1 = std::min(spans, s0 + kL1ChunkSpans);
+        uint16_t* chunk = chunks[chunk_count++ & 1];  // the other buffer may still feed tile loads in flight
+        for (int64_t n = 0; n < kTile; ++n) {
+          uint16_t* dense = chunk + n * kDepth;
+          if (n < rows) {
+            expand_row(o0 + n, dense, kTile * kDepth, s0, s1, consumed[n]);
+          } else {
+            for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(dense + (s - s0) * kTile * kDepth, _mm512_setzero_si512());
+          }
+        }
+        for (int64_t s = s0; s < s1; ++s) {
+          multiply_span<Tiles>(chunk + (s - s0) * kTile * kDepth, packed + s * span_step, tile_step, stride);
+        }
+      }
+      store_sums<Tiles>(sums, stride);
+      write_strip(sums, lanes, tokens, out, o0, y);
+    }
+    _tile_release();
+  });
+}
+
+// Inputs per K-chunk above kRegisterTiles token tiles, in spans of 32: 512 inputs, so x's chunk for 500 tokens is
+// 512 KiB (L2). Without chunks each strip multiplied all of x: at 500 tokens and 5632 inputs that streamed 5.6 MiB of
+// packed x from L3 per strip.
+constexpr int64_t kChunkSpans = 16;
+// Strips per block above kRegisterTiles token tiles: a block walks all K-chunks before the next starts, so its sums
+// (32 KiB a strip at 512 tokens, 512 KiB a block) stay in L2 beside x's chunk; with all of a thread's strips in one
+// pass their sums (11 MiB at [5632, 2048]) crossed L3 twice a chunk.
+constexpr int64_t kBlockStrips = 16;
+
+// y [tokens, out] = x · Wᵀ for contiguous bf16 x [tokens, in], y float32 or bf16 (rounded once from the fp32 sums).
+// Threads take strips of 16 rows and expand each strip's rows chunk by chunk with `expand_row(o, dense, span_stride,
+// s0, s1, consumed)` (row o's 32 bf16 inputs of span s written at dense + (s - s0) * span_stride, padding past the
+// row's inputs zero; `consumed` starts at 0 and is the expander's to carry from one chunk of a row to the next, e.g.
+// how many stored values the spans before s0 used), so each weight element is expanded once a call. A chunk is span-major, so each [16 rows, 32 inputs] tile is
+// one contiguous KiB: row-major with a stride of 2 * in bytes put all 16 rows of a tile load in one L1 set at in =
+// 2048. Up to kRegisterTiles token tiles the sums stay in tile registers (register_strips); above, the threads walk
+// the inputs in K-chunks over all their strips and keep the sums per strip and token tile in memory.
 template <typename ExpandRow, typename Out>
 void strips(const at::Tensor& x, int64_t out, const ExpandRow& expand_row, Out* y) {
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t depth = padded_depth(in), spans = depth / kDepth, tiles = (tokens + kTile - 1) / kTile;
   const int64_t strip_count = (out + kTile - 1) / kTile, tile_floats = kTile * kTile;
-  std::vector<uint32_t>& packed_tokens = scratch<uint32_t>();
-  pack_tokens(x, packed_tokens);
-  const uint32_t* packed = packed_tokens.data();
-  std::vector<float>& sums = scratch<float>();  // [strip][token tile][16 rows][16 tokens], written before read
-  sums.resize(strip_count * tiles * tile_floats);
+  // A lone tile of fewer than 16 tokens is packed and multiplied at its own width: half the loads at 8 tokens.
+  const int64_t lanes = std::min(kTile, tokens);
+  const uint32_t* packed = pack_tokens(x, lanes);
+  switch (tiles) {
+    case 1: return register_strips<1>(packed, lanes, tokens, in, out, expand_row, y);
+    case 2: return register_strips<2>(packed, lanes, tokens, in, out, expand_row, y);
+    case 3: return register_strips<3>(packed, lanes, tokens, in, out, expand_row, y);
+    case 4: return register_strips<4>(packed, lanes, tokens, in, out, expand_row, y);
+    default: break;
+  }
   at::parallel_for(0, strip_count, 1, [&](int64_t strip_begin, int64_t strip_end) {
     TileConfig config;
     for (int t = 0; t < 3; ++t) {  // tmm0: sums [16 rows, 16 tokens] fp32; tmm1: weights; tmm2: tokens
@@ -125,54 +242,46 @@ void strips(const at::Tensor& x, int64_t out, const ExpandRow& expand_row, Out* 
       config.colsb[t] = 64;
     }
     _tile_loadconfig(&config);
-    const int64_t chunk_spans = tiles <= kWholeRowTiles ? spans : kChunkSpans;
-    std::vector<uint16_t> chunk(kTile * chunk_spans * kDepth);
-    for (int64_t s0 = 0; s0 < spans; s0 += chunk_spans) {
-      const int64_t s1 = std::min(spans, s0 + chunk_spans);
-      for (int64_t strip = strip_begin; strip < strip_end; ++strip) {
-        const int64_t o0 = strip * kTile, rows = std::min(kTile, out - o0);
-        for (int64_t n = 0; n < kTile; ++n) {
-          uint16_t* dense = chunk.data() + n * kDepth;
-          if (n < rows) {
-            expand_row(o0 + n, dense, kTile * kDepth, s0, s1);
-          } else {
-            for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(dense + (s - s0) * kTile * kDepth, _mm512_setzero_si512());
+    alignas(64) uint16_t chunk[kTile * kChunkSpans * kDepth];
+    int64_t consumed[kBlockStrips * kTile];
+    float* sums = scratch<float>(kBlockStrips * tiles * tile_floats);  // [strip of the block][token tile][16][16]
+    for (int64_t block = strip_begin; block < strip_end; block += kBlockStrips) {
+      const int64_t block_end = std::min(strip_end, block + kBlockStrips);
+      std::fill(consumed, consumed + kBlockStrips * kTile, 0);
+      for (int64_t s0 = 0; s0 < spans; s0 += kChunkSpans) {
+        const int64_t s1 = std::min(spans, s0 + kChunkSpans);
+        for (int64_t strip = block; strip < block_end; ++strip) {
+          const int64_t o0 = strip * kTile, rows = std::min(kTile, out - o0);
+          for (int64_t n = 0; n < kTile; ++n) {
+            uint16_t* dense = chunk + n * kDepth;
+            if (n < rows) {
+              expand_row(o0 + n, dense, kTile * kDepth, s0, s1, consumed[(strip - block) * kTile + n]);
+            } else {
+              for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(dense + (s - s0) * kTile * kDepth, _mm512_setzero_si512());
+            }
+          }
+          for (int64_t tile = 0; tile < tiles; ++tile) {
+            float* partial = sums + ((strip - block) * tiles + tile) * tile_floats;
+            if (s0 == 0) {
+              _tile_zero(0);
+            } else {
+              _tile_loadd(0, partial, 64);
+            }
+            const uint32_t* xs = packed + tile * (depth / 2) * kTile;
+            for (int64_t s = s0; s < s1; ++s) {
+              _tile_loadd(1, chunk + (s - s0) * kTile * kDepth, 64);
+              _tile_loadd(2, xs + s * (kDepth / 2) * kTile, 64);
+              _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, partial, 64);
           }
         }
-        for (int64_t tile = 0; tile < tiles; ++tile) {
-          float* partial = sums.data() + (strip * tiles + tile) * tile_floats;
-          if (s0 == 0) {
-            _tile_zero(0);
-          } else {
-            _tile_loadd(0, partial, 64);
-          }
-          const uint32_t* xs = packed + tile * (depth / 2) * kTile;
-          for (int64_t s = s0; s < s1; ++s) {
-            _tile_loadd(1, chunk.data() + (s - s0) * kTile * kDepth, 64);
-            _tile_loadd(2, xs + s * (kDepth / 2) * kTile, 64);
-            _tile_dpbf16ps(0, 1, 2);
-          }
-          _tile_stored(0, partial, 64);
-        }
+      }
+      for (int64_t strip = block; strip < block_end; ++strip) {
+        write_strip(sums + (strip - block) * tiles * tile_floats, kTile, tokens, out, strip * kTile, y);
       }
     }
     _tile_release();
-    // Each sum tile is [16 rows][16 tokens]; y wants [token][row]: a gather with stride 16 reads one token's column.
-    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(kTile));
-    for (int64_t strip = strip_begin; strip < strip_end; ++strip) {
-      const int64_t o0 = strip * kTile, rows = std::min(kTile, out - o0);
-      const __mmask16 live = rows == kTile ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
-      for (int64_t token = 0; token < tokens; ++token) {
-        const float* tile_sums = sums.data() + (strip * tiles + token / kTile) * tile_floats + token % kTile;
-        const __m512 sums_of_token = _mm512_i32gather_ps(column, tile_sums, 4);
-        if constexpr (std::is_same_v<Out, float>) {
-          _mm512_mask_storeu_ps(y + token * out + o0, live, sums_of_token);
-        } else {
-          _mm256_mask_storeu_epi16(y + token * out + o0, live, (__m256i)_mm512_cvtneps_pbh(sums_of_token));
-        }
-      }
-    }
   });
 }
 

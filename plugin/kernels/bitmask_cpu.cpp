@@ -207,6 +207,7 @@ struct BitmaskSpans {
   const uint8_t* mask;
   int64_t mask_bytes;
   const uint16_t* packed;
+  const uint16_t* values_end;  // of the whole values tensor: a span loads 32 values unmasked where that many remain
   int64_t span = 0;
   __m512i next() {
     uint32_t bits = 0;
@@ -217,7 +218,9 @@ struct BitmaskSpans {
       for (int64_t b = first; b < mask_bytes; ++b) bits |= static_cast<uint32_t>(mask[b]) << (8 * (b - first));
     }
     const int count = __builtin_popcount(bits);
-    const __m512i dense = slimserve_rows::expand_bf16(packed, bits, count);
+    const __m512i dense = packed + 32 <= values_end
+        ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(packed))
+        : slimserve_rows::expand_bf16(packed, bits, count);
     packed += count;
     return dense;
   }
@@ -238,16 +241,12 @@ torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, co
   const int64_t out = values.size(0), nnz = values.size(1), mask_bytes = mask.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* msk = mask.data_ptr<uint8_t>();
-  const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1) {
-    const uint8_t* row = msk + o * mask_bytes;
-    const uint16_t* packed = val + o * nnz;
-    for (int64_t b = 0; b < 4 * s0; b += 8) {  // skip the values of the atoms before span s0
-      uint64_t word = 0;
-      std::memcpy(&word, row + b, std::min<int64_t>(8, 4 * s0 - b));
-      packed += __builtin_popcountll(word);
-    }
-    BitmaskSpans spans{row, mask_bytes, packed, s0};
+  const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1,
+                               int64_t& consumed) {  // the values of row o that spans before s0 used
+    const uint16_t* row_values = val + o * nnz;
+    BitmaskSpans spans{msk + o * mask_bytes, mask_bytes, row_values + consumed, val + out * nnz, s0};
     for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(dense + (s - s0) * span_stride, spans.next());
+    consumed = spans.packed - row_values;
   };
   auto y = torch::empty({z.size(0), out}, z.options());
   slimserve_amx::strips(z, out, expand_row, y.data_ptr<c10::BFloat16>());
@@ -281,7 +280,10 @@ torch::Tensor bitmask_matmul_dot(torch::Tensor z, torch::Tensor values, torch::T
   const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* msk = mask.data_ptr<uint8_t>();
-  const auto row_spans = [&](int64_t o) { return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz}; };
+  const uint16_t* values_end = val + values.size(0) * nnz;
+  const auto row_spans = [&](int64_t o) {
+    return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz, values_end};
+  };
   if (z.size(0) == 1) return slimserve_rows::expanded_dot_one(z.contiguous(), values.size(0), row_spans);
   return slimserve_rows::expanded_dot(z.contiguous(), values.size(0), row_spans);
 }
@@ -331,15 +333,16 @@ namespace {
 // Rows first + begin .. first + end of C as dense rows in O (float32 or bf16; zeroed here) at rows begin .. end of
 // `strip`. bf16 rows of bf16 values are expanded 32 atoms at a time where VBMI2 allows, else set bit by set bit.
 template <typename V, typename O>
-void bitmask_rows_to_dense(const V* values, const uint8_t* mask, O* strip, int64_t atoms, int64_t nnz,
-                           int64_t mask_bytes, int64_t first, int64_t begin, int64_t end) {
+void bitmask_rows_to_dense(const V* values, const V* values_end, const uint8_t* mask, O* strip, int64_t atoms,
+                           int64_t nnz, int64_t mask_bytes, int64_t first, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const int64_t o = first + r;
     const V* v = values + o * nnz;
     O* row = strip + r * atoms;
 #if defined(__AVX512VBMI2__)
     if constexpr (std::is_same<V, c10::BFloat16>::value && std::is_same<O, c10::BFloat16>::value) {
-      BitmaskSpans spans{mask + o * mask_bytes, mask_bytes, reinterpret_cast<const uint16_t*>(v)};
+      BitmaskSpans spans{mask + o * mask_bytes, mask_bytes, reinterpret_cast<const uint16_t*>(v),
+                         reinterpret_cast<const uint16_t*>(values_end)};
       for (int64_t j = 0; j < atoms; j += 32) {
         const int64_t left = atoms - j;  // the last span is stored under a mask: the next row may be another thread's
         _mm512_mask_storeu_epi16(row + j, left >= 32 ? ~0u : (1u << left) - 1, spans.next());
@@ -372,17 +375,20 @@ torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch
 #else
   const bool bf16 = false;
 #endif
-  return slimserve_rows::strips_gemm(z, values.size(0), bf16 ? at::kBFloat16 : at::kFloat,
+  const int64_t out = values.size(0);
+  const c10::BFloat16* bf16_values = values.scalar_type() == at::kBFloat16 ? values.data_ptr<c10::BFloat16>() : nullptr;
+  return slimserve_rows::strips_gemm(z, out, bf16 ? at::kBFloat16 : at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
     if (bf16) {
-      bitmask_rows_to_dense(values.data_ptr<c10::BFloat16>(), msk, strip.data_ptr<c10::BFloat16>(), atoms, nnz,
+      bitmask_rows_to_dense(bf16_values, bf16_values + out * nnz, msk, strip.data_ptr<c10::BFloat16>(), atoms, nnz,
                             mask_bytes, first, begin, end);
     } else if (values.scalar_type() == at::kBFloat16) {
-      bitmask_rows_to_dense(values.data_ptr<c10::BFloat16>(), msk, strip.data_ptr<float>(), atoms, nnz, mask_bytes,
-                            first, begin, end);
+      bitmask_rows_to_dense(bf16_values, bf16_values + out * nnz, msk, strip.data_ptr<float>(), atoms, nnz,
+                            mask_bytes, first, begin, end);
     } else {
-      bitmask_rows_to_dense(values.data_ptr<float>(), msk, strip.data_ptr<float>(), atoms, nnz, mask_bytes, first,
-                            begin, end);
+      const float* fp32_values = values.data_ptr<float>();
+      bitmask_rows_to_dense(fp32_values, fp32_values + out * nnz, msk, strip.data_ptr<float>(), atoms, nnz,
+                            mask_bytes, first, begin, end);
     }
   });
 }

@@ -472,6 +472,16 @@ struct TwoOfFourMask {
     return byte_mask[m[0]] | (byte_mask[m[1]] << 8) | (byte_mask[m[2]] << 16) |
            (static_cast<uint32_t>(byte_mask[m[3]]) << 24);
   }
+  // The masks of spans span .. span + 7 (32 offset bytes) at once: each offsets nibble is one group, whose 4-input
+  // mask a 16-entry byte shuffle gives, where operator() costs eight dependent table loads a span.
+  void eight(const uint8_t* meta, int64_t span, uint32_t* masks) const {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(meta + span * 4));
+    const __m256i nibble = _mm256_set1_epi8(15);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_setr_epi8(1, 3, 5, 9, 3, 2, 6, 10, 5, 6, 4, 12, 9, 10, 12, 8));
+    const __m256i low = _mm256_shuffle_epi8(table, _mm256_and_si256(bytes, nibble));
+    const __m256i high = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(masks), _mm256_or_si256(low, _mm256_slli_epi16(high, 4)));
+  }
 };
 
 struct FourOfEightMask {
@@ -552,9 +562,10 @@ void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_
 
 #if defined(SLIMSERVE_AMX)
 // bf16 batches on CPUs with AMX run on the tile unit (amx_strips.h); 2:4 and 4:8 rows expand 32 inputs from their 16
-// kept values under the mask their offsets give. Measured with bench/nm_kernel.py: the permute path wins below 5
-// tokens (memory-bound, it reads only the stored bytes); from 5 tokens on, and for prefill, the tile unit wins.
-constexpr int64_t kAmxFromTokens = 5;
+// kept values under the mask their offsets give. Measured with bench/nm_kernel.py on an Intel Xeon (2 threads,
+// [5632, 2048] and [2048, 5632]): the permute path wins at 1 and 2 tokens (0.39-0.41 against 0.43-0.45 ms at 2; it
+// reads only the stored bytes), the two are level at 3, and from there on the tile unit wins, prefill included.
+constexpr int64_t kAmxFromTokens = 3;
 
 template <typename Mask>
 void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions, const Mask& mask,
@@ -562,10 +573,21 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
   const int64_t stored = values.size(1), meta_bytes = positions.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* meta = positions.data_ptr<uint8_t>();
-  const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1) {
+  // Every span stores 16 values, so a chunk's first value is found without `consumed`.
+  const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1, int64_t&) {
     const uint16_t* kept = val + o * stored;
     const uint8_t* row_meta = meta + o * meta_bytes;
-    for (int64_t s = s0; s < s1; ++s) {
+    int64_t s = s0;
+    if constexpr (std::is_same_v<Mask, TwoOfFourMask>) {
+      alignas(32) uint32_t masks[8];
+      for (; s + 8 <= s1; s += 8) {
+        mask.eight(row_meta, s, masks);
+        for (int64_t i = 0; i < 8; ++i) {
+          _mm512_storeu_si512(dense + (s + i - s0) * span_stride, slimserve_rows::expand_bf16(kept + (s + i) * 16, masks[i]));
+        }
+      }
+    }
+    for (; s < s1; ++s) {
       _mm512_storeu_si512(dense + (s - s0) * span_stride, slimserve_rows::expand_bf16(kept + s * 16, mask(row_meta, s)));
     }
   };
