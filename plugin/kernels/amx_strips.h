@@ -73,9 +73,10 @@ T* scratch(int64_t count) {
 // x [tokens, in] bf16 as the tile unit's second operand: per tile of `lanes` tokens (16, or all tokens when fewer) and
 // per pair of inputs (2i, 2i + 1) one row of 4 * lanes bytes holding (x[t, 2i], x[t, 2i + 1]) for those tokens; zeros
 // past the last token and past `in` (up to the depth padded to 32, so the expanded rows' padding multiplies zeros).
-inline const uint32_t* pack_tokens(const at::Tensor& x, int64_t lanes) {
+// The tile count is rounded up to a multiple of `tile_multiple` with tiles of zeros.
+inline const uint32_t* pack_tokens(const at::Tensor& x, int64_t lanes, int64_t tile_multiple = 1) {
   const int64_t tokens = x.size(0), in = x.size(1), pairs = padded_depth(in) / 2;
-  const int64_t tiles = (tokens + lanes - 1) / lanes;
+  const int64_t tiles = (tokens + lanes * tile_multiple - 1) / (lanes * tile_multiple) * tile_multiple;
   TORCH_CHECK(kTile * in < INT32_MAX, "AMX strips: 16 x in_features must fit int32 offsets");
   uint32_t* rows = scratch<uint32_t>(tiles * pairs * lanes);
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
@@ -84,7 +85,8 @@ inline const uint32_t* pack_tokens(const at::Tensor& x, int64_t lanes) {
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(in)));
   at::parallel_for(0, tiles * pairs, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t tile = r / pairs, first = 2 * (r % pairs), left = std::min(lanes, tokens - tile * lanes);
+      const int64_t tile = r / pairs, first = 2 * (r % pairs);
+      const int64_t left = std::max<int64_t>(0, std::min(lanes, tokens - tile * lanes));
       const __mmask16 live = left >= kTile ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
       uint32_t* row = rows + r * lanes;
       if (first + 1 < in) {
@@ -209,76 +211,111 @@ void register_strips(const uint32_t* packed, int64_t lanes, int64_t tokens, int6
 constexpr int64_t kChunkSpans = 16;
 // Strips per block above kRegisterTiles token tiles: a block walks all K-chunks before the next starts, so its sums
 // (32 KiB a strip at 512 tokens, 512 KiB a block) stay in L2 beside x's chunk; with all of a thread's strips in one
-// pass their sums (11 MiB at [5632, 2048]) crossed L3 twice a chunk.
+// pass their sums (11 MiB at [5632, 2048]) crossed L3 twice a chunk. Even, so blocks hold whole pairs of strips.
 constexpr int64_t kBlockStrips = 16;
+
+// Two strips' expanded chunks times two token tiles, the sums of the four products in tmm0-3 across the chunk's
+// spans: each weight and token tile loaded feeds two multiplies (one multiply per two loads, from L2 for the tokens,
+// left the tile unit waiting).
+inline void multiply_chunk_2x2(const uint16_t* weights_a, const uint16_t* weights_b, const uint32_t* tokens_a,
+                               const uint32_t* tokens_b, int64_t spans, float* sums_a, float* sums_b, bool first) {
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, sums_a, 64);
+    _tile_loadd(1, sums_a + kTile * kTile, 64);
+    _tile_loadd(2, sums_b, 64);
+    _tile_loadd(3, sums_b + kTile * kTile, 64);
+  }
+  for (int64_t s = 0; s < spans; ++s) {
+    _tile_loadd(4, weights_a + s * kTile * kDepth, 64);
+    _tile_loadd(6, tokens_a + s * (kDepth / 2) * kTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, tokens_b + s * (kDepth / 2) * kTile, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, weights_b + s * kTile * kDepth, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, sums_a, 64);
+  _tile_stored(1, sums_a + kTile * kTile, 64);
+  _tile_stored(2, sums_b, 64);
+  _tile_stored(3, sums_b + kTile * kTile, 64);
+}
 
 // y [tokens, out] = x · Wᵀ for contiguous bf16 x [tokens, in], y float32 or bf16 (rounded once from the fp32 sums).
 // Threads take strips of 16 rows and expand each strip's rows chunk by chunk with `expand_row(o, dense, span_stride,
 // s0, s1, consumed)` (row o's 32 bf16 inputs of span s written at dense + (s - s0) * span_stride, padding past the
 // row's inputs zero; `consumed` starts at 0 and is the expander's to carry from one chunk of a row to the next, e.g.
-// how many stored values the spans before s0 used), so each weight element is expanded once a call. A chunk is span-major, so each [16 rows, 32 inputs] tile is
-// one contiguous KiB: row-major with a stride of 2 * in bytes put all 16 rows of a tile load in one L1 set at in =
-// 2048. Up to kRegisterTiles token tiles the sums stay in tile registers (register_strips); above, the threads walk
-// the inputs in K-chunks over all their strips and keep the sums per strip and token tile in memory.
+// how many stored values the spans before s0 used), so each weight element is expanded once a call. A chunk is
+// span-major, so each [16 rows, 32 inputs] tile is one contiguous KiB: row-major with a stride of 2 * in bytes put all
+// 16 rows of a tile load in one L1 set at in = 2048. Up to kRegisterTiles token tiles the sums stay in tile registers
+// (register_strips); above, each thread walks blocks of its strips, a block the inputs in K-chunks, a chunk its strips
+// and token tiles in pairs (multiply_chunk_2x2), and the sums per strip and token tile wait in L2 between chunks.
 template <typename ExpandRow, typename Out>
 void strips(const at::Tensor& x, int64_t out, const ExpandRow& expand_row, Out* y) {
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t depth = padded_depth(in), spans = depth / kDepth, tiles = (tokens + kTile - 1) / kTile;
   const int64_t strip_count = (out + kTile - 1) / kTile, tile_floats = kTile * kTile;
-  // A lone tile of fewer than 16 tokens is packed and multiplied at its own width: half the loads at 8 tokens.
-  const int64_t lanes = std::min(kTile, tokens);
-  const uint32_t* packed = pack_tokens(x, lanes);
-  switch (tiles) {
-    case 1: return register_strips<1>(packed, lanes, tokens, in, out, expand_row, y);
-    case 2: return register_strips<2>(packed, lanes, tokens, in, out, expand_row, y);
-    case 3: return register_strips<3>(packed, lanes, tokens, in, out, expand_row, y);
-    case 4: return register_strips<4>(packed, lanes, tokens, in, out, expand_row, y);
-    default: break;
+  if (tiles <= kRegisterTiles) {
+    // A lone tile of fewer than 16 tokens is packed and multiplied at its own width: half the loads at 8 tokens.
+    const int64_t lanes = std::min(kTile, tokens);
+    const uint32_t* packed = pack_tokens(x, lanes);
+    switch (tiles) {
+      case 1: return register_strips<1>(packed, lanes, tokens, in, out, expand_row, y);
+      case 2: return register_strips<2>(packed, lanes, tokens, in, out, expand_row, y);
+      case 3: return register_strips<3>(packed, lanes, tokens, in, out, expand_row, y);
+      default: return register_strips<4>(packed, lanes, tokens, in, out, expand_row, y);
+    }
   }
+  const int64_t tile_pairs = (tiles + 1) / 2, padded_tiles = 2 * tile_pairs;  // an odd count gains a tile of zeros
+  const uint32_t* packed = pack_tokens(x, kTile, 2);
+  const int64_t tile_step = depth / 2 * kTile, span_step = kDepth / 2 * kTile;
   at::parallel_for(0, strip_count, 1, [&](int64_t strip_begin, int64_t strip_end) {
     TileConfig config;
-    for (int t = 0; t < 3; ++t) {  // tmm0: sums [16 rows, 16 tokens] fp32; tmm1: weights; tmm2: tokens
+    for (int t = 0; t < 8; ++t) {  // tmm0-3: sums [16 rows, 16 tokens] fp32; tmm4-5: weights; tmm6-7: tokens
       config.rows[t] = kTile;
       config.colsb[t] = 64;
     }
     _tile_loadconfig(&config);
-    alignas(64) uint16_t chunk[kTile * kChunkSpans * kDepth];
+    alignas(64) uint16_t chunks[2][kTile * kChunkSpans * kDepth];
     int64_t consumed[kBlockStrips * kTile];
-    float* sums = scratch<float>(kBlockStrips * tiles * tile_floats);  // [strip of the block][token tile][16][16]
+    float* sums = scratch<float>(kBlockStrips * padded_tiles * tile_floats);  // [strip of block][tile][16][16]
     for (int64_t block = strip_begin; block < strip_end; block += kBlockStrips) {
+      // A block of an odd strip count ends in a strip past its range whose rows expand to zeros and are not written.
       const int64_t block_end = std::min(strip_end, block + kBlockStrips);
       std::fill(consumed, consumed + kBlockStrips * kTile, 0);
       for (int64_t s0 = 0; s0 < spans; s0 += kChunkSpans) {
         const int64_t s1 = std::min(spans, s0 + kChunkSpans);
-        for (int64_t strip = block; strip < block_end; ++strip) {
-          const int64_t o0 = strip * kTile, rows = std::min(kTile, out - o0);
-          for (int64_t n = 0; n < kTile; ++n) {
-            uint16_t* dense = chunk + n * kDepth;
-            if (n < rows) {
-              expand_row(o0 + n, dense, kTile * kDepth, s0, s1, consumed[(strip - block) * kTile + n]);
-            } else {
-              for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(dense + (s - s0) * kTile * kDepth, _mm512_setzero_si512());
+        for (int64_t pair = block; pair < block_end; pair += 2) {
+          for (int64_t half = 0; half < 2; ++half) {
+            const int64_t strip = pair + half, o0 = strip * kTile;
+            const int64_t rows = strip < block_end ? std::min(kTile, out - o0) : 0;
+            for (int64_t n = 0; n < kTile; ++n) {
+              uint16_t* dense = chunks[half] + n * kDepth;
+              if (n < rows) {
+                expand_row(o0 + n, dense, kTile * kDepth, s0, s1, consumed[(strip - block) * kTile + n]);
+              } else {
+                for (int64_t s = s0; s < s1; ++s) {
+                  _mm512_storeu_si512(dense + (s - s0) * kTile * kDepth, _mm512_setzero_si512());
+                }
+              }
             }
           }
-          for (int64_t tile = 0; tile < tiles; ++tile) {
-            float* partial = sums + ((strip - block) * tiles + tile) * tile_floats;
-            if (s0 == 0) {
-              _tile_zero(0);
-            } else {
-              _tile_loadd(0, partial, 64);
-            }
-            const uint32_t* xs = packed + tile * (depth / 2) * kTile;
-            for (int64_t s = s0; s < s1; ++s) {
-              _tile_loadd(1, chunk + (s - s0) * kTile * kDepth, 64);
-              _tile_loadd(2, xs + s * (kDepth / 2) * kTile, 64);
-              _tile_dpbf16ps(0, 1, 2);
-            }
-            _tile_stored(0, partial, 64);
+          float* sums_a = sums + (pair - block) * padded_tiles * tile_floats;
+          float* sums_b = sums_a + padded_tiles * tile_floats;
+          for (int64_t tile = 0; tile < padded_tiles; tile += 2) {
+            const uint32_t* tokens_a = packed + tile * tile_step + s0 * span_step;
+            multiply_chunk_2x2(chunks[0], chunks[1], tokens_a, tokens_a + tile_step, s1 - s0,
+                               sums_a + tile * tile_floats, sums_b + tile * tile_floats, s0 == 0);
           }
         }
       }
       for (int64_t strip = block; strip < block_end; ++strip) {
-        write_strip(sums + (strip - block) * tiles * tile_floats, kTile, tokens, out, strip * kTile, y);
+        write_strip(sums + (strip - block) * padded_tiles * tile_floats, kTile, tokens, out, strip * kTile, y);
       }
     }
     _tile_release();
