@@ -218,9 +218,17 @@ struct BitmaskSpans {
       for (int64_t b = first; b < mask_bytes; ++b) bits |= static_cast<uint32_t>(mask[b]) << (8 * (b - first));
     }
     const int count = __builtin_popcount(bits);
-    const __m512i dense = packed + 32 <= values_end
-        ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(packed))
-        : slimserve_rows::expand_bf16(packed, bits, count);
+    __m512i dense;
+    if (packed + 32 <= values_end) {
+      __m512i kept = _mm512_loadu_si512(packed);
+      // Keeps the load a load: the compiler folds it into vpexpandw's memory form otherwise, which ran the
+      // tile unit's 8-token bitmask product at 0.64 ms against 0.5 for the register form on an Intel Xeon (on
+      // AMD Zen 4 that form is microcoded).
+      asm("" : "+v"(kept));
+      dense = _mm512_maskz_expand_epi16(bits, kept);
+    } else {
+      dense = slimserve_rows::expand_bf16(packed, bits, count);
+    }
     packed += count;
     return dense;
   }
