@@ -31,12 +31,9 @@ def local_sparse(tensors: Mapping[str, torch.Tensor], in_full: int, in_start: in
                  in_local: int) -> dict[str, torch.Tensor]:
     """S's tensors restricted to input columns ``[in_start, in_start + in_local)``, re-encoded."""
     columns = decode_sparse(tensors, in_full)[:, in_start:in_start + in_local]
-    return reencoded(columns, max(1, int((columns != 0).sum(dim=1).max())), tensors["s_values"].dtype)
-
-
-def reencoded(dense: torch.Tensor, nnz: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """S's tensors for a decoded (float32) S at ``nnz`` entries a row, its values back in the stored ``dtype``."""
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in encode_sparse(dense, nnz).items()}
+    nnz = max(1, int((columns != 0).sum(dim=1).max()))
+    encoded = encode_sparse(columns, nnz)
+    return {k: v.to(tensors["s_values"].dtype) if v.is_floating_point() else v for k, v in encoded.items()}
 
 
 class LowRankSparseShard:
@@ -82,52 +79,22 @@ class LowRankSparseShard:
               specs: Sequence[Mapping[str, Any]]) -> LowRankSparseShard | None:
         """A fused layer's shards (q/k/v, gate/up) as one, or None to run them shard by shard.
 
-        Shards over the whole input (no row-parallel re-slicing) stack S row-wise into one sparse
-        product and V row-wise into one GEMM; each shard's U multiplies its slice of ``x Vᵀ``.
-        Shards that are S alone (rank 0, a pruned weight) run as that one sparse product. Per
-        shard, a decode step made three calls and an add each; on a small model's decode step
-        those calls are most of what the sparse layers cost beyond their reads. A mix of rank 0
-        and low-rank shards runs shard by shard, as do shards whose nnz differ so much that
-        padding every row to the largest would add more than ``MAX_STACK_PADDING`` to S.
+        Shards of one nnz and encoding, each over the whole input (no row-parallel re-slicing),
+        stack S row-wise into one sparse product and V row-wise into one GEMM; each shard's U
+        multiplies its slice of ``x Vᵀ``. Shards that are S alone (rank 0, a pruned weight) run as
+        that one sparse product. Per shard, a decode step made three calls and an add each; on a
+        small model's decode step those calls are most of what the sparse layers cost beyond their
+        reads. A mix of rank 0 and low-rank shards runs shard by shard, and so do shards of
+        different nnz (OATS sizes S per shape, so q and k differ by a few entries a row):
+        re-encoding them padded to the largest nnz at load cost the benchmark Llama 2.5 s of start
+        (1.19x dense) and 60 MiB of RSS for no decode speed measured there.
         """
+        same_rows = len({(int(spec["nnz"]), spec.get("encoding")) for spec in specs}) == 1
         whole_input = all(t["v"].shape[1] == int(spec["in_features"]) for t, spec in zip(shard_tensors, specs))
         rank_zero = {int(spec["rank"]) == 0 for spec in specs}
-        if len(specs) < 2 or len(rank_zero) != 1 or not whole_input:
+        if len(specs) < 2 or len(rank_zero) != 1 or not (same_rows and whole_input):
             return None
-        sparse = stacked_sparse(shard_tensors, int(specs[0]["in_features"]))
-        if sparse is None:
-            return None
-        stacked = {**sparse, "v": torch.cat([t["v"] for t in shard_tensors])}
+        stacked = {name: torch.cat([t[name] for t in shard_tensors]) for name in shard_tensors[0] if name != "u"}
         if rank_zero == {True}:
             return cls({**stacked, "u": torch.cat([t["u"] for t in shard_tensors])}, specs[0])
         return cls(stacked, specs[0], us=[t["u"] for t in shard_tensors])
-
-
-#: The most a fused layer's stacked S may grow, as a fraction of its stored entries, by padding every shard's rows to
-#: the largest nnz.
-MAX_STACK_PADDING = 0.05
-
-
-def stacked_sparse(shard_tensors: Sequence[Mapping[str, torch.Tensor]],
-                   in_features: int) -> dict[str, torch.Tensor] | None:
-    """The shards' S stacked row-wise as one S, or None where padding would cost over ``MAX_STACK_PADDING``.
-
-    Shards of one nnz and encoding concatenate as stored. Otherwise (OATS sizes each shape's S
-    on its own, so q and k differ by a few entries a row) the shards are decoded and re-encoded
-    at the largest nnz, the shorter rows padded with explicit zeros as the encoder pads any row.
-    """
-    nnzs = [t["s_values"].shape[1] for t in shard_tensors]
-    names = [{name for name in t if name.startswith("s_")} for t in shard_tensors]
-    if len(set(nnzs)) == 1 and all(n == names[0] for n in names):
-        return {name: torch.cat([t[name] for t in shard_tensors]) for name in names[0]}
-    rows = [t["s_values"].shape[0] for t in shard_tensors]
-    stored = sum(r * n for r, n in zip(rows, nnzs))
-    if sum(rows) * max(nnzs) > (1 + MAX_STACK_PADDING) * stored:
-        return None
-    # Shard by shard, so only one shard's decoded S (46 MiB for a 5632 x 2048 float32 one) exists at a time: decoding
-    # the stacked S at once raised the serving process's peak and steady RSS by 40-50 MiB on the benchmark Llama.
-    encoded = [reencoded(decode_sparse({k: v for k, v in t.items() if k.startswith("s_")}, in_features), max(nnzs),
-                         t["s_values"].dtype) for t in shard_tensors]
-    if any(e.keys() != encoded[0].keys() for e in encoded):
-        return None
-    return {name: torch.cat([e[name] for e in encoded]) for name in encoded[0]}
