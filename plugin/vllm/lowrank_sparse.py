@@ -44,8 +44,8 @@ class LowRankSparseShard:
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any],
                  us: Sequence[torch.Tensor] | None = None) -> None:
-        """``us``: for stacked shards, each shard's U in order, with ``tensors["v"]`` their V stacked row-wise and
-        S theirs; None for one shard (its U is ``tensors["u"]``)."""
+        """``us``: for stacked shards, each shard's U in order (of rank 0 they give only the output widths), with
+        ``tensors["v"]`` their V stacked row-wise and S theirs; None for one shard (its U is ``tensors["u"]``)."""
         in_local, in_full = tensors["v"].shape[1], int(spec["in_features"])
         sparse = {k: v for k, v in tensors.items() if k.startswith("s_")}
         if in_local != in_full:
@@ -95,6 +95,4 @@ class LowRankSparseShard:
         if len(specs) < 2 or len(rank_zero) != 1 or not (same_rows and whole_input):
             return None
         stacked = {name: torch.cat([t[name] for t in shard_tensors]) for name in shard_tensors[0] if name != "u"}
-        if rank_zero == {True}:
-            return cls({**stacked, "u": torch.cat([t["u"] for t in shard_tensors])}, specs[0])
         return cls(stacked, specs[0], us=[t["u"] for t in shard_tensors])
