@@ -386,7 +386,8 @@ torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch
   const bool bf16 = false;
 #endif
   const int64_t out = values.size(0);
-  const c10::BFloat16* bf16_values = values.scalar_type() == at::kBFloat16 ? values.data_ptr<c10::BFloat16>() : nullptr;
+  const c10::BFloat16* bf16_values =
+      values.scalar_type() == at::kBFloat16 ? values.data_ptr<c10::BFloat16>() : nullptr;
   return slimserve_rows::strips_gemm(z, out, bf16 ? at::kBFloat16 : at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
     if (bf16) {

@@ -9,9 +9,9 @@
 // = 32 inputs, 48 offset bits); the two differ only in how a block's offsets become lane indices (block_index). 1:4
 // too, with 16 values covering 64 inputs (two permutes and a fixed blend). Other patterns decode each row's columns
 // into a small buffer and gather. Built at first use by plugin/kernels/cpp.py for the best ISA the flags allow:
-// AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512), else scalar. Many-token steps multiply only the kept weights on AVX2 builds, elsewhere strips of rows decompressed
-// in cache (both in vector_rows.h). bf16 batches of 2:4 and 4:8 on CPUs with AMX run on the tile unit instead
-// (amx_strips.h), prefill included.
+// AVX-512, AVX2 + FMA (AMD EPYC hosts have no AVX-512), else scalar. Many-token steps multiply only the kept weights
+// on AVX2 builds, elsewhere strips of rows decompressed in cache (both in vector_rows.h). bf16 batches of 2:4 and 4:8
+// on CPUs with AMX run on the tile unit instead (amx_strips.h), prefill included.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -477,7 +477,8 @@ struct TwoOfFourMask {
   void eight(const uint8_t* meta, int64_t span, uint32_t* masks) const {
     const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(meta + span * 4));
     const __m256i nibble = _mm256_set1_epi8(15);
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_setr_epi8(1, 3, 5, 9, 3, 2, 6, 10, 5, 6, 4, 12, 9, 10, 12, 8));
+    const __m256i table =  // nibble (two 2-bit offsets a, b) -> (1 << a) | (1 << b)
+        _mm256_broadcastsi128_si256(_mm_setr_epi8(1, 3, 5, 9, 3, 2, 6, 10, 5, 6, 4, 12, 9, 10, 12, 8));
     const __m256i low = _mm256_shuffle_epi8(table, _mm256_and_si256(bytes, nibble));
     const __m256i high = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(masks), _mm256_or_si256(low, _mm256_slli_epi16(high, 4)));
@@ -583,7 +584,8 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
       for (; s + 8 <= s1; s += 8) {
         mask.eight(row_meta, s, masks);
         for (int64_t i = 0; i < 8; ++i) {
-          _mm512_storeu_si512(dense + (s + i - s0) * span_stride, slimserve_rows::expand_bf16(kept + (s + i) * 16, masks[i]));
+          _mm512_storeu_si512(dense + (s + i - s0) * span_stride,
+                              slimserve_rows::expand_bf16(kept + (s + i) * 16, masks[i]));
         }
       }
     }
