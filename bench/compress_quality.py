@@ -2,7 +2,9 @@
 
 Calibrates on Pride and Prejudice, evaluates token perplexity on Emma (both from Debian's
 r-cran-janeaustenr), for dense and for svd / svd-llm / cospadi / rocket at 20/30/50 % with
-uniform and knapsack allocation. Results accumulate in ``bench/results/compress_quality.json``
+uniform and knapsack allocation. The ratio counts parameters (the papers' convention) unless
+``--budget bytes`` (everything stored counted: values, indices, masks), whose rows go to their
+own store and section. Results accumulate in ``bench/results/compress_quality[_bytes].json``
 (a rerun skips finished rows) and the table is written into ``bench/README.md``. ``--methods
 sparsegpt wanda`` prune to each of ``--patterns`` (N:M, the ``nm`` scheme) instead, and
 ``--same-bytes METHOD/ALLOCATION ...`` compresses by those methods to the bytes each pattern
@@ -11,7 +13,8 @@ asks a few simple questions, through the chat template in real vLLM, of dense an
 configurations, to judge where answers stay sensible (the demo's choice).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py [--methods svd svd-llm rocket cospadi]
-        [--ratios 0.2 0.3 0.5] [--allocations uniform knapsack] [--chat rocket/knapsack/0.3 ...]
+        [--ratios 0.2 0.3 0.5] [--allocations uniform knapsack] [--budget params|bytes]
+        [--chat rocket/knapsack/0.3 ...]
     OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py --methods sparsegpt wanda --patterns 2:4 4:8
         --same-bytes svd-llm/uniform rocket/uniform
 """
@@ -40,6 +43,7 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 README = BENCH / "README.md"
 SECTION = "## Compression quality on SmolLM2-135M (issue 3)"
+BYTES_SECTION = "## Compression quality at byte budgets on SmolLM2-135M (issue 14)"
 NM_SECTION = "## N:M pruning quality on SmolLM2-135M (issue 15)"
 CHAT_QUESTIONS = ("What is the capital of France?", "How many days are there in a week?",
                   "What color is the sky on a clear day?", "What is 2 + 3?")
@@ -50,6 +54,8 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "rocket", "cospadi"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
+    parser.add_argument("--budget", choices=["params", "bytes"], default="params",
+                        help="what the ratio counts: parameters (the issue-3 table) or every byte stored (issue 14)")
     parser.add_argument("--calib-samples", type=int, default=DEFAULT_WINDOWS,
                         help=f"calibration windows of {DEFAULT_SEQ_LEN} tokens; rows with another value than "
                              "the default are stored and shown separately (METHOD/ALLOCATION/RATIO@Nw)")
@@ -61,7 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     classic = [m for m in args.methods if m not in PRUNE_METHODS]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    store = RESULTS / "compress_quality.json"
+    store = RESULTS / store_name(args.budget)
     rows = json.loads(store.read_text()) if store.is_file() else {}
     model = smollm2_folder()
     calib, held_out = austen_text("prideprejudice"), austen_text("emma")
@@ -82,10 +88,9 @@ def main() -> int:
                 name = f"{method}/{allocation}/{ratio}{suffix}"
                 if name in rows:
                     continue
-                out = work / f"{method}-{allocation}-{ratio}{suffix}"
+                out = work / f"{method}-{allocation}-{ratio}{suffix}{'-bytes' if args.budget == 'bytes' else ''}"
                 start = time.time()
-                # The committed table counts parameters (the papers' convention); byte-budget rows are issue 14's.
-                compress(model, out, method=method, ratio=ratio, allocation=allocation, budget="params",
+                compress(model, out, method=method, ratio=ratio, allocation=allocation, budget=args.budget,
                          calib=None if method == "svd" else calib, calib_samples=args.calib_samples,
                          calib_cache=work / f"grams{suffix}.safetensors", progress=False)
                 seconds = time.time() - start
@@ -102,7 +107,7 @@ def main() -> int:
                     shutil.copy2(out / file, reports / f"{out.name}-{file.split('_', 1)[1]}")
                 shutil.rmtree(out)
                 store.write_text(json.dumps(rows, indent=1))
-                write_readme(rows)
+                write_readme(rows, args.budget)
     for name in ["dense", *args.chat] if args.chat else []:
         rows = json.loads(store.read_text())
         if name in rows.get("chat", {}):
@@ -117,7 +122,7 @@ def main() -> int:
         rows.setdefault("chat", {})[name] = answers
         store.write_text(json.dumps(rows, indent=1))
         print(f"{name}: {answers}", flush=True)
-    write_readme(json.loads(store.read_text()))
+    write_readme(json.loads(store.read_text()), args.budget)
     return 0
 
 
@@ -185,25 +190,35 @@ def write_nm_readme(rows: dict) -> None:
     replace_section(NM_SECTION, "\n".join(lines) + "\n")
 
 
+def store_name(budget: str) -> str:
+    """The results file of one budget's rows (issue 3's parameter table or issue 14's byte table)."""
+    return "compress_quality.json" if budget == "params" else "compress_quality_bytes.json"
+
+
 def windows_suffix(samples: int) -> str:
     """Row-name suffix of a run calibrated on a non-default number of windows."""
     return "" if samples == DEFAULT_WINDOWS else f"@{samples}w"
 
 
-def write_readme(rows: dict) -> None:
-    """Replace (or add) this benchmark's section of bench/README.md, leaving other sections alone."""
+def write_readme(rows: dict, budget: str) -> None:
+    """Replace (or add) this benchmark's section for ``budget`` in bench/README.md, leaving other sections alone."""
     dense = rows["dense"]["ppl"]
     ratios = sorted({float(k.rsplit("/", 1)[1].split("@")[0]) for k in rows if k not in ("dense", "chat")})
     variants = sorted({k.partition("@")[2] for k in rows if "@" in k}, key=lambda v: int(v.rstrip("w")))
-    lines = [SECTION, "",
+    counted = ("Ratio = fraction of decoder-linear parameters removed (stored values; the achieved value is in "
+               "parentheses with, for dictsparse, the fraction of bytes removed once int16 indices are counted)"
+               if budget == "params" else
+               "Ratio = fraction of decoder-linear bytes removed (`--budget bytes`: everything the checkpoint stores "
+               "counted, values, indices and masks; the achieved parameters / bytes removed are in parentheses)")
+    command = "" if budget == "params" else " --budget bytes"
+    lines = [SECTION if budget == "params" else BYTES_SECTION, "",
              f"{METRIC} of SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; see docs/methods/assets.md) on "
              "*Emma* (first 8 windows of 512 tokens, BOS first), calibrated on *Pride and Prejudice* "
              f"({DEFAULT_WINDOWS} windows of {DEFAULT_SEQ_LEN} tokens, seed 0, unless a row says otherwise). "
-             "Ratio = fraction of decoder-linear parameters removed "
-             "(stored values; the achieved value is in parentheses with, for dictsparse, the fraction of bytes "
-             "removed once int16 indices are counted). Lower is better; in brackets: x dense.",
-             "", "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py` (compression times in "
-             "the JSON are from 2 cores shared with other jobs, one thread per run). Knapsack = ROCKET's "
+             f"{counted}. Lower is better; in brackets: x dense.",
+             "", f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compress_quality.py{command}` (compression "
+             f"times in `results/{store_name(budget)}` are from {cpu_model()}, 2 cores shared with other jobs, one "
+             "thread per run). Knapsack = ROCKET's "
              "objective and error cap (`loaders/compress/README.md`).", "",
              f"Dense: **{dense:.2f}**", "",
              "| method | allocation | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
@@ -224,8 +239,7 @@ def write_readme(rows: dict) -> None:
             lines.append(f"| {method} | {allocation}{calibration} | " + " | ".join(cells) + " |")
     lines += ["", "Per-layer reports (level, scheme, rank/atoms/nnz, errors; JSON + PNG), written by every run to "
               "`results/reports/<method>-<allocation>-<ratio>-report.*` (only the best 30 % one is committed). "
-              "Raw numbers and compression times: "
-              "`results/compress_quality.json`.", ""]
+              f"Raw numbers and compression times: `results/{store_name(budget)}`.", ""]
     if rows.get("chat"):
         lines += ["Greedy chat answers (real vLLM, bfloat16, chat template, at most 48 tokens), "
                   "`--chat METHOD/ALLOCATION/RATIO ...`:", "",
@@ -234,7 +248,7 @@ def write_readme(rows: dict) -> None:
             cells = [" ".join(a.split()).replace("|", "\\|") for a in answers]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    replace_section(SECTION, "\n".join(lines))
+    replace_section(lines[0], "\n".join(lines))
 
 
 def replace_section(title: str, section: str) -> None:
