@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from machine import cpu_model
+from sections import README, update_readme
 
 from slimserve.loaders.assets import ARTIFACTS, austen_text, smollm2_folder
 from slimserve.loaders.checkpoint import compression_summary
@@ -41,7 +42,6 @@ from slimserve.testing.vllm import vllm_chat
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-README = BENCH / "README.md"
 SECTION = "## Compression quality on SmolLM2-135M (issue 3)"
 BYTES_SECTION = "## Compression quality at byte budgets on SmolLM2-135M (issue 14)"
 NM_SECTION = "## N:M pruning quality on SmolLM2-135M (issue 15)"
@@ -187,7 +187,7 @@ def write_nm_readme(rows: dict) -> None:
             cells.append("not run" if row is None else f"{row['ppl']:.2f} [{row['ppl'] / dense:.2f}x] "
                                                        f"({row['ratio']:.1%} / {row['bytes_ratio']:.1%} B)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    replace_section(NM_SECTION, "\n".join(lines) + "\n")
+    update_readme(README, NM_SECTION, "\n".join(lines))
 
 
 def store_name(budget: str) -> str:
@@ -248,19 +248,7 @@ def write_readme(rows: dict, budget: str) -> None:
             cells = [" ".join(a.split()).replace("|", "\\|") for a in answers]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    replace_section(lines[0], "\n".join(lines))
-
-
-def replace_section(title: str, section: str) -> None:
-    """Put ``section`` in bench/README.md in place of the section headed ``title`` (appended if absent)."""
-    text = README.read_text() if README.is_file() else "# Benchmarks\n\n"
-    if title in text:
-        head, _, rest = text.partition(title)
-        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    README.write_text(text)
+    update_readme(README, lines[0], "\n".join(lines))
 
 
 if __name__ == "__main__":

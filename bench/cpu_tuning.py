@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from decode import update_readme, write_variant  # bench/ is on sys.path when run as a script
+from decode import write_variant  # bench/ is on sys.path when run as a script
+from sections import update_readme
 
 from slimserve.server.cpu_tuning import choose_dtype, host_cpu_info, openmp_and_malloc_preloads, tune_vllm
 from slimserve.testing.models import build_tiny_causal_lm

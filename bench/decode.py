@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from slimserve.testing.models import build_tiny_causal_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
+from sections import update_readme  # noqa: E402
 
 HEADING = "## Decode throughput in vLLM (issue 2)"
 MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,
@@ -286,14 +286,6 @@ def main() -> None:
                "Machine at the start: "
                f"{machine}; at the end: load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n\n{table}\n")
     update_readme(args.readme, args.heading, section)
-
-
-def update_readme(readme: Path, heading: str, section: str) -> None:
-    """Replace (or append) one ``## `` section of bench/README.md, leaving the others alone."""
-    text = readme.read_text() if readme.exists() else "# Benchmarks\n\nEach table lists the command that produced it.\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    readme.write_text(text)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from machine import cpu_model
+from sections import README, update_readme
 
 from slimserve.loaders.assets import ARTIFACTS, _read_rdb_object, austen_text, smollm2_folder
 from slimserve.loaders.chat_eval import SHIPPED_QUESTIONS
@@ -39,7 +40,6 @@ from slimserve.server.chat_eval import evaluate_chat
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-README = BENCH / "README.md"
 SECTION = "## Sequential calibration and healing on SmolLM2-135M (issue 16)"
 MOBY_DEB = "r-cran-tokenizers"
 HEAL_LR = 2e-4
@@ -199,15 +199,7 @@ def write_readme(rows: dict) -> None:
         removed = f"{row['ratio']:.1%}" + (f" / {row['bytes_ratio']:.1%}" if "bytes_ratio" in row else "")
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {chat} | {removed} | {time_cell} |")
     lines.append("")
-    section = "\n".join(lines)
-    text = README.read_text() if README.is_file() else "# Benchmarks\n\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    README.write_text(text)
+    update_readme(README, SECTION, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import MODEL, measure, update_readme  # noqa: E402
+from decode import MODEL, measure  # noqa: E402
+from sections import update_readme  # noqa: E402
 
 from slimserve.loaders.assets import austen_text, smollm2_folder  # noqa: E402
 from slimserve.loaders.compress.rsparse import UNIFORM_ALPHA, calibrate, compress_rsparse  # noqa: E402

@@ -43,12 +43,12 @@ import time
 from pathlib import Path
 
 import httpx
+from sections import README, update_readme
 
 from slimserve.server.engines.base import TextRequest
 from slimserve.testing.live import ServerProcess, free_port
 from slimserve.testing.trivial import TrivialEngine
 
-README = Path(__file__).resolve().parent / "README.md"
 PROMPT = "hello world"
 SECTION = "## FastAPI overhead (issue 5)"
 VLLM_SECTION = "## vLLM's own OpenAI server overhead (issue 17's reference)"
@@ -236,7 +236,7 @@ def vllm_reference(args: argparse.Namespace) -> None:
     ])
     print(table)
     if not args.no_readme:
-        write_section(table, VLLM_SECTION)
+        update_readme(README, VLLM_SECTION, f"{VLLM_SECTION}\n\n{table}")
 
 
 Runs = dict[str, list[tuple[list[float], list[float]]]]  # per server: per repeat: (TTFT samples, E2E samples)
@@ -321,20 +321,7 @@ def main() -> None:
     ])
     print(table)
     if not args.no_readme:
-        write_section(table)
-
-
-def write_section(table: str, section: str = SECTION) -> None:
-    """Add or replace one section of bench/README.md, leaving other sections alone."""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{section}\n\n{table}\n"
-    if section in text:
-        start = text.index(section)
-        following = text.find("\n## ", start + len(section))
-        text = text[:start] + block + (text[following:] if following != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    README.write_text(text)
+        update_readme(README, SECTION, f"{SECTION}\n\n{table}")
 
 
 if __name__ == "__main__":

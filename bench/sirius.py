@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import MODEL, measure, update_readme  # noqa: E402
+from decode import MODEL, measure  # noqa: E402
 from machine import describe_machine  # noqa: E402
+from sections import update_readme  # noqa: E402
 
 from slimserve.loaders.assets import smollm2_folder  # noqa: E402
 from slimserve.plugin.vllm.sirius_settings import SiriusSettings  # noqa: E402
