@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy
@@ -18,9 +17,11 @@ from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.nm import nm_mask
 from slimserve.server.cli import main
 from slimserve.testing.edit import edited_copy
+from slimserve.testing.nm import write_compressed_tensors
 
 FOUR_EIGHT = "model.layers.1.mlp.down_proj"  # pruned 4:8 instead of 2:4
 UNPRUNED = "model.layers.0.self_attn.o_proj"  # left dense
+UNTARGETED = (UNPRUNED, FOUR_EIGHT)  # not 2:4, so the compressed-tensors copies leave them dense
 
 
 @pytest.fixture
@@ -64,52 +65,16 @@ def test_convert_nm_refuses_a_model_without_any_pattern(narrow_llama, tmp_path):
         convert_nm(narrow_llama, tmp_path / "nm")
 
 
-def write_compressed_tensors(pruned_dense: Path, out: Path, fmt: str, *, keep_weight_suffix: bool = False,
-                             edit: Callable[[dict], None] | None = None, structure: str = "2:4") -> dict:
-    """The dense pruned model saved as llm-compressor does in ``fmt`` (2:4 modules only); returns the dense weights."""
-    dense = load_file(str(pruned_dense / "model.safetensors"))
-
-    def compress(state: dict) -> None:
-        for module in decoder_linear_modules(list(state)):
-            if module in (UNPRUNED, FOUR_EIGHT):
-                continue  # not targeted: stays an ordinary dense weight
-            weight = state.pop(f"{module}.weight")
-            prefix = f"{module}.weight" if keep_weight_suffix else module
-            if fmt == "sparse-24-bitmask":
-                # compressed-tensors' get_24_bytemasks: the top-2 |w| of each group of 4, zeros included.
-                mask = nm_mask(weight, 2, 4)
-                state[f"{prefix}.shape"] = torch.tensor(list(weight.shape)).reshape(-1, 1)
-                state[f"{prefix}.compressed"] = weight[mask].reshape(weight.shape[0], -1)
-            else:
-                mask = weight != 0
-                counts = mask.sum(dim=-1)
-                state[f"{prefix}.shape"] = torch.tensor(list(weight.shape))
-                state[f"{prefix}.compressed"] = weight[mask]
-                state[f"{prefix}.row_offsets"] = torch.cumsum(counts, 0) - counts
-            state[f"{prefix}.bitmask"] = torch.from_numpy(numpy.packbits(mask.numpy(), axis=-1, bitorder="little"))
-        if edit is not None:
-            edit(state)
-
-    def config(cfg: dict) -> None:
-        cfg["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": fmt, "config_groups": {},
-            "sparsity_config": {"format": fmt, "sparsity_structure": structure, "targets": ["Linear"],
-                                "ignore": ["lm_head"], "global_sparsity": 0.5}}
-
-    edited_copy(pruned_dense, out, tensors=compress, config=config)
-    return dense
-
-
 @pytest.mark.parametrize(("fmt", "suffix", "structure"), [("sparse-24-bitmask", False, "2:4"),
                                                           ("sparse-bitmask", False, "unstructured"),
                                                           ("sparse-bitmask", True, "2:4")])
 def test_compressed_tensors_converts_to_the_same_weights(pruned_dense, tmp_path, fmt, suffix, structure):
     dense = write_compressed_tensors(pruned_dense, tmp_path / "ct", fmt, keep_weight_suffix=suffix,
-                                     structure=structure)
+                                     structure=structure, untargeted=UNTARGETED)
     ckpt = validate_checkpoint(convert_compressed_tensors(tmp_path / "ct", tmp_path / "nm"))
     assert ckpt.quantization_config is not None  # a slimserve checkpoint now, not a compressed-tensors one
     for module, spec in ckpt.modules.items():
-        expected = "dense" if module in (UNPRUNED, FOUR_EIGHT) else "nm"
+        expected = "dense" if module in UNTARGETED else "nm"
         assert spec["scheme"] == expected, module
         if expected == "nm":
             assert (spec["kept"], spec["group"]) == (2, 4)
@@ -140,23 +105,24 @@ MODULE = "model.layers.0.mlp.up_proj"
      rf"tensor '{MODULE}\.shape'"),
 ])
 def test_malformed_compressed_tensors_are_named(pruned_dense, tmp_path, fmt, edit, match):
-    write_compressed_tensors(pruned_dense, tmp_path / "ct", fmt, edit=edit)
+    write_compressed_tensors(pruned_dense, tmp_path / "ct", fmt, edit=edit, untargeted=UNTARGETED)
     with pytest.raises(CheckpointError, match=match):
         convert_compressed_tensors(tmp_path / "ct", tmp_path / "nm")
 
 
 def test_a_weight_breaking_the_declared_pattern_is_named(narrow_llama, tmp_path):
     """sparse-bitmask of an unpruned model: declared 2:4 it names the first group; undeclared, the tensor."""
-    write_compressed_tensors(narrow_llama, tmp_path / "ct", "sparse-bitmask")
+    write_compressed_tensors(narrow_llama, tmp_path / "ct", "sparse-bitmask", untargeted=UNTARGETED)
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.\w+\.\w+_proj\.compressed'.*row 0, group 0"):
         convert_compressed_tensors(tmp_path / "ct", tmp_path / "nm")
-    write_compressed_tensors(narrow_llama, tmp_path / "ct2", "sparse-bitmask", structure="unstructured")
+    write_compressed_tensors(narrow_llama, tmp_path / "ct2", "sparse-bitmask", structure="unstructured",
+                             untargeted=UNTARGETED)
     with pytest.raises(CheckpointError, match=r"compressed'.*follow no N:M pattern"):
         convert_compressed_tensors(tmp_path / "ct2", tmp_path / "nm2")
 
 
 def test_quantized_or_unknown_formats_are_refused(pruned_dense, tmp_path):
-    write_compressed_tensors(pruned_dense, tmp_path / "ct", "sparse-24-bitmask")
+    write_compressed_tensors(pruned_dense, tmp_path / "ct", "sparse-24-bitmask", untargeted=UNTARGETED)
     quantized = edited_copy(tmp_path / "ct", tmp_path / "q", config=lambda c: c["quantization_config"].update(
         config_groups={"group_0": {"weights": {"num_bits": 4}}}))
     with pytest.raises(CheckpointError, match="config_groups.*quantized"):
