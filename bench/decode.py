@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,15 @@ from slimserve.loaders.checkpoint import (
 )
 from slimserve.loaders.compress.budget import PARAMS, Budget, dictsparse_sizes, lowrank_rank, lowrank_sparse_nnz
 from slimserve.loaders.compress.oats import oats_sizes, row_top
+from slimserve.loaders.converters import convert_compressed_tensors
 from slimserve.loaders.models import decoder_linear_modules
 from slimserve.loaders.schemes.dictsparse import dense_to_coef
 from slimserve.loaders.schemes.lowrank_sparse import encode_sparse
 from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.server.cpu_tuning import choose_dtype, host_cpu_info, openmp_and_malloc_preloads, tune_vllm
+from slimserve.testing.edit import edited_copy
 from slimserve.testing.models import build_tiny_causal_lm
+from slimserve.testing.nm import write_compressed_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
@@ -61,6 +65,8 @@ MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=1
              vocab_size=512, dtype=torch.bfloat16)
 VARIANTS = ["dense"] + [f"{scheme}-{r}" for scheme in ("lowrank", "dictsparse") for r in ("0.2", "0.3", "0.5")]
 VARIANTS += ["nm-2:4", "nm-4:8", "nm-1:4"]  # N:M semi-structured sparsity, named kept:group
+# 2:4 as llm-compressor publishes it (compressed-tensors' sparse-24-bitmask), imported by convert
+VARIANTS += ["nm-2:4-compressed-tensors"]
 # dictsparse sized by --budget bytes (bf16): the encoding writers pick (bitmask here), and the same sizes forced to ELL
 VARIANTS += ["dictsparse-bytes-0.3", "dictsparse-ell-bytes-0.3"]
 VARIANTS += ["lowrank_sparse-bytes-0.3"]  # U·V + S at OATS's split of 30 % of the bytes removed
@@ -119,6 +125,8 @@ def write_variant(dense_dir: Path, out: Path, variant: str) -> Path:
     """Write a checkpoint of ``variant`` with random factors of the budgeted shapes."""
     if variant == "dense":
         return dense_dir
+    if variant == "nm-2:4-compressed-tensors":
+        return write_compressed_tensors_variant(dense_dir, out)
     if variant.startswith("nm-"):
         return write_nm_variant(dense_dir, out, variant)
     scheme, ratio = variant.rsplit("-", 1)
@@ -193,6 +201,26 @@ def serving_environment(vllm_defaults: bool = False) -> tuple[dict[str, str], st
     _, log = tune_vllm([], env, host_cpu_info(), openmp_and_malloc_preloads())
     choices = [line for line in log if not line.startswith(("CPU", "dtype"))]
     return env, "as `slimserve serve` runs it: " + "; ".join(choices)
+
+
+def write_compressed_tensors_variant(dense_dir: Path, out: Path) -> Path:
+    """Random weights pruned by magnitude to 2:4, saved in compressed-tensors' ``sparse-24-bitmask`` layout and
+    converted as a user would (``slimserve convert --from compressed-tensors``)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def prune(state: dict) -> None:
+        for module in decoder_linear_modules(state):
+            out_features, in_features = state[f"{module}.weight"].shape
+            weight = torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5
+            state[f"{module}.weight"] = (weight * nm_mask(weight, 2, 4)).to(MODEL["dtype"])
+
+    pruned = edited_copy(dense_dir, out.with_name(f"{out.name}-pruned"), tensors=prune)
+    published = out.with_name(f"{out.name}-published")
+    write_compressed_tensors(pruned, published, "sparse-24-bitmask")
+    shutil.rmtree(pruned)
+    converted = convert_compressed_tensors(published, out)
+    shutil.rmtree(published)
+    return converted
 
 
 def measure(model: Path, batches: list[int], tokens: int, repeats: int, engine: dict | None = None,
