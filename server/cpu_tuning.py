@@ -13,11 +13,6 @@ AMD EPYC with AVX2 only, see docs/methods/serving.md):
   the venv by the ``intel-openmp`` wheel) and tcmalloc in ``LD_PRELOAD``. A preload only takes
   effect when a process starts, so it is put in the environment ``slimserve serve`` execs vLLM
   with: the API server, the engine core and every worker inherit it.
-- **glibc malloc**, where no tcmalloc is preloaded: its mmap threshold rises (to 32 MiB) each time
-  a large block is freed, so activations and kernel scratch of a few MiB then come from the heap
-  and stay resident once freed. A worker serving a 30 % dictsparse Llama grew 164 MiB over its
-  first requests (dense: 26 MiB), most of what its smaller weights had saved. A fixed threshold
-  (``MALLOC_MMAP_THRESHOLD_``, ``MMAP_THRESHOLD_BYTES``) maps such blocks and returns them on free.
 
 Every choice is a pure function of the CPU description (``CpuInfo``) so it can be tested on fake
 ``/proc/cpuinfo`` text; ``tune_vllm`` applies them and returns one log line per choice with its reason.
@@ -45,12 +40,6 @@ RESERVE_ABOVE_CORES_PER_RANK = 8
 #: SMT siblings are used only when a worker would otherwise get fewer physical cores than this
 #: (one thread per physical core is faster for GEMMs, but not when it halves a tiny host).
 SMT_BELOW_CORES_PER_RANK = 4
-
-#: glibc's mmap threshold for the vLLM processes (``MALLOC_MMAP_THRESHOLD_``; setting it also stops glibc raising
-#: it). 4 MiB: on an Intel Xeon (bf16 Llama 2048/5632 x 8, in-process, after b1, b8 and a 500-token prefill) the
-#: worker ended at 2431 MiB dense / 2247 MiB dictsparse 30 % against 2494 / 2342 with glibc's default, the same
-#: 184 MiB gap as at 1 MiB (2394 / 2210), with fewer blocks mapped per step; at 32 MiB nothing changed.
-MMAP_THRESHOLD_BYTES = 4 << 20
 
 #: Where tcmalloc is looked for: vLLM's own wheel (some builds bundle it) and the system's library dirs.
 TCMALLOC_PATTERNS = ("libtcmalloc_minimal.so*", "libtcmalloc.so*")
@@ -220,12 +209,4 @@ def tune_vllm(extra_args: Sequence[str], env: dict[str, str], info: CpuInfo,
     if added:
         env["LD_PRELOAD"] = ":".join([*added, *present])
     log.append(f"LD_PRELOAD: {env.get('LD_PRELOAD') or 'nothing (neither libiomp5 nor tcmalloc found)'}")
-    if any("tcmalloc" in Path(p).name for p in env.get("LD_PRELOAD", "").split(":")):
-        log.append("malloc: tcmalloc (preloaded)")
-    elif "MALLOC_MMAP_THRESHOLD_" in env:
-        log.append("malloc: glibc, MALLOC_MMAP_THRESHOLD_ as set in the environment")
-    else:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_BYTES)
-        log.append(f"malloc: glibc, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD_BYTES} (blocks from "
-                   f"{MMAP_THRESHOLD_BYTES >> 20} MiB mapped and returned when freed, not kept in the heap)")
     return args, log

@@ -13,7 +13,6 @@ import pytest
 
 from slimserve.server.cli import build_parser
 from slimserve.server.cpu_tuning import (
-    MMAP_THRESHOLD_BYTES,
     choose_dtype,
     local_world_size,
     openmp_and_malloc_preloads,
@@ -101,20 +100,7 @@ def test_tune_respects_what_the_user_set() -> None:
     numa = parse_cpuinfo(fake_cpuinfo(SAPPHIRE_RAPIDS_FLAGS, cores=8), numa_nodes=2)
     env = {}
     assert tune_vllm([], env, numa, [])[0] == ["--dtype", "bfloat16"]
-    assert env == {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}  # vLLM's own binding is NUMA-aware
-
-
-def test_glibc_mmap_threshold_only_without_tcmalloc_or_a_users_value() -> None:
-    info = parse_cpuinfo(fake_cpuinfo(EPYC_FLAGS, cores=2))
-    env: dict[str, str] = {}
-    log = tune_vllm([], env, info, ["/v/lib/libiomp5.so"])[1]
-    assert env["MALLOC_MMAP_THRESHOLD_"] == str(4 << 20) and log[-1].startswith("malloc: glibc")
-    env = {}
-    assert tune_vllm([], env, info, PRELOADS)[1][-1] == "malloc: tcmalloc (preloaded)"
-    assert "MALLOC_MMAP_THRESHOLD_" not in env
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-    tune_vllm([], env, info, [])
-    assert env["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert env == {}  # vLLM's own binding is NUMA-aware
 
 
 def test_preloads_found_in_the_environment_and_system(tmp_path: Path) -> None:
@@ -137,8 +123,7 @@ def test_vllm_command_applies_tuning_and_kv_cache_flag(tiny_llama: Path) -> None
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["LD_PRELOAD"] == "/v/lib/libiomp5.so"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
-    assert env["MALLOC_MMAP_THRESHOLD_"] == str(MMAP_THRESHOLD_BYTES)
-    assert len(lines) == 5 and lines[0] == "CPU: Test CPU"
+    assert len(lines) == 4 and lines[0] == "CPU: Test CPU"
 
 
 def test_serve_flags_parse() -> None:
