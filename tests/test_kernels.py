@@ -15,10 +15,12 @@ import torch.utils.cpp_extension
 
 from slimserve.loaders.schemes import sparse_rows
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
-from slimserve.plugin.kernels import bitmask, cpp, ell
+from slimserve.loaders.schemes.nm import nm_mask, pack_nm
+from slimserve.plugin.kernels import bitmask, cpp, ell, nm
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
 from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.precision import stored_values
 from slimserve.server.cpu_tuning import host_cpu_info
 
 
@@ -284,3 +286,50 @@ def test_prepacked_linear_matches_f_linear(dtype: torch.dtype, shape: tuple[int,
     f = prepacked_linear(weight)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(f(x).float(), (x.float() @ weight.float().t()), rtol=tol, atol=tol * shape[1] ** 0.5)
+
+
+def _product_and_tensors(encoding: str, atoms: int) -> tuple[object, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The product of an encoding (every road the operator takes), float32 values that bf16 holds exactly, and the
+    rest of its arguments."""
+    weight = torch.randn(96, atoms).bfloat16().float()
+    if encoding == "bitmask":
+        values, mask = sparse_rows.dense_to_bitmask(weight, atoms // 2 + 1)
+        return bitmask.bitmask_matmul, values, (mask,)
+    if encoding == "ell":
+        values, indices = sparse_rows.dense_to_ell(weight, atoms // 2 + 1)
+        return ell.ell_matmul, values, (indices.to(torch.int16),)
+    packed = pack_nm(weight * nm_mask(weight, 2, 4), 2, 4)
+    return (lambda x, values, positions: nm.nm_matmul(x, values, positions, 2, 4),
+            packed["values"], (packed["positions"],))
+
+
+# tokens: one (its own loop), a batch of 8 (one AVX2 register a value), 13 (a partial 16), 40 (AVX2 panels) and 200
+# (panels on AVX2, strips of a decoded weight elsewhere)
+@pytest.mark.parametrize("tokens", [1, 8, 13, 40, 200])
+@pytest.mark.parametrize("encoding", ["bitmask", "ell", "nm-2:4"])
+def test_bf16_values_under_float32_activations_give_the_float32_result_bit_for_bit(encoding: str, tokens: int,
+                                                                                   isa: str) -> None:
+    # A host serving float32 keeps a bf16 checkpoint's sparse values in bf16 (plugin/kernels/precision.py): every
+    # road must widen them exactly and keep float32 sums, not round the output to the values' dtype.
+    torch.manual_seed(tokens)
+    product, values, rest = _product_and_tensors(encoding, 300)
+    z = torch.randn(tokens, 300)
+    as_float32 = product(z, values, *rest)
+    as_bf16 = product(z, values.bfloat16(), *rest)
+    assert as_bf16.dtype == torch.float32 and as_bf16.is_contiguous()
+    assert torch.equal(as_bf16, as_float32)
+
+
+def test_values_keep_the_checkpoint_precision_only_where_exact_and_the_build_widens_them(isa: str) -> None:
+    exact = torch.randn(64, 32).bfloat16().float()
+    narrowed = stored_values(exact, "avx2")
+    assert narrowed.dtype == torch.bfloat16 and torch.equal(narrowed.float(), exact)
+    assert stored_values(exact, "avx512") is exact and stored_values(exact, None) is exact
+    float32_checkpoint = exact + 2.0 ** -20  # low mantissa bits set: a float32 checkpoint's values
+    assert stored_values(float32_checkpoint, "avx2") is float32_checkpoint
+    values, mask = sparse_rows.dense_to_bitmask(exact, 17)
+    kernel = BitmaskMatmul(values, mask, 32)
+    assert kernel.values.dtype == (torch.bfloat16 if isa == "avx2" else torch.float32)
+    z = torch.randn(3, 32)
+    torch.testing.assert_close(kernel(z).double(), sparse_rows.bitmask_product(z.double(), values.double(), mask),
+                               rtol=1e-5, atol=1e-5)

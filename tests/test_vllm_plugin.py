@@ -12,13 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from slimserve.loaders.checkpoint import densify, open_checkpoint
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.converters import convert_rocket
+from slimserve.testing.models import build_tiny_causal_lm
+from slimserve.testing.nm import write_nm_checkpoint
 from slimserve.testing.rocket_layout import write_rocket_sep
-from slimserve.testing.vllm import hf_greedy, vllm_greedy
+from slimserve.testing.vllm import hf_greedy, scheme_reference_greedy, vllm_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +119,20 @@ def test_freed_heap_pages_go_back_to_the_os_after_a_layer_loads() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     freed_mib, returned_mib, _ = (int(v) for v in proc.stdout.split()[-3:])
     assert freed_mib < 32 and returned_mib > 96, (freed_mib, returned_mib)
+
+
+@pytest.mark.parametrize("scheme", ["nm", "dictsparse"])
+def test_a_bf16_checkpoint_served_as_float32_gives_the_float32_reference_tokens(scheme: str, tmp_path: Path) -> None:
+    """Served as float32 (what hosts without bf16 arithmetic get), a bf16 checkpoint's sparse values stay bf16 on AVX2
+    builds (plugin/kernels/precision.py): N:M values, and dictsparse coefficients (bitmask-encoded)."""
+    dense = build_tiny_causal_lm(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    if scheme == "nm":
+        slim = write_nm_checkpoint(dense, tmp_path / "slim", pattern_of={"model.layers.1.mlp.up_proj": (4, 8)})
+    else:
+        write_rocket_sep(dense, tmp_path / "sep", nnz_of={"model.layers.1.mlp.up_proj": 127})
+        slim = convert_rocket(tmp_path / "sep", tmp_path / "slim")
+    ckpt = open_checkpoint(slim)
+    values = [name for name in ckpt.tensors if name.endswith("values")]
+    assert values and all(ckpt.tensors[name].dtype == torch.bfloat16 for name in values)
+    # the reference runs each module's own forward in float32 (a bf16 densified export would round D·C to bf16)
+    assert vllm_greedy(slim, PROMPTS, dtype="float32") == scheme_reference_greedy(slim, PROMPTS)

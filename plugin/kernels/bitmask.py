@@ -27,6 +27,7 @@ import torch
 from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 from slimserve.plugin.kernels.ops import register_op
+from slimserve.plugin.kernels.precision import stored_values
 
 #: From this many tokens a call of a build without AVX2 panels decodes C in strips and runs dense GEMMs on them.
 #: Measured with the AVX2 build on an AMD EPYC (fp32, 2 threads, [5632, 1547] at s = 773,
@@ -65,11 +66,11 @@ class BitmaskMatmul:
     """``y = z · Cᵀ`` for ``C [out, k]`` stored as packed values + bit mask, prepared once at load."""
 
     def __init__(self, values: torch.Tensor, mask: torch.Tensor, atoms: int) -> None:
-        self.values = values.contiguous()
-        self.mask = mask.contiguous()
-        self.atoms = atoms
         # Build (or load) the kernel now, at model load, not inside the first traced forward.
         self.ext = _cpu_kernel() if values.device.type == "cpu" else None
+        self.values = stored_values(values.contiguous(), self.ext.isa() if self.ext is not None else None)
+        self.mask = mask.contiguous()
+        self.atoms = atoms
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.bitmask_matmul(z, self.values, self.mask)

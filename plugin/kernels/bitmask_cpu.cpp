@@ -121,8 +121,8 @@ inline void decode_row_offsets(const uint8_t* mrow, int64_t mask_bytes, int32_t 
 }
 
 // One token: rows [row_begin, row_end) of y[0, :] from z [k] (float32).
-template <typename V>
-void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, const uint8_t* mask, V* y,
+template <typename V, typename O>
+void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, const uint8_t* mask, O* y,
                             int64_t nnz, int64_t mask_bytes, const V* values_end, int64_t row_begin, int64_t row_end) {
   for (int64_t o = row_begin; o < row_end; ++o) {
     const uint8_t* mrow = mask + o * mask_bytes;
@@ -142,7 +142,7 @@ void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, cons
       const __mmask16 b0 = static_cast<__mmask16>(mask_bits16(mrow, mask_bytes, j0));
       acc0 = _mm512_fmadd_ps(expand_values(v, b0), _mm512_maskz_loadu_ps(b0, z + j0), acc0);
     }
-    y[o] = static_cast<V>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
+    y[o] = static_cast<O>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
 #elif defined(SLIMSERVE_AVX2)
     const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -158,26 +158,24 @@ void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, cons
       acc[b & 1] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(z + b * 8, lanes), acc[b & 1]);
       v += count;
     }
-    y[o] = static_cast<V>(reduce_add8(_mm256_add_ps(acc[0], acc[1])));
+    y[o] = static_cast<O>(reduce_add8(_mm256_add_ps(acc[0], acc[1])));
 #else
     float s = 0.f;
     for (int64_t b = 0; b < mask_bytes; ++b) {
       for (uint32_t bits = mrow[b]; bits != 0; bits &= bits - 1) s += z[b * 8 + __builtin_ctz(bits)] * to_float(*v++);
     }
-    y[o] = static_cast<V>(s);
+    y[o] = static_cast<O>(s);
 #endif
   }
   (void)atoms;
   (void)values_end;
 }
 
-template <typename V>
-void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const torch::Tensor& mask, torch::Tensor& y) {
-  const int64_t tokens = zf.size(0), atoms = zf.size(1);
-  const int64_t out_features = values.size(0), nnz = values.size(1), mask_bytes = mask.size(1);
-  const V* val = values.data_ptr<V>();
+template <typename V, typename O>
+void bitmask_dispatch(const torch::Tensor& zf, const V* val, int64_t out_features, int64_t nnz, const torch::Tensor& mask,
+                      O* out) {
+  const int64_t tokens = zf.size(0), atoms = zf.size(1), mask_bytes = mask.size(1);
   const uint8_t* msk = mask.data_ptr<uint8_t>();
-  V* out = y.data_ptr<V>();
   if (tokens > 1) {
     // Each row's mask is decoded once into its nnz zt offsets (decode_row_offsets), not once per pass of tokens.
     const auto zt = slimserve_rows::transposed_batch(zf);
@@ -196,7 +194,7 @@ void bitmask_dispatch(const torch::Tensor& zf, const torch::Tensor& values, cons
   const float* z = zf.data_ptr<float>();
   const V* values_end = val + out_features * nnz;
   at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
-    bitmask_rows_one_token<V>(z, atoms, val, msk, out, nnz, mask_bytes, values_end, begin, end);
+    bitmask_rows_one_token(z, atoms, val, msk, out, nnz, mask_bytes, values_end, begin, end);
   });
 }
 
@@ -330,12 +328,10 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
   }
 #endif
   auto zf = z.to(at::kFloat).contiguous();
-  auto y = torch::empty({z.size(0), values.size(0)}, values.options());
-  if (values.scalar_type() == at::kBFloat16) {
-    bitmask_dispatch<c10::BFloat16>(zf, values, mask, y);
-  } else {
-    bitmask_dispatch<float>(zf, values, mask, y);
-  }
+  auto y = torch::empty({z.size(0), values.size(0)}, values.options().dtype(slimserve_rows::output_dtype(z)));
+  slimserve_rows::with_value_types(values, y, [&](const auto* val, auto* out) {
+    bitmask_dispatch(zf, val, values.size(0), values.size(1), mask, out);
+  });
   return y;
 }
 

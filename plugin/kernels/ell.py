@@ -19,6 +19,7 @@ import torch
 from slimserve.loaders.schemes.sparse_rows import ell_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 from slimserve.plugin.kernels.ops import register_op
+from slimserve.plugin.kernels.precision import stored_values
 
 #: From this many tokens a call leaves the batch loop (AMD EPYC, AVX2, fp32, int16 indices, [5632, 1547] at s = 773,
 #: docs/methods/cpu_kernels.md): AVX2 builds run the loop over C's stored values on panels of 32 tokens (10.7 ms at
@@ -51,11 +52,11 @@ class EllMatmul:
     """``y = z · Cᵀ`` for ``C [out, k]`` with exactly s nonzeros per row, prepared once at load."""
 
     def __init__(self, values: torch.Tensor, indices: torch.Tensor, atoms: int) -> None:
-        self.values = values.contiguous()
-        self.indices = indices.contiguous()
-        self.atoms = atoms
         # Build (or load) the kernel now, at model load, not inside the first traced forward.
         self.ext = _cpu_kernel() if values.device.type == "cpu" else None
+        self.values = stored_values(values.contiguous(), self.ext.isa() if self.ext is not None else None)
+        self.indices = indices.contiguous()
+        self.atoms = atoms
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.ell_matmul(z, self.values, self.indices)

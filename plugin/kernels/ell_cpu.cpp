@@ -72,8 +72,8 @@ template <typename V> inline __m256 load_values8(const V* p) {
 }
 #endif
 
-template <typename V, typename I>
-void ell_rows(const float* z, const V* values, const I* indices, V* y, int64_t tokens, int64_t atoms,
+template <typename V, typename I, typename O>
+void ell_rows(const float* z, const V* values, const I* indices, O* y, int64_t tokens, int64_t atoms,
               int64_t out_features, int64_t nnz, int64_t row_begin, int64_t row_end) {
   for (int64_t o = row_begin; o < row_end; ++o) {
     const V* val = values + o * nnz;
@@ -119,18 +119,14 @@ void ell_rows(const float* z, const V* values, const I* indices, V* y, int64_t t
         sums[n] = s;
       }
 #endif
-      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
+      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<O>(sums[n]);
     }
   }
 }
 
-template <typename V, typename I>
-void ell_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const torch::Tensor& indices, torch::Tensor& y) {
+template <typename V, typename I, typename O>
+void ell_dispatch(const torch::Tensor& zf, const V* val, const I* idx, int64_t out_features, int64_t nnz, O* out) {
   const int64_t tokens = zf.size(0), atoms = zf.size(1);
-  const int64_t out_features = values.size(0), nnz = values.size(1);
-  const V* val = values.data_ptr<V>();
-  const I* idx = indices.data_ptr<I>();
-  V* out = y.data_ptr<V>();
 #if defined(__AVX512F__) || defined(SLIMSERVE_AVX2)
   if (tokens > 1) {
     const auto zt = slimserve_rows::transposed_batch(zf);
@@ -147,7 +143,7 @@ void ell_dispatch(const torch::Tensor& zf, const torch::Tensor& values, const to
 #endif
   const float* z = zf.data_ptr<float>();
   at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
-    ell_rows<V, I>(z, val, idx, out, tokens, atoms, out_features, nnz, begin, end);
+    ell_rows(z, val, idx, out, tokens, atoms, out_features, nnz, begin, end);
   });
 }
 
@@ -191,14 +187,11 @@ void ell_rows_to_dense(const V* values, const I* indices, float* strip, int64_t 
 torch::Tensor ell_matmul(torch::Tensor z, torch::Tensor values, torch::Tensor indices) {
   check_args(z, values, indices, "ell_matmul");
   auto zf = z.to(at::kFloat).contiguous();
-  auto y = torch::empty({z.size(0), values.size(0)}, values.options());
+  auto y = torch::empty({z.size(0), values.size(0)}, values.options().dtype(slimserve_rows::output_dtype(z)));
   with_indices(indices, [&](const auto* idx) {
-    using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
-    if (values.scalar_type() == at::kBFloat16) {
-      ell_dispatch<c10::BFloat16, I>(zf, values, indices, y);
-    } else {
-      ell_dispatch<float, I>(zf, values, indices, y);
-    }
+    slimserve_rows::with_value_types(values, y, [&](const auto* val, auto* out) {
+      ell_dispatch(zf, val, idx, values.size(0), values.size(1), out);
+    });
   });
   return y;
 }

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from slimserve.loaders.schemes.nm import nm_to_dense
 from slimserve.plugin.kernels.cpp import load_cpu_extension
 from slimserve.plugin.kernels.ops import register_op
+from slimserve.plugin.kernels.precision import stored_values
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +113,14 @@ class NMMatmul:
     def __init__(self, values: torch.Tensor, positions: torch.Tensor, kept: int, group: int) -> None:
         in_features = values.shape[1] * group // kept
         self.tensor_cores = sparse_tensor_core_weight(values, positions, in_features, kept, group)
+        # Build (or load) the kernel now, at model load, not inside the first traced forward.
+        self.ext = _cpu_kernel() if values.device.type == "cpu" else None
         # The tensor cores' copy holds the whole weight; keeping the scheme's tensors too would double it.
-        self.values = None if self.tensor_cores is not None else values.contiguous()
+        isa = self.ext.isa() if self.ext is not None else None
+        self.values = None if self.tensor_cores is not None else stored_values(values.contiguous(), isa)
         self.positions = None if self.tensor_cores is not None else positions.contiguous()
         self.kept = kept
         self.group = group
-        # Build (or load) the kernel now, at model load, not inside the first traced forward.
-        self.ext = _cpu_kernel() if values.device.type == "cpu" else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.tensor_cores is not None:

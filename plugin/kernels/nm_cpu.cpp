@@ -538,26 +538,29 @@ void expand_rows(const V* values, const uint8_t* positions, V* dense, int64_t in
 }
 #endif
 
-template <typename V>
-void decompress_rows(const V* values, const uint8_t* positions, V* dense, int64_t in, int64_t kept, int64_t group,
+// Rows row_begin .. row_end of W as dense rows of O (float32, or bf16 for bf16 values).
+template <typename V, typename O>
+void decompress_rows(const V* values, const uint8_t* positions, O* dense, int64_t in, int64_t kept, int64_t group,
                      int64_t row_begin, int64_t row_end) {
   const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(group - 1));
 #if defined(__AVX512VBMI2__)
-  if ((kept == 2 && group == 4) || (kept == 4 && group == 8)) {
-    with_span_mask(kept, [&](const auto& mask) {
-      expand_rows(values, positions, dense, in, kept, group, bits, mask, row_begin, row_end);
-    });
-    return;
+  if constexpr (std::is_same<V, O>::value) {
+    if ((kept == 2 && group == 4) || (kept == 4 && group == 8)) {
+      with_span_mask(kept, [&](const auto& mask) {
+        expand_rows(values, positions, dense, in, kept, group, bits, mask, row_begin, row_end);
+      });
+      return;
+    }
   }
 #endif
   const int64_t stored = in / group * kept, meta_bytes = (stored * bits + 7) / 8;
   std::vector<int32_t> cols(stored);
   for (int64_t o = row_begin; o < row_end; ++o) {
-    V* row = dense + o * in;
-    std::memset(static_cast<void*>(row), 0, sizeof(V) * in);
+    O* row = dense + o * in;
+    std::memset(static_cast<void*>(row), 0, sizeof(O) * in);
     const V* val = values + o * stored;
     decode_columns(positions + o * meta_bytes, cols.data(), in, kept, group, bits);
-    for (int64_t j = 0; j < stored; ++j) row[cols[j]] = val[j];
+    for (int64_t j = 0; j < stored; ++j) row[cols[j]] = static_cast<O>(val[j]);
   }
 }
 
@@ -689,7 +692,8 @@ torch::Tensor nm_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor pos
 }
 
 // y [N, out] = x [N, in] · Wᵀ in x's dtype for many tokens (prefill) where the tile unit does not take them, on
-// strips of W decompressed in cache (vector_rows.h).
+// strips of W decompressed in cache (vector_rows.h): bf16 strips for bf16 x and values, float32 otherwise (float32
+// x keeps float32 arithmetic whatever the values' dtype).
 torch::Tensor nm_matmul_strips(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
                                int64_t group) {
   TORCH_CHECK(x.dim() == 2, "nm_matmul_strips: x must be [N, in]");
@@ -697,15 +701,12 @@ torch::Tensor nm_matmul_strips(torch::Tensor x, torch::Tensor values, torch::Ten
   check_args(values, positions, in, kept, group);
   const int64_t stored = values.size(1), meta_bytes = positions.size(1);
   const uint8_t* meta = positions.data_ptr<uint8_t>();
-  const auto y = slimserve_rows::strips_gemm(x, values.size(0), values.scalar_type(),
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16;
+  const auto y = slimserve_rows::strips_gemm(x, values.size(0), bf16 ? at::kBFloat16 : at::kFloat,
                                              [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
-    if (values.scalar_type() == at::kBFloat16) {
-      decompress_rows<c10::BFloat16>(values.data_ptr<c10::BFloat16>() + first * stored, meta + first * meta_bytes,
-                                     strip.data_ptr<c10::BFloat16>(), in, kept, group, begin, end);
-    } else {
-      decompress_rows<float>(values.data_ptr<float>() + first * stored, meta + first * meta_bytes,
-                             strip.data_ptr<float>(), in, kept, group, begin, end);
-    }
+    slimserve_rows::with_value_types(values, strip, [&](const auto* val, auto* dense) {
+      decompress_rows(val + first * stored, meta + first * meta_bytes, dense, in, kept, group, begin, end);
+    });
   });
   return y.to(x.scalar_type());
 }

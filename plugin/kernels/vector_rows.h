@@ -63,9 +63,9 @@ inline int64_t batch_width(int64_t tokens) {
 // are read once per pass of min(ld, 16) tokens and each is broadcast against that many tokens of its column with
 // one aligned load and one FMA (two chains hide the FMA latency). `row_offsets(o)` prepares row o and returns
 // `offset(i)`, the zt offset (column · ld) of its stored value i: ELL reads its index, the bitmask kernel decodes
-// the row's mask once into a buffer.
-template <typename V, typename RowOffsets>
-void batched_rows(const float* zt, int64_t ld, const V* values, int64_t nnz, V* y, int64_t tokens,
+// the row's mask once into a buffer. y is float32 or bf16 whatever the values are (see output_dtype).
+template <typename V, typename O, typename RowOffsets>
+void batched_rows(const float* zt, int64_t ld, const V* values, int64_t nnz, O* y, int64_t tokens,
                   int64_t out_features, int64_t row_begin, int64_t row_end, const RowOffsets& row_offsets) {
   const int64_t step = std::min<int64_t>(ld, 16);
   for (int64_t o = row_begin; o < row_end; ++o) {
@@ -130,8 +130,32 @@ void batched_rows(const float* zt, int64_t ld, const V* values, int64_t nnz, V* 
         for (int64_t n = 0; n < step; ++n) sums[n] += value * z[n];
       }
 #endif
-      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<V>(sums[n]);
+      for (int64_t n = 0; n < nt; ++n) y[(n0 + n) * out_features + o] = static_cast<O>(sums[n]);
     }
+  }
+}
+
+// The dtype a row-sparse product (ELL, bitmask) writes for activations z: bf16 for bf16 z, float32 otherwise. Not
+// the values' dtype: a host that serves float32 keeps bf16 values as the checkpoint stored them (stored_values in
+// plugin/kernels/storage.py), and its float32 sums must not be rounded to bf16 on the way out.
+inline at::ScalarType output_dtype(const at::Tensor& z) {
+  return z.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
+// fn(values, out) with both pointers typed: values float32 or bf16, out (output_dtype) float32 or bf16.
+template <typename Fn>
+void with_value_types(const at::Tensor& values, at::Tensor& out, const Fn& fn) {
+  const auto with_out = [&](const auto* val) {
+    if (out.scalar_type() == at::kBFloat16) {
+      fn(val, out.data_ptr<c10::BFloat16>());
+    } else {
+      fn(val, out.data_ptr<float>());
+    }
+  };
+  if (values.scalar_type() == at::kBFloat16) {
+    with_out(static_cast<const c10::BFloat16*>(values.data_ptr<c10::BFloat16>()));
+  } else {
+    with_out(static_cast<const float*>(values.data_ptr<float>()));
   }
 }
 

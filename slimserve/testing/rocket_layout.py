@@ -18,12 +18,13 @@ from slimserve.loaders.models import decoder_linear_modules
 
 def rocket_like_factors(weight: torch.Tensor, rank: int, nnz: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An (uncalibrated) ROCKET-shaped pair: dictionary [r, in] from the SVD basis, coefficients
-    [out, r] with the smallest entries of each row zeroed, stored dense as ROCKET does."""
-    _, _, vh = torch.linalg.svd(weight, full_matrices=False)
+    [out, r] with the smallest entries of each row zeroed, stored dense as ROCKET does, in the weight's dtype
+    (computed in float32: there is no bf16 SVD on CPU)."""
+    _, _, vh = torch.linalg.svd(weight.float(), full_matrices=False)
     dictionary = vh[:rank]
-    coef = weight @ dictionary.t()
+    coef = weight.float() @ dictionary.t()
     drop = coef.abs().argsort(dim=1)[:, : rank - nnz]
-    return dictionary, coef.scatter(1, drop, 0.0)
+    return dictionary.to(weight.dtype), coef.scatter(1, drop, 0.0).to(weight.dtype)
 
 
 def write_rocket_sep(dense_dir: Path, out: Path, *, keep_dense: Set[str] = frozenset(),
