@@ -382,21 +382,11 @@ torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch
   const bool bf16 = false;
 #endif
   const int64_t out = values.size(0);
-  const c10::BFloat16* bf16_values =
-      values.scalar_type() == at::kBFloat16 ? values.data_ptr<c10::BFloat16>() : nullptr;
   return slimserve_rows::strips_gemm(z, out, bf16 ? at::kBFloat16 : at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
-    if (bf16) {
-      bitmask_rows_to_dense(bf16_values, bf16_values + out * nnz, msk, strip.data_ptr<c10::BFloat16>(), atoms, nnz,
-                            mask_bytes, first, begin, end);
-    } else if (values.scalar_type() == at::kBFloat16) {
-      bitmask_rows_to_dense(bf16_values, bf16_values + out * nnz, msk, strip.data_ptr<float>(), atoms, nnz,
-                            mask_bytes, first, begin, end);
-    } else {
-      const float* fp32_values = values.data_ptr<float>();
-      bitmask_rows_to_dense(fp32_values, fp32_values + out * nnz, msk, strip.data_ptr<float>(), atoms, nnz,
-                            mask_bytes, first, begin, end);
-    }
+    slimserve_rows::with_value_types(values, strip, [&](const auto* val, auto* rows) {
+      bitmask_rows_to_dense(val, val + out * nnz, msk, rows, atoms, nnz, mask_bytes, first, begin, end);
+    });
   });
 }
 

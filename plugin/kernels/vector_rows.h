@@ -137,12 +137,12 @@ void batched_rows(const float* zt, int64_t ld, const V* values, int64_t nnz, O* 
 
 // The dtype a row-sparse product (ELL, bitmask) writes for activations z: bf16 for bf16 z, float32 otherwise. Not
 // the values' dtype: a host that serves float32 keeps bf16 values as the checkpoint stored them (stored_values in
-// plugin/kernels/storage.py), and its float32 sums must not be rounded to bf16 on the way out.
+// plugin/kernels/precision.py), and its float32 sums must not be rounded to bf16 on the way out.
 inline at::ScalarType output_dtype(const at::Tensor& z) {
   return z.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
 }
 
-// fn(values, out) with both pointers typed: values float32 or bf16, out (output_dtype) float32 or bf16.
+// fn(values, out) with both pointers typed: values float32 or bf16, out (an output or a strip) float32 or bf16.
 template <typename Fn>
 void with_value_types(const at::Tensor& values, at::Tensor& out, const Fn& fn) {
   const auto with_out = [&](const auto* val) {
@@ -153,9 +153,9 @@ void with_value_types(const at::Tensor& values, at::Tensor& out, const Fn& fn) {
     }
   };
   if (values.scalar_type() == at::kBFloat16) {
-    with_out(static_cast<const c10::BFloat16*>(values.data_ptr<c10::BFloat16>()));
+    with_out(values.data_ptr<c10::BFloat16>());
   } else {
-    with_out(static_cast<const float*>(values.data_ptr<float>()));
+    with_out(values.data_ptr<float>());
   }
 }
 
