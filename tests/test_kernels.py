@@ -131,7 +131,9 @@ def test_ell_matmul_matches_dense_coefficients(dtype: torch.dtype, batch: int, i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 5, 37])  # one token (expand / permute path); batched with a partial chunk
+# one token (expand / permute path); AVX2's few-token rows at 2 (two byte chains), 5 and 8, its batch loop from 9;
+# batched with a partial chunk
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 9, 37])
 # (atoms, nnz): k = 5 (under one mask byte), odd k = 37 (3 spare bits; AVX-512: two 16-bit steps and a tail),
 # k = 40 (whole bytes), k = 300 (many steps), s = 1 and s = k; the last rows end at the values buffer's end.
 @pytest.mark.parametrize(("atoms", "nnz"), [(5, 2), (37, 1), (37, 37), (40, 17), (300, 151)])

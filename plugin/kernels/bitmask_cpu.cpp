@@ -60,22 +60,27 @@ template <typename V> inline __m512 expand_values(const V* p, __mmask16 bits) {
 #endif
 
 #if defined(SLIMSERVE_AVX2)
-// kPermute[b][i]: for a set bit i of byte b, its rank among b's set bits (the packed value it takes).
+// kPermute[b][i]: for a set bit i of byte b, its rank among b's set bits (the packed value it takes); for an unset
+// bit, the sign bit alone (_mm256_permutevar8x32_ps reads only the low 3 bits, _mm256_blendv_ps only the sign).
 const std::array<std::array<int32_t, 8>, 256> kPermute = [] {
   std::array<std::array<int32_t, 8>, 256> table{};
   for (int b = 0; b < 256; ++b) {
     int rank = 0;
-    for (int i = 0; i < 8; ++i) table[b][i] = (b >> i) & 1 ? rank++ : 0;
+    for (int i = 0; i < 8; ++i) table[b][i] = (b >> i) & 1 ? rank++ : INT32_MIN;
   }
   return table;
 }();
 
-// Eight packed values widened to fp32; near the end of the values buffer only `count` are read.
-template <typename V> inline __m256 load_packed8(const V* p, int count, const V* end) {
-  alignas(32) V tail[8] = {};
-  if (p + 8 > end) {
-    std::memcpy(tail, p, sizeof(V) * count);
-    p = tail;
+// Eight packed values widened to fp32. kGuarded: the row is near the end of the values buffer, so only `count`
+// are read (into a zeroed copy); elsewhere eight are loaded unmasked, the extra ones belonging to the next row.
+template <bool kGuarded, typename V> inline __m256 load_packed8(const V* p, int count, const V* end) {
+  alignas(32) V tail[8];
+  if constexpr (kGuarded) {
+    if (p + 8 > end) {
+      std::memset(tail, 0, sizeof(tail));
+      std::memcpy(tail, p, sizeof(V) * count);
+      p = tail;
+    }
   }
   if constexpr (std::is_same<V, float>::value) {
     return _mm256_loadu_ps(p);
@@ -84,6 +89,80 @@ template <typename V> inline __m256 load_packed8(const V* p, int count, const V*
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
 }
+
+// One mask byte's 8 columns of a row as a vector: the byte's popcount packed values permuted onto its set lanes and
+// zeroed on the others; advances the row's value cursor.
+template <bool kGuarded, typename V> inline __m256 mask_byte_values(uint32_t bits, const V*& v, const V* values_end) {
+  const int count = __builtin_popcount(bits);
+  const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPermute[bits].data()));
+  const __m256 packed = _mm256_permutevar8x32_ps(load_packed8<kGuarded>(v, count, values_end), order);
+  v += count;
+  return _mm256_blendv_ps(packed, _mm256_setzero_ps(), _mm256_castsi256_ps(order));
+}
+
+// Row o of C dotted with NT tokens of z ([NT, k] float32, row-major): each mask byte's values are placed once and
+// multiplied with every token's 8 columns, so the row's values and mask stream once for the batch and z is read
+// contiguously (no decoded column list, no transposed copy). Fewer than four tokens also split the bytes over
+// kChains accumulator sets, so at least four FMA chains are in flight. The accumulators are indexed by constants
+// only: GCC kept an array indexed by the byte's parity on the stack, and every FMA waited on a store-to-load round
+// trip (about 7 cycles a mask byte on an AMD EPYC, 2.5x the one-token loop's time). A last byte that runs past
+// column k reads z under its bits (unset lanes read as 0, nothing past column k).
+template <int NT, bool kGuarded, typename V>
+inline void bitmask_row_avx2(const float* z, int64_t atoms, const uint8_t* mrow, const V* v, const V* values_end,
+                             float* sums) {
+  constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
+  __m256 acc[kChains][NT];
+  for (int c = 0; c < kChains; ++c) {
+    for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_setzero_ps();
+  }
+  const int64_t full_bytes = atoms / 8;
+  int64_t b = 0;
+  for (; b + kChains <= full_bytes; b += kChains) {
+    for (int c = 0; c < kChains; ++c) {
+      const __m256 vals = mask_byte_values<kGuarded>(mrow[b + c], v, values_end);
+      for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + n * atoms + 8 * (b + c)), acc[c][n]);
+    }
+  }
+  for (; b < full_bytes; ++b) {
+    const __m256 vals = mask_byte_values<kGuarded>(mrow[b], v, values_end);
+    for (int n = 0; n < NT; ++n) acc[0][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + n * atoms + 8 * b), acc[0][n]);
+  }
+  if (atoms % 8 != 0) {
+    const uint32_t bits = mrow[b];
+    // bit i of the byte moved to the sign bit of lane i: what a masked load reads as its mask
+    const __m256i lanes = _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(bits)),
+                                            _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
+    const __m256 vals = mask_byte_values<kGuarded>(bits, v, values_end);
+    for (int n = 0; n < NT; ++n) {
+      acc[0][n] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(z + n * atoms + 8 * b, lanes), acc[0][n]);
+    }
+  }
+  for (int n = 0; n < NT; ++n) {
+    __m256 total = acc[0][n];
+    for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[c][n]);
+    sums[n] = reduce_add8(total);
+  }
+}
+
+// Rows [row_begin, row_end) of y [NT, out] from z [NT, k]; a row's last mask byte may load up to 8 values past the
+// row, unmasked unless that leaves the values buffer.
+template <int NT, typename V, typename O>
+void bitmask_rows_avx2(const float* z, int64_t atoms, const V* values, const uint8_t* mask, O* y, int64_t out,
+                       int64_t nnz, int64_t mask_bytes, const V* values_end, int64_t row_begin, int64_t row_end) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const V* v = values + o * nnz;
+    float sums[NT];
+    if (v + nnz + 8 <= values_end) {
+      bitmask_row_avx2<NT, false>(z, atoms, mask + o * mask_bytes, v, values_end, sums);
+    } else {
+      bitmask_row_avx2<NT, true>(z, atoms, mask + o * mask_bytes, v, values_end, sums);
+    }
+    for (int n = 0; n < NT; ++n) y[n * out + o] = static_cast<O>(sums[n]);
+  }
+}
+
+// Tokens from which AVX2 batches take the transposed batch loop (vector_rows.h) instead of bitmask_rows_avx2.
+constexpr int64_t kRowsAvx2MaxTokens = 8;
 #endif
 
 // kSetBits[b]: the positions of byte b's set bits in increasing order, then zeros.
@@ -120,7 +199,8 @@ inline void decode_row_offsets(const uint8_t* mrow, int64_t mask_bytes, int32_t 
   }
 }
 
-// One token: rows [row_begin, row_end) of y[0, :] from z [k] (float32).
+#if !defined(SLIMSERVE_AVX2)
+// One token: rows [row_begin, row_end) of y[0, :] from z [k] (float32); AVX2 builds take bitmask_rows_avx2.
 template <typename V, typename O>
 void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, const uint8_t* mask, O* y,
                             int64_t nnz, int64_t mask_bytes, const V* values_end, int64_t row_begin, int64_t row_end) {
@@ -143,22 +223,6 @@ void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, cons
       acc0 = _mm512_fmadd_ps(expand_values(v, b0), _mm512_maskz_loadu_ps(b0, z + j0), acc0);
     }
     y[o] = static_cast<O>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
-#elif defined(SLIMSERVE_AVX2)
-    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t b = 0; b < mask_bytes; ++b) {
-      const uint32_t bits = mrow[b];
-      if (bits == 0) continue;
-      const int count = __builtin_popcount(bits);
-      const __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane_bit),
-                                               lane_bit);
-      const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPermute[bits].data()));
-      const __m256 vals = _mm256_permutevar8x32_ps(load_packed8(v, count, values_end), order);
-      // Unset lanes read z as 0 (masked load, never past column k), so their stand-in values add nothing.
-      acc[b & 1] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(z + b * 8, lanes), acc[b & 1]);
-      v += count;
-    }
-    y[o] = static_cast<O>(reduce_add8(_mm256_add_ps(acc[0], acc[1])));
 #else
     float s = 0.f;
     for (int64_t b = 0; b < mask_bytes; ++b) {
@@ -170,12 +234,35 @@ void bitmask_rows_one_token(const float* z, int64_t atoms, const V* values, cons
   (void)atoms;
   (void)values_end;
 }
+#endif
 
 template <typename V, typename O>
 void bitmask_dispatch(const torch::Tensor& zf, const V* val, int64_t out_features, int64_t nnz, const torch::Tensor& mask,
                       O* out) {
   const int64_t tokens = zf.size(0), atoms = zf.size(1), mask_bytes = mask.size(1);
   const uint8_t* msk = mask.data_ptr<uint8_t>();
+  const V* values_end = val + out_features * nnz;
+#if defined(SLIMSERVE_AVX2)
+  if (tokens <= kRowsAvx2MaxTokens) {
+    const float* z = zf.data_ptr<float>();
+    const auto rows = [&](auto tokens_constant) {
+      at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+        bitmask_rows_avx2<decltype(tokens_constant)::value>(z, atoms, val, msk, out, out_features, nnz, mask_bytes,
+                                                            values_end, begin, end);
+      });
+    };
+    switch (tokens) {
+      case 1: return rows(std::integral_constant<int, 1>{});
+      case 2: return rows(std::integral_constant<int, 2>{});
+      case 3: return rows(std::integral_constant<int, 3>{});
+      case 4: return rows(std::integral_constant<int, 4>{});
+      case 5: return rows(std::integral_constant<int, 5>{});
+      case 6: return rows(std::integral_constant<int, 6>{});
+      case 7: return rows(std::integral_constant<int, 7>{});
+      default: return rows(std::integral_constant<int, 8>{});
+    }
+  }
+#endif
   if (tokens > 1) {
     // Each row's mask is decoded once into its nnz zt offsets (decode_row_offsets), not once per pass of tokens.
     const auto zt = slimserve_rows::transposed_batch(zf);
@@ -191,11 +278,12 @@ void bitmask_dispatch(const torch::Tensor& zf, const V* val, int64_t out_feature
     });
     return;
   }
+#if !defined(SLIMSERVE_AVX2)
   const float* z = zf.data_ptr<float>();
-  const V* values_end = val + out_features * nnz;
   at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
     bitmask_rows_one_token(z, atoms, val, msk, out, nnz, mask_bytes, values_end, begin, end);
   });
+#endif
 }
 
 #if defined(__AVX512VBMI2__)
