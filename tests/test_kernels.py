@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils.cpp_extension
 
 from slimserve.loaders.schemes import sparse_rows
@@ -19,7 +20,7 @@ from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.plugin.kernels import bitmask, cpp, ell, nm
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
-from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.gemm import Bf16RowsLinear, bf16_rows_linear, prepacked_linear
 from slimserve.plugin.kernels.precision import stored_values
 from slimserve.server.cpu_tuning import host_cpu_info
 
@@ -320,6 +321,32 @@ def test_bf16_values_under_float32_activations_give_the_float32_result_bit_for_b
     as_bf16 = product(z, values.bfloat16(), *rest)
     assert as_bf16.dtype == torch.float32 and as_bf16.is_contiguous()
     assert torch.equal(as_bf16, as_float32)
+
+
+# tokens: one and a pair (the row loop's own shapes), 3 (a pair, then one), 31 (the most the row loop takes), 32 and
+# 70 (strips); shapes with rows past the 4-row blocks and inputs past the 8-input steps, and a SmolLM2-sized one
+@pytest.mark.parametrize("tokens", [1, 2, 3, 31, 32, 70])
+@pytest.mark.parametrize(("out", "inp"), [(37, 75), (1536, 576)])
+def test_a_bf16_kept_dense_weight_gives_the_float32_product(tokens: int, out: int, inp: int, isa: str) -> None:
+    torch.manual_seed(tokens)
+    weight = torch.randn(out, inp).bfloat16()
+    x = torch.randn(tokens, inp)
+    y = bf16_rows_linear(x, weight)
+    assert y.dtype == torch.float32 and y.shape == (tokens, out) and y.is_contiguous()
+    torch.testing.assert_close(y.double(), x.double() @ weight.double().t(), rtol=1e-4, atol=1e-3)
+
+
+def test_dense_factors_keep_bf16_only_where_exact_and_the_build_widens_them(isa: str) -> None:
+    # A float32-served bf16 checkpoint's dense factors (low-rank U and V, a dictionary) stay bf16 on AVX2 builds;
+    # a float32 checkpoint's, or any on other builds, take vLLM's float32 path.
+    exact = torch.randn(48, 40).bfloat16().float()
+    product = prepacked_linear(exact)
+    assert isinstance(product, Bf16RowsLinear) == (isa == "avx2")
+    if isa == "avx2":
+        assert product.weight.dtype == torch.bfloat16 and torch.equal(product.weight.float(), exact)
+    x = torch.randn(5, 40)
+    torch.testing.assert_close(product(x), F.linear(x, exact), rtol=1e-5, atol=1e-5)
+    assert not isinstance(prepacked_linear(exact + 2.0 ** -20), Bf16RowsLinear)
 
 
 def test_values_keep_the_checkpoint_precision_only_where_exact_and_the_build_widens_them(isa: str) -> None:

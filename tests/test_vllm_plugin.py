@@ -121,18 +121,21 @@ def test_freed_heap_pages_go_back_to_the_os_after_a_layer_loads() -> None:
     assert freed_mib < 32 and returned_mib > 96, (freed_mib, returned_mib)
 
 
-@pytest.mark.parametrize("scheme", ["nm", "dictsparse"])
+@pytest.mark.parametrize("scheme", ["nm", "dictsparse", "lowrank"])
 def test_a_bf16_checkpoint_served_as_float32_gives_the_float32_reference_tokens(scheme: str, tmp_path: Path) -> None:
-    """Served as float32 (what hosts without bf16 arithmetic get), a bf16 checkpoint's sparse values stay bf16 on AVX2
-    builds (plugin/kernels/precision.py): N:M values, and dictsparse coefficients (bitmask-encoded)."""
+    """Served as float32 (what hosts without bf16 arithmetic get), a bf16 checkpoint's sparse values and dense factors
+    stay bf16 on AVX2 builds (plugin/kernels/precision.py): N:M values, dictsparse coefficients (bitmask-encoded)
+    and dictionaries, low-rank U and V."""
     dense = build_tiny_causal_lm(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
     if scheme == "nm":
         slim = write_nm_checkpoint(dense, tmp_path / "slim", pattern_of={"model.layers.1.mlp.up_proj": (4, 8)})
+    elif scheme == "lowrank":
+        slim = compress(dense, tmp_path / "slim", ratio=0.3, progress=False)
     else:
         write_rocket_sep(dense, tmp_path / "sep", nnz_of={"model.layers.1.mlp.up_proj": 127})
         slim = convert_rocket(tmp_path / "sep", tmp_path / "slim")
     ckpt = open_checkpoint(slim)
-    values = [name for name in ckpt.tensors if name.endswith("values")]
-    assert values and all(ckpt.tensors[name].dtype == torch.bfloat16 for name in values)
+    stored = [name for name in ckpt.tensors if name.endswith(("values", ".u", ".v"))]
+    assert stored and all(ckpt.tensors[name].dtype == torch.bfloat16 for name in stored)
     # the reference runs each module's own forward in float32 (a bf16 densified export would round D·C to bf16)
     assert vllm_greedy(slim, PROMPTS, dtype="float32") == scheme_reference_greedy(slim, PROMPTS)
