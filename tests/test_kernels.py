@@ -28,6 +28,7 @@ from slimserve.server.cpu_tuning import host_cpu_info
 def test_each_variant_builds_with_its_own_isa(isa: str) -> None:
     for kernel in (_cpu_kernel(), bitmask._cpu_kernel()):
         assert kernel is not None and kernel.isa() == isa
+    assert cpp.loop_isa() == isa  # what a caller may check before building a kernel it needs only on some ISAs
 
 
 def test_the_same_source_in_a_new_environment_loads_the_cached_build_without_ninja(tmp_path: Path) -> None:

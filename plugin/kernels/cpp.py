@@ -103,6 +103,12 @@ def supported_isas() -> tuple[str, ...]:
     return (*isas, "scalar")
 
 
+def loop_isa() -> str:
+    """The ISA whose loops ``load_cpu_extension``'s default build runs (``$SLIMSERVE_CPU_ISA``, else the widest this
+    CPU has), known without building: a caller that uses a kernel on some ISAs only need not build it elsewhere."""
+    return os.environ.get(ISA_ENV) or supported_isas()[0]
+
+
 def cpu_flags_digest() -> str:
     """A short digest of the CPU's feature flags: ``-march=native`` output is only valid on equal flags."""
     return hashlib.sha256(_cpu_flags_line().encode()).hexdigest()[:8]

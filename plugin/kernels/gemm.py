@@ -21,9 +21,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from slimserve.plugin.kernels.cpp import load_cpu_extension
+from slimserve.plugin.kernels.cpp import load_cpu_extension, loop_isa
 from slimserve.plugin.kernels.ops import register_op
-from slimserve.plugin.kernels.precision import stored_values
+from slimserve.plugin.kernels.precision import NARROWING_ISAS, stored_values
 
 #: From this many tokens a bf16-kept factor is multiplied on float32 strips by ATen's GEMM instead of the row loop.
 #: AMD EPYC (Zen 2, AVX2), 2 threads, float32 x, ms for [5632, 2048] / [5632, 1100] / [1100, 2048], weights cycled
@@ -79,7 +79,7 @@ def prepacked_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
     can be freed.
     """
     weight = weight.contiguous()
-    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and loop_isa() in NARROWING_ISAS:
         ext = _bf16_rows_kernel()
         narrowed = stored_values(weight, ext.isa() if ext is not None else None)
         if narrowed.dtype == torch.bfloat16:
