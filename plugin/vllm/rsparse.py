@@ -134,7 +134,7 @@ class RSparseLayer:
         # α = 0 keeps no exact channel: an infinite threshold makes its segment read no row.
         self.thresholds = [float(spec["threshold"]) if float(spec["alpha"]) > 0.0 else math.inf for spec in specs]
         self.splits = [t["weight_t"].shape[1] for t in shards]
-        self.dense = prepacked_linear(self.weight_t.t())
+        self.dense = prepacked_linear(self.weight_t.t(), many_tokens_only=True)
         if not self.weight_t.is_cuda:
             cpu_extension()  # build the decode kernel at load (vLLM's warm-up runs only prefill), logged
         # per shard (S·Vᵀ, U), or None without a low-rank part; the kernel adds it in the same pass
