@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "vector_rows.h"
 
@@ -25,30 +24,16 @@ namespace {
 
 using slimserve_rows::kIsa;
 #if defined(SLIMSERVE_AVX2)
+using slimserve_rows::load_values8;
 using slimserve_rows::reduce_add8;
 #endif
 
 constexpr int64_t kBlockRows = 4;
 
-#if defined(SLIMSERVE_AVX2)
-// Eight bf16 weights at p widened to float32 (bf16 is the high half of a float32).
-inline __m256 widen8(const uint16_t* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-#endif
-
-inline float widen(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof(value));
-  return value;
-}
-
 // y[n, o0 + r] for kRows rows from o0 and NT tokens from x (row-major [NT, in]; y row stride `out`). The
 // accumulators are indexed by constants only, so they stay in registers (kRows · NT of them, at most 8).
 template <int kRows, int NT>
-void rows_times_tokens(const float* x, int64_t in, const uint16_t* w, int64_t o0, float* y, int64_t out) {
+void rows_times_tokens(const float* x, int64_t in, const c10::BFloat16* w, int64_t o0, float* y, int64_t out) {
   const int64_t main = in / 8 * 8;
   float sums[kRows][NT];
 #if defined(SLIMSERVE_AVX2)
@@ -60,7 +45,7 @@ void rows_times_tokens(const float* x, int64_t in, const uint16_t* w, int64_t o0
     __m256 xv[NT];
     for (int n = 0; n < NT; ++n) xv[n] = _mm256_loadu_ps(x + n * in + j);
     for (int r = 0; r < kRows; ++r) {
-      const __m256 wv = widen8(w + (o0 + r) * in + j);
+      const __m256 wv = load_values8(w + (o0 + r) * in + j);
       for (int n = 0; n < NT; ++n) acc[r][n] = _mm256_fmadd_ps(wv, xv[n], acc[r][n]);
     }
   }
@@ -71,7 +56,7 @@ void rows_times_tokens(const float* x, int64_t in, const uint16_t* w, int64_t o0
   for (int r = 0; r < kRows; ++r) {
     for (int n = 0; n < NT; ++n) {
       float s = 0.f;
-      for (int64_t j = 0; j < main; ++j) s += widen(w[(o0 + r) * in + j]) * x[n * in + j];
+      for (int64_t j = 0; j < main; ++j) s += static_cast<float>(w[(o0 + r) * in + j]) * x[n * in + j];
       sums[r][n] = s;
     }
   }
@@ -79,7 +64,7 @@ void rows_times_tokens(const float* x, int64_t in, const uint16_t* w, int64_t o0
   for (int r = 0; r < kRows; ++r) {
     for (int n = 0; n < NT; ++n) {
       float s = sums[r][n];
-      for (int64_t j = main; j < in; ++j) s += widen(w[(o0 + r) * in + j]) * x[n * in + j];
+      for (int64_t j = main; j < in; ++j) s += static_cast<float>(w[(o0 + r) * in + j]) * x[n * in + j];
       y[n * out + o0 + r] = s;
     }
   }
@@ -87,7 +72,7 @@ void rows_times_tokens(const float* x, int64_t in, const uint16_t* w, int64_t o0
 
 // Rows [o0, o0 + kRows) for every token: pairs of tokens, then a last single one, over the same rows (in L1).
 template <int kRows>
-void rows_all_tokens(const float* x, int64_t tokens, int64_t in, const uint16_t* w, int64_t o0, float* y, int64_t out) {
+void rows_all_tokens(const float* x, int64_t tokens, int64_t in, const c10::BFloat16* w, int64_t o0, float* y, int64_t out) {
   int64_t n = 0;
   for (; n + 2 <= tokens; n += 2) rows_times_tokens<kRows, 2>(x + n * in, in, w, o0, y + n * out, out);
   if (n < tokens) rows_times_tokens<kRows, 1>(x + n * in, in, w, o0, y + n * out, out);
@@ -109,7 +94,7 @@ torch::Tensor bf16_rows_linear(torch::Tensor x, torch::Tensor weight) {
   const int64_t tokens = xc.size(0), in = xc.size(1), out = weight.size(0);
   auto y = torch::empty({tokens, out}, xc.options());
   const float* xp = xc.data_ptr<float>();
-  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
+  const c10::BFloat16* w = weight.data_ptr<c10::BFloat16>();
   float* yp = y.data_ptr<float>();
   const int64_t blocks = out / kBlockRows;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
@@ -122,16 +107,10 @@ torch::Tensor bf16_rows_linear(torch::Tensor x, torch::Tensor weight) {
 // y = x · weightᵀ (float32) for many tokens: strips of rows widened to float32 in cache, a GEMM each.
 torch::Tensor bf16_rows_linear_strips(torch::Tensor x, torch::Tensor weight) {
   check_args(x, weight, "bf16_rows_linear_strips");
-  const int64_t in = weight.size(1);
-  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
   return slimserve_rows::strips_gemm(x, weight.size(0), at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
     float* rows = strip.data_ptr<float>();
-    for (int64_t r = begin; r < end; ++r) {
-      const uint16_t* src = w + (first + r) * in;
-      float* dst = rows + r * in;
-      for (int64_t j = 0; j < in; ++j) dst[j] = widen(src[j]);
-    }
+    for (int64_t r = begin; r < end; ++r) slimserve_rows::widen_row(weight, first + r, rows + r * strip.size(1));
   });
 }
 

@@ -82,12 +82,7 @@ template <bool kGuarded, typename V> inline __m256 load_packed8(const V* p, int 
       p = tail;
     }
   }
-  if constexpr (std::is_same<V, float>::value) {
-    return _mm256_loadu_ps(p);
-  } else {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  }
+  return slimserve_rows::load_values8(p);
 }
 
 // One mask byte's 8 columns of a row as a vector: the byte's popcount packed values permuted onto its set lanes and

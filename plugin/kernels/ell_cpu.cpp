@@ -20,6 +20,7 @@ namespace {
 
 using slimserve_rows::kIsa;
 #if defined(SLIMSERVE_AVX2)
+using slimserve_rows::load_values8;
 using slimserve_rows::reduce_add8;
 #endif
 
@@ -62,14 +63,6 @@ template <typename I> inline __m256i load_indices8(const I* p) {
   }
 }
 
-template <typename V> inline __m256 load_values8(const V* p) {
-  if constexpr (std::is_same<V, float>::value) {
-    return _mm256_loadu_ps(p);
-  } else {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  }
-}
 #endif
 
 template <typename V, typename I, typename O>

@@ -39,6 +39,16 @@ constexpr const char* kIsa = "scalar";
 #endif
 
 #if defined(SLIMSERVE_AVX2)
+// Eight values widened to fp32 (bf16 is the high half of an fp32, so widening is a 16-bit shift, exact).
+template <typename V> inline __m256 load_values8(const V* p) {
+  if constexpr (std::is_same<V, float>::value) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
 inline float reduce_add8(__m256 v) {
   const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
