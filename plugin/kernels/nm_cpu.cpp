@@ -29,6 +29,7 @@ namespace {
 
 using slimserve_rows::kIsa;
 #if defined(SLIMSERVE_AVX2)
+using slimserve_rows::load_values8;
 using slimserve_rows::reduce_add8;
 #endif
 
@@ -76,17 +77,6 @@ template <typename V> inline __m512 load16(const V* p) {
   } else {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
-}
-#endif
-
-#if defined(SLIMSERVE_AVX2)
-template <typename V> inline __m256 load8(const V* p) {
-  if constexpr (std::is_same<V, float>::value) {
-    return _mm256_loadu_ps(p);
-  } else {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
 }
 #endif
@@ -223,7 +213,7 @@ void rows_fixed(const float* x, const V* values, const uint8_t* positions, float
     for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
     for (int64_t j = 0; j < main; j += 8) {
       const __m256i idx = Pattern::block_index(meta, j);
-      const __m256 vv = load8(val + j);
+      const __m256 vv = load_values8(val + j);
       for (int n = 0; n < NT; ++n) acc[n] = _mm256_fmadd_ps(pick8<kSpread>(x + n * in + kSpread * j, idx), vv, acc[n]);
     }
     for (int n = 0; n < NT; ++n) sums[n] = reduce_add8(acc[n]);
@@ -392,7 +382,7 @@ void rows_general(const float* x, const V* values, const uint8_t* positions, flo
       __m256 acc = _mm256_setzero_ps();
       for (; j + 8 <= stored; j += 8) {
         const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols.data() + j));
-        acc = _mm256_fmadd_ps(_mm256_i32gather_ps(xr, idx, 4), load8(val + j), acc);
+        acc = _mm256_fmadd_ps(_mm256_i32gather_ps(xr, idx, 4), load_values8(val + j), acc);
       }
       s = reduce_add8(acc);
 #endif
