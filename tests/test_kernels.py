@@ -263,8 +263,8 @@ def test_bf16_batches_on_the_dot_product_loop_equal_the_reference(batch: int, at
 
 
 def test_many_token_calls_leave_the_batch_loop_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past their thresholds the ops leave the batch loop (AVX2: panels of stored values; else strips + GEMM), and
-    every road gives the same product."""
+    """Past their thresholds the ops leave the batch loop (AVX2: panels of stored values, then strips on the tiled
+    GEMM; else strips + ATen's GEMM), and every road gives the same product."""
     torch.manual_seed(0)
     values, indices = sparse_rows.dense_to_ell(torch.randn(64, 96), 40)
     _, mask = sparse_rows.ell_to_bitmask(values, indices, 96)
@@ -276,6 +276,8 @@ def test_many_token_calls_leave_the_batch_loop_and_agree(monkeypatch: pytest.Mon
         roads.append(kernel(z))
         if module is bitmask:
             monkeypatch.setattr(module, "PANELS_FROM_TOKENS", 20)
+            roads.append(kernel(z))
+            monkeypatch.setattr(module, "TILES_FROM_TOKENS", 20)  # AVX2: strips on the tiled GEMM
             roads.append(kernel(z))
         for out in roads:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -324,10 +326,11 @@ def test_bf16_values_under_float32_activations_give_the_float32_result_bit_for_b
     assert torch.equal(as_bf16, as_float32)
 
 
-# tokens: one and a pair (the row loop's own shapes), 3 (a pair, then one), 31 (the most the row loop takes), 32 and
-# 70 (strips); shapes with rows past the 4-row blocks and inputs past the 8-input steps, and a SmolLM2-sized one
-@pytest.mark.parametrize("tokens", [1, 2, 3, 31, 32, 70])
-@pytest.mark.parametrize(("out", "inp"), [(37, 75), (1536, 576)])
+# tokens: one and a pair (the row loop's own shapes), 3 (a pair, then one), 47 (the most the row loop takes), 48 and
+# 70 (strips: whole and part 6-token tiles); shapes with rows past the 4-row blocks, the 16-row tiles and the 64-row
+# units, inputs past the 8-input steps and the tiled GEMM's 256-input slices, and a SmolLM2-sized one
+@pytest.mark.parametrize("tokens", [1, 2, 3, 47, 48, 70])
+@pytest.mark.parametrize(("out", "inp"), [(37, 75), (300, 523), (1536, 576)])
 def test_a_bf16_kept_dense_weight_gives_the_float32_product(tokens: int, out: int, inp: int, isa: str) -> None:
     torch.manual_seed(tokens)
     weight = torch.randn(out, inp).bfloat16()

@@ -11,10 +11,11 @@ token expands 4 rows at a time in registers and dots them with ``vdpbf16ps``, fa
 unit. On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below ``DENSE_FROM_TOKENS``
 expand rows in registers and dot them with 8 tokens at a time by ``vdpbf16ps`` (``vector_rows.h``). AVX2
 hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values against tokens packed in panels
-of 32 (``vector_rows.h``). Elsewhere many-token steps take the other road past ``DENSE_FROM_TOKENS``
-tokens: strips of 256 rows of C are decoded into one float32 buffer that stays in cache and each is
-multiplied by ATen's GEMM, which past the measured crossover (docs/methods/cpu_kernels.md) is faster
-than the batch loop; nothing dense is kept.
+of 32 (``vector_rows.h``) while C is at most half full and the batch small; denser C and bigger batches
+decode rows of C in cache and multiply them by slimserve's register-tiled GEMM (``tile_gemm``). Elsewhere
+many-token steps take the other road past ``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are
+decoded into one float32 buffer that stays in cache and each is multiplied by ATen's GEMM, which past the
+measured crossover (docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
 
 Registered as the operator ``slimserve::bitmask_matmul`` (``ops.py``) so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.
@@ -35,9 +36,17 @@ from slimserve.plugin.kernels.precision import stored_values
 #: (21.0 against 29.3). Where bf16 batches take the AMX tile unit it does not apply.
 DENSE_FROM_TOKENS = 128
 #: From this many tokens AVX2 builds run the loop over C's stored values on panels of 32 tokens instead of the batch
-#: loop, same host and shape: 6.3 against 7.0 ms at 32 tokens (4.5 against 6.7 at 16), 11.7 against 14.4 at 64,
-#: and it stays ahead of the strips at every count measured (21.2 against 32.7 at 128, 83.8 against 98.8 at 512).
+#: loop, same host and shape: 6.3 against 7.0 ms at 32 tokens (4.5 against 6.7 at 16), 11.7 against 14.4 at 64.
 PANELS_FROM_TOKENS = 32
+#: AVX2 builds keep that panel loop only while C is at most this full and the batch is below ``TILES_FROM_TOKENS``;
+#: otherwise they take the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros
+#: too but runs near the FMA units' peak, where the panel loop needs a load per multiply-add. Measured on an AMD EPYC
+#: (Zen 2), 2 threads, bf16 values (docs/methods/cpu_kernels.md): at density 0.43-0.5 the two are level from 64 to
+#: 128 tokens and the strips lead from 256 (34.3 against 35.1 ms for [5632, 2048] at 256 tokens, 68.6 against 68.9 at
+#: 512, 50.7 against 55.4 for [5632, 1547] at 512); at density 0.64 the strips lead from 48 tokens (15.9 against
+#: 17.5 at 96, 70.6 against 86.1 at 512).
+PANELS_MAX_DENSITY = 0.5
+TILES_FROM_TOKENS = 256
 
 
 def _cpu_kernel():
@@ -56,7 +65,10 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
         return bitmask_product(z, values, mask)
     on_tile_unit = z.dtype == values.dtype == torch.bfloat16 and ext.amx_usable()
     if ext.isa() == "avx2" and z.shape[0] >= PANELS_FROM_TOKENS:
-        return ext.bitmask_matmul_kept(z, values, mask).to(z.dtype)
+        sparse_enough = values.shape[1] <= PANELS_MAX_DENSITY * z.shape[1]
+        if sparse_enough and z.shape[0] < TILES_FROM_TOKENS:
+            return ext.bitmask_matmul_kept(z, values, mask).to(z.dtype)
+        return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
     if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
         return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
     return ext.bitmask_matmul(z, values, mask).to(z.dtype)

@@ -10,8 +10,9 @@ a bf16 checkpoint's factors in vLLM's float32 buffers. Their values are bf16 num
 compiled kernel ``bf16_rows_cpu.cpp`` keeps them in bf16 and widens them in registers (exact),
 as the sparse kernels keep their values (``precision.py``): a decode step streams half the
 bytes, and the process holds half. From ``STRIPS_FROM_TOKENS`` tokens on the row loop is no longer
-ahead, and steps widen strips of rows in cache and run ATen's float32 GEMM on them: measured
-1.2-1.3x the time of oneDNN's GEMM on a float32 copy at prefill, the price of not keeping one.
+ahead, and steps widen rows in cache and multiply them by slimserve's register-tiled float32 GEMM
+(``tile_gemm`` in vector_rows.h): at prefill within about 10 % of oneDNN's GEMM on a float32 copy,
+either side, where ATen's GEMM on the same strips took 1.2-1.3x.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from slimserve.plugin.kernels.cpp import load_cpu_extension, loop_isa
 from slimserve.plugin.kernels.ops import register_op
 from slimserve.plugin.kernels.precision import NARROWING_ISAS, stored_values
 
-#: From this many tokens a bf16-kept factor is multiplied on float32 strips by ATen's GEMM instead of the row loop.
-#: AMD EPYC (Zen 2, AVX2), 2 threads, float32 x, ms for [5632, 2048] / [5632, 1100] / [1100, 2048], weights cycled
-#: past L3: row loop 1.14 / 0.68 / 0.22 at one token (vLLM's float32 oneDNN GEMM 2.32 / 1.23 / 0.47), 2.22 / 1.55 /
-#: 0.42 at 8 (3.96 / 2.14 / 0.84), 6.95 / 4.61 / 1.32 at 32 (strips 8.96 / 4.62 / 1.73), 13.4 / 9.06 / 2.62 at 64
-#: (strips 14.7 / 7.68 / 2.93). At 500 tokens the strips take 96 / 56 / 19 ms against oneDNN's 77 / 40 / 15 on the
+#: From this many tokens a bf16-kept factor is widened in strips and multiplied by the tiled GEMM instead of the row
+#: loop. AMD EPYC (Zen 2, AVX2), 2 threads, float32 x, ms for [5632, 2048] / [5632, 1100] / [1100, 2048] /
+#: [2048, 5632]: row loop 7.57 / 5.08 / 1.41 / 6.90 at 32 tokens (strips 8.71 / 4.73 / 1.89 / 8.05), 10.8 / 7.30 /
+#: 2.08 / 10.1 at 48 (strips 10.4 / 5.76 / 2.30 / 9.77), 14.1 / 9.64 / 2.76 / 13.4 at 64 (strips 12.7 / 7.33 / 2.75 /
+#: 11.7). At 500 tokens the strips take 80 / 40 / 18 / 83 ms against 75 / 43 / 16 / 79 for vLLM's oneDNN GEMM on the
 #: float32 copy this path does not keep (docs/methods/cpu_kernels.md).
-STRIPS_FROM_TOKENS = 32
+STRIPS_FROM_TOKENS = 48
 
 
 class _WeightHolder(torch.nn.Module):

@@ -1,6 +1,7 @@
 // What slimserve's CPU kernels share (ell_cpu.cpp, bitmask_cpu.cpp, nm_cpu.cpp, rsparse_cpu.cpp): which instruction
 // set a build's loops use, the batched row loop of the row-sparse encodings, and the two many-token roads: strips
-// of a decoded weight through ATen's GEMM, and (AVX2) a loop over the stored values only on panels of tokens; and
+// of a decoded weight through a dense GEMM (on AVX2 slimserve's register-tiled one, elsewhere ATen's), and (AVX2) a
+// loop over the stored values only on panels of tokens; and
 // (AVX512_BF16) the bf16 dot-product loop over expanded spans. One place, so an ISA rule or a tuning measured on one
 // kernel holds for all of them.
 //
@@ -176,13 +177,132 @@ inline at::Tensor transposed_batch(const at::Tensor& z) {
   return zt;
 }
 
-// y [N, out] = x [N, in] · Wᵀ in `dtype` for many tokens (prefill): strips of W's rows are decoded into one buffer
-// that stays in cache and multiplied by ATen's GEMM into yᵀ. Decoding the whole weight per call instead allocates,
+#if defined(SLIMSERVE_AVX2)
+// A register-blocked GEMM for the AVX2 strips (below), because ATen's GEMM on a freshly decoded strip repacks both
+// operands on every call and ran 1.3-1.5x slower than vLLM's prepacked oneDNN GEMM on the same float32 numbers.
+// Here x is packed once per call into panels of kTileTokens tokens ([in, 6] each), each thread takes kUnitRows rows
+// of W at a time, decoded 8 rows at a time (they stay in L2) and transposed into panels of kTileRows rows ([in, 16]
+// each, zero rows past `out`), and one 6 x 16 tile of y is 12 accumulators: per input, two loads of W, six
+// broadcasts of x and twelve FMAs, so the FMA units set the pace, not the loads (the panel loop below needs a load
+// per FMA). kDepth inputs at a time keep a W panel (16 KiB) in L1 while the token panels stream past it; y is written
+// directly in its [N, out] layout, no transposed copy. Units of 128 and 256 rows, and token blocks that keep x's
+// panels in L3 (W decoded once per block), were measured and were no faster (docs/methods/cpu_kernels.md).
+constexpr int64_t kTileTokens = 6;
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kDepth = 256;
+constexpr int64_t kUnitRows = 64;
+
+// c[6][16] (row stride ldc) = or += Σ_k a[k][0..6) ⊗ b[k][0..16) over `depth` inputs.
+inline void tile_6x16(const float* a, const float* b, int64_t depth, float* c, int64_t ldc, bool accumulate) {
+  __m256 acc[kTileTokens][2];
+  for (int i = 0; i < kTileTokens; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kTileRows), b1 = _mm256_loadu_ps(b + k * kTileRows + 8);
+    for (int i = 0; i < kTileTokens; ++i) {
+      const __m256 xi = _mm256_broadcast_ss(a + k * kTileTokens + i);
+      acc[i][0] = _mm256_fmadd_ps(xi, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(xi, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < kTileTokens; ++i) {
+    float* ci = c + i * ldc;
+    if (accumulate) {
+      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
+      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(ci + 8));
+    }
+    _mm256_storeu_ps(ci, acc[i][0]);
+    _mm256_storeu_ps(ci + 8, acc[i][1]);
+  }
+}
+
+// 8 rows [8, in] (row-major) as lanes half .. half + 8 of a row panel b [in, 16]: 8 x 8 blocks transposed in
+// registers.
+inline void pack_eight_rows(const float* src, int64_t in, float* b, int64_t half) {
+  const int64_t main = in / 8 * 8;
+  for (int64_t k = 0; k < main; k += 8) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * in + k);
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    const __m256 cols[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                            _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                            _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                            _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(b + (k + j) * kTileRows + half, cols[j]);
+  }
+  for (int64_t k = main; k < in; ++k) {
+    for (int i = 0; i < 8; ++i) b[k * kTileRows + half + i] = src[i * in + k];
+  }
+}
+
+// y [N, out] float32 = x [N, in] · Wᵀ with W's rows written by `fill_rows` as strips_gemm's are.
+template <typename FillRows>
+at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows) {
+  const int64_t tokens = x.size(0), in = x.size(1);
+  const int64_t token_panels = (tokens + kTileTokens - 1) / kTileTokens;
+  auto padded = torch::zeros({token_panels * kTileTokens, in}, x.options().dtype(at::kFloat));
+  padded.narrow(0, 0, tokens).copy_(x);
+  const auto a_panels = padded.view({token_panels, kTileTokens, in}).transpose(1, 2).contiguous();  // [p, in, 6]
+  const float* a = a_panels.data_ptr<float>();
+  auto y = torch::empty({tokens, out}, a_panels.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t units = (out + kUnitRows - 1) / kUnitRows;
+  at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
+    auto eight = torch::empty({8, in}, a_panels.options());  // rows decoded 8 at a time: they stay in L2
+    std::vector<float> b_panels(kUnitRows * in);
+    alignas(32) float edge[kTileTokens * kTileRows];
+    for (int64_t u = unit_begin; u < unit_end; ++u) {
+      const int64_t first = u * kUnitRows, rows = std::min(kUnitRows, out - first);
+      const int64_t row_panels = (rows + kTileRows - 1) / kTileRows;
+      for (int64_t r0 = 0; r0 < row_panels * kTileRows; r0 += 8) {
+        const int64_t filled = std::max<int64_t>(0, std::min<int64_t>(8, rows - r0));
+        auto decoded = eight.narrow(0, 0, filled);
+        if (filled > 0) fill_rows(decoded, first + r0, 0, filled);
+        if (filled < 8) eight.narrow(0, filled, 8 - filled).zero_();
+        pack_eight_rows(eight.data_ptr<float>(), in, b_panels.data() + r0 / kTileRows * in * kTileRows, r0 % kTileRows);
+      }
+      for (int64_t k0 = 0; k0 < in; k0 += kDepth) {
+        const int64_t depth = std::min(kDepth, in - k0);
+        for (int64_t p = 0; p < token_panels; ++p) {
+          const float* ap = a + (p * in + k0) * kTileTokens;
+          const int64_t n0 = p * kTileTokens, nt = std::min(kTileTokens, tokens - n0);
+          for (int64_t q = 0; q < row_panels; ++q) {
+            const float* bq = b_panels.data() + (q * in + k0) * kTileRows;
+            const int64_t o0 = first + q * kTileRows, ot = std::min(kTileRows, out - o0);
+            if (nt == kTileTokens && ot == kTileRows) {
+              tile_6x16(ap, bq, depth, yp + n0 * out + o0, out, k0 > 0);
+              continue;
+            }
+            tile_6x16(ap, bq, depth, edge, kTileRows, false);  // a part tile: through a buffer, the valid part kept
+            for (int64_t i = 0; i < nt; ++i) {
+              float* yi = yp + (n0 + i) * out + o0;
+              for (int64_t r = 0; r < ot; ++r) yi[r] = (k0 > 0 ? yi[r] : 0.f) + edge[i * kTileRows + r];
+            }
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+#endif
+
+// y [N, out] = x [N, in] · Wᵀ in `dtype` for many tokens (prefill), float32 on AVX2 builds by tile_gemm; otherwise
+// strips of W's rows are decoded into one buffer that stays in cache and multiplied by ATen's GEMM into yᵀ. Decoding the whole weight per call instead allocates,
 // page-faults and writes a dense copy of the layer on every call (46 MiB fp32 for [5632, 2048]), which cost more
 // than the GEMM of a few hundred tokens. `fill_rows(strip, first, begin, end)` writes rows first + begin .. first +
 // end of W as rows begin .. end of `strip` ([rows, in], `dtype`); threads split each strip's rows.
 template <typename FillRows>
 at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, const FillRows& fill_rows) {
+#if defined(SLIMSERVE_AVX2)
+  if (dtype == at::kFloat) return tile_gemm(x, out, fill_rows);
+#endif
   constexpr int64_t kStripRows = 256;
   const auto xt = x.to(dtype).t();
   auto yt = torch::empty({out, x.size(0)}, x.options().dtype(dtype));
@@ -199,8 +319,9 @@ at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, c
 #if defined(__AVX2__) && defined(__FMA__)
 #define SLIMSERVE_PANELS 1
 // Many tokens (prefill) multiplying only a sparse weight's stored values: at 50 % density half of a dense GEMM's
-// multiply-adds (2:4 and 4:8 nm, dictsparse coefficients at s = k/2), where strips_gemm multiplies the zeros too and
-// so can at best tie with the dense GEMM. x is packed in panels of kPanelTokens tokens ([in, 32] each), so a stored
+// multiply-adds (2:4 and 4:8 nm, dictsparse coefficients at s = k/2), where strips_gemm multiplies the zeros too.
+// It needs a load of x per FMA where tile_gemm needs two loads per three, so it runs at about half that GEMM's rate
+// and wins only at density 0.5 or below, on batches below a few hundred tokens (bitmask.py holds the measured rule). x is packed in panels of kPanelTokens tokens ([in, 32] each), so a stored
 // value w at column c updates its row's 32 token sums with one broadcast and four FMAs against panel row c (128
 // contiguous bytes). Two rows at a time keep eight FMA chains in flight (FMA latency 4, two issued a cycle). Rows go
 // in blocks of kPanelRowBlock, decoded once (columns times 32, values widened to fp32) and reused by every panel,
