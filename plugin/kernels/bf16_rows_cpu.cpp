@@ -7,8 +7,9 @@
 //
 // Few tokens (decode): blocks of 4 rows, each row's 8 inputs at a time widened once and multiplied with 2 tokens'
 // inputs (8 accumulators in registers); the block's rows (4 · in · 2 bytes, 16 KiB at in = 2048) stay in L1 while
-// further pairs of tokens pass over them, so memory moves each weight byte once a call. Many tokens (prefill): strips
-// of rows widened to float32 in cache and multiplied by ATen's GEMM (strips_gemm in vector_rows.h).
+// further pairs of tokens pass over them, so memory moves each weight byte once a call. Many tokens (prefill): rows
+// widened to float32 in cache and multiplied by a dense GEMM (strips_gemm in vector_rows.h: on AVX2 builds its
+// register-tiled tile_gemm).
 // Built at first use by plugin/kernels/cpp.py: AVX2 + FMA loops on AVX2 builds, scalar loops elsewhere (only AVX2
 // hosts keep dense factors in bf16; other builds exist so the arithmetic is tested everywhere).
 #include <torch/extension.h>
@@ -117,6 +118,6 @@ torch::Tensor bf16_rows_linear_strips(torch::Tensor x, torch::Tensor weight) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_rows_linear", &bf16_rows_linear, "y = x · Wᵀ (float32) for few tokens, W streamed as bf16");
   m.def("bf16_rows_linear_strips", &bf16_rows_linear_strips,
-        "y = x · Wᵀ (float32) for many tokens: strips of W widened to float32 in cache, each multiplied by ATen's GEMM");
+        "y = x · Wᵀ (float32) for many tokens: strips of W widened to float32 in cache, each multiplied by a dense GEMM");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
 }

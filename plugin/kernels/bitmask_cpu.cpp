@@ -505,7 +505,7 @@ torch::Tensor bitmask_matmul_kept(torch::Tensor z, torch::Tensor values, torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmask_matmul_strips", &bitmask_matmul_strips,
-        "y = z · Cᵀ (float32) for many tokens: strips of C decoded in cache, each multiplied by ATen's GEMM");
+        "y = z · Cᵀ (float32) for many tokens: strips of C decoded in cache, each multiplied by a dense GEMM");
 #if defined(SLIMSERVE_PANELS)
   m.def("bitmask_matmul_kept", &bitmask_matmul_kept,
         "y = z · Cᵀ (float32) for many tokens, multiplying only the stored values (AVX2 builds)");

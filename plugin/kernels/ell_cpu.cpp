@@ -221,7 +221,7 @@ torch::Tensor ell_matmul_kept(torch::Tensor z, torch::Tensor values, torch::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ell_matmul_strips", &ell_matmul_strips,
-        "y = z · Cᵀ (float32) for many tokens: strips of C expanded in cache, each multiplied by ATen's GEMM");
+        "y = z · Cᵀ (float32) for many tokens: strips of C expanded in cache, each multiplied by a dense GEMM");
 #if defined(SLIMSERVE_PANELS)
   m.def("ell_matmul_kept", &ell_matmul_kept,
         "y = z · Cᵀ (float32) for many tokens, multiplying only the stored values (AVX2 builds)");

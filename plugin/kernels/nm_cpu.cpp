@@ -722,7 +722,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nm_matmul", &nm_matmul,
         "y = x · Wᵀ for N:M sparse W stored as kept values + packed offsets (float32 out; bf16 on the AMX tile unit)");
   m.def("nm_matmul_strips", &nm_matmul_strips,
-        "y = x · Wᵀ in x's dtype for many tokens: strips of W decompressed in cache, each multiplied by ATen's GEMM");
+        "y = x · Wᵀ in x's dtype for many tokens: strips of W decompressed in cache, each multiplied by a dense GEMM");
 #if defined(SLIMSERVE_PANELS)
   m.def("nm_matmul_kept", &nm_matmul_kept,
         "y = x · Wᵀ in x's dtype for many tokens, multiplying only the kept weights (AVX2 builds)");

@@ -294,8 +294,8 @@ at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows
 #endif
 
 // y [N, out] = x [N, in] · Wᵀ in `dtype` for many tokens (prefill), float32 on AVX2 builds by tile_gemm; otherwise
-// strips of W's rows are decoded into one buffer that stays in cache and multiplied by ATen's GEMM into yᵀ. Decoding the whole weight per call instead allocates,
-// page-faults and writes a dense copy of the layer on every call (46 MiB fp32 for [5632, 2048]), which cost more
+// strips of W's rows are decoded into one buffer that stays in cache and multiplied by ATen's GEMM into yᵀ. Decoding
+// the whole weight per call instead allocates, page-faults and writes a dense copy of the layer on every call (46 MiB fp32 for [5632, 2048]), which cost more
 // than the GEMM of a few hundred tokens. `fill_rows(strip, first, begin, end)` writes rows first + begin .. first +
 // end of W as rows begin .. end of `strip` ([rows, in], `dtype`); threads split each strip's rows.
 template <typename FillRows>
