@@ -41,12 +41,12 @@ PANELS_FROM_TOKENS = 32
 #: AVX2 builds keep that panel loop only while C is at most this full and the batch is below ``TILES_FROM_TOKENS``;
 #: otherwise they take the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros
 #: too but runs near the FMA units' peak, where the panel loop needs a load per multiply-add. Measured on an AMD EPYC
-#: (Zen 2), 2 threads, bf16 values (docs/methods/cpu_kernels.md): at density 0.43-0.5 the two are level from 64 to
-#: 128 tokens and the strips lead from 256 (34.3 against 35.1 ms for [5632, 2048] at 256 tokens, 68.6 against 68.9 at
-#: 512, 50.7 against 55.4 for [5632, 1547] at 512); at density 0.64 the strips lead from 48 tokens (15.9 against
-#: 17.5 at 96, 70.6 against 86.1 at 512).
+#: (Zen 2), 2 threads, bf16 values, ms panels / strips (docs/methods/cpu_kernels.md): density 0.43-0.5, [5632, 2048]
+#: and [5632, 1547], 5.7 / 7.1 and 4.7 / 5.5 at 32 tokens, 10.1 / 11.1 and 8.4 / 8.4 at 64, 18.8 / 19.0 and
+#: 15.5 / 14.4 at 128, 37.4 / 35.2 and 30.1 / 25.9 at 256; density 0.64, [5632, 2048] and [2048, 5632], 6.7 / 7.4
+#: and 7.5 / 7.3 at 32, 11.9 / 8.7 and 12.3 / 8.6 at 48, 43.0 / 33.9 and 46.0 / 38.6 at 256.
 PANELS_MAX_DENSITY = 0.5
-TILES_FROM_TOKENS = 256
+TILES_FROM_TOKENS = 128
 
 
 def _cpu_kernel():

@@ -28,10 +28,10 @@ from slimserve.plugin.kernels.precision import NARROWING_ISAS, stored_values
 
 #: From this many tokens a bf16-kept factor is widened in strips and multiplied by the tiled GEMM instead of the row
 #: loop. AMD EPYC (Zen 2, AVX2), 2 threads, float32 x, ms for [5632, 2048] / [5632, 1100] / [1100, 2048] /
-#: [2048, 5632]: row loop 7.57 / 5.08 / 1.41 / 6.90 at 32 tokens (strips 8.71 / 4.73 / 1.89 / 8.05), 10.8 / 7.30 /
-#: 2.08 / 10.1 at 48 (strips 10.4 / 5.76 / 2.30 / 9.77), 14.1 / 9.64 / 2.76 / 13.4 at 64 (strips 12.7 / 7.33 / 2.75 /
-#: 11.7). At 500 tokens the strips take 80 / 40 / 18 / 83 ms against 75 / 43 / 16 / 79 for vLLM's oneDNN GEMM on the
-#: float32 copy this path does not keep (docs/methods/cpu_kernels.md).
+#: [2048, 5632]: row loop 7.16 / 4.95 / 1.40 / 6.87 at 32 tokens (strips 8.38 / 4.49 / 1.55 / 7.73), 10.7 / 7.11 /
+#: 2.04 / 10.1 at 48 (strips 9.70 / 5.52 / 1.88 / 9.65), 13.5 / 9.10 / 2.64 / 13.0 at 64 (strips 12.1 / 6.16 / 2.37 /
+#: 11.5). At 500 tokens the strips take 67.0 / 35.7 / 14.6 / 75.5 ms against 69.5 / 37.3 / 14.7 / 73.8 for vLLM's
+#: oneDNN GEMM on the float32 copy this path does not keep (docs/methods/cpu_kernels.md).
 STRIPS_FROM_TOKENS = 48
 
 

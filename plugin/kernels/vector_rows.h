@@ -241,24 +241,44 @@ inline void pack_eight_rows(const float* src, int64_t in, float* b, int64_t half
   }
 }
 
+// Rows a thread takes at a time: the most of 64, 48, 32 and 16 that gives no thread more rows than the others need
+// (576 rows on 2 threads: 12 units of 48, where units of 64 split 5 against 4 and left a thread idle for a ninth).
+inline int64_t balanced_unit_rows(int64_t out, int64_t threads) {
+  int64_t best = kUnitRows, best_load = INT64_MAX;
+  for (int64_t rows = kUnitRows; rows >= kTileRows; rows -= kTileRows) {
+    const int64_t units = (out + rows - 1) / rows, load = (units + threads - 1) / threads * rows;
+    if (load < best_load) best = rows, best_load = load;
+  }
+  return best;
+}
+
 // y [N, out] float32 = x [N, in] · Wᵀ with W's rows written by `fill_rows` as strips_gemm's are.
 template <typename FillRows>
 at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows) {
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t token_panels = (tokens + kTileTokens - 1) / kTileTokens;
-  auto padded = torch::zeros({token_panels * kTileTokens, in}, x.options().dtype(at::kFloat));
-  padded.narrow(0, 0, tokens).copy_(x);
-  const auto a_panels = padded.view({token_panels, kTileTokens, in}).transpose(1, 2).contiguous();  // [p, in, 6]
-  const float* a = a_panels.data_ptr<float>();
-  auto y = torch::empty({tokens, out}, a_panels.options());
+  const auto xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  auto a_panels = torch::empty({token_panels, in, kTileTokens}, xf.options());
+  float* a = a_panels.data_ptr<float>();
+  at::parallel_for(0, token_panels, 1, [&](int64_t p_begin, int64_t p_end) {  // one pass; padding tokens zero
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      float* ap = a + p * in * kTileTokens;
+      for (int64_t i = 0; i < kTileTokens; ++i) {
+        const int64_t n = p * kTileTokens + i;
+        for (int64_t k = 0; k < in; ++k) ap[k * kTileTokens + i] = n < tokens ? xp[n * in + k] : 0.f;
+      }
+    }
+  });
+  auto y = torch::empty({tokens, out}, xf.options());
   float* yp = y.data_ptr<float>();
-  const int64_t units = (out + kUnitRows - 1) / kUnitRows;
+  const int64_t unit_rows = balanced_unit_rows(out, at::get_num_threads()), units = (out + unit_rows - 1) / unit_rows;
   at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
-    auto eight = torch::empty({8, in}, a_panels.options());  // rows decoded 8 at a time: they stay in L2
-    std::vector<float> b_panels(kUnitRows * in);
+    auto eight = torch::empty({8, in}, xf.options());  // rows decoded 8 at a time: they stay in L2
+    std::vector<float> b_panels(unit_rows * in);
     alignas(32) float edge[kTileTokens * kTileRows];
     for (int64_t u = unit_begin; u < unit_end; ++u) {
-      const int64_t first = u * kUnitRows, rows = std::min(kUnitRows, out - first);
+      const int64_t first = u * unit_rows, rows = std::min(unit_rows, out - first);
       const int64_t row_panels = (rows + kTileRows - 1) / kTileRows;
       for (int64_t r0 = 0; r0 < row_panels * kTileRows; r0 += 8) {
         const int64_t filled = std::max<int64_t>(0, std::min<int64_t>(8, rows - r0));
