@@ -72,16 +72,15 @@ class Bf16RowsLinear:
         return torch.ops.slimserve.bf16_rows_linear(x, self.weight)
 
 
-def prepacked_linear(weight: torch.Tensor, *, many_tokens_only: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+def prepacked_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Return ``f(x) = x @ weightᵀ`` for ``weight [n, k]``, prepared for the current device.
 
     The returned function owns its copy of the weight (packed where a packed kernel is used,
     bf16 where the host serves float32 and the values are bf16 numbers), so the caller's buffer
-    can be freed. ``many_tokens_only``: the weight serves prefill steps alone (R-Sparse's dense
-    copy), so it keeps vLLM's float32 GEMM, which is faster there than the bf16 strips.
+    can be freed.
     """
     weight = weight.contiguous()
-    narrowing = loop_isa() in NARROWING_ISAS and not many_tokens_only
+    narrowing = loop_isa() in NARROWING_ISAS
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and narrowing:
         ext = _bf16_rows_kernel()
         narrowed = stored_values(weight, ext.isa() if ext is not None else None)

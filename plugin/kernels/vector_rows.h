@@ -180,8 +180,8 @@ inline at::Tensor transposed_batch(const at::Tensor& z) {
 #if defined(SLIMSERVE_AVX2)
 // A register-blocked GEMM for the AVX2 strips (below), because ATen's GEMM on a freshly decoded strip repacks both
 // operands on every call and ran 1.3-1.5x slower than vLLM's prepacked oneDNN GEMM on the same float32 numbers.
-// Here x is packed once per call into panels of kTileTokens tokens ([in, 6] each), each thread takes kUnitRows rows
-// of W at a time, decoded 8 rows at a time (they stay in L2) and transposed into panels of kTileRows rows ([in, 16]
+// Here x is packed once per call into panels of kTileTokens tokens ([in, 6] each), each thread takes up to kUnitRows
+// rows of W at a time (balanced_unit_rows), decoded 8 rows at a time (they stay in L2) and transposed into panels of kTileRows rows ([in, 16]
 // each, zero rows past `out`), and one 6 x 16 tile of y is 12 accumulators: per input, two loads of W, six
 // broadcasts of x and twelve FMAs, so the FMA units set the pace, not the loads (the panel loop below needs a load
 // per FMA). kDepth inputs at a time keep a W panel (16 KiB) in L1 while the token panels stream past it; y is written
