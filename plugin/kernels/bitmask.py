@@ -11,11 +11,12 @@ token expands 4 rows at a time in registers and dots them with ``vdpbf16ps``, fa
 unit. On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below ``DENSE_FROM_TOKENS``
 expand rows in registers and dot them with 8 tokens at a time by ``vdpbf16ps`` (``vector_rows.h``). AVX2
 hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values against tokens packed in panels
-of 32 (``vector_rows.h``) while C is at most half full and the batch small; denser C and bigger batches
-decode rows of C in cache and multiply them by slimserve's register-tiled GEMM (``tile_gemm``). Elsewhere
-many-token steps take the other road past ``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are
-decoded into one float32 buffer that stays in cache and each is multiplied by ATen's GEMM, which past the
-measured crossover (docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
+of 32 (``vector_rows.h``) while C is sparse enough for them (at most 45 % full, or half full and the
+batch below 128 tokens); other steps decode rows of C in cache and multiply them by slimserve's
+register-tiled GEMM (``tile_gemm``). Elsewhere many-token steps take the other road past
+``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are decoded into one float32 buffer that stays in
+cache and each is multiplied by ATen's GEMM, which past the measured crossover
+(docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
 
 Registered as the operator ``slimserve::bitmask_matmul`` (``ops.py``) so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.
@@ -38,14 +39,16 @@ DENSE_FROM_TOKENS = 128
 #: From this many tokens AVX2 builds run the loop over C's stored values on panels of 32 tokens instead of the batch
 #: loop, same host and shape: 6.3 against 7.0 ms at 32 tokens (4.5 against 6.7 at 16), 11.7 against 14.4 at 64.
 PANELS_FROM_TOKENS = 32
-#: AVX2 builds keep that panel loop only while C is at most this full and the batch is below ``TILES_FROM_TOKENS``;
-#: otherwise they take the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros
-#: too but runs near the FMA units' peak, where the panel loop needs a load per multiply-add. Measured on an AMD EPYC
-#: (Zen 2), 2 threads, bf16 values, ms panels / strips (docs/methods/cpu_kernels.md): density 0.43-0.5, [5632, 2048]
-#: and [5632, 1547], 5.7 / 7.1 and 4.7 / 5.5 at 32 tokens, 10.1 / 11.1 and 8.4 / 8.4 at 64, 18.8 / 19.0 and
-#: 15.5 / 14.4 at 128, 37.4 / 35.2 and 30.1 / 25.9 at 256; density 0.64, [5632, 2048] and [2048, 5632], 6.7 / 7.4
-#: and 7.5 / 7.3 at 32, 11.9 / 8.7 and 12.3 / 8.6 at 48, 43.0 / 33.9 and 46.0 / 38.6 at 256.
-PANELS_MAX_DENSITY = 0.5
+#: AVX2 builds keep that panel loop, whose time follows C's density, at every token count while C is at most
+#: ``PANELS_MAX_DENSITY`` full, and below ``TILES_FROM_TOKENS`` tokens while it is at most half full; denser C takes
+#: the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros too but runs near the
+#: FMA units' peak, where the panel loop needs a load per multiply-add. Measured on an AMD EPYC (Zen 2), 2 threads,
+#: bf16 values, ms panels / strips (docs/methods/cpu_kernels.md): [5632, 2048] at 512 tokens 52.6 / 66.6 at density
+#: 0.25 (lowrank_sparse's S at 30 % bytes), 63.5 / 70.0 at 0.35, 68.9 / 68.6 at 0.43; density 0.5 ([5632, 1547],
+#: dictsparse at s = k/2) 4.7 / 5.5 at 32 tokens, 8.4 / 8.4 at 64, 15.5 / 14.4 at 128, 30.1 / 25.9 at 256; density
+#: 0.64 (SparseGPT at 30 % bytes), [5632, 2048] and [2048, 5632], 6.7 / 7.4 and 7.5 / 7.3 at 32, 11.9 / 8.7 and
+#: 12.3 / 8.6 at 48, 43.0 / 33.9 and 46.0 / 38.6 at 256.
+PANELS_MAX_DENSITY = 0.45
 TILES_FROM_TOKENS = 128
 
 
@@ -65,8 +68,8 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
         return bitmask_product(z, values, mask)
     on_tile_unit = z.dtype == values.dtype == torch.bfloat16 and ext.amx_usable()
     if ext.isa() == "avx2" and z.shape[0] >= PANELS_FROM_TOKENS:
-        sparse_enough = values.shape[1] <= PANELS_MAX_DENSITY * z.shape[1]
-        if sparse_enough and z.shape[0] < TILES_FROM_TOKENS:
+        density = values.shape[1] / z.shape[1]
+        if density <= PANELS_MAX_DENSITY or (density <= 0.5 and z.shape[0] < TILES_FROM_TOKENS):
             return ext.bitmask_matmul_kept(z, values, mask).to(z.dtype)
         return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
     if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
