@@ -44,7 +44,7 @@ PANELS_FROM_TOKENS = 32
 #: the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros too but runs near the
 #: FMA units' peak, where the panel loop needs a load per multiply-add. Measured on an AMD EPYC (Zen 2), 2 threads,
 #: bf16 values, ms panels / strips (docs/methods/cpu_kernels.md): [5632, 2048] at 512 tokens 52.6 / 66.6 at density
-#: 0.25 (lowrank_sparse's S at 30 % bytes), 63.5 / 70.0 at 0.35, 68.9 / 68.6 at 0.43; density 0.5 ([5632, 1547],
+#: 0.25, 63.5 / 70.0 at 0.35, 68.9 / 68.6 at 0.43 (lowrank_sparse's S at 30 % bytes); density 0.5 ([5632, 1547],
 #: dictsparse at s = k/2) 4.7 / 5.5 at 32 tokens, 8.4 / 8.4 at 64, 15.5 / 14.4 at 128, 30.1 / 25.9 at 256; density
 #: 0.64 (SparseGPT at 30 % bytes), [5632, 2048] and [2048, 5632], 6.7 / 7.4 and 7.5 / 7.3 at 32, 11.9 / 8.7 and
 #: 12.3 / 8.6 at 48, 43.0 / 33.9 and 46.0 / 38.6 at 256.
