@@ -40,7 +40,8 @@ DENSE_FROM_TOKENS = 128
 #: loop, same host and shape: 6.3 against 7.0 ms at 32 tokens (4.5 against 6.7 at 16), 11.7 against 14.4 at 64.
 PANELS_FROM_TOKENS = 32
 #: AVX2 builds keep that panel loop, whose time follows C's density, at every token count while C is at most
-#: ``PANELS_MAX_DENSITY`` full, and below ``TILES_FROM_TOKENS`` tokens while it is at most half full; denser C takes
+#: ``PANELS_MAX_DENSITY`` full, and below ``TILES_FROM_TOKENS`` tokens while it is at most
+#: ``PANELS_MAX_DENSITY_SMALL_BATCH`` full; denser C takes
 #: the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros too but runs near the
 #: FMA units' peak, where the panel loop needs a load per multiply-add. Measured on an AMD EPYC (Zen 2), 2 threads,
 #: bf16 values, ms panels / strips (docs/methods/cpu_kernels.md): [5632, 2048] at 512 tokens 52.6 / 66.6 at density
@@ -49,6 +50,7 @@ PANELS_FROM_TOKENS = 32
 #: 0.64 (SparseGPT at 30 % bytes), [5632, 2048] and [2048, 5632], 6.7 / 7.4 and 7.5 / 7.3 at 32, 11.9 / 8.7 and
 #: 12.3 / 8.6 at 48, 43.0 / 33.9 and 46.0 / 38.6 at 256.
 PANELS_MAX_DENSITY = 0.45
+PANELS_MAX_DENSITY_SMALL_BATCH = 0.5
 TILES_FROM_TOKENS = 128
 
 
@@ -69,7 +71,8 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
     on_tile_unit = z.dtype == values.dtype == torch.bfloat16 and ext.amx_usable()
     if ext.isa() == "avx2" and z.shape[0] >= PANELS_FROM_TOKENS:
         density = values.shape[1] / z.shape[1]
-        if density <= PANELS_MAX_DENSITY or (density <= 0.5 and z.shape[0] < TILES_FROM_TOKENS):
+        small_batch = z.shape[0] < TILES_FROM_TOKENS
+        if density <= PANELS_MAX_DENSITY or (small_batch and density <= PANELS_MAX_DENSITY_SMALL_BATCH):
             return ext.bitmask_matmul_kept(z, values, mask).to(z.dtype)
         return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
     if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
