@@ -177,6 +177,30 @@ inline at::Tensor transposed_batch(const at::Tensor& z) {
   return zt;
 }
 
+// x [N, in] as float32 panels [ceil(N / width), in, width]: panel p holds tokens p·width .. p·width + width - 1 side
+// by side for each input, so a kernel reads one input's tokens as one contiguous run; tokens past N are zero. One
+// threaded pass over x, where a zeros / copy / transposed-copy sequence makes three.
+inline at::Tensor pack_token_panels(const at::Tensor& x, int64_t width) {
+  const int64_t tokens = x.size(0), in = x.size(1), count = (tokens + width - 1) / width;
+  const auto xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  auto panels = torch::empty({count, in, width}, xf.options());
+  float* packed = panels.data_ptr<float>();
+  at::parallel_for(0, count, 1, [&](int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p) {  // written in order; the panel's token rows are read side by side
+      float* panel = packed + p * in * width;
+      const float* first = xp + p * width * in;
+      const int64_t valid = std::min(width, tokens - p * width);
+      for (int64_t k = 0; k < in; ++k) {
+        float* slot = panel + k * width;
+        for (int64_t i = 0; i < valid; ++i) slot[i] = first[i * in + k];
+        for (int64_t i = valid; i < width; ++i) slot[i] = 0.f;
+      }
+    }
+  });
+  return panels;
+}
+
 #if defined(SLIMSERVE_AVX2)
 // A register-blocked GEMM for the AVX2 strips (below), because ATen's GEMM on a freshly decoded strip repacks both
 // operands on every call and ran 1.3-1.5x slower than vLLM's prepacked oneDNN GEMM on the same float32 numbers.
@@ -257,24 +281,13 @@ template <typename FillRows>
 at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows) {
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t token_panels = (tokens + kTileTokens - 1) / kTileTokens;
-  const auto xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  auto a_panels = torch::empty({token_panels, in, kTileTokens}, xf.options());
-  float* a = a_panels.data_ptr<float>();
-  at::parallel_for(0, token_panels, 1, [&](int64_t p_begin, int64_t p_end) {  // one pass; padding tokens zero
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      float* ap = a + p * in * kTileTokens;
-      for (int64_t i = 0; i < kTileTokens; ++i) {
-        const int64_t n = p * kTileTokens + i;
-        for (int64_t k = 0; k < in; ++k) ap[k * kTileTokens + i] = n < tokens ? xp[n * in + k] : 0.f;
-      }
-    }
-  });
-  auto y = torch::empty({tokens, out}, xf.options());
+  const auto a_panels = pack_token_panels(x, kTileTokens);
+  const float* a = a_panels.data_ptr<float>();
+  auto y = torch::empty({tokens, out}, a_panels.options());
   float* yp = y.data_ptr<float>();
   const int64_t unit_rows = balanced_unit_rows(out, at::get_num_threads()), units = (out + unit_rows - 1) / unit_rows;
   at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
-    auto eight = torch::empty({8, in}, xf.options());  // rows decoded 8 at a time: they stay in L2
+    auto eight = torch::empty({8, in}, a_panels.options());  // rows decoded 8 at a time: they stay in L2
     std::vector<float> b_panels(unit_rows * in);
     alignas(32) float edge[kTileTokens * kTileRows];
     for (int64_t u = unit_begin; u < unit_end; ++u) {
@@ -375,9 +388,7 @@ at::Tensor panel_product(const at::Tensor& x, int64_t out, int64_t nnz, const De
   const int64_t tokens = x.size(0), in = x.size(1);
   TORCH_CHECK(in * kPanelTokens < INT32_MAX, "panel_product: in_features x 32 must fit int32 offsets");
   const int64_t panel_count = (tokens + kPanelTokens - 1) / kPanelTokens, ld = panel_count * kPanelTokens;
-  auto padded = torch::zeros({ld, in}, x.options().dtype(at::kFloat));
-  padded.narrow(0, 0, tokens).copy_(x);
-  const auto panels = padded.view({panel_count, kPanelTokens, in}).transpose(1, 2).contiguous();  // [p, in, 32]
+  const auto panels = pack_token_panels(x, kPanelTokens);  // [p, in, 32]
   auto yt = torch::empty({out, ld}, panels.options());
   const float* packed = panels.data_ptr<float>();
   float* y = yt.data_ptr<float>();
