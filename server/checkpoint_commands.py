@@ -50,6 +50,10 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate (AdamW; default 1e-4)")
     p.add_argument("--heal-seq-len", type=int, default=256, help="healing tokens per window (default 256)")
     p.add_argument("--heal-batch", type=int, default=4, help="healing windows per step (default 4)")
+    p.add_argument("--rank-share", type=float,
+                   help="oats only: share of each layer's byte allowance given to the low-rank factors U·V, the rest "
+                        "to the sparse S (default 0.3, the paper's rank ratio). More rank leaves S sparser and "
+                        "prefill faster, at a perplexity cost (docs/methods/lowrank_sparse.md has the measured trade)")
     rsparse = p.add_argument_group("rsparse")
     rsparse.add_argument("--alpha", type=float, default=0.95, help="uniform sparse share α without --search")
     rsparse.add_argument("--recipe", help="a saved rsparse_recipe.json with per-module α")
@@ -64,7 +68,9 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from slimserve.errors import CompressionError
         from slimserve.loaders.compress.calib_sources import prepare_calibration
+        from slimserve.loaders.compress.run import check_rank_share
 
+        check_rank_share(args.method, args.rank_share)  # before any calibration work
         if args.calib:  # several files, chats or self:N become one text file (cached beside the Grams)
             args.calib = prepare_calibration(args.src, args.calib, seed=args.seed, progress=not args.quiet,
                                              cache_dir=Path(args.calib_cache).parent if args.calib_cache else None)
@@ -91,7 +97,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         out = compress(args.src, target, method=args.method, ratio=args.ratio, rank=args.rank, calib=args.calib,
                        calib_cache=args.calib_cache, allocation=args.allocation, budget=args.budget, seed=args.seed,
                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                       sequential=args.sequential, progress=not args.quiet)
+                       sequential=args.sequential, rank_share=args.rank_share, progress=not args.quiet)
         if args.heal_steps:
             from slimserve.loaders.heal import HealSettings, heal
 

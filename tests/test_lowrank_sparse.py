@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimserve.errors import CheckpointError
+from slimserve.errors import CheckpointError, CompressionError
 from slimserve.loaders.checkpoint import compression_summary, densify, open_checkpoint, validate_checkpoint
 from slimserve.loaders.compress.budget import Budget
 from slimserve.loaders.compress.oats import Oats, alternate, oats_sizes
@@ -19,6 +19,7 @@ from slimserve.loaders.converters import convert_lowrank_sparse
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.lowrank_sparse import encode_sparse, sparse_encoding, sparse_product
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard, local_sparse
+from slimserve.server.cli import main
 
 SCHEME = SCHEMES["lowrank_sparse"]
 
@@ -102,6 +103,36 @@ def test_compress_oats_writes_a_valid_checkpoint_within_budget(narrow_llama: Pat
     weight = dense.tensor(f"{module}.weight").float()
     error = float((ckpt.reconstruct(module) - weight).norm() / weight.norm())
     assert 0.0 < error < 1.0
+
+
+def test_compress_oats_rank_share_moves_bytes_from_s_to_the_factors(narrow_llama: Path, text_file: Path,
+                                                                    tmp_path: Path) -> None:
+    settings = {"method": "oats", "ratio": 0.4, "calib": text_file, "calib_cache": tmp_path / "grams.safetensors",
+                "calib_samples": 8, "calib_seq_len": 64, "progress": False}
+    default = validate_checkpoint(compress(narrow_llama, tmp_path / "default", **settings))
+    ranked = validate_checkpoint(compress(narrow_llama, tmp_path / "ranked", rank_share=0.6, **settings))
+    for module, spec in ranked.modules.items():
+        before = default.modules[module]
+        assert spec["rank"] > before["rank"] and spec["nnz"] < before["nnz"], (module, spec, before)
+    assert 0.4 <= compression_summary(tmp_path / "ranked")["bytes_ratio"] < 0.45
+    producer = json.loads((tmp_path / "ranked" / "config.json").read_text())["quantization_config"]["producer"]
+    assert producer["rank_share"] == 0.6
+
+
+@pytest.mark.parametrize(("method", "share", "expected"), [("svd", 0.5, "--method svd has no such split"),
+                                                           ("oats", 1.0, "strictly between 0 and 1"),
+                                                           ("oats", 0.0, "strictly between 0 and 1")])
+def test_rank_share_is_refused_off_oats_or_out_of_range(narrow_llama: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str], method: str, share: float,
+                                                        expected: str) -> None:
+    with pytest.raises(CompressionError, match=expected):
+        compress(narrow_llama, tmp_path / "out", method=method, ratio=0.3, rank_share=share, progress=False)
+    argv = ["compress", str(narrow_llama), str(tmp_path / "cli"), "--method", method, "--ratio", "0.3",
+            "--rank-share", str(share)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "field '--rank-share'" in err and expected in err
+    assert not (tmp_path / "cli").exists()
 
 
 def _factor_state(base: Path, modules: list[str], sltrain: bool = False) -> tuple[dict[str, torch.Tensor], dict]:

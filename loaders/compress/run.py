@@ -37,7 +37,7 @@ from slimserve.loaders.compress.calibration import (
     load_or_collect_grams,
 )
 from slimserve.loaders.compress.cospadi import CoSpaDi
-from slimserve.loaders.compress.oats import Oats
+from slimserve.loaders.compress.oats import RANK_SHARE, Oats
 from slimserve.loaders.compress.pruners import PRUNE_METHODS, RowPruner
 from slimserve.loaders.compress.rocket import REFINE_ITERATIONS, Rocket
 from slimserve.loaders.compress.whitening import Factorization, SvdLlm, Whitening, dense_option, relative_errors
@@ -69,10 +69,23 @@ class LayerReport:
     weight_error: float
 
 
+def check_rank_share(method: str, rank_share: float | None) -> float:
+    """The low-rank share OATS will use; a named error for a share out of (0, 1) or given to another method."""
+    if rank_share is None:
+        return RANK_SHARE
+    if method != "oats":
+        raise CompressionError(f"--rank-share splits OATS's budget between U·V and S; --method {method} has no such "
+                               "split", field="--rank-share")
+    if not 0.0 < rank_share < 1.0:
+        raise CompressionError(f"--rank-share {rank_share}: expected a share strictly between 0 and 1 (the rest "
+                               "goes to the sparse part)", field="--rank-share")
+    return rank_share
+
+
 def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: float | None = None,
              rank: int | None = None, calib: str | Path | None = None, calib_cache: str | Path | None = None,
              allocation: str = "uniform", budget: str = "bytes", seed: int = 0, calib_samples: int = DEFAULT_WINDOWS,
-             calib_seq_len: int = DEFAULT_SEQ_LEN, sequential: bool = False,
+             calib_seq_len: int = DEFAULT_SEQ_LEN, sequential: bool = False, rank_share: float | None = None,
              progress: bool = True) -> Path:
     """Compress every decoder linear of ``src`` into ``out`` and write a per-layer report beside it.
 
@@ -89,6 +102,9 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     knapsack = choose the levels from the cached one-pass profile, then compress layer by layer at
     those levels on sequential Grams. Only the one-pass Grams are cached: sequential ones depend on
     what the layers below were compressed to.
+
+    ``rank_share`` (``oats`` only) is the share of each layer's allowance its low-rank factors get
+    (default ``RANK_SHARE``, the paper's rank ratio); the sparse part gets the rest.
     """
     if method not in METHODS:
         raise CompressionError(f"unknown --method {method!r}; expected one of {', '.join(METHODS)}")
@@ -102,6 +118,7 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
         check_ratio(ratio)
     if rank is not None and (rank <= 0 or method != "svd" or allocation != "uniform"):
         raise CompressionError(f"--rank {rank}: needs a positive rank, --method svd and --allocation uniform")
+    share = check_rank_share(method, rank_share)
     if method in CALIBRATED and calib is None:
         raise CompressionError(f"--method {method} is calibrated: give --calib FILE (plain text, e.g. a novel)")
     if sequential and method not in CALIBRATED:
@@ -122,7 +139,7 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
         if sequential:
             sequential_grams = SequentialGrams(src, calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                                                progress=progress)
-        layer = _layer_factory(ckpt, method, sequential_grams or grams, seed, cost)
+        layer = _layer_factory(ckpt, method, sequential_grams or grams, seed, cost, share)
         if rank is not None:
             levels = {m: None for m in modules}
         elif allocation == "uniform" or ratio == 0.0:
@@ -132,12 +149,12 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
             profile_cache = Path(calib_cache).with_suffix(f".{method}-profile.json") if calib_cache else None
             key = {"source": str(Path(src).resolve()), "grams": grams.spec.as_metadata() if grams else None,
                    "seed": seed if method == "cospadi" else None, "budget": budget,
-                   "float_bytes": dtype.itemsize}
-            profile = profile_layers(modules, _layer_factory(ckpt, method, grams, seed, cost, refine=False), method,
-                                     progress, profile_cache, key, cost)
+                   "float_bytes": dtype.itemsize, **({"rank_share": share} if method == "oats" else {})}
+            profiler = _layer_factory(ckpt, method, grams, seed, cost, share, refine=False)
+            profile = profile_layers(modules, profiler, method, progress, profile_cache, key, cost)
             levels = knapsack_levels(profile, ratio)
         producer = {"method": method, "ratio": ratio, "budget": budget, "rank": rank, "allocation": allocation,
-                    "seed": seed, "source": Path(src).name}
+                    "seed": seed, "source": Path(src).name, **({"rank_share": share} if method == "oats" else {})}
         calibration = sequential_grams or grams
         if calibration is not None:
             producer["calibration"] = {"text": calibration.spec.text_name, "sha256": calibration.spec.text_sha256,
@@ -189,7 +206,7 @@ def open_dense_source(src: str | Path, verb: str) -> tuple[Checkpoint, list[str]
 
 
 def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | SequentialGrams | None, seed: int,
-                   budget: Budget,
+                   budget: Budget, rank_share: float = RANK_SHARE,
                    refine: bool = True) -> LayerFactory:
     """A function loading one module's weight and Gram and preparing its method's compressor.
 
@@ -202,7 +219,7 @@ def _layer_factory(ckpt: Checkpoint, method: str, grams: Grams | SequentialGrams
         if method in ("svd", "svd-llm"):
             return weight, whitening, SvdLlm(weight, whitening, budget)
         if method == "oats":
-            return weight, whitening, Oats(weight, whitening, grams[module], budget)
+            return weight, whitening, Oats(weight, whitening, grams[module], budget, rank_share=rank_share)
         if method in PRUNE_METHODS:
             return weight, whitening, RowPruner(method, weight, whitening, grams[module], budget)
         if method == "rocket":
