@@ -170,6 +170,34 @@ def test_the_op_switches_to_a_dense_gemm_above_the_crossover_with_the_same_resul
         torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
 
 
+def test_avx2_many_tokens_take_the_kept_weights_then_strips_with_the_same_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AVX2 hosts many-token steps multiply only the kept weights below STRIPS_FROM_TOKENS and decompress strips
+    for the tiled GEMM from there; both roads give the product."""
+    real = nm_kernel._cpu_kernel()
+    if real is None or real.isa() != "avx2":
+        pytest.skip("the kept-weights road is the AVX2 build's")
+    called: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, name: str) -> object:
+            called.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(nm_kernel, "_cpu_kernel", Recorder)
+    weight = _pruned(40, 128, 2, 4)
+    tensors = pack_nm(weight, 2, 4)
+    runner = nm_kernel.NMMatmul(tensors["values"], tensors["positions"], 2, 4)
+    x = torch.randn(nm_kernel.MANY_TOKENS + 8, 128)
+    monkeypatch.setattr(nm_kernel, "STRIPS_FROM_TOKENS", x.shape[0] + 1)
+    torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
+    assert "nm_matmul_kept" in called and "nm_matmul_strips" not in called
+    called.clear()
+    monkeypatch.setattr(nm_kernel, "STRIPS_FROM_TOKENS", x.shape[0])
+    torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
+    assert "nm_matmul_strips" in called and "nm_matmul_kept" not in called
+
+
 #: One rounding of an fp32 sum to bf16 (8 significant bits): what the tile unit's bf16 output may differ by.
 BF16_ROUNDING = 2 ** -8
 

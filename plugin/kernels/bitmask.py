@@ -44,12 +44,13 @@ PANELS_FROM_TOKENS = 32
 #: ``PANELS_MAX_DENSITY_SMALL_BATCH`` full; denser C takes
 #: the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros too but runs near the
 #: FMA units' peak, where the panel loop needs a load per multiply-add. Measured on an AMD EPYC (Zen 2), 2 threads,
-#: bf16 values, ms panels / strips (docs/methods/cpu_kernels.md): [5632, 2048] at 512 tokens 52.6 / 66.6 at density
-#: 0.25, 63.5 / 70.0 at 0.35, 68.9 / 68.6 at 0.43 (lowrank_sparse's S at 30 % bytes); density 0.5 ([5632, 1547],
-#: dictsparse at s = k/2) 4.7 / 5.5 at 32 tokens, 8.4 / 8.4 at 64, 15.5 / 14.4 at 128, 30.1 / 25.9 at 256; density
-#: 0.64 (SparseGPT at 30 % bytes), [5632, 2048] and [2048, 5632], 6.7 / 7.4 and 7.5 / 7.3 at 32, 11.9 / 8.7 and
-#: 12.3 / 8.6 at 48, 43.0 / 33.9 and 46.0 / 38.6 at 256.
-PANELS_MAX_DENSITY = 0.45
+#: bf16 values, ms panels / strips (docs/methods/cpu_kernels.md), at 512 tokens: density 0.25 [5632, 2048] 49.7 /
+#: 64.1, [1536, 576] 5.14 / 5.22; 0.35 [5632, 2048] 59.3 / 64.4, [2048, 5632] 64.6 / 73.8, [1536, 576] 5.77 / 5.20;
+#: 0.43 (lowrank_sparse's S at 30 % bytes) [5632, 2048] 67.0 / 64.9, [2048, 5632] 70.6 / 74.5, [1536, 576] 6.30 /
+#: 5.20, [576, 1536] 5.95 / 5.36; at 128 tokens and 0.43, 17.5 / 18.0, 17.5 / 18.4, 1.58 / 1.50, 1.49 / 1.50; at 64
+#: and 0.5, 9.8 / 10.3, 9.9 / 10.5, 0.88 / 0.89, 0.83 / 0.84. Density 0.64 (SparseGPT at 30 % bytes) takes the strips
+#: from 48 tokens (12.3 / 8.6 on [2048, 5632]).
+PANELS_MAX_DENSITY = 0.4
 PANELS_MAX_DENSITY_SMALL_BATCH = 0.5
 TILES_FROM_TOKENS = 128
 
