@@ -170,13 +170,6 @@ void with_value_types(const at::Tensor& values, at::Tensor& out, const Fn& fn) {
   }
 }
 
-// zt for batched_rows: z [tokens, k] float32 transposed into [k, batch_width(tokens)], padding columns zero.
-inline at::Tensor transposed_batch(const at::Tensor& z) {
-  auto zt = torch::zeros({z.size(1), batch_width(z.size(0))}, z.options());
-  zt.narrow(1, 0, z.size(0)).copy_(z.t());
-  return zt;
-}
-
 #if defined(__AVX2__)
 // r[0..8), eight rows of eight floats, transposed in place: r[j] becomes column j.
 inline void transpose8x8(__m256 r[8]) {
@@ -243,6 +236,12 @@ inline at::Tensor pack_token_panels(const at::Tensor& x, int64_t width) {
     }
   });
   return panels;
+}
+
+// zt for batched_rows: z [tokens, k] float32 transposed into [k, batch_width(tokens)], padding columns zero (one
+// token panel of that width).
+inline at::Tensor transposed_batch(const at::Tensor& z) {
+  return pack_token_panels(z, batch_width(z.size(0))).select(0, 0);
 }
 
 #if defined(SLIMSERVE_AVX2)
