@@ -119,6 +119,7 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
     if rank is not None and (rank <= 0 or method != "svd" or allocation != "uniform"):
         raise CompressionError(f"--rank {rank}: needs a positive rank, --method svd and --allocation uniform")
     share = check_rank_share(method, rank_share)
+    method_settings = {"rank_share": share} if method == "oats" else {}  # in the profile key and producer record
     if method in CALIBRATED and calib is None:
         raise CompressionError(f"--method {method} is calibrated: give --calib FILE (plain text, e.g. a novel)")
     if sequential and method not in CALIBRATED:
@@ -149,12 +150,12 @@ def compress(src: str | Path, out: str | Path, *, method: str = "svd", ratio: fl
             profile_cache = Path(calib_cache).with_suffix(f".{method}-profile.json") if calib_cache else None
             key = {"source": str(Path(src).resolve()), "grams": grams.spec.as_metadata() if grams else None,
                    "seed": seed if method == "cospadi" else None, "budget": budget,
-                   "float_bytes": dtype.itemsize, **({"rank_share": share} if method == "oats" else {})}
+                   "float_bytes": dtype.itemsize, **method_settings}
             profiler = _layer_factory(ckpt, method, grams, seed, cost, share, refine=False)
             profile = profile_layers(modules, profiler, method, progress, profile_cache, key, cost)
             levels = knapsack_levels(profile, ratio)
         producer = {"method": method, "ratio": ratio, "budget": budget, "rank": rank, "allocation": allocation,
-                    "seed": seed, "source": Path(src).name, **({"rank_share": share} if method == "oats" else {})}
+                    "seed": seed, "source": Path(src).name, **method_settings}
         calibration = sequential_grams or grams
         if calibration is not None:
             producer["calibration"] = {"text": calibration.spec.text_name, "sha256": calibration.spec.text_sha256,

@@ -11,12 +11,12 @@ token expands 4 rows at a time in registers and dots them with ``vdpbf16ps``, fa
 unit. On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below ``DENSE_FROM_TOKENS``
 expand rows in registers and dot them with 8 tokens at a time by ``vdpbf16ps`` (``vector_rows.h``). AVX2
 hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values against tokens packed in panels
-of 32 (``vector_rows.h``) while C is sparse enough for them (at most 45 % full, or half full and the
-batch below 128 tokens); other steps decode rows of C in cache and multiply them by slimserve's
-register-tiled GEMM (``tile_gemm``). Elsewhere many-token steps take the other road past
-``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are decoded into one float32 buffer that stays in
-cache and each is multiplied by ATen's GEMM, which past the measured crossover
-(docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
+of 32 (``vector_rows.h``) while C is sparse enough for them (at most ``PANELS_MAX_DENSITY`` full, or
+``PANELS_MAX_DENSITY_SMALL_BATCH`` and the batch below ``TILES_FROM_TOKENS``); other steps decode rows
+of C in cache and multiply them by slimserve's register-tiled GEMM (``tile_gemm``). Elsewhere many-token
+steps take the other road past ``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are decoded into
+one float32 buffer that stays in cache and each is multiplied by ATen's GEMM, which past the measured
+crossover (docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
 
 Registered as the operator ``slimserve::bitmask_matmul`` (``ops.py``) so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.

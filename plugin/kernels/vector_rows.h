@@ -188,10 +188,41 @@ inline void transpose8x8(__m256 r[8]) {
 }
 #endif
 
+// Rows src[0 .. rows) ([rows, in], row-major; rows <= lanes <= 8) as lanes lane0 .. lane0 + lanes of a panel
+// [in, width], lanes past `rows` zero: on AVX2, 8 x 8 blocks transposed in registers. A panel narrower than 8 takes
+// all 8 lanes of each store anyway and lets the next input's store rewrite the spill (a masked store is microcoded on
+// AMD Zen 2 and made packing x 5x slower); its last input goes through a buffer.
+inline void rows_into_panel(const float* src, int64_t in, int64_t rows, float* panel, int64_t width, int64_t lane0,
+                            int64_t lanes) {
+  int64_t main = 0;
+#if defined(__AVX2__)
+  main = in / 8 * 8;
+  for (int64_t k = 0; k < main; k += 8) {
+    __m256 r[8];
+    for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(src + i * in + k) : _mm256_setzero_ps();
+    transpose8x8(r);
+    for (int j = 0; j < 8; ++j) {
+      float* slot = panel + (k + j) * width + lane0;
+      if (lanes == 8 || (width < 8 && (j < 7 || k + 8 < main))) {
+        _mm256_storeu_ps(slot, r[j]);
+      } else {
+        alignas(32) float lane_values[8];
+        _mm256_store_ps(lane_values, r[j]);
+        std::memcpy(slot, lane_values, sizeof(float) * lanes);
+      }
+    }
+  }
+#endif
+  for (int64_t k = main; k < in; ++k) {
+    float* slot = panel + k * width + lane0;
+    for (int64_t i = 0; i < lanes; ++i) slot[i] = i < rows ? src[i * in + k] : 0.f;
+  }
+}
+
 // x [N, in] as float32 panels [ceil(N / width), in, width]: panel p holds tokens p·width .. p·width + width - 1 side
 // by side for each input, so a kernel reads one input's tokens as one contiguous run; tokens past N are zero. One
-// threaded pass over x, 8 tokens x 8 inputs at a time transposed in registers on AVX2: element by element it took
-// 0.5-1 ms for a [512, 1536] x (a plain copy takes 0.06), as long as the whole GEMM of a rank-87 factor.
+// threaded pass over x, 8 tokens at a time (rows_into_panel): element by element it took 0.5-1 ms for a [512, 1536] x
+// (a plain copy takes 0.06), as long as the whole GEMM of a rank-87 factor.
 inline at::Tensor pack_token_panels(const at::Tensor& x, int64_t width) {
   const int64_t tokens = x.size(0), in = x.size(1), count = (tokens + width - 1) / width;
   const auto xf = x.to(at::kFloat).contiguous();
@@ -200,38 +231,11 @@ inline at::Tensor pack_token_panels(const at::Tensor& x, int64_t width) {
   float* packed = panels.data_ptr<float>();
   at::parallel_for(0, count, 1, [&](int64_t p_begin, int64_t p_end) {
     for (int64_t p = p_begin; p < p_end; ++p) {
-      float* panel = packed + p * in * width;
-      const float* first = xp + p * width * in;
       const int64_t valid = std::min(width, tokens - p * width);
-      int64_t main = 0;
-#if defined(__AVX2__)
-      main = in / 8 * 8;
-      for (int64_t i0 = 0; i0 < width; i0 += 8) {  // 8 tokens (fewer in a last group) by 8 inputs at a time
+      for (int64_t i0 = 0; i0 < width; i0 += 8) {
         const int64_t lanes = std::min<int64_t>(8, width - i0);
-        const int64_t rows = std::max<int64_t>(0, std::min(lanes, valid - i0));
-        for (int64_t k = 0; k < main; k += 8) {
-          __m256 r[8];
-          for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(first + (i0 + i) * in + k) : _mm256_setzero_ps();
-          transpose8x8(r);
-          for (int j = 0; j < 8; ++j) {
-            float* slot = panel + (k + j) * width + i0;
-            // A panel narrower than 8 stores 8 lanes anyway: the next input's store rewrites the spill (a masked
-            // store is microcoded on AMD Zen 2 and made this pack 5x slower). Its last input goes through a buffer.
-            if (lanes == 8 || (width < 8 && (j < 7 || k + 8 < main))) {
-              _mm256_storeu_ps(slot, r[j]);
-            } else {
-              alignas(32) float lane_values[8];
-              _mm256_store_ps(lane_values, r[j]);
-              std::memcpy(slot, lane_values, sizeof(float) * lanes);
-            }
-          }
-        }
-      }
-#endif
-      for (int64_t k = main; k < in; ++k) {
-        float* slot = panel + k * width;
-        for (int64_t i = 0; i < valid; ++i) slot[i] = first[i * in + k];
-        for (int64_t i = valid; i < width; ++i) slot[i] = 0.f;
+        rows_into_panel(xp + (p * width + i0) * in, in, std::max<int64_t>(0, std::min(lanes, valid - i0)),
+                        packed + p * in * width, width, i0, lanes);
       }
     }
   });
@@ -248,12 +252,12 @@ inline at::Tensor transposed_batch(const at::Tensor& z) {
 // A register-blocked GEMM for the AVX2 strips (below), because ATen's GEMM on a freshly decoded strip repacks both
 // operands on every call and ran 1.3-1.5x slower than vLLM's prepacked oneDNN GEMM on the same float32 numbers.
 // Here x is packed once per call into panels of kTileTokens tokens ([in, 6] each), each thread takes up to kUnitRows
-// rows of W at a time (balanced_unit_rows), decoded 8 rows at a time (they stay in L2) and transposed into panels of kTileRows rows ([in, 16]
-// each, zero rows past `out`), and one 6 x 16 tile of y is 12 accumulators: per input, two loads of W, six
-// broadcasts of x and twelve FMAs, so the FMA units set the pace, not the loads (the panel loop below needs a load
-// per FMA). kDepth inputs at a time keep a W panel (16 KiB) in L1 while the token panels stream past it; y is written
-// directly in its [N, out] layout, no transposed copy. Units of 128 and 256 rows, and token blocks that keep x's
-// panels in L3 (W decoded once per block), were measured and were no faster (docs/methods/cpu_kernels.md).
+// rows of W at a time (balanced_unit_rows), decoded 8 rows at a time (they stay in L2) and transposed into panels of
+// kTileRows rows ([in, 16] each, zero rows past `out`), and one 6 x 16 tile of y is 12 accumulators: per input, two
+// loads of W, six broadcasts of x and twelve FMAs, so the FMA units set the pace, not the loads (the panel loop below
+// needs a load per FMA). kDepth inputs at a time keep a W panel (16 KiB) in L1 while the token panels stream past it; y
+// is written directly in its [N, out] layout, no transposed copy. Units of 128 and 256 rows, and token blocks that keep
+// x's panels in L3 (W decoded once per block), were measured and were no faster (docs/methods/cpu_kernels.md).
 constexpr int64_t kTileTokens = 6;
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kDepth = 256;
@@ -279,21 +283,6 @@ inline void tile_6x16(const float* a, const float* b, int64_t depth, float* c, i
     }
     _mm256_storeu_ps(ci, acc[i][0]);
     _mm256_storeu_ps(ci + 8, acc[i][1]);
-  }
-}
-
-// 8 rows [8, in] (row-major) as lanes half .. half + 8 of a row panel b [in, 16]: 8 x 8 blocks transposed in
-// registers.
-inline void pack_eight_rows(const float* src, int64_t in, float* b, int64_t half) {
-  const int64_t main = in / 8 * 8;
-  for (int64_t k = 0; k < main; k += 8) {
-    __m256 r[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * in + k);
-    transpose8x8(r);
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(b + (k + j) * kTileRows + half, r[j]);
-  }
-  for (int64_t k = main; k < in; ++k) {
-    for (int i = 0; i < 8; ++i) b[k * kTileRows + half + i] = src[i * in + k];
   }
 }
 
@@ -329,8 +318,8 @@ at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows
         const int64_t filled = std::max<int64_t>(0, std::min<int64_t>(8, rows - r0));
         auto decoded = eight.narrow(0, 0, filled);
         if (filled > 0) fill_rows(decoded, first + r0, 0, filled);
-        if (filled < 8) eight.narrow(0, filled, 8 - filled).zero_();
-        pack_eight_rows(eight.data_ptr<float>(), in, b_panels.data() + r0 / kTileRows * in * kTileRows, r0 % kTileRows);
+        rows_into_panel(eight.data_ptr<float>(), in, filled, b_panels.data() + r0 / kTileRows * in * kTileRows,
+                        kTileRows, r0 % kTileRows, 8);  // rows past `out` zero
       }
       for (int64_t k0 = 0; k0 < in; k0 += kDepth) {
         const int64_t depth = std::min(kDepth, in - k0);
@@ -360,9 +349,10 @@ at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows
 
 // y [N, out] = x [N, in] · Wᵀ in `dtype` for many tokens (prefill), float32 on AVX2 builds by tile_gemm; otherwise
 // strips of W's rows are decoded into one buffer that stays in cache and multiplied by ATen's GEMM into yᵀ. Decoding
-// the whole weight per call instead allocates, page-faults and writes a dense copy of the layer on every call (46 MiB fp32 for [5632, 2048]), which cost more
-// than the GEMM of a few hundred tokens. `fill_rows(strip, first, begin, end)` writes rows first + begin .. first +
-// end of W as rows begin .. end of `strip` ([rows, in], `dtype`); threads split each strip's rows.
+// the whole weight per call instead allocates, page-faults and writes a dense copy of the layer on every call
+// (46 MiB fp32 for [5632, 2048]), which cost more than the GEMM of a few hundred tokens. `fill_rows(strip, first,
+// begin, end)` writes rows first + begin .. first + end of W as rows begin .. end of `strip` ([rows, in], `dtype`);
+// threads split each strip's rows.
 template <typename FillRows>
 at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, const FillRows& fill_rows) {
 #if defined(SLIMSERVE_AVX2)
@@ -385,16 +375,16 @@ at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, c
 #define SLIMSERVE_PANELS 1
 // Many tokens (prefill) multiplying only a sparse weight's stored values: at 50 % density half of a dense GEMM's
 // multiply-adds (2:4 and 4:8 nm, dictsparse coefficients at s = k/2), where strips_gemm multiplies the zeros too.
-// It needs a load of x per FMA where tile_gemm needs two loads per three, so it runs at about half that GEMM's rate
-// and wins only at density 0.5 or below, on batches below a few hundred tokens (bitmask.py holds the measured rule). x is packed in panels of kPanelTokens tokens ([in, 32] each), so a stored
-// value w at column c updates its row's 32 token sums with one broadcast and four FMAs against panel row c (128
-// contiguous bytes). Two rows at a time keep eight FMA chains in flight (FMA latency 4, two issued a cycle). Rows go
-// in blocks of kPanelRowBlock, decoded once (columns times 32, values widened to fp32) and reused by every panel,
-// kPanelChunk values of a row at a time: the block's chunk (128 KiB) stays in L2 and the panel rows it touches
-// (256 inputs at 2:4, 32 KiB) mostly in L1. Row blocks of 32 and 128 and chunks of 64, 128 and 256 were tried with
-// bench/nm_kernel.py on an AMD EPYC; none stood out beyond that VM's run-to-run spread (docs/methods/cpu_kernels.md),
-// so the sizes are a choice, not an optimum. AVX-512 builds compile it too
-// (AVX2 is a subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane
+// It needs a load of x per FMA where tile_gemm needs two loads per three, so it runs at about half that GEMM's rate and
+// wins only at density 0.5 or below, on batches below a few hundred tokens (bitmask.py holds the measured rule). x is
+// packed in panels of kPanelTokens tokens ([in, 32] each), so a stored value w at column c updates its row's 32 token
+// sums with one broadcast and four FMAs against panel row c (128 contiguous bytes). Two rows at a time keep eight FMA
+// chains in flight (FMA latency 4, two issued a cycle). Rows go in blocks of kPanelRowBlock, decoded once (columns
+// times 32, values widened to fp32) and reused by every panel, kPanelChunk values of a row at a time: the block's chunk
+// (128 KiB) stays in L2 and the panel rows it touches (256 inputs at 2:4, 32 KiB) mostly in L1. Row blocks of 32 and
+// 128 and chunks of 64, 128 and 256 were tried with bench/nm_kernel.py on an AMD EPYC; none stood out beyond that VM's
+// run-to-run spread (docs/methods/cpu_kernels.md), so the sizes are a choice, not an optimum. AVX-512 builds compile it
+// too (AVX2 is a subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane
 // GEMM.
 constexpr int64_t kPanelTokens = 32;
 constexpr int64_t kPanelRowBlock = 128;
