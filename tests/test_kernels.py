@@ -137,8 +137,9 @@ def test_ell_matmul_matches_dense_coefficients(dtype: torch.dtype, batch: int, i
 # batched with a partial chunk
 @pytest.mark.parametrize("batch", [1, 2, 5, 8, 9, 37])
 # (atoms, nnz): k = 5 (under one mask byte), odd k = 37 (3 spare bits; AVX-512: two 16-bit steps and a tail),
-# k = 40 (whole bytes), k = 300 (many steps), s = 1 and s = k; the last rows end at the values buffer's end.
-@pytest.mark.parametrize(("atoms", "nnz"), [(5, 2), (37, 1), (37, 37), (40, 17), (300, 151)])
+# k = 40 (whole bytes), k = 300 (many steps), s = 1 and s = k; the last rows end at the values buffer's end;
+# k = 1100 at 8 tokens: AVX2's column chunks of 512 (x past an L1), the last one partial and ending in a part byte.
+@pytest.mark.parametrize(("atoms", "nnz"), [(5, 2), (37, 1), (37, 37), (40, 17), (300, 151), (1100, 433)])
 def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, atoms: int, nnz: int, isa: str) -> None:
     torch.manual_seed(0)
     values, mask = sparse_rows.dense_to_bitmask(torch.randn(67, atoms), nnz)
@@ -148,7 +149,7 @@ def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, at
     kernel = BitmaskMatmul(values, mask, atoms)
     assert kernel.ext is not None and kernel.ext.isa() == isa
     out = kernel.ext.bitmask_matmul(z, values, mask)  # the kernel itself (bf16 batches: on AMX if the CPU has it)
-    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    tol = 1e-5 * max(1.0, nnz / 150) if dtype == torch.float32 else 5e-2  # float32 rounding grows with the sum's terms
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     assert out.dtype == dtype and out.is_contiguous()
 
