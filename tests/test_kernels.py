@@ -20,7 +20,13 @@ from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.plugin.kernels import bitmask, cpp, ell, nm
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
-from slimserve.plugin.kernels.gemm import Bf16RowsLinear, bf16_rows_linear, prepacked_linear
+from slimserve.plugin.kernels.gemm import (
+    STRIPS_FROM_TOKENS,
+    Bf16PanelsLinear,
+    bf16_panels_linear,
+    prepacked_linear,
+    to_panels,
+)
 from slimserve.plugin.kernels.precision import stored_values
 from slimserve.server.cpu_tuning import host_cpu_info
 
@@ -328,18 +334,24 @@ def test_bf16_values_under_float32_activations_give_the_float32_result_bit_for_b
     assert torch.equal(as_bf16, as_float32)
 
 
-# tokens: one and a pair (the row loop's own shapes), 3 (a pair, then one), 47 (the most the row loop takes), 48 and
-# 70 (strips: whole and part 6-token tiles); shapes with rows past the 4-row blocks, the 16-row tiles and the 64-row
-# units, inputs past the 8-input steps and the tiled GEMM's 256-input slices, and a SmolLM2-sized one
-@pytest.mark.parametrize("tokens", [1, 2, 3, 47, 48, 70])
+# tokens: 1-3 (the panel loop's split accumulator sets), 4 and 5 (a pass of 4, then one), the most the loop takes and
+# the first the tiled GEMM takes, 70 (whole and part 6-token tiles); rows past whole 16-row panels and the 64-row
+# units, inputs past the tiled GEMM's 256-input slices, and a SmolLM2-sized shape
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, STRIPS_FROM_TOKENS - 1, STRIPS_FROM_TOKENS, 70])
 @pytest.mark.parametrize(("out", "inp"), [(37, 75), (300, 523), (1536, 576)])
 def test_a_bf16_kept_dense_weight_gives_the_float32_product(tokens: int, out: int, inp: int, isa: str) -> None:
     torch.manual_seed(tokens)
     weight = torch.randn(out, inp).bfloat16()
     x = torch.randn(tokens, inp)
-    y = bf16_rows_linear(x, weight)
+    y = bf16_panels_linear(x, to_panels(weight), out)
     assert y.dtype == torch.float32 and y.shape == (tokens, out) and y.is_contiguous()
     torch.testing.assert_close(y.double(), x.double() @ weight.double().t(), rtol=1e-4, atol=1e-3)
+
+
+def test_bf16_panels_refuse_a_layout_that_is_not_the_weights(isa: str) -> None:
+    panels = to_panels(torch.randn(37, 75).bfloat16())
+    with pytest.raises(RuntimeError, match=r"panels must be \[ceil\(out / 16\), in, 16\]"):
+        bf16_panels_linear(torch.randn(2, 75), panels, 60)  # 60 rows need 4 panels, not 3
 
 
 def test_dense_factors_keep_bf16_only_where_exact_and_the_build_widens_them(isa: str) -> None:
@@ -347,12 +359,12 @@ def test_dense_factors_keep_bf16_only_where_exact_and_the_build_widens_them(isa:
     # a float32 checkpoint's, or any on other builds, take vLLM's float32 path.
     exact = torch.randn(48, 40).bfloat16().float()
     product = prepacked_linear(exact)
-    assert isinstance(product, Bf16RowsLinear) == (isa == "avx2")
+    assert isinstance(product, Bf16PanelsLinear) == (isa == "avx2")
     if isa == "avx2":
         assert product.weight.dtype == torch.bfloat16 and torch.equal(product.weight.float(), exact)
     x = torch.randn(5, 40)
     torch.testing.assert_close(product(x), F.linear(x, exact), rtol=1e-5, atol=1e-5)
-    assert not isinstance(prepacked_linear(exact + 2.0 ** -20), Bf16RowsLinear)
+    assert not isinstance(prepacked_linear(exact + 2.0 ** -20), Bf16PanelsLinear)
 
 
 def test_values_keep_the_checkpoint_precision_only_where_exact_and_the_build_widens_them(isa: str) -> None:

@@ -8,7 +8,7 @@ that: they widen bf16 to float32 in a register (a 16-bit shift), which is exact,
 float32. Keeping the values as the checkpoint stored them changes no result bit and halves the bytes a
 memory-bound step reads for them. Dense factors (lowrank U, V; dictsparse's dictionary; the low-rank
 part of lowrank_sparse) follow the same rule in ``gemm.py``: kept bf16, widened in registers by
-``bf16_rows_cpu.cpp``, instead of oneDNN's float32 GEMM on vLLM's float32 copy.
+``bf16_panels_cpu.cpp``, instead of oneDNN's float32 GEMM on vLLM's float32 copy.
 """
 
 from __future__ import annotations

@@ -297,9 +297,11 @@ inline int64_t balanced_unit_rows(int64_t out, int64_t threads) {
   return best;
 }
 
-// y [N, out] float32 = x [N, in] · Wᵀ with W's rows written by `fill_rows` as strips_gemm's are.
-template <typename FillRows>
-at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows) {
+// y [N, out] float32 = x [N, in] · Wᵀ with W's row panels written by `fill_panels(b_panels, first, row_panels)`:
+// rows first .. first + 16 · row_panels of W (first a multiple of 16) as row_panels panels [in, 16] float32 at
+// b_panels, rows past `out` zero.
+template <typename FillPanels>
+at::Tensor tile_gemm_panels(const at::Tensor& x, int64_t out, const FillPanels& fill_panels) {
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t token_panels = (tokens + kTileTokens - 1) / kTileTokens;
   const auto a_panels = pack_token_panels(x, kTileTokens);
@@ -308,19 +310,12 @@ at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows
   float* yp = y.data_ptr<float>();
   const int64_t unit_rows = balanced_unit_rows(out, at::get_num_threads()), units = (out + unit_rows - 1) / unit_rows;
   at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
-    auto eight = torch::empty({8, in}, a_panels.options());  // rows decoded 8 at a time: they stay in L2
     std::vector<float> b_panels(unit_rows * in);
     alignas(32) float edge[kTileTokens * kTileRows];
     for (int64_t u = unit_begin; u < unit_end; ++u) {
       const int64_t first = u * unit_rows, rows = std::min(unit_rows, out - first);
       const int64_t row_panels = (rows + kTileRows - 1) / kTileRows;
-      for (int64_t r0 = 0; r0 < row_panels * kTileRows; r0 += 8) {
-        const int64_t filled = std::max<int64_t>(0, std::min<int64_t>(8, rows - r0));
-        auto decoded = eight.narrow(0, 0, filled);
-        if (filled > 0) fill_rows(decoded, first + r0, 0, filled);
-        rows_into_panel(eight.data_ptr<float>(), in, filled, b_panels.data() + r0 / kTileRows * in * kTileRows,
-                        kTileRows, r0 % kTileRows, 8);  // rows past `out` zero
-      }
+      fill_panels(b_panels.data(), first, row_panels);
       for (int64_t k0 = 0; k0 < in; k0 += kDepth) {
         const int64_t depth = std::min(kDepth, in - k0);
         for (int64_t p = 0; p < token_panels; ++p) {
@@ -344,6 +339,23 @@ at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows
     }
   });
   return y;
+}
+
+// y [N, out] float32 = x [N, in] · Wᵀ with W's rows written by `fill_rows` as strips_gemm's are: decoded 8 rows at a
+// time (they stay in L2) and transposed into the row panels.
+template <typename FillRows>
+at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows) {
+  const int64_t in = x.size(1);
+  return tile_gemm_panels(x, out, [&](float* b_panels, int64_t first, int64_t row_panels) {
+    auto eight = torch::empty({8, in}, x.options().dtype(at::kFloat));  // once per unit of up to 64 rows
+    for (int64_t r0 = 0; r0 < row_panels * kTileRows; r0 += 8) {
+      const int64_t filled = std::max<int64_t>(0, std::min<int64_t>(8, out - first - r0));
+      auto decoded = eight.narrow(0, 0, filled);
+      if (filled > 0) fill_rows(decoded, first + r0, 0, filled);
+      rows_into_panel(eight.data_ptr<float>(), in, filled, b_panels + r0 / kTileRows * in * kTileRows, kTileRows,
+                      r0 % kTileRows, 8);  // rows past `out` zero
+    }
+  });
 }
 #endif
 

@@ -1,0 +1,168 @@
+// y [N, out] float32 = x [N, in] float32 · Wᵀ for a dense weight W [out, in] kept in bf16 on a host that serves
+// float32 (AVX2 only: no bf16 arithmetic, so vLLM loads a bf16 checkpoint into float32 buffers). Used for the dense
+// factors of the compressed schemes (low-rank U and V, the dictionary of dictsparse, the low-rank part of
+// lowrank_sparse) where their values are bf16 numbers (plugin/kernels/precision.py): widening bf16 to float32 is a
+// 16-bit shift, exact, so the product is the float32 product of the same numbers, and a memory-bound decode step
+// streams half the bytes of vLLM's float32 copy.
+//
+// W is stored as panels of kPanelRows rows side by side ([ceil(out / 16), in, 16], rows past `out` zero; packed once
+// at load by plugin/kernels/gemm.py), so one input's 16 weights are one contiguous 32-byte run. Few tokens (decode):
+// each panel's 16 outputs are two registers per token, and per input the panel's two widened vectors meet each of up
+// to 4 tokens' broadcast input in 8 FMAs; no horizontal sums, no input tail. Dotting rows instead (4 rows x 2 tokens,
+// one horizontal sum per row and token, a scalar tail past the last 8 inputs) ran 1.1-1.3x slower on [5632, 2048]
+// and 2-3.7x on the tall low-rank U factors whose inputs are a rank of 64-315 (AMD EPYC Zen 2, 8 tokens: [5632, 315]
+// 0.41 against 0.20 ms, [1536, 87] 0.067 against 0.018). Many tokens (prefill): the panels widened to float32 in cache
+// feed slimserve's register-tiled GEMM (tile_gemm in vector_rows.h, whose W panels have this layout) on AVX2 builds;
+// other builds gather rows into strips for ATen's GEMM.
+// Built at first use by plugin/kernels/cpp.py: AVX2 + FMA loops on AVX2 builds, scalar loops elsewhere (only AVX2
+// hosts keep dense factors in bf16; other builds exist so the arithmetic is tested everywhere).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "vector_rows.h"
+
+namespace {
+
+using slimserve_rows::kIsa;
+
+constexpr int64_t kPanelRows = 16;
+// Tokens one pass over a panel multiplies: 4 x 2 accumulators, the panel's two vectors and a broadcast in registers.
+constexpr int kPassTokens = 4;
+
+#if defined(SLIMSERVE_AVX2)
+static_assert(kPanelRows == slimserve_rows::kTileRows, "the panels are tile_gemm's W panels");
+
+inline __m256 widen8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+#endif
+
+// y[n, o0 .. o0 + 16) for NT tokens of x (row-major [NT, in], y row stride `out`) from one panel ([in, 16]). Fewer
+// than 4 tokens split the inputs over kChains accumulator sets, so at least 8 FMA chains are in flight. Accumulators
+// are named arrays indexed by unrolled constants: with a two-dimensional array GCC stored all twelve to the stack on
+// every input (store-bound, 2x slower).
+template <int NT>
+void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, float* y, int64_t out, int64_t o0) {
+  const int64_t valid = std::min(kPanelRows, out - o0);
+  alignas(32) float sums[NT][kPanelRows];
+#if defined(SLIMSERVE_AVX2)
+  constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
+  __m256 lo[kChains * NT], hi[kChains * NT];
+#pragma GCC unroll 8
+  for (int a = 0; a < kChains * NT; ++a) lo[a] = hi[a] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + kChains <= in; j += kChains) {
+#pragma GCC unroll 4
+    for (int c = 0; c < kChains; ++c) {
+      const __m256 w0 = widen8(panel + (j + c) * kPanelRows), w1 = widen8(panel + (j + c) * kPanelRows + 8);
+#pragma GCC unroll 8
+      for (int n = 0; n < NT; ++n) {
+        const __m256 xb = _mm256_broadcast_ss(x + n * in + j + c);
+        lo[c * NT + n] = _mm256_fmadd_ps(w0, xb, lo[c * NT + n]);
+        hi[c * NT + n] = _mm256_fmadd_ps(w1, xb, hi[c * NT + n]);
+      }
+    }
+  }
+  for (; j < in; ++j) {
+    const __m256 w0 = widen8(panel + j * kPanelRows), w1 = widen8(panel + j * kPanelRows + 8);
+#pragma GCC unroll 8
+    for (int n = 0; n < NT; ++n) {
+      const __m256 xb = _mm256_broadcast_ss(x + n * in + j);
+      lo[n] = _mm256_fmadd_ps(w0, xb, lo[n]);
+      hi[n] = _mm256_fmadd_ps(w1, xb, hi[n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < NT; ++n) {
+    __m256 low = lo[n], high = hi[n];
+    for (int c = 1; c < kChains; ++c) low = _mm256_add_ps(low, lo[c * NT + n]), high = _mm256_add_ps(high, hi[c * NT + n]);
+    _mm256_store_ps(sums[n], low);
+    _mm256_store_ps(sums[n] + 8, high);
+  }
+#else
+  for (int n = 0; n < NT; ++n) {
+    for (int64_t r = 0; r < kPanelRows; ++r) {
+      float s = 0.f;
+      for (int64_t j = 0; j < in; ++j) s += static_cast<float>(panel[j * kPanelRows + r]) * x[n * in + j];
+      sums[n][r] = s;
+    }
+  }
+#endif
+  for (int n = 0; n < NT; ++n) std::memcpy(y + n * out + o0, sums[n], sizeof(float) * valid);
+}
+
+void check_args(const torch::Tensor& x, const torch::Tensor& panels, int64_t out, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && x.size(1) == panels.size(1), op,
+              ": x [N, in] and panels [P, in, 16] must agree on in");
+  TORCH_CHECK(panels.size(2) == kPanelRows && panels.size(0) == (out + kPanelRows - 1) / kPanelRows, op,
+              ": panels must be [ceil(out / 16), in, 16]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(), op,
+              ": x must be float32 and panels contiguous bfloat16");
+}
+
+}  // namespace
+
+// y = x · Wᵀ (float32) for few tokens, W's panels streamed once per 4 tokens as bf16.
+torch::Tensor bf16_panels_linear(torch::Tensor x, torch::Tensor panels, int64_t out) {
+  check_args(x, panels, out, "bf16_panels_linear");
+  const auto xc = x.contiguous();
+  const int64_t tokens = xc.size(0), in = xc.size(1);
+  auto y = torch::empty({tokens, out}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const c10::BFloat16* w = panels.data_ptr<c10::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const c10::BFloat16* panel = w + p * in * kPanelRows;
+      const int64_t o0 = p * kPanelRows;
+      int64_t n = 0;
+      for (; n + kPassTokens <= tokens; n += kPassTokens) {
+        panel_times_tokens<kPassTokens>(xp + n * in, in, panel, yp + n * out, out, o0);
+      }
+      switch (tokens - n) {
+        case 1: panel_times_tokens<1>(xp + n * in, in, panel, yp + n * out, out, o0); break;
+        case 2: panel_times_tokens<2>(xp + n * in, in, panel, yp + n * out, out, o0); break;
+        case 3: panel_times_tokens<3>(xp + n * in, in, panel, yp + n * out, out, o0); break;
+        default: break;
+      }
+    }
+  });
+  return y;
+}
+
+// y = x · Wᵀ (float32) for many tokens: the panels widened to float32 in cache, multiplied by a dense GEMM.
+torch::Tensor bf16_panels_linear_strips(torch::Tensor x, torch::Tensor panels, int64_t out) {
+  check_args(x, panels, out, "bf16_panels_linear_strips");
+  const int64_t in = panels.size(1);
+  const c10::BFloat16* w = panels.data_ptr<c10::BFloat16>();
+#if defined(SLIMSERVE_AVX2)
+  return slimserve_rows::tile_gemm_panels(x, out, [&](float* b_panels, int64_t first, int64_t row_panels) {
+    const c10::BFloat16* src = w + first / kPanelRows * in * kPanelRows;
+    for (int64_t i = 0; i < row_panels * in * kPanelRows; i += 8) _mm256_storeu_ps(b_panels + i, widen8(src + i));
+  });
+#else
+  return slimserve_rows::strips_gemm(x, out, at::kFloat,
+                                     [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
+    float* rows = strip.data_ptr<float>();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = first + r;
+      const c10::BFloat16* panel = w + o / kPanelRows * in * kPanelRows + o % kPanelRows;
+      for (int64_t j = 0; j < in; ++j) rows[r * in + j] = static_cast<float>(panel[j * kPanelRows]);
+    }
+  });
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_panels_linear", &bf16_panels_linear,
+        "y = x · Wᵀ (float32) for few tokens, W stored as bf16 panels [ceil(out / 16), in, 16]");
+  m.def("bf16_panels_linear_strips", &bf16_panels_linear_strips,
+        "y = x · Wᵀ (float32) for many tokens: W's panels widened to float32 in cache, multiplied by a dense GEMM");
+  m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
+}
