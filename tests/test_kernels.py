@@ -18,9 +18,11 @@ from slimserve.loaders.schemes import sparse_rows
 from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
 from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.plugin.kernels import bitmask, cpp, ell, nm
+from slimserve.plugin.kernels import gemm as kernel_gemm
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
 from slimserve.plugin.kernels.gemm import (
+    STRIPS_BELOW_INPUTS,
     STRIPS_FROM_TOKENS,
     Bf16PanelsLinear,
     bf16_panels_linear,
@@ -334,10 +336,11 @@ def test_bf16_values_under_float32_activations_give_the_float32_result_bit_for_b
     assert torch.equal(as_bf16, as_float32)
 
 
-# tokens: 1-3 (the panel loop's split accumulator sets), 4 and 5 (a pass of 4, then one), the most the loop takes and
-# the first the tiled GEMM takes, 70 (whole and part 6-token tiles); rows past whole 16-row panels and the 64-row
-# units, inputs past the tiled GEMM's 256-input slices, and a SmolLM2-sized shape
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, STRIPS_FROM_TOKENS - 1, STRIPS_FROM_TOKENS, 70])
+# tokens: 1-3 (the panel loop's split accumulator sets), 5 (one part pass), 8 (a pass of 6, then 2), the step before
+# and at STRIPS_FROM_TOKENS (short inputs take the tiled GEMM there: whole and part 6-token tiles); rows past whole
+# 16-row panels and the 64-row units; inputs under STRIPS_BELOW_INPUTS (75) and over it (523: past the tiled GEMM's
+# 256-input slices), and a SmolLM2-sized shape
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, STRIPS_FROM_TOKENS - 1, STRIPS_FROM_TOKENS])
 @pytest.mark.parametrize(("out", "inp"), [(37, 75), (300, 523), (1536, 576)])
 def test_a_bf16_kept_dense_weight_gives_the_float32_product(tokens: int, out: int, inp: int, isa: str) -> None:
     torch.manual_seed(tokens)
@@ -346,6 +349,29 @@ def test_a_bf16_kept_dense_weight_gives_the_float32_product(tokens: int, out: in
     y = bf16_panels_linear(x, to_panels(weight), out)
     assert y.dtype == torch.float32 and y.shape == (tokens, out) and y.is_contiguous()
     torch.testing.assert_close(y.double(), x.double() @ weight.double().t(), rtol=1e-4, atol=1e-3)
+    strips = kernel_gemm._bf16_panels_kernel().bf16_panels_linear_strips(x, to_panels(weight), out)
+    torch.testing.assert_close(strips.double(), x.double() @ weight.double().t(), rtol=1e-4, atol=1e-3)
+
+
+def test_only_short_bf16_panels_take_the_tiled_gemm_and_only_for_many_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = kernel_gemm._bf16_panels_kernel()
+    called: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, name: str) -> object:
+            called.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(kernel_gemm, "_bf16_panels_kernel", Recorder)
+    for inp, tokens, entry in [(STRIPS_BELOW_INPUTS - 1, STRIPS_FROM_TOKENS, "bf16_panels_linear_strips"),
+                               (STRIPS_BELOW_INPUTS - 1, STRIPS_FROM_TOKENS - 1, "bf16_panels_linear"),
+                               (STRIPS_BELOW_INPUTS, STRIPS_FROM_TOKENS, "bf16_panels_linear")]:
+        called.clear()
+        weight = torch.randn(20, inp).bfloat16()
+        x = torch.randn(tokens, inp)
+        torch.testing.assert_close(bf16_panels_linear(x, to_panels(weight), 20), x @ weight.float().t(),
+                                   rtol=1e-4, atol=1e-3)
+        assert called == [entry], (inp, tokens)
 
 
 def test_bf16_panels_refuse_a_layout_that_is_not_the_weights(isa: str) -> None:

@@ -6,14 +6,18 @@
 // streams half the bytes of vLLM's float32 copy.
 //
 // W is stored as panels of kPanelRows rows side by side ([ceil(out / 16), in, 16], rows past `out` zero; packed once
-// at load by plugin/kernels/gemm.py), so one input's 16 weights are one contiguous 32-byte run. Few tokens (decode):
-// each panel's 16 outputs are two registers per token, and per input the panel's two widened vectors meet each of up
-// to 4 tokens' broadcast input in 8 FMAs; no horizontal sums, no input tail. Dotting rows instead (4 rows x 2 tokens,
-// one horizontal sum per row and token, a scalar tail past the last 8 inputs) ran 1.1-1.3x slower on [5632, 2048]
-// and 2-3.7x on the tall low-rank U factors whose inputs are a rank of 64-315 (AMD EPYC Zen 2, 8 tokens: [5632, 315]
-// 0.41 against 0.20 ms, [1536, 87] 0.067 against 0.018). Many tokens (prefill): the panels widened to float32 in cache
-// feed slimserve's register-tiled GEMM (tile_gemm in vector_rows.h, whose W panels have this layout) on AVX2 builds;
-// other builds gather rows into strips for ATen's GEMM.
+// at load by plugin/kernels/gemm.py), so one input's 16 weights are one contiguous 32-byte run. Within a panel rows
+// 4-7 and 8-11 trade places (panel_position), so that interleaving the 32 bytes with zeros (vpunpcklwd / vpunpckhwd,
+// which work within 128-bit halves) widens them into rows 0-7 and 8-15 in order: one load and two shuffles per input
+// where two widening loads and two shifts took twice the shuffle-port work. Few tokens (decode): each panel's 16
+// outputs are two registers per token, and per input the panel's two widened vectors meet each of up to 6 tokens'
+// broadcast input in 12 FMAs; no horizontal sums, no input tail. Dotting rows instead (4 rows x 2 tokens, one
+// horizontal sum per row and token, a scalar tail past the last 8 inputs) ran 1.1-1.3x slower on [5632, 2048] and
+// 2-3.7x on the tall low-rank U factors whose inputs are a rank of 64-315 (AMD EPYC Zen 2, 8 tokens: [5632, 315]
+// 0.41 against 0.16 ms, [1536, 87] 0.067 against 0.029). The same loop serves prefill too, ahead of the tiled GEMM,
+// except for short panels (a low-rank U, few inputs): those take bf16_panels_linear_strips from plugin/kernels/gemm.py's
+// crossover, the panels widened to float32 in cache as the W panels of slimserve's register-tiled GEMM
+// (tile_gemm_panels in vector_rows.h) on AVX2 builds; other builds gather rows into strips for ATen's GEMM.
 // Built at first use by plugin/kernels/cpp.py: AVX2 + FMA loops on AVX2 builds, scalar loops elsewhere (only AVX2
 // hosts keep dense factors in bf16; other builds exist so the arithmetic is tested everywhere).
 #include <torch/extension.h>
@@ -31,15 +35,22 @@ namespace {
 using slimserve_rows::kIsa;
 
 constexpr int64_t kPanelRows = 16;
-// Tokens one pass over a panel multiplies: 4 x 2 accumulators, the panel's two vectors and a broadcast in registers.
-constexpr int kPassTokens = 4;
+// Tokens one pass over a panel multiplies: 6 x 2 accumulators, the panel's two vectors and a broadcast fill the 16
+// registers. Measured against passes of 4 (AMD EPYC Zen 2, 24 tokens, ms a token): [5632, 2048] 0.135 against 0.193,
+// [5632, 315] 0.018 against 0.025.
+constexpr int kPassTokens = 6;
+
+// Where row r of a panel is stored: bits 2 and 3 of r swapped (rows 4-7 and 8-11 trade places; see above).
+inline int64_t panel_position(int64_t r) { return (r & ~int64_t{12}) | ((r & 4) << 1) | ((r & 8) >> 1); }
 
 #if defined(SLIMSERVE_AVX2)
 static_assert(kPanelRows == slimserve_rows::kTileRows, "the panels are tile_gemm's W panels");
 
-inline __m256 widen8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+// One input's 16 stored weights (32 bytes at p) as rows 0-7 (low) and 8-15 (high) in float32.
+inline void widen_panel_input(const c10::BFloat16* p, __m256& low, __m256& high) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), raw));
+  high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), raw));
 }
 #endif
 
@@ -60,7 +71,8 @@ void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, 
   for (; j + kChains <= in; j += kChains) {
 #pragma GCC unroll 4
     for (int c = 0; c < kChains; ++c) {
-      const __m256 w0 = widen8(panel + (j + c) * kPanelRows), w1 = widen8(panel + (j + c) * kPanelRows + 8);
+      __m256 w0, w1;
+      widen_panel_input(panel + (j + c) * kPanelRows, w0, w1);
 #pragma GCC unroll 8
       for (int n = 0; n < NT; ++n) {
         const __m256 xb = _mm256_broadcast_ss(x + n * in + j + c);
@@ -70,7 +82,8 @@ void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, 
     }
   }
   for (; j < in; ++j) {
-    const __m256 w0 = widen8(panel + j * kPanelRows), w1 = widen8(panel + j * kPanelRows + 8);
+    __m256 w0, w1;
+    widen_panel_input(panel + j * kPanelRows, w0, w1);
 #pragma GCC unroll 8
     for (int n = 0; n < NT; ++n) {
       const __m256 xb = _mm256_broadcast_ss(x + n * in + j);
@@ -89,7 +102,8 @@ void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, 
   for (int n = 0; n < NT; ++n) {
     for (int64_t r = 0; r < kPanelRows; ++r) {
       float s = 0.f;
-      for (int64_t j = 0; j < in; ++j) s += static_cast<float>(panel[j * kPanelRows + r]) * x[n * in + j];
+      const c10::BFloat16* weights = panel + panel_position(r);
+      for (int64_t j = 0; j < in; ++j) s += static_cast<float>(weights[j * kPanelRows]) * x[n * in + j];
       sums[n][r] = s;
     }
   }
@@ -108,7 +122,7 @@ void check_args(const torch::Tensor& x, const torch::Tensor& panels, int64_t out
 
 }  // namespace
 
-// y = x · Wᵀ (float32) for few tokens, W's panels streamed once per 4 tokens as bf16.
+// y = x · Wᵀ (float32) for few tokens, W's panels streamed once per 6 tokens as bf16.
 torch::Tensor bf16_panels_linear(torch::Tensor x, torch::Tensor panels, int64_t out) {
   check_args(x, panels, out, "bf16_panels_linear");
   const auto xc = x.contiguous();
@@ -129,6 +143,8 @@ torch::Tensor bf16_panels_linear(torch::Tensor x, torch::Tensor panels, int64_t 
         case 1: panel_times_tokens<1>(xp + n * in, in, panel, yp + n * out, out, o0); break;
         case 2: panel_times_tokens<2>(xp + n * in, in, panel, yp + n * out, out, o0); break;
         case 3: panel_times_tokens<3>(xp + n * in, in, panel, yp + n * out, out, o0); break;
+        case 4: panel_times_tokens<4>(xp + n * in, in, panel, yp + n * out, out, o0); break;
+        case 5: panel_times_tokens<5>(xp + n * in, in, panel, yp + n * out, out, o0); break;
         default: break;
       }
     }
@@ -144,7 +160,12 @@ torch::Tensor bf16_panels_linear_strips(torch::Tensor x, torch::Tensor panels, i
 #if defined(SLIMSERVE_AVX2)
   return slimserve_rows::tile_gemm_panels(x, out, [&](float* b_panels, int64_t first, int64_t row_panels) {
     const c10::BFloat16* src = w + first / kPanelRows * in * kPanelRows;
-    for (int64_t i = 0; i < row_panels * in * kPanelRows; i += 8) _mm256_storeu_ps(b_panels + i, widen8(src + i));
+    for (int64_t i = 0; i < row_panels * in * kPanelRows; i += kPanelRows) {
+      __m256 low, high;
+      widen_panel_input(src + i, low, high);
+      _mm256_storeu_ps(b_panels + i, low);
+      _mm256_storeu_ps(b_panels + i + 8, high);
+    }
   });
 #else
   return slimserve_rows::strips_gemm(x, out, at::kFloat,
@@ -152,7 +173,7 @@ torch::Tensor bf16_panels_linear_strips(torch::Tensor x, torch::Tensor panels, i
     float* rows = strip.data_ptr<float>();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = first + r;
-      const c10::BFloat16* panel = w + o / kPanelRows * in * kPanelRows + o % kPanelRows;
+      const c10::BFloat16* panel = w + o / kPanelRows * in * kPanelRows + panel_position(o % kPanelRows);
       for (int64_t j = 0; j < in; ++j) rows[r * in + j] = static_cast<float>(panel[j * kPanelRows]);
     }
   });

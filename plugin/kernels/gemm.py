@@ -9,10 +9,10 @@ One exception: a host that serves float32 because it has no bf16 arithmetic (AVX
 a bf16 checkpoint's factors in vLLM's float32 buffers. Their values are bf16 numbers, so the
 compiled kernel ``bf16_panels_cpu.cpp`` keeps them in bf16, laid out as panels of 16 rows side by
 side, and widens them in registers (exact), as the sparse kernels keep their values
-(``precision.py``): a decode step streams half the bytes, and the process holds half. From
-``STRIPS_FROM_TOKENS`` tokens on, steps widen the panels in cache and multiply them by slimserve's
-register-tiled float32 GEMM (``tile_gemm_panels`` in vector_rows.h): at prefill within about 10 %
-of oneDNN's GEMM on a float32 copy, either side, where ATen's GEMM on the same strips took 1.2-1.3x.
+(``precision.py``): a decode step streams half the bytes, and the process holds half. Its loop over
+the panels beats oneDNN's float32 GEMM at every token count measured (1.2-2.8x); only the short
+panels of a low-rank U at prefill go faster through slimserve's register-tiled GEMM
+(``tile_gemm_panels`` in vector_rows.h), widened in cache.
 """
 
 from __future__ import annotations
@@ -26,14 +26,18 @@ from slimserve.plugin.kernels.cpp import load_cpu_extension, loop_isa
 from slimserve.plugin.kernels.ops import register_op
 from slimserve.plugin.kernels.precision import NARROWING_ISAS, stored_values
 
-#: From this many tokens a bf16-kept factor's panels are widened in cache and multiplied by the tiled GEMM instead of
-#: the few-token loop. AMD EPYC (Zen 2, AVX2), 2 threads, float32 x, ms panels loop / tiled GEMM for [5632, 2048] /
-#: [2048, 5632] / [5632, 315] / [315, 2048] / [1100, 2048] / [1536, 87]: 16 tokens 2.78 / 3.17, 2.77 / 3.32, 0.39 /
-#: 0.46, 0.15 / 0.21, 0.48 / 0.61, 0.060 / 0.053; 32 tokens 5.34 / 5.30, 5.26 / 5.49, 0.89 / 1.23, 0.29 / 0.37, 1.06 /
-#: 1.11, 0.096 / 0.082; 48 tokens 7.78 / 6.82, 7.72 / 6.96, 1.15 / 0.98, 0.42 / 0.47, 1.45 / 1.35, 0.099 / 0.089. At 8
-#: tokens the loop took 1.98 / 1.53 / 0.21 / 0.11 / 0.25 / 0.031 ms against oneDNN's 4.04 / 3.53 / 0.28 / 0.14 / 0.35 /
-#: 0.045 on the float32 copy this path does not keep (docs/methods/cpu_kernels.md).
-STRIPS_FROM_TOKENS = 40
+#: A bf16-kept factor with fewer than ``STRIPS_BELOW_INPUTS`` inputs (a low-rank U, whose inputs are a rank) takes
+#: its steps of ``STRIPS_FROM_TOKENS`` tokens and more on its panels widened in cache and multiplied by the tiled GEMM;
+#: every other step runs the panels loop, which then re-reads x once a panel (the tiled GEMM once per 64 rows) and
+#: loses where the panels are short. AMD EPYC (Zen 2, AVX2), 2 threads, float32 x, ms panels loop / tiled GEMM for
+#: [5632, 2048] / [2048, 5632] / [315, 2048] / [576, 576] / [5632, 315] / [1536, 87]: 64 tokens 7.91 / 8.64, 7.78 /
+#: 9.04, 0.43 / 0.61, -, 1.17 / 1.27, 0.123 / 0.105; 96 tokens 11.5 / 12.2, 11.5 / 12.7, 0.63 / 0.87, -, 2.34 / 2.08,
+#: 0.155 / 0.150; 128 tokens 15.2 / 16.4, 15.0 / 16.8, 0.83 / 0.99, 0.43 / 0.47, 2.31 / 2.43, 0.196 / 0.188; 512
+#: tokens 59.9 / 61.2, 59.1 / 65.5, 3.27 / 3.72, 1.72 / 1.78, 10.8 / 9.42, 0.77 / 0.70. At 8 tokens the loop took
+#: 1.21 / 1.24 / 0.085 / - / 0.17 / 0.029 ms against oneDNN's 3.36 / 3.42 / 0.14 / - / 0.26 / 0.042 on the float32
+#: copy this path does not keep (docs/methods/cpu_kernels.md).
+STRIPS_FROM_TOKENS = 96
+STRIPS_BELOW_INPUTS = 512
 
 
 class _WeightHolder(torch.nn.Module):
@@ -46,6 +50,9 @@ class _WeightHolder(torch.nn.Module):
 
 #: Rows side by side in one panel of a bf16-kept factor (``bf16_panels_cpu.cpp``; tile_gemm's W panels).
 PANEL_ROWS = 16
+#: The row each position of a panel holds: rows 4-7 and 8-11 trade places, so that the kernel's in-lane interleave
+#: with zeros widens one input's 16 bf16 weights into rows 0-7 and 8-15 in order (``panel_position`` there).
+PANEL_ORDER = (0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)
 
 
 def _bf16_panels_kernel():
@@ -54,17 +61,17 @@ def _bf16_panels_kernel():
 
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
     """``weight [out, in]`` as panels ``[ceil(out / 16), in, 16]``: panel p holds rows 16p .. 16p + 15 side by side
-    for each input, rows past ``out`` zero."""
+    for each input, in ``PANEL_ORDER``, rows past ``out`` zero."""
     out, inp = weight.shape
     count = -(-out // PANEL_ROWS)
     padded = torch.zeros(count * PANEL_ROWS, inp, dtype=weight.dtype)
     padded[:out] = weight
-    return padded.view(count, PANEL_ROWS, inp).transpose(1, 2).contiguous()
+    return padded.view(count, PANEL_ROWS, inp)[:, PANEL_ORDER].transpose(1, 2).contiguous()
 
 
 def from_panels(panels: torch.Tensor, out: int) -> torch.Tensor:
-    """The ``[out, in]`` weight ``to_panels`` laid out."""
-    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out]
+    """The ``[out, in]`` weight ``to_panels`` laid out (``PANEL_ORDER`` swaps pairs, so it is its own inverse)."""
+    return panels[:, :, PANEL_ORDER].transpose(1, 2).reshape(-1, panels.shape[1])[:out]
 
 
 def _bf16_panels_linear_shape(x: torch.Tensor, panels: torch.Tensor, out: int) -> torch.Tensor:
@@ -78,7 +85,7 @@ def bf16_panels_linear(x: torch.Tensor, panels: torch.Tensor, out: int) -> torch
     ext = _bf16_panels_kernel()
     if ext is None:
         return F.linear(x, from_panels(panels, out).to(x.dtype))
-    if x.shape[0] >= STRIPS_FROM_TOKENS:
+    if x.shape[0] >= STRIPS_FROM_TOKENS and panels.shape[1] < STRIPS_BELOW_INPUTS:
         return ext.bf16_panels_linear_strips(x, panels, out)
     return ext.bf16_panels_linear(x, panels, out)
 
