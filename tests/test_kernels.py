@@ -146,7 +146,7 @@ def test_ell_matmul_matches_dense_coefficients(dtype: torch.dtype, batch: int, i
 @pytest.mark.parametrize("batch", [1, 2, 5, 8, 9, 37])
 # (atoms, nnz): k = 5 (under one mask byte), odd k = 37 (3 spare bits; AVX-512: two 16-bit steps and a tail),
 # k = 40 (whole bytes), k = 300 (many steps), s = 1 and s = k; the last rows end at the values buffer's end;
-# k = 1100 at 8 tokens: AVX2's column chunks of 512 (x past an L1), the last one partial and ending in a part byte.
+# k = 1100: 8 tokens whose x is past an L1 (64 rows of 1100 ending in a part byte), and long float32 sums.
 @pytest.mark.parametrize(("atoms", "nnz"), [(5, 2), (37, 1), (37, 37), (40, 17), (300, 151), (1100, 433)])
 def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, atoms: int, nnz: int, isa: str) -> None:
     torch.manual_seed(0)

@@ -95,96 +95,64 @@ template <bool kGuarded, typename V> inline __m256 mask_byte_values(uint32_t bit
   return _mm256_blendv_ps(packed, _mm256_setzero_ps(), _mm256_castsi256_ps(order));
 }
 
-// Columns [0, width) of row o of C dotted with NT tokens of x (row t at x + t · stride), added to sums[0 .. NT): each
-// mask byte's values are placed once and multiplied with every token's 8 columns, so the row's values and mask stream
-// once for the batch and x is read contiguously (no decoded column list, no transposed copy); v is the row's value
-// cursor and moves past the values used. Fewer than four tokens also split the bytes over kChains accumulator sets,
-// so at least four FMA chains are in flight. The accumulators are indexed by constants only: GCC kept an array
-// indexed by the byte's parity on the stack, and every FMA waited on a store-to-load round trip (about 7 cycles a
-// mask byte on an AMD EPYC, 2.5x the one-token loop's time). A last byte that runs past `width` reads x under its
-// bits (unset lanes read as 0, nothing past the width).
+// Row o of C dotted with NT tokens of z ([NT, k] float32, row-major): each mask byte's values are placed once and
+// multiplied with every token's 8 columns, so the row's values and mask stream once for the batch and z is read
+// contiguously (no decoded column list, no transposed copy). Fewer than four tokens also split the bytes over
+// kChains accumulator sets, so at least four FMA chains are in flight. The accumulators are indexed by constants
+// only: GCC kept an array indexed by the byte's parity on the stack, and every FMA waited on a store-to-load round
+// trip (about 7 cycles a mask byte on an AMD EPYC, 2.5x the one-token loop's time). A last byte that runs past
+// column k reads z under its bits (unset lanes read as 0, nothing past column k).
 template <int NT, bool kGuarded, typename V>
-inline void bitmask_row_avx2(const float* x, int64_t stride, int64_t width, const uint8_t* mrow, const V*& v,
-                             const V* values_end, float* sums) {
+inline void bitmask_row_avx2(const float* z, int64_t atoms, const uint8_t* mrow, const V* v, const V* values_end,
+                             float* sums) {
   constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
   __m256 acc[kChains][NT];
   for (int c = 0; c < kChains; ++c) {
     for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_setzero_ps();
   }
-  const int64_t full_bytes = width / 8;
+  const int64_t full_bytes = atoms / 8;
   int64_t b = 0;
   for (; b + kChains <= full_bytes; b += kChains) {
     for (int c = 0; c < kChains; ++c) {
       const __m256 vals = mask_byte_values<kGuarded>(mrow[b + c], v, values_end);
-      for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(x + n * stride + 8 * (b + c)), acc[c][n]);
+      for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + n * atoms + 8 * (b + c)), acc[c][n]);
     }
   }
   for (; b < full_bytes; ++b) {
     const __m256 vals = mask_byte_values<kGuarded>(mrow[b], v, values_end);
-    for (int n = 0; n < NT; ++n) acc[0][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(x + n * stride + 8 * b), acc[0][n]);
+    for (int n = 0; n < NT; ++n) acc[0][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + n * atoms + 8 * b), acc[0][n]);
   }
-  if (width % 8 != 0) {
+  if (atoms % 8 != 0) {
     const uint32_t bits = mrow[b];
     // bit i of the byte moved to the sign bit of lane i: what a masked load reads as its mask
     const __m256i lanes = _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(bits)),
                                             _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
     const __m256 vals = mask_byte_values<kGuarded>(bits, v, values_end);
     for (int n = 0; n < NT; ++n) {
-      acc[0][n] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(x + n * stride + 8 * b, lanes), acc[0][n]);
+      acc[0][n] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(z + n * atoms + 8 * b, lanes), acc[0][n]);
     }
   }
   for (int n = 0; n < NT; ++n) {
     __m256 total = acc[0][n];
     for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[c][n]);
-    sums[n] += reduce_add8(total);
+    sums[n] = reduce_add8(total);
   }
 }
 
-// From this many tokens, where their x does not fit an L1 data cache (kL1Bytes), bitmask_rows_avx2 runs in column
-// chunks of kRowsChunk inputs: their x, copied side by side (16 KiB at 8 tokens), stays in L1 while the thread's rows
-// pass over it, where 8 tokens of 2048 inputs (64 KiB) are read from L2 for every row, whose bandwidth bounded the
-// loop. Measured on an AMD EPYC (Zen 2), 2 threads, bf16 values at density 0.43 (lowrank_sparse's S at 30 % bytes),
-// ms whole rows / chunks: 8 tokens [2048, 2048] 0.88 / 0.67, [5632, 2048] 2.45 / 1.95, [2048, 5632] 2.05 / 1.90,
-// [576, 1536] 0.161 / 0.143, [1536, 576] (x in L1) 0.138 / 0.152; 7 tokens [5632, 2048] 1.97 / 1.77; 6 tokens level
-// or slower (1.58 / 1.67 on [5632, 2048]). The copy (not x read in place) keeps the token rows, 8 KiB apart at 2048
-// inputs, from falling into the same L1 sets.
-constexpr int64_t kRowsChunkFromTokens = 7;
-constexpr int64_t kL1Bytes = 32 * 1024;
-constexpr int64_t kRowsChunk = 512;
-
-// Rows [row_begin, row_end) of y [NT, out] from z [NT, k]; a row's mask byte may load up to 8 values past the ones it
-// uses, unmasked unless that leaves the values buffer.
+// Rows [row_begin, row_end) of y [NT, out] from z [NT, k]; a row's last mask byte may load up to 8 values past the
+// row, unmasked unless that leaves the values buffer.
 template <int NT, typename V, typename O>
 void bitmask_rows_avx2(const float* z, int64_t atoms, const V* values, const uint8_t* mask, O* y, int64_t out,
                        int64_t nnz, int64_t mask_bytes, const V* values_end, int64_t row_begin, int64_t row_end) {
-  const bool chunked = NT >= kRowsChunkFromTokens && NT * atoms * int64_t{sizeof(float)} > kL1Bytes;
-  const int64_t rows = row_end - row_begin, chunk = chunked ? kRowsChunk : atoms;
-  std::vector<float> sums(rows * NT, 0.f);
-  std::vector<const V*> cursor(rows);
-  for (int64_t r = 0; r < rows; ++r) cursor[r] = values + (row_begin + r) * nnz;
-  alignas(32) float chunk_x[NT >= kRowsChunkFromTokens ? NT * kRowsChunk : 1];
-  for (int64_t c0 = 0; c0 < atoms; c0 += chunk) {
-    const int64_t width = std::min(chunk, atoms - c0);
-    const float* x = z + c0;
-    int64_t stride = atoms;
-    if (chunked) {
-      for (int n = 0; n < NT; ++n) std::memcpy(chunk_x + n * kRowsChunk, z + n * atoms + c0, sizeof(float) * width);
-      x = chunk_x;
-      stride = kRowsChunk;
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const V* v = values + o * nnz;
+    float sums[NT];
+    if (v + nnz + 8 <= values_end) {
+      bitmask_row_avx2<NT, false>(z, atoms, mask + o * mask_bytes, v, values_end, sums);
+    } else {
+      bitmask_row_avx2<NT, true>(z, atoms, mask + o * mask_bytes, v, values_end, sums);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* mrow = mask + (row_begin + r) * mask_bytes + c0 / 8;
-      const V* v = cursor[r];  // a local: through the vector's element every byte stored and reloaded it
-      if (v + std::min(width, nnz) + 8 <= values_end) {
-        bitmask_row_avx2<NT, false>(x, stride, width, mrow, v, values_end, sums.data() + r * NT);
-      } else {
-        bitmask_row_avx2<NT, true>(x, stride, width, mrow, v, values_end, sums.data() + r * NT);
-      }
-      cursor[r] = v;
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int n = 0; n < NT; ++n) y[n * out + row_begin + r] = static_cast<O>(sums[r * NT + n]);
+    for (int n = 0; n < NT; ++n) y[n * out + o] = static_cast<O>(sums[n]);
   }
 }
 
