@@ -2,7 +2,7 @@
 
 ``y[n, o] = Σ_{j set in mask[o]} z[n, j] · values[o, rank of j]``: each output row streams its s
 packed values and ceil(k/8) mask bytes (the layout in ``loaders/schemes/sparse_rows.py``). On CPU
-this is the compiled kernel ``bitmask_cpu.cpp`` (AVX-512 expand loads, AVX2 permutation table, or
+this is the compiled kernel ``bitmask_cpu.cpp`` (AVX-512 expand loads, AVX2 placement tables, or
 scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch reference.
 
 On CPUs with AMX, bf16 batches (2 tokens and more, prefill included) run on the tile unit: the kernel
