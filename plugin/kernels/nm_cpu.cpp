@@ -245,11 +245,21 @@ constexpr int64_t kExpandedFromTokens = 2;
 struct TwoOfFourLanes {
   static constexpr int kBits = 2;
   uint64_t byte_lanes[256];  // one offsets byte = two groups = 4 stored values = 8 inputs
+  // For bf16 values, a vpshufb control per offsets byte: from the 8 bytes of the 4 stored values (the same 8 bytes in
+  // each 128-bit half), each kept input's value to the high half of its float32 lane, zeros elsewhere: placing,
+  // widening and zeroing in one in-lane shuffle instead of a widening load, a shift and a cross-lane permute.
+  alignas(32) int8_t bf16_control[256][32];
   TwoOfFourLanes() {
     for (int b = 0; b < 256; ++b) {
       uint8_t lanes[8] = {4, 4, 4, 4, 4, 4, 4, 4};
       for (int k = 0; k < 4; ++k) lanes[k / 2 * 4 + ((b >> (2 * k)) & 3)] = static_cast<uint8_t>(k);
       std::memcpy(&byte_lanes[b], lanes, 8);
+      for (int i = 0; i < 8; ++i) {
+        const bool kept = lanes[i] < 4;
+        bf16_control[b][4 * i] = bf16_control[b][4 * i + 1] = -128;
+        bf16_control[b][4 * i + 2] = kept ? static_cast<int8_t>(2 * lanes[i]) : -128;
+        bf16_control[b][4 * i + 3] = kept ? static_cast<int8_t>(2 * lanes[i] + 1) : -128;
+      }
     }
   }
   uint64_t operator()(const uint8_t* meta, int64_t d) const { return byte_lanes[meta[d]]; }  // inputs 8d .. 8d + 7
@@ -307,8 +317,16 @@ void rows_expanded(const float* x, const V* values, const uint8_t* positions, fl
       _mm_prefetch(reinterpret_cast<const char*>(meta + 2 * meta_bytes + c0 / 8), _MM_HINT_T0);
       for (int64_t d = c0 / 8; d < d1; ++d) {
         _mm_prefetch(reinterpret_cast<const char*>(val + 2 * stored + 4 * d), _MM_HINT_T0);
-        const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(lanes(meta, d))));
-        const __m256 w = _mm256_permutevar8x32_ps(load4_zero_upper(val + 4 * d), idx);
+        __m256 w;
+        if constexpr (std::is_same<V, c10::BFloat16>::value && std::is_same<Lanes, TwoOfFourLanes>::value) {
+          int64_t four;
+          std::memcpy(&four, val + 4 * d, sizeof(four));
+          const __m256i control = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes.bf16_control[meta[d]]));
+          w = _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_set1_epi64x(four), control));
+        } else {
+          const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(lanes(meta, d))));
+          w = _mm256_permutevar8x32_ps(load4_zero_upper(val + 4 * d), idx);
+        }
         for (int n = 0; n < NT; ++n) acc[n] = _mm256_fmadd_ps(_mm256_loadu_ps(x + n * in + 8 * d), w, acc[n]);
       }
       for (int n = 0; n < NT; ++n) y[n * out + o] = (c0 == 0 ? 0.f : y[n * out + o]) + reduce_add8(acc[n]);
