@@ -208,8 +208,11 @@ inline void bitmask_row_pair_avx2(const float* z, int64_t atoms, const uint8_t* 
 // bf16 values, weights streamed from memory (8 copies rotated, as a model's layers are), ms one row / pairs at 8
 // tokens, density 0.43: [5632, 2048] 2.69 / 2.32, [2048, 5632] 2.26 / 2.01, [3072, 2048] 1.50 / 1.28, [2048, 2048]
 // 0.99 / 0.85 (density 0.64 alike); at 7 tokens level (2.14 / 2.14 on [5632, 2048]); at 4, 5 and 6 tokens pairs ran
-// up to 1.5x slower on [5632, 2048] (1.25 / 1.51 at 4) while faster on [2048, 5632] (1.22 / 1.07).
+// up to 1.5x slower on [5632, 2048] (1.25 / 1.51 at 4) while faster on [2048, 5632] (1.22 / 1.07). Where the tokens'
+// x fits an L1 data cache (kL1Bytes) there is no L2 traffic to halve and pairs lost too (SmolLM2 at density 0.74, 8
+// tokens: [3072, 576] 0.29 / 0.38, [576, 576] 0.056 / 0.063; [576, 1536], x 48 KiB, 0.170 / 0.152).
 constexpr int kPairsFromTokens = 8;
+constexpr int64_t kL1Bytes = 32 * 1024;
 
 // Rows [row_begin, row_end) of y [NT, out] from z [NT, k]; a row's last mask byte may load up to 8 values past the
 // row, unmasked unless that leaves the values buffer.
@@ -218,8 +221,10 @@ void bitmask_rows_avx2(const float* z, int64_t atoms, const V* values, const uin
                        int64_t nnz, int64_t mask_bytes, const V* values_end, int64_t row_begin, int64_t row_end) {
   int64_t o = row_begin;
   if constexpr (NT >= kPairsFromTokens) {
+    // x past L1: two rows at a time (an odd last row below)
+    const int64_t paired_end = NT * atoms * int64_t{sizeof(float)} > kL1Bytes ? row_end : row_begin;
     constexpr int kFirstPass = NT > 4 ? 4 : NT, kSecondPass = NT - kFirstPass;
-    for (; o + 1 < row_end; o += 2) {
+    for (; o + 1 < paired_end; o += 2) {
       const V* v0 = values + o * nnz;
       const V* v1 = v0 + nnz;
       const uint8_t* m0 = mask + o * mask_bytes;
