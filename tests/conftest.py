@@ -80,3 +80,23 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
         pytest.skip(f"this CPU cannot run the {request.param} kernels")
     monkeypatch.setenv(cpp.ISA_ENV, request.param)
     return request.param
+
+
+@pytest.fixture
+def kernel_entries(monkeypatch: pytest.MonkeyPatch):
+    """``record(module, loader)``: replace ``module.loader`` (a kernel module's ``_cpu_kernel``-style loader) by one
+    whose extension records each entry point the op layer calls; returns the list of recorded names."""
+
+    def record(module: object, loader: str) -> list[str]:
+        real = getattr(module, loader)()
+        called: list[str] = []
+
+        class Recorder:
+            def __getattr__(self, name: str) -> object:
+                called.append(name)
+                return getattr(real, name)
+
+        monkeypatch.setattr(module, loader, Recorder)
+        return called
+
+    return record

@@ -353,16 +353,8 @@ def test_a_bf16_kept_dense_weight_gives_the_float32_product(tokens: int, out: in
     torch.testing.assert_close(strips.double(), x.double() @ weight.double().t(), rtol=1e-4, atol=1e-3)
 
 
-def test_only_short_bf16_panels_take_the_tiled_gemm_and_only_for_many_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = kernel_gemm._bf16_panels_kernel()
-    called: list[str] = []
-
-    class Recorder:
-        def __getattr__(self, name: str) -> object:
-            called.append(name)
-            return getattr(real, name)
-
-    monkeypatch.setattr(kernel_gemm, "_bf16_panels_kernel", Recorder)
+def test_only_short_bf16_panels_take_the_tiled_gemm_and_only_for_many_tokens(kernel_entries) -> None:
+    called = kernel_entries(kernel_gemm, "_bf16_panels_kernel")
     for inp, tokens, entry in [(STRIPS_BELOW_INPUTS - 1, STRIPS_FROM_TOKENS, "bf16_panels_linear_strips"),
                                (STRIPS_BELOW_INPUTS - 1, STRIPS_FROM_TOKENS - 1, "bf16_panels_linear"),
                                (STRIPS_BELOW_INPUTS, STRIPS_FROM_TOKENS, "bf16_panels_linear")]:

@@ -171,20 +171,13 @@ def test_the_op_switches_to_a_dense_gemm_above_the_crossover_with_the_same_resul
 
 
 def test_avx2_many_tokens_take_the_kept_weights_then_strips_with_the_same_result(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, kernel_entries) -> None:
     """On AVX2 hosts many-token steps multiply only the kept weights below STRIPS_FROM_TOKENS and decompress strips
     for the tiled GEMM from there; both roads give the product."""
     real = nm_kernel._cpu_kernel()
     if real is None or real.isa() != "avx2":
         pytest.skip("the kept-weights road is the AVX2 build's")
-    called: list[str] = []
-
-    class Recorder:
-        def __getattr__(self, name: str) -> object:
-            called.append(name)
-            return getattr(real, name)
-
-    monkeypatch.setattr(nm_kernel, "_cpu_kernel", Recorder)
+    called = kernel_entries(nm_kernel, "_cpu_kernel")
     weight = _pruned(40, 128, 2, 4)
     tensors = pack_nm(weight, 2, 4)
     runner = nm_kernel.NMMatmul(tensors["values"], tensors["positions"], 2, 4)
