@@ -12,12 +12,13 @@
 // where two widening loads and two shifts took twice the shuffle-port work. Few tokens (decode): each panel's 16
 // outputs are two registers per token, and per input the panel's two widened vectors meet each of up to 6 tokens'
 // broadcast input in 12 FMAs; no horizontal sums, no input tail. Dotting rows instead (4 rows x 2 tokens, one
-// horizontal sum per row and token, a scalar tail past the last 8 inputs) ran 1.1-1.3x slower on [5632, 2048] and
-// 2-3.7x on the tall low-rank U factors whose inputs are a rank of 64-315 (AMD EPYC Zen 2, 8 tokens: [5632, 315]
-// 0.41 against 0.16 ms, [1536, 87] 0.067 against 0.029). The same loop serves prefill too, ahead of the tiled GEMM,
-// except for short panels (a low-rank U, few inputs): those take bf16_panels_linear_strips from plugin/kernels/gemm.py's
-// crossover, the panels widened to float32 in cache as the W panels of slimserve's register-tiled GEMM
-// (tile_gemm_panels in vector_rows.h) on AVX2 builds; other builds gather rows into strips for ATen's GEMM.
+// horizontal sum per row and token, a scalar tail past the last 8 inputs) ran 1.7x slower on [5632, 2048] and
+// 2.3-2.5x on the tall low-rank U factors whose inputs are a rank of 64-315 (AMD EPYC Zen 2, 8 tokens, ms rows /
+// panels: [5632, 2048] 1.95 / 1.14, [5632, 315] 0.41 / 0.16, [1536, 87] 0.067 / 0.029). The same loop serves prefill
+// too, ahead of the tiled GEMM, except for short panels (a low-rank U, few inputs): those take
+// bf16_panels_linear_strips from plugin/kernels/gemm.py's crossover, the panels widened to float32 in cache as the W
+// panels of slimserve's register-tiled GEMM (tile_gemm_panels in vector_rows.h) on AVX2 builds; other builds gather
+// rows into strips for ATen's GEMM.
 // Built at first use by plugin/kernels/cpp.py: AVX2 + FMA loops on AVX2 builds, scalar loops elsewhere (only AVX2
 // hosts keep dense factors in bf16; other builds exist so the arithmetic is tested everywhere).
 #include <torch/extension.h>
@@ -94,7 +95,10 @@ void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, 
 #pragma GCC unroll 8
   for (int n = 0; n < NT; ++n) {
     __m256 low = lo[n], high = hi[n];
-    for (int c = 1; c < kChains; ++c) low = _mm256_add_ps(low, lo[c * NT + n]), high = _mm256_add_ps(high, hi[c * NT + n]);
+    for (int c = 1; c < kChains; ++c) {
+      low = _mm256_add_ps(low, lo[c * NT + n]);
+      high = _mm256_add_ps(high, hi[c * NT + n]);
+    }
     _mm256_store_ps(sums[n], low);
     _mm256_store_ps(sums[n] + 8, high);
   }
