@@ -72,21 +72,15 @@ const std::array<std::array<int32_t, 8>, 256> kPermute = [] {
   return table;
 }();
 
-// kExpandBf16[b]: a vpshufb control that takes the 16 bytes of 8 packed bf16 values (the same 16 bytes in both 128-bit
-// halves) to the high half of the float32 lane of each set bit of byte b, in order, and zeros everything else: placing,
-// widening and zeroing in one in-lane shuffle, where the float32 road takes a widening load, a shift, a cross-lane
-// permute and a blend (about 4.3 cycles a mask byte at one token on an AMD EPYC Zen 2, the loop's bound there).
+// kExpandBf16[b]: the bf16_placing_control (vector_rows.h) of mask byte b: each set bit's lane takes the next packed
+// value, the others zero. The float32 road (kPermute) was the one-token loop's bound at bf16 too: about 4.3 cycles a
+// mask byte on an AMD EPYC Zen 2.
 alignas(32) const std::array<std::array<int8_t, 32>, 256> kExpandBf16 = [] {
   std::array<std::array<int8_t, 32>, 256> table{};
   for (int b = 0; b < 256; ++b) {
-    int rank = 0;
-    for (int i = 0; i < 8; ++i) {
-      const bool set = (b >> i) & 1;
-      table[b][4 * i] = table[b][4 * i + 1] = -128;  // the low 16 bits of a widened bf16 are zero
-      table[b][4 * i + 2] = set ? static_cast<int8_t>(2 * rank) : -128;
-      table[b][4 * i + 3] = set ? static_cast<int8_t>(2 * rank + 1) : -128;
-      rank += set;
-    }
+    int value_of_lane[8], rank = 0;
+    for (int i = 0; i < 8; ++i) value_of_lane[i] = (b >> i) & 1 ? rank++ : -1;
+    slimserve_rows::bf16_placing_control(value_of_lane, table[b].data());
   }
   return table;
 }();

@@ -97,11 +97,6 @@ class Bf16PanelsLinear:
         self.out_features = weight.shape[0]
         self.panels = to_panels(weight)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The ``[out, in]`` bf16 weight the panels hold (a copy)."""
-        return from_panels(self.panels, self.out_features)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.bf16_panels_linear(x, self.panels, self.out_features)
 

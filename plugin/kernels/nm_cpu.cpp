@@ -245,21 +245,17 @@ constexpr int64_t kExpandedFromTokens = 2;
 struct TwoOfFourLanes {
   static constexpr int kBits = 2;
   uint64_t byte_lanes[256];  // one offsets byte = two groups = 4 stored values = 8 inputs
-  // For bf16 values, a vpshufb control per offsets byte: from the 8 bytes of the 4 stored values (the same 8 bytes in
-  // each 128-bit half), each kept input's value to the high half of its float32 lane, zeros elsewhere: placing,
-  // widening and zeroing in one in-lane shuffle instead of a widening load, a shift and a cross-lane permute.
+  // For bf16 values, the bf16_placing_control (vector_rows.h) per offsets byte: each kept input takes its stored
+  // value (the 8 bytes of the 4 values broadcast to both 128-bit halves), pruned inputs zero.
   alignas(32) int8_t bf16_control[256][32];
   TwoOfFourLanes() {
     for (int b = 0; b < 256; ++b) {
       uint8_t lanes[8] = {4, 4, 4, 4, 4, 4, 4, 4};
       for (int k = 0; k < 4; ++k) lanes[k / 2 * 4 + ((b >> (2 * k)) & 3)] = static_cast<uint8_t>(k);
       std::memcpy(&byte_lanes[b], lanes, 8);
-      for (int i = 0; i < 8; ++i) {
-        const bool kept = lanes[i] < 4;
-        bf16_control[b][4 * i] = bf16_control[b][4 * i + 1] = -128;
-        bf16_control[b][4 * i + 2] = kept ? static_cast<int8_t>(2 * lanes[i]) : -128;
-        bf16_control[b][4 * i + 3] = kept ? static_cast<int8_t>(2 * lanes[i] + 1) : -128;
-      }
+      int value_of_lane[8];
+      for (int i = 0; i < 8; ++i) value_of_lane[i] = lanes[i] < 4 ? lanes[i] : -1;
+      slimserve_rows::bf16_placing_control(value_of_lane, bf16_control[b]);
     }
   }
   uint64_t operator()(const uint8_t* meta, int64_t d) const { return byte_lanes[meta[d]]; }  // inputs 8d .. 8d + 7

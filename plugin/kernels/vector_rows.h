@@ -57,6 +57,19 @@ inline float reduce_add8(__m256 v) {
 }
 #endif
 
+// The vpshufb control that places packed bf16 values into 8 float32 lanes: lane i takes packed value
+// value_of_lane[i] (its two bytes to the lane's high half: widening bf16 is exact that way) or zero where it is
+// negative. The packed bytes must sit in both 128-bit halves (vpshufb works within each half), so one in-lane shuffle
+// places, widens and zeros, where a widening load, a shift, a cross-lane permute and a blend did the same.
+inline void bf16_placing_control(const int value_of_lane[8], int8_t control[32]) {
+  for (int i = 0; i < 8; ++i) {
+    const int value = value_of_lane[i];
+    control[4 * i] = control[4 * i + 1] = -128;  // -128: vpshufb writes a zero byte
+    control[4 * i + 2] = value < 0 ? -128 : static_cast<int8_t>(2 * value);
+    control[4 * i + 3] = value < 0 ? -128 : static_cast<int8_t>(2 * value + 1);
+  }
+}
+
 // The row length of a batch's transposed activations zt ([k, ld] float32, padding columns zero), which is also how
 // many tokens one pass over a row multiplies: 16 (one AVX-512 register, two AVX2 halves), except that AVX2 takes up
 // to 8 tokens in one register, so an 8-token decode step does one FMA per stored value, not two with half the lanes
