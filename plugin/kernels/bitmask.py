@@ -10,13 +10,14 @@ expands 16 rows at a time into a dense strip in cache and multiplies it there (`
 token expands 4 rows at a time in registers and dots them with ``vdpbf16ps``, faster there than the tile
 unit. On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below ``DENSE_FROM_TOKENS``
 expand rows in registers and dot them with 8 tokens at a time by ``vdpbf16ps`` (``vector_rows.h``). AVX2
-hosts from ``PANELS_FROM_TOKENS`` tokens multiply only the stored values against tokens packed in panels
-of 32 (``vector_rows.h``) while C is sparse enough for them (at most ``PANELS_MAX_DENSITY`` full, or
-``PANELS_MAX_DENSITY_SMALL_BATCH`` and the batch below ``TILES_FROM_TOKENS``); other steps decode rows
-of C in cache and multiply them by slimserve's register-tiled GEMM (``tile_gemm``). Elsewhere many-token
-steps take the other road past ``DENSE_FROM_TOKENS`` tokens: strips of 256 rows of C are decoded into
-one float32 buffer that stays in cache and each is multiplied by ATen's GEMM, which past the measured
-crossover (docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
+hosts multiply only what C stores while it is at most ``STORED_MAX_DENSITY`` full: from ``PANELS_FROM_TOKENS``
+tokens each stored value against tokens packed in panels of 32 (``vector_rows.h``), and from ``PAIRS_FROM_TOKENS``
+two rows at a time over the union of their stored columns, one load of x feeding both rows
+(``bitmask_cpu.cpp``, ``union_panels``); denser C decodes rows in cache and multiplies them by slimserve's
+register-tiled GEMM (``tile_gemm``). Elsewhere many-token steps take the other road past ``DENSE_FROM_TOKENS``
+tokens: strips of 256 rows of C are decoded into one float32 buffer that stays in cache and each is multiplied by
+ATen's GEMM, which past the measured crossover (docs/methods/cpu_kernels.md) is faster than the batch loop; nothing
+dense is kept.
 
 Registered as the operator ``slimserve::bitmask_matmul`` (``ops.py``) so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.
@@ -39,20 +40,19 @@ DENSE_FROM_TOKENS = 128
 #: From this many tokens AVX2 builds run the loop over C's stored values on panels of 32 tokens instead of the batch
 #: loop, same host and shape: 6.3 against 7.0 ms at 32 tokens (4.5 against 6.7 at 16), 11.7 against 14.4 at 64.
 PANELS_FROM_TOKENS = 32
-#: AVX2 builds keep that panel loop, whose time follows C's density, at every token count while C is at most
-#: ``PANELS_MAX_DENSITY`` full, and below ``TILES_FROM_TOKENS`` tokens while it is at most
-#: ``PANELS_MAX_DENSITY_SMALL_BATCH`` full; denser C takes
-#: the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros too but runs near the
-#: FMA units' peak, where the panel loop needs a load per multiply-add. Measured on an AMD EPYC (Zen 2), 2 threads,
-#: bf16 values, ms panels / strips (docs/methods/cpu_kernels.md), at 512 tokens: density 0.25 [5632, 2048] 49.7 /
-#: 64.1, [1536, 576] 5.14 / 5.22; 0.35 [5632, 2048] 59.3 / 64.4, [2048, 5632] 64.6 / 73.8, [1536, 576] 5.77 / 5.20;
-#: 0.43 (lowrank_sparse's S at 30 % bytes) [5632, 2048] 67.0 / 64.9, [2048, 5632] 70.6 / 74.5, [1536, 576] 6.30 /
-#: 5.20, [576, 1536] 5.95 / 5.36; at 128 tokens and 0.43, 17.5 / 18.0, 17.5 / 18.4, 1.58 / 1.50, 1.49 / 1.50; at 64
-#: and 0.5, 9.8 / 10.3, 9.9 / 10.5, 0.88 / 0.89, 0.83 / 0.84. Density 0.64 (SparseGPT at 30 % bytes) takes the strips
-#: from 48 tokens (12.3 / 8.6 on [2048, 5632]).
-PANELS_MAX_DENSITY = 0.4
-PANELS_MAX_DENSITY_SMALL_BATCH = 0.5
-TILES_FROM_TOKENS = 128
+#: From this many tokens AVX2 builds take C's rows two at a time over the union of their columns, where each load of
+#: x feeds two FMAs (the panel loop spends a load per FMA). AMD EPYC (Zen 2), 2 threads, bf16 values, ms pairs / panel
+#: loop / strips, density 0.43 (lowrank_sparse's S at 30 % bytes): [5632, 2048] 9.7 / 9.3 / 10.1 at 64 tokens, 11.8 /
+#: 13.4 / 13.5 at 96, 50.9 / 64.8 / 62.5 at 512; [2048, 5632] 10.0 / 9.2 / 10.0 at 64, 12.5 / 13.3 / 13.8 at 96;
+#: [576, 1536] 0.9 / 1.2 / 1.1 at 96; density 0.25 at 96, [5632, 2048] 10.7 / 10.0 / 13.4, [2048, 5632] 9.1 / 9.6 /
+#: 13.6, and at 512 40.4 / 51.3 / 62.8 (more in bitmask_cpu.cpp, beside union_panels).
+PAIRS_FROM_TOKENS = 96
+#: AVX2 builds multiply only C's stored values (the panel loop, then the pairs) while C is at most this full; denser C
+#: takes the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros too but runs near
+#: the FMA units' peak. Same host, ms pairs / strips on [5632, 2048]: density 0.5 12.6 / 13.6 at 96 tokens; density
+#: 0.64 (SparseGPT at 30 % bytes) 14.4 / 13.7 at 96 and 61.4 / 62.1 at 512; the panel loop at 0.64 on [2048, 5632],
+#: 48 tokens: 12.3 against the strips' 8.6.
+STORED_MAX_DENSITY = 0.5
 
 
 def _cpu_kernel():
@@ -71,11 +71,11 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
         return bitmask_product(z, values, mask)
     on_tile_unit = z.dtype == values.dtype == torch.bfloat16 and ext.amx_usable()
     if ext.isa() == "avx2" and z.shape[0] >= PANELS_FROM_TOKENS:
-        density = values.shape[1] / z.shape[1]
-        small_batch = z.shape[0] < TILES_FROM_TOKENS
-        if density <= PANELS_MAX_DENSITY or (small_batch and density <= PANELS_MAX_DENSITY_SMALL_BATCH):
-            return ext.bitmask_matmul_kept(z, values, mask).to(z.dtype)
-        return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
+        if values.shape[1] > STORED_MAX_DENSITY * z.shape[1]:
+            return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
+        if z.shape[0] >= PAIRS_FROM_TOKENS:
+            return ext.bitmask_matmul_pairs(z, values, mask).to(z.dtype)
+        return ext.bitmask_matmul_kept(z, values, mask).to(z.dtype)
     if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
         return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
     return ext.bitmask_matmul(z, values, mask).to(z.dtype)

@@ -600,6 +600,197 @@ torch::Tensor bitmask_matmul_kept(torch::Tensor z, torch::Tensor values, torch::
     slimserve_rows::widen_row(values, o, w);
   });
 }
+
+#if defined(SLIMSERVE_AVX2)
+namespace {
+// Many tokens at densities up to about a half (lowrank_sparse's S at 30 % of bytes is 0.43 full): rows two at a time
+// over the union of their stored columns. For each input either row stores, one load of the panel row feeds an FMA
+// into each row's token sums (the row absent there multiplies a zero), so every load serves two FMAs where
+// bitmask_matmul_kept spends one load per FMA, and the FMA units, not the loads, set the pace. At density d a pair's
+// union holds 1 - (1 - d)^2 of the inputs: 0.68 at 0.43, so two thirds of the FMAs are useful, against 0.43 for the
+// strips' dense GEMM (three rows at a time would keep only 0.53). The pairs' columns and their two weights (zero where
+// a row has none) are decoded per call, a block of kUnionPairs pairs at a time, chunk by chunk of kUnionInputs inputs
+// (chunk-major), and every panel of tokens walks the chunks in turn: the chunk's panel rows (128 x 192 B = 24 KiB at 48
+// tokens) stay in L1 while the block's pairs pass over them. Sums go to a block scratch between chunks and reach y
+// [N, out] through 8 x 8 transposes, so no transposed copy of y is made. AMD EPYC (Zen 2), 2 threads, bf16 values,
+// ms union pairs / stored values (bitmask_matmul_kept) / strips / vLLM's float32 oneDNN GEMM, at 512 tokens:
+// density 0.43 [5632, 2048] 50.8 / 65.3 / 62.9 / 80.2, [2048, 5632] 53.7 / 67.0 / 67.0 / 80.2, [11264, 2048] 99.7 /
+// 137.6 / 125.0 / 160.1, [1536, 576] 3.9 / 6.0 / 5.1 / 6.0, [576, 1536] 4.2 / 5.4 / 5.2 / 6.0; density 0.25 [5632,
+// 2048] 40.4 / 51.3 / 62.8; density 0.64 [5632, 2048] 61.4 / 75.5 / 62.1 (level with the strips, so denser C keeps
+// them); at 128 tokens and 0.43, [2048, 5632] 16.2 / 16.8 / 17.9, [11264, 2048] 31.4 / 33.3 / 35.0. Below that the
+// per-call decode (about 2.5 ms for [5632, 2048]) outweighs the gain (bitmask.py routes by these numbers).
+constexpr int64_t kUnionInputs = 128;
+constexpr int64_t kUnionPairs = 64;
+constexpr int64_t kUnionMaxVectors = 6;  // 48 tokens a panel: two rows' sums are 12 registers
+
+// One block of row pairs decoded for union_panels: for pair q and chunk c (chunk-major, entry c · pairs + q), the
+// union columns (times the panel width: offsets into a token panel) and both rows' weights at
+// [bounds[i], bounds[i + 1]).
+struct PairColumns {
+  std::vector<int32_t> offsets;
+  std::vector<float> first, second;
+  std::vector<int64_t> bounds;
+};
+
+// Pairs pair0 .. pair0 + pairs of C (rows 2q and 2q + 1; a missing last row has no bits) into `d`.
+template <typename V>
+void decode_pairs(const uint8_t* mask, int64_t mask_bytes, const V* values, const V* values_end, int64_t nnz,
+                  int64_t out, int64_t pair0, int64_t pairs, int32_t width, PairColumns& d) {
+  const int64_t chunk_bytes = kUnionInputs / 8, chunks = (mask_bytes + chunk_bytes - 1) / chunk_bytes;
+  auto mask_row = [&](int64_t o) { return o < out ? mask + o * mask_bytes : nullptr; };
+  d.bounds.assign(chunks * pairs + 1, 0);
+  for (int64_t q = 0; q < pairs; ++q) {
+    const uint8_t* m0 = mask_row(2 * (pair0 + q));
+    const uint8_t* m1 = mask_row(2 * (pair0 + q) + 1);
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t count = 0;
+      for (int64_t b = c * chunk_bytes; b < std::min(mask_bytes, (c + 1) * chunk_bytes); ++b) {
+        count += __builtin_popcount(m0[b] | (m1 != nullptr ? m1[b] : 0));
+      }
+      d.bounds[c * pairs + q + 1] = count;
+    }
+  }
+  for (int64_t i = 0; i < chunks * pairs; ++i) d.bounds[i + 1] += d.bounds[i];
+  const int64_t total = d.bounds[chunks * pairs];
+  // each byte stores 8 slots and advances by its union's popcount; filling in memory order keeps the spill on
+  // slots a later byte writes, and the last byte's on these 8 spare ones
+  d.offsets.resize(total + 8);
+  d.first.resize(total + 8);
+  d.second.resize(total + 8);
+  std::vector<const V*> cursors(2 * pairs);
+  for (int64_t r = 0; r < 2 * pairs; ++r) cursors[r] = values + std::min(2 * pair0 + r, out) * nnz;
+  const __m256i stride = _mm256_set1_epi32(width);
+  int64_t e = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t b_end = std::min(mask_bytes, (c + 1) * chunk_bytes);
+    for (int64_t q = 0; q < pairs; ++q) {
+      const uint8_t* m0 = mask_row(2 * (pair0 + q));
+      const uint8_t* m1 = mask_row(2 * (pair0 + q) + 1);
+      for (int64_t b = c * chunk_bytes; b < b_end; ++b) {
+        const uint32_t bits0 = m0[b], bits1 = m1 != nullptr ? m1[b] : 0u, either = bits0 | bits1;
+        const __m256i order = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSetBits[either].data())));
+        const __m256i columns = _mm256_add_epi32(order, _mm256_set1_epi32(static_cast<int32_t>(b * 8)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d.offsets.data() + e), _mm256_mullo_epi32(columns, stride));
+        // each row's values placed on its own bits, then gathered onto the union's positions in order
+        _mm256_storeu_ps(d.first.data() + e,
+                         _mm256_permutevar8x32_ps(mask_byte_values<true>(bits0, cursors[2 * q], values_end), order));
+        _mm256_storeu_ps(d.second.data() + e,
+                         _mm256_permutevar8x32_ps(mask_byte_values<true>(bits1, cursors[2 * q + 1], values_end), order));
+        e += __builtin_popcount(either);
+      }
+    }
+  }
+}
+
+// Rows row0 .. row0 + rows of y [tokens, out] for the `valid` tokens from `token0`, from sums [rows, width] (row-major;
+// readable 8 rows past `rows`), 8 x 8 blocks transposed in registers.
+inline void store_transposed(const float* sums, int64_t width, int64_t rows, int64_t valid, float* y, int64_t out,
+                             int64_t token0, int64_t row0) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const int64_t lanes = std::min<int64_t>(8, rows - r);
+    for (int64_t t0 = 0; t0 < valid; t0 += 8) {
+      __m256 block[8];
+      for (int i = 0; i < 8; ++i) block[i] = _mm256_loadu_ps(sums + (r + i) * width + t0);
+      slimserve_rows::transpose8x8(block);
+      for (int64_t j = 0; j < std::min<int64_t>(8, valid - t0); ++j) {
+        float* slot = y + (token0 + t0 + j) * out + row0 + r;
+        if (lanes == 8) {
+          _mm256_storeu_ps(slot, block[j]);
+        } else {
+          alignas(32) float lane_values[8];
+          _mm256_store_ps(lane_values, block[j]);
+          std::memcpy(slot, lane_values, sizeof(float) * lanes);
+        }
+      }
+    }
+  }
+}
+
+// y [N, out] = z · Cᵀ over panels of 8 · kVectors tokens (union_panels' comment above).
+template <int kVectors, typename V>
+void union_panels(const at::Tensor& z, const V* values, const V* values_end, const uint8_t* mask, int64_t mask_bytes,
+                  int64_t nnz, int64_t out, float* y) {
+  constexpr int64_t kWidth = 8 * kVectors;
+  const int64_t tokens = z.size(0), in = z.size(1), pairs = (out + 1) / 2;
+  const int64_t chunks = (mask_bytes * 8 + kUnionInputs - 1) / kUnionInputs;
+  const auto panels = slimserve_rows::pack_token_panels(z, kWidth);  // [p, in, kWidth]
+  const float* packed = panels.data_ptr<float>();
+  const int64_t panel_count = panels.size(0);
+  at::parallel_for(0, pairs, kUnionPairs, [&](int64_t pair_begin, int64_t pair_end) {
+    PairColumns d;
+    std::vector<float> sums((2 * kUnionPairs + 8) * kWidth);
+    for (int64_t q0 = pair_begin; q0 < pair_end; q0 += kUnionPairs) {
+      const int64_t block = std::min(kUnionPairs, pair_end - q0);
+      decode_pairs(mask, mask_bytes, values, values_end, nnz, out, q0, block, static_cast<int32_t>(kWidth), d);
+      for (int64_t p = 0; p < panel_count; ++p) {
+        const float* panel = packed + p * in * kWidth;
+        for (int64_t c = 0; c < chunks; ++c) {
+          for (int64_t q = 0; q < block; ++q) {
+            float* s0 = sums.data() + 2 * q * kWidth;
+            float* s1 = s0 + kWidth;
+            __m256 a[kVectors], b[kVectors];
+            for (int v = 0; v < kVectors; ++v) {
+              a[v] = c == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(s0 + 8 * v);
+              b[v] = c == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(s1 + 8 * v);
+            }
+            const int64_t i_end = d.bounds[c * block + q + 1];
+            for (int64_t i = d.bounds[c * block + q]; i < i_end; ++i) {
+              const float* x = panel + d.offsets[i];
+              const __m256 w0 = _mm256_broadcast_ss(&d.first[i]), w1 = _mm256_broadcast_ss(&d.second[i]);
+              for (int v = 0; v < kVectors; ++v) {
+                __m256 xv = _mm256_loadu_ps(x + 8 * v);
+                asm("" : "+x"(xv));  // one load for both FMAs: GCC otherwise folds it into each (7 loads a cycle pair)
+                a[v] = _mm256_fmadd_ps(w0, xv, a[v]);
+                b[v] = _mm256_fmadd_ps(w1, xv, b[v]);
+              }
+            }
+            for (int v = 0; v < kVectors; ++v) {
+              _mm256_storeu_ps(s0 + 8 * v, a[v]);
+              _mm256_storeu_ps(s1 + 8 * v, b[v]);
+            }
+          }
+        }
+        const int64_t row0 = 2 * q0;
+        store_transposed(sums.data(), kWidth, std::min(2 * block, out - row0), std::min(kWidth, tokens - p * kWidth),
+                         y, out, p * kWidth, row0);
+      }
+    }
+  });
+}
+}  // namespace
+
+// y [N, out] float32 = z · Cᵀ for many tokens, two rows at a time over their union (union_panels).
+torch::Tensor bitmask_matmul_pairs(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
+  TORCH_CHECK(z.dim() == 2, "bitmask_matmul_pairs: z must be [N, k]");
+  const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1), out = values.size(0);
+  check_strip_args(values, mask, atoms, "bitmask_matmul_pairs");
+  auto y = torch::empty({z.size(0), out}, z.options().dtype(at::kFloat));
+  if (z.size(0) == 0 || out == 0) return y;
+  // panels of up to 48 tokens, as few as the batch needs, each as narrow as an even split allows
+  const int64_t panel_count = (z.size(0) + 8 * kUnionMaxVectors - 1) / (8 * kUnionMaxVectors);
+  const int64_t vectors = (z.size(0) + 8 * panel_count - 1) / (8 * panel_count);
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  auto run = [&](const auto* val) {
+    using V = std::remove_const_t<std::remove_pointer_t<decltype(val)>>;
+    const V* end = val + out * nnz;
+    float* yp = y.data_ptr<float>();
+    switch (vectors) {
+      case 1: return union_panels<1>(z, val, end, msk, mask_bytes, nnz, out, yp);
+      case 2: return union_panels<2>(z, val, end, msk, mask_bytes, nnz, out, yp);
+      case 3: return union_panels<3>(z, val, end, msk, mask_bytes, nnz, out, yp);
+      case 4: return union_panels<4>(z, val, end, msk, mask_bytes, nnz, out, yp);
+      case 5: return union_panels<5>(z, val, end, msk, mask_bytes, nnz, out, yp);
+      default: return union_panels<6>(z, val, end, msk, mask_bytes, nnz, out, yp);
+    }
+  };
+  if (values.scalar_type() == at::kBFloat16) {
+    run(values.data_ptr<c10::BFloat16>());
+  } else {
+    run(values.data_ptr<float>());
+  }
+  return y;
+}
+#endif  // SLIMSERVE_AVX2
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -608,6 +799,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(SLIMSERVE_PANELS)
   m.def("bitmask_matmul_kept", &bitmask_matmul_kept,
         "y = z · Cᵀ (float32) for many tokens, multiplying only the stored values (AVX2 builds)");
+#if defined(SLIMSERVE_AVX2)
+  m.def("bitmask_matmul_pairs", &bitmask_matmul_pairs,
+        "y = z · Cᵀ (float32) for many tokens, rows two at a time over their union of stored columns (AVX2 builds)");
+#endif
 #endif
   m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
 #if defined(SLIMSERVE_DPBF16)
