@@ -30,6 +30,7 @@ from slimserve.plugin.kernels.gemm import (
     prepacked_linear,
     to_panels,
 )
+from slimserve.plugin.kernels.lowrank_sparse import LowRankSparsePanels
 from slimserve.plugin.kernels.precision import stored_values
 from slimserve.server.cpu_tuning import host_cpu_info
 
@@ -336,6 +337,44 @@ def test_bitmask_row_pairs_over_their_union_equal_the_reference(dtype: torch.dty
     assert out.dtype == torch.float32 and out.shape == (tokens, 301) and out.is_contiguous()
     expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoding", ["bitmask", "ell"])
+# below STRIPS_FROM_TOKENS (one C++ call, 6 tokens a pass and a part pass), and past it (the products composed)
+@pytest.mark.parametrize("tokens", [1, 7, 95, 130])
+@pytest.mark.parametrize("outs", [[40], [64, 24, 24]])  # one U; three (a fused q/k/v), each on its slice of x Vᵀ
+def test_lowrank_sparse_panels_equal_u_v_plus_s(encoding: str, tokens: int, outs: list[int], isa: str) -> None:
+    torch.manual_seed(tokens)
+    inn, ranks = 83, [9, 5, 7][:len(outs)]  # ranks off the 16-row panels; 83 inputs: no whole 8 at the end
+    us = [torch.randn(out, rank).bfloat16() for out, rank in zip(outs, ranks)]
+    v = torch.randn(sum(ranks), inn).bfloat16()
+    sparse = torch.randn(sum(outs), inn)
+    if encoding == "bitmask":
+        values, mask = sparse_rows.dense_to_bitmask(sparse, 40)
+        product = BitmaskMatmul(values, mask, inn)
+        dense_s = sparse_rows.bitmask_to_dense(values, mask, inn)
+    else:
+        values, indices = sparse_rows.dense_to_ell(sparse, 20)
+        product = EllMatmul(values, indices, inn)
+        dense_s = coef_to_dense(values, indices, inn)
+    layer = LowRankSparsePanels(Bf16PanelsLinear(v), [Bf16PanelsLinear(u) for u in us], product)
+    x = torch.randn(tokens, inn)
+    low_rank = torch.cat([(x.double() @ part.double().t()) @ u.double().t()
+                          for u, part in zip(us, v.split(ranks))], dim=1)
+    expected = low_rank + x.double() @ dense_s.double().t()
+    out = layer(x)
+    assert out.shape == (tokens, sum(outs)) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_lowrank_add_names_a_u_without_its_output_width(isa: str) -> None:
+    ext = kernel_gemm._bf16_panels_kernel()
+    assert ext is not None and ext.isa() == isa
+    v, u = to_panels(torch.randn(4, 8).bfloat16()), to_panels(torch.randn(16, 4).bfloat16())
+    with pytest.raises(RuntimeError, match="one output width per U"):
+        ext.bf16_panels_lowrank_add(torch.randn(2, 8), v, [u, u], [16], torch.zeros(2, 32))
+    with pytest.raises(RuntimeError, match=r"panels must be \[ceil\(out / 16\), in, 16\] for in = 4 and out = 40"):
+        ext.bf16_panels_lowrank_add(torch.randn(2, 8), v, [u], [40], torch.zeros(2, 40))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

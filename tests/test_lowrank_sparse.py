@@ -17,7 +17,10 @@ from slimserve.loaders.compress.run import compress
 from slimserve.loaders.compress.whitening import SvdLlm, Whitening
 from slimserve.loaders.converters import convert_lowrank_sparse
 from slimserve.loaders.schemes import SCHEMES
-from slimserve.loaders.schemes.lowrank_sparse import encode_sparse, sparse_encoding, sparse_product
+from slimserve.loaders.schemes.lowrank_sparse import decode_sparse, encode_sparse, sparse_encoding, sparse_product
+from slimserve.plugin.kernels.cpp import loop_isa
+from slimserve.plugin.kernels.lowrank_sparse import LowRankSparsePanels
+from slimserve.plugin.kernels.precision import NARROWING_ISAS
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard, local_sparse
 from slimserve.server.cli import main
 
@@ -296,3 +299,27 @@ def test_low_rank_shards_of_a_fused_layer_stack_v_and_s_and_keep_each_u() -> Non
     x = torch.randn(3, inn, generator=generator)
     expected = torch.cat([LowRankSparseShard(t, spec).second(x) for t, spec in zip(shards, specs)], dim=1)
     torch.testing.assert_close(whole.second(x), expected)
+
+
+def test_factors_kept_as_bf16_panels_run_the_layer_as_one_operator() -> None:
+    """A bf16 checkpoint's factors on a host that serves float32 (AVX2) are bf16 panels; the layer then makes one
+    ``lowrank_sparse_panels`` call, equal to its three products summed."""
+    generator = torch.Generator().manual_seed(2)
+    inn, nnz = 96, 40
+    shards, specs = [], []
+    for out, rank in ((64, 6), (32, 3), (32, 5)):
+        sparse = torch.randn(out, inn, generator=generator)
+        sparse = sparse * (sparse.abs() >= sparse.abs().topk(nnz, dim=1).values[:, -1:])
+        shards.append({"u": torch.randn(out, rank, generator=generator).bfloat16().float(),
+                       "v": torch.randn(rank, inn, generator=generator).bfloat16().float(),
+                       **encode_sparse(sparse.bfloat16().float(), nnz)})
+        specs.append({"in_features": inn, "out_features": out, "rank": rank, "nnz": nnz,
+                      "encoding": sparse_encoding(out, inn, nnz)})
+    whole = LowRankSparseShard.layer(shards, specs)
+    assert whole is not None
+    assert isinstance(whole.second, LowRankSparsePanels) == (loop_isa() in NARROWING_ISAS)
+    x = torch.randn(5, inn, generator=generator)
+    torch.testing.assert_close(whole.second(x), whole.forward(x))
+    expected = torch.cat([t["u"].double() @ (t["v"].double() @ x.double().t()) for t in shards]).t()
+    expected += x.double() @ torch.cat([decode_sparse(t, inn).double() for t in shards]).t()
+    torch.testing.assert_close(whole.second(x).double(), expected, rtol=1e-4, atol=1e-3)

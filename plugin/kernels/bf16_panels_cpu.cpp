@@ -55,12 +55,13 @@ inline void widen_panel_input(const c10::BFloat16* p, __m256& low, __m256& high)
 }
 #endif
 
-// y[n, o0 .. o0 + 16) for NT tokens of x (row-major [NT, in], y row stride `out`) from one panel ([in, 16]). Fewer
-// than 4 tokens split the inputs over kChains accumulator sets, so at least 8 FMA chains are in flight. Accumulators
-// are named arrays indexed by unrolled constants: with a two-dimensional array GCC stored all twelve to the stack on
-// every input (store-bound, 2x slower).
+// y[n, o0 .. o0 + 16) (of `out` columns, row stride ldy; set, or added to with `accumulate`) for NT tokens of x
+// ([NT, in] at row stride ldx) from one panel ([in, 16]). Fewer than 4 tokens split the inputs over kChains
+// accumulator sets, so at least 8 FMA chains are in flight. Accumulators are named arrays indexed by unrolled
+// constants: with a two-dimensional array GCC stored all twelve to the stack on every input (store-bound, 2x slower).
 template <int NT>
-void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, float* y, int64_t out, int64_t o0) {
+void panel_times_tokens(const float* x, int64_t ldx, int64_t in, const c10::BFloat16* panel, float* y, int64_t ldy,
+                        int64_t out, int64_t o0, bool accumulate) {
   const int64_t valid = std::min(kPanelRows, out - o0);
   alignas(32) float sums[NT][kPanelRows];
 #if defined(SLIMSERVE_AVX2)
@@ -76,7 +77,7 @@ void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, 
       widen_panel_input(panel + (j + c) * kPanelRows, w0, w1);
 #pragma GCC unroll 8
       for (int n = 0; n < NT; ++n) {
-        const __m256 xb = _mm256_broadcast_ss(x + n * in + j + c);
+        const __m256 xb = _mm256_broadcast_ss(x + n * ldx + j + c);
         lo[c * NT + n] = _mm256_fmadd_ps(w0, xb, lo[c * NT + n]);
         hi[c * NT + n] = _mm256_fmadd_ps(w1, xb, hi[c * NT + n]);
       }
@@ -87,7 +88,7 @@ void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, 
     widen_panel_input(panel + j * kPanelRows, w0, w1);
 #pragma GCC unroll 8
     for (int n = 0; n < NT; ++n) {
-      const __m256 xb = _mm256_broadcast_ss(x + n * in + j);
+      const __m256 xb = _mm256_broadcast_ss(x + n * ldx + j);
       lo[n] = _mm256_fmadd_ps(w0, xb, lo[n]);
       hi[n] = _mm256_fmadd_ps(w1, xb, hi[n]);
     }
@@ -107,21 +108,58 @@ void panel_times_tokens(const float* x, int64_t in, const c10::BFloat16* panel, 
     for (int64_t r = 0; r < kPanelRows; ++r) {
       float s = 0.f;
       const c10::BFloat16* weights = panel + panel_position(r);
-      for (int64_t j = 0; j < in; ++j) s += static_cast<float>(weights[j * kPanelRows]) * x[n * in + j];
+      for (int64_t j = 0; j < in; ++j) s += static_cast<float>(weights[j * kPanelRows]) * x[n * ldx + j];
       sums[n][r] = s;
     }
   }
 #endif
-  for (int n = 0; n < NT; ++n) std::memcpy(y + n * out + o0, sums[n], sizeof(float) * valid);
+  for (int n = 0; n < NT; ++n) {
+    float* row = y + n * ldy + o0;
+    if (accumulate) {
+      for (int64_t r = 0; r < valid; ++r) row[r] += sums[n][r];
+    } else {
+      std::memcpy(row, sums[n], sizeof(float) * valid);
+    }
+  }
+}
+
+// y [tokens, out] (row stride ldy; set, or added to) = x [tokens, in] (row stride ldx) · Wᵀ for W's panel_count
+// panels at w, the panels split over the threads.
+void panels_times_tokens(const float* x, int64_t ldx, int64_t tokens, int64_t in, const c10::BFloat16* w,
+                         int64_t panel_count, float* y, int64_t ldy, int64_t out, bool accumulate) {
+  at::parallel_for(0, panel_count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const c10::BFloat16* panel = w + p * in * kPanelRows;
+      const int64_t o0 = p * kPanelRows;
+      int64_t n = 0;
+      for (; n + kPassTokens <= tokens; n += kPassTokens) {
+        panel_times_tokens<kPassTokens>(x + n * ldx, ldx, in, panel, y + n * ldy, ldy, out, o0, accumulate);
+      }
+      const float* xn = x + n * ldx;
+      float* yn = y + n * ldy;
+      switch (tokens - n) {
+        case 1: panel_times_tokens<1>(xn, ldx, in, panel, yn, ldy, out, o0, accumulate); break;
+        case 2: panel_times_tokens<2>(xn, ldx, in, panel, yn, ldy, out, o0, accumulate); break;
+        case 3: panel_times_tokens<3>(xn, ldx, in, panel, yn, ldy, out, o0, accumulate); break;
+        case 4: panel_times_tokens<4>(xn, ldx, in, panel, yn, ldy, out, o0, accumulate); break;
+        case 5: panel_times_tokens<5>(xn, ldx, in, panel, yn, ldy, out, o0, accumulate); break;
+        default: break;
+      }
+    }
+  });
+}
+
+void check_panels(const torch::Tensor& panels, int64_t in, int64_t out, const char* op) {
+  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == in && panels.size(2) == kPanelRows &&
+              panels.size(0) == (out + kPanelRows - 1) / kPanelRows, op, ": panels must be [ceil(out / 16), in, 16] "
+              "for in = ", in, " and out = ", out);
+  TORCH_CHECK(panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(), op,
+              ": panels must be contiguous bfloat16");
 }
 
 void check_args(const torch::Tensor& x, const torch::Tensor& panels, int64_t out, const char* op) {
-  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && x.size(1) == panels.size(1), op,
-              ": x [N, in] and panels [P, in, 16] must agree on in");
-  TORCH_CHECK(panels.size(2) == kPanelRows && panels.size(0) == (out + kPanelRows - 1) / kPanelRows, op,
-              ": panels must be [ceil(out / 16), in, 16]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(), op,
-              ": x must be float32 and panels contiguous bfloat16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be float32 [N, in]");
+  check_panels(panels, x.size(1), out, op);
 }
 
 }  // namespace
@@ -132,28 +170,40 @@ torch::Tensor bf16_panels_linear(torch::Tensor x, torch::Tensor panels, int64_t 
   const auto xc = x.contiguous();
   const int64_t tokens = xc.size(0), in = xc.size(1);
   auto y = torch::empty({tokens, out}, xc.options());
-  const float* xp = xc.data_ptr<float>();
-  const c10::BFloat16* w = panels.data_ptr<c10::BFloat16>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const c10::BFloat16* panel = w + p * in * kPanelRows;
-      const int64_t o0 = p * kPanelRows;
-      int64_t n = 0;
-      for (; n + kPassTokens <= tokens; n += kPassTokens) {
-        panel_times_tokens<kPassTokens>(xp + n * in, in, panel, yp + n * out, out, o0);
-      }
-      switch (tokens - n) {
-        case 1: panel_times_tokens<1>(xp + n * in, in, panel, yp + n * out, out, o0); break;
-        case 2: panel_times_tokens<2>(xp + n * in, in, panel, yp + n * out, out, o0); break;
-        case 3: panel_times_tokens<3>(xp + n * in, in, panel, yp + n * out, out, o0); break;
-        case 4: panel_times_tokens<4>(xp + n * in, in, panel, yp + n * out, out, o0); break;
-        case 5: panel_times_tokens<5>(xp + n * in, in, panel, yp + n * out, out, o0); break;
-        default: break;
-      }
-    }
-  });
+  panels_times_tokens(xc.data_ptr<float>(), in, tokens, in, panels.data_ptr<c10::BFloat16>(), panels.size(0),
+                      y.data_ptr<float>(), out, out, false);
   return y;
+}
+
+// y [N, Σ outs] += (x Vᵀ)[:, slice i] · Uᵢᵀ into columns of U i, for V's panels and each U's (inputs: its rank, its
+// slice of x Vᵀ, in order): a lowrank_sparse layer's low-rank part added onto its sparse product in one call
+// (plugin/kernels/lowrank_sparse.py), with no copy of a slice and no separate sum.
+void bf16_panels_lowrank_add(torch::Tensor x, torch::Tensor v_panels, std::vector<torch::Tensor> u_panels,
+                             std::vector<int64_t> u_outs, torch::Tensor y) {
+  TORCH_CHECK(u_panels.size() == u_outs.size() && !u_panels.empty(),
+              "bf16_panels_lowrank_add: one output width per U panels");
+  int64_t rank = 0, width = 0;
+  for (size_t i = 0; i < u_panels.size(); ++i) {
+    check_panels(u_panels[i], u_panels[i].size(1), u_outs[i], "bf16_panels_lowrank_add");
+    rank += u_panels[i].size(1);
+    width += u_outs[i];
+  }
+  check_args(x, v_panels, rank, "bf16_panels_lowrank_add");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
+              y.size(1) == width, "bf16_panels_lowrank_add: y must be contiguous float32 [N, sum(u_outs)]");
+  const auto xc = x.contiguous();
+  const int64_t tokens = xc.size(0), in = xc.size(1);
+  auto z = torch::empty({tokens, rank}, xc.options());
+  panels_times_tokens(xc.data_ptr<float>(), in, tokens, in, v_panels.data_ptr<c10::BFloat16>(), v_panels.size(0),
+                      z.data_ptr<float>(), rank, rank, false);
+  int64_t start = 0, column = 0;
+  for (size_t i = 0; i < u_panels.size(); ++i) {
+    const int64_t part = u_panels[i].size(1);
+    panels_times_tokens(z.data_ptr<float>() + start, rank, tokens, part, u_panels[i].data_ptr<c10::BFloat16>(),
+                        u_panels[i].size(0), y.data_ptr<float>() + column, width, u_outs[i], true);
+    start += part;
+    column += u_outs[i];
+  }
 }
 
 // y = x · Wᵀ (float32) for many tokens: the panels widened to float32 in cache, multiplied by a dense GEMM.
@@ -189,5 +239,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x · Wᵀ (float32) for few tokens, W stored as bf16 panels [ceil(out / 16), in, 16]");
   m.def("bf16_panels_linear_strips", &bf16_panels_linear_strips,
         "y = x · Wᵀ (float32) for many tokens: W's panels widened to float32 in cache, multiplied by a dense GEMM");
+  m.def("bf16_panels_lowrank_add", &bf16_panels_lowrank_add,
+        "y += (x Vᵀ) Uᵢᵀ per U into its columns, V and every U stored as bf16 panels (few tokens)");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
 }

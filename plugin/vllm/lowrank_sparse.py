@@ -2,7 +2,9 @@
 
 S needs the layer input x itself, so the runner has no first factor (linear.py hands it x):
 V and U run as prepacked GEMMs (vLLM's own dense path on CPU) and S as the sparse product of its
-encoding (ELL or bitmask), which reads only S's stored values and positions.
+encoding (ELL or bitmask), which reads only S's stored values and positions. Where V and U are
+kept as bf16 panels (AVX2 hosts serving float32) the three run as one operator
+(``LowRankSparsePanels``), which saves two or more operator dispatches and the sum a layer.
 
 Tensor parallelism: column-parallel layers (q/k/v, gate/up) split u, S's rows and their
 positions along the output axis like a dense weight, in the generic loader. A row-parallel
@@ -25,6 +27,7 @@ from slimserve.loaders.schemes.lowrank_sparse import decode_sparse, encode_spars
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul
 from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.lowrank_sparse import LowRankSparsePanels
 
 
 def local_sparse(tensors: Mapping[str, torch.Tensor], in_full: int, in_start: int,
@@ -64,7 +67,8 @@ class LowRankSparseShard:
         self.v = prepacked_linear(tensors["v"])
         self.ranks = [u.shape[1] for u in us]
         self.us = [prepacked_linear(u) for u in us]
-        self.second = self.forward
+        self.second = LowRankSparsePanels(self.v, self.us, self.sparse) if LowRankSparsePanels.usable(
+            self.v, self.us) else self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.v(x)
