@@ -280,20 +280,26 @@ def test_rank_zero_shards_of_a_fused_layer_run_as_one_sparse_product() -> None:
     assert LowRankSparseShard.layer(shards, [specs[0], {**specs[1], "nnz": nnz - 1}, specs[2]]) is None
 
 
+def _qkv_shards(generator: torch.Generator, inn: int, nnz: int,
+                bf16_numbers: bool) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    """q/k/v shards of different ranks and one nnz; ``bf16_numbers``: every value a bf16 number (a bf16 checkpoint)."""
+    cast = (lambda t: t.bfloat16().float()) if bf16_numbers else (lambda t: t)
+    shards, specs = [], []
+    for out, rank in ((64, 6), (32, 3), (32, 5)):
+        sparse = torch.randn(out, inn, generator=generator)
+        sparse = sparse * (sparse.abs() >= sparse.abs().topk(nnz, dim=1).values[:, -1:])
+        shards.append({"u": cast(torch.randn(out, rank, generator=generator)),
+                       "v": cast(torch.randn(rank, inn, generator=generator)), **encode_sparse(cast(sparse), nnz)})
+        specs.append({"in_features": inn, "out_features": out, "rank": rank, "nnz": nnz,
+                      "encoding": sparse_encoding(out, inn, nnz)})
+    return shards, specs
 
 
 def test_low_rank_shards_of_a_fused_layer_stack_v_and_s_and_keep_each_u() -> None:
     """q/k/v of different ranks: one GEMM over the stacked V, each U on its own slice, one stacked S."""
     generator = torch.Generator().manual_seed(1)
-    inn, nnz = 96, 40
-    shards, specs = [], []
-    for out, rank in ((64, 6), (32, 3), (32, 5)):
-        sparse = torch.randn(out, inn, generator=generator)
-        sparse = sparse * (sparse.abs() >= sparse.abs().topk(nnz, dim=1).values[:, -1:])
-        shards.append({"u": torch.randn(out, rank, generator=generator),
-                       "v": torch.randn(rank, inn, generator=generator), **encode_sparse(sparse, nnz)})
-        specs.append({"in_features": inn, "out_features": out, "rank": rank, "nnz": nnz,
-                      "encoding": sparse_encoding(out, inn, nnz)})
+    inn = 96
+    shards, specs = _qkv_shards(generator, inn, 40, bf16_numbers=False)
     whole = LowRankSparseShard.layer(shards, specs)
     assert whole is not None and whole.out_features == 128 and whole.ranks == [6, 3, 5]
     x = torch.randn(3, inn, generator=generator)
@@ -305,16 +311,8 @@ def test_factors_kept_as_bf16_panels_run_the_layer_as_one_operator() -> None:
     """A bf16 checkpoint's factors on a host that serves float32 (AVX2) are bf16 panels; the layer then makes one
     ``lowrank_sparse_panels`` call, equal to its three products summed."""
     generator = torch.Generator().manual_seed(2)
-    inn, nnz = 96, 40
-    shards, specs = [], []
-    for out, rank in ((64, 6), (32, 3), (32, 5)):
-        sparse = torch.randn(out, inn, generator=generator)
-        sparse = sparse * (sparse.abs() >= sparse.abs().topk(nnz, dim=1).values[:, -1:])
-        shards.append({"u": torch.randn(out, rank, generator=generator).bfloat16().float(),
-                       "v": torch.randn(rank, inn, generator=generator).bfloat16().float(),
-                       **encode_sparse(sparse.bfloat16().float(), nnz)})
-        specs.append({"in_features": inn, "out_features": out, "rank": rank, "nnz": nnz,
-                      "encoding": sparse_encoding(out, inn, nnz)})
+    inn = 96
+    shards, specs = _qkv_shards(generator, inn, 40, bf16_numbers=True)
     whole = LowRankSparseShard.layer(shards, specs)
     assert whole is not None
     assert isinstance(whole.second, LowRankSparsePanels) == (loop_isa() in NARROWING_ISAS)
