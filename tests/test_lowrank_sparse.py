@@ -259,6 +259,25 @@ def test_vllm_serves_checkpoint_like_its_densified_export(tiny_llama: Path, text
     assert vllm_greedy(ckpt, prompts, tp=2) == reference
 
 
+@pytest.mark.slow
+def test_vllm_serves_bf16_factors_through_the_one_operator_layer(tiny_llama: Path, text_file: Path,
+                                                                 tmp_path: Path) -> None:
+    """U, V and S's values that are bf16 numbers (as a bf16 checkpoint served as float32 has them): on AVX2 hosts the
+    factors are kept as bf16 panels and each layer is one ``lowrank_sparse_panels`` call (compiled mode traces it
+    through its fake); greedy == the densified export's."""
+    from slimserve.testing.vllm import hf_greedy, vllm_greedy
+
+    ckpt = compress(tiny_llama, tmp_path / "oats", method="oats", ratio=0.3, calib=text_file, calib_samples=8,
+                    calib_seq_len=160, progress=False)
+    for file in ckpt.glob("*.safetensors"):  # the values rounded to bf16 numbers, still float32 tensors
+        tensors = load_file(file)
+        save_file({name: t.bfloat16().float() if name.endswith((".u", ".v", ".s_values")) else t
+                   for name, t in tensors.items()}, file, metadata={"format": "pt"})
+    prompts = ["The quick brown fox", "import json"]
+    reference = hf_greedy(densify(ckpt, tmp_path / "dense"), prompts)
+    assert vllm_greedy(ckpt, prompts, enforce_eager=False) == reference
+
+
 def test_rank_zero_shards_of_a_fused_layer_run_as_one_sparse_product() -> None:
     """q/k/v (or gate/up) pruned row-sparse at one nnz stack into one S; anything else runs shard by shard."""
     generator = torch.Generator().manual_seed(0)
