@@ -614,8 +614,8 @@ namespace {
 // tokens) stay in L1 while the block's pairs pass over them. Sums go to a block scratch between chunks and reach y
 // [N, out] through 8 x 8 transposes, so no transposed copy of y is made. AMD EPYC (Zen 2), 2 threads, bf16 values,
 // ms union pairs / stored values (bitmask_matmul_kept) / strips / vLLM's float32 oneDNN GEMM, at 512 tokens:
-// density 0.43 [5632, 2048] 50.8 / 65.3 / 62.9 / 80.2, [2048, 5632] 53.7 / 67.0 / 67.0 / 80.2, [11264, 2048] 99.7 /
-// 137.6 / 125.0 / 160.1, [1536, 576] 3.9 / 6.0 / 5.1 / 6.0, [576, 1536] 4.2 / 5.4 / 5.2 / 6.0; density 0.25 [5632,
+// density 0.43 [5632, 2048] 50.9 / 64.8 / 62.5 / 80.2, [2048, 5632] 53.7 / 67.0 / 67.0 / 80.2, [11264, 2048] 99.7 /
+// 137.6 / 125.0 / 160.1, [1536, 576] 4.0 / 6.0 / 5.1 / 6.0, [576, 1536] 4.2 / 5.4 / 5.2 / 6.0; density 0.25 [5632,
 // 2048] 40.4 / 51.3 / 62.8; density 0.64 [5632, 2048] 61.4 / 75.5 / 62.1 (level with the strips, so denser C keeps
 // them); at 128 tokens and 0.43, [2048, 5632] 16.2 / 16.8 / 17.9, [11264, 2048] 31.4 / 33.3 / 35.0. Below that the
 // per-call decode (about 2.5 ms for [5632, 2048]) outweighs the gain (bitmask.py routes by these numbers).
@@ -739,7 +739,7 @@ void union_panels(const at::Tensor& z, const V* values, const V* values_end, con
               const __m256 w0 = _mm256_broadcast_ss(&d.first[i]), w1 = _mm256_broadcast_ss(&d.second[i]);
               for (int v = 0; v < kVectors; ++v) {
                 __m256 xv = _mm256_loadu_ps(x + 8 * v);
-                asm("" : "+x"(xv));  // one load for both FMAs: GCC otherwise folds it into each (7 loads a cycle pair)
+                asm("" : "+x"(xv));  // one load for both FMAs: GCC folds it into each otherwise (14 loads per 12 FMAs)
                 a[v] = _mm256_fmadd_ps(w0, xv, a[v]);
                 b[v] = _mm256_fmadd_ps(w1, xv, b[v]);
               }
@@ -764,6 +764,7 @@ torch::Tensor bitmask_matmul_pairs(torch::Tensor z, torch::Tensor values, torch:
   TORCH_CHECK(z.dim() == 2, "bitmask_matmul_pairs: z must be [N, k]");
   const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1), out = values.size(0);
   check_strip_args(values, mask, atoms, "bitmask_matmul_pairs");
+  TORCH_CHECK(atoms * 8 * kUnionMaxVectors < INT32_MAX, "bitmask_matmul_pairs: k x 48 must fit int32 offsets");
   auto y = torch::empty({z.size(0), out}, z.options().dtype(at::kFloat));
   if (z.size(0) == 0 || out == 0) return y;
   // panels of up to 48 tokens, as few as the batch needs, each as narrow as an even split allows
