@@ -19,6 +19,7 @@ from slimserve.loaders.schemes.dictsparse import coef_to_dense, dense_to_coef
 from slimserve.loaders.schemes.nm import nm_mask, pack_nm
 from slimserve.plugin.kernels import bitmask, cpp, ell, nm
 from slimserve.plugin.kernels import gemm as kernel_gemm
+from slimserve.plugin.kernels import lowrank_sparse as lowrank_sparse_kernel
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
 from slimserve.plugin.kernels.gemm import (
@@ -340,10 +341,22 @@ def test_bitmask_row_pairs_over_their_union_equal_the_reference(dtype: torch.dty
 
 
 @pytest.mark.parametrize("encoding", ["bitmask", "ell"])
-# below STRIPS_FROM_TOKENS (one C++ call, 6 tokens a pass and a part pass), and past it (the products composed)
+# the panels loop (6 tokens a pass and a part pass), and past STRIPS_FROM_TOKENS the tiled GEMM for the short factors
 @pytest.mark.parametrize("tokens", [1, 7, 95, 130])
 @pytest.mark.parametrize("outs", [[40], [64, 24, 24]])  # one U; three (a fused q/k/v), each on its slice of x Vᵀ
 def test_lowrank_sparse_panels_equal_u_v_plus_s(encoding: str, tokens: int, outs: list[int], isa: str) -> None:
+    _check_lowrank_sparse_panels(encoding, tokens, outs)
+
+
+@pytest.mark.parametrize("tokens", [3, 130])
+def test_lowrank_sparse_panels_without_a_compiler_compose_the_fallbacks(tokens: int,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel_gemm, "_bf16_panels_kernel", lambda: None)
+    monkeypatch.setattr(lowrank_sparse_kernel, "_bf16_panels_kernel", lambda: None)
+    _check_lowrank_sparse_panels("bitmask", tokens, [64, 24, 24])
+
+
+def _check_lowrank_sparse_panels(encoding: str, tokens: int, outs: list[int]) -> None:
     torch.manual_seed(tokens)
     inn, ranks = 83, [9, 5, 7][:len(outs)]  # ranks off the 16-row panels; 83 inputs: no whole 8 at the end
     us = [torch.randn(out, rank).bfloat16() for out, rank in zip(outs, ranks)]
@@ -372,9 +385,9 @@ def test_lowrank_add_names_a_u_without_its_output_width(isa: str) -> None:
     assert ext is not None and ext.isa() == isa
     v, u = to_panels(torch.randn(4, 8).bfloat16()), to_panels(torch.randn(16, 4).bfloat16())
     with pytest.raises(RuntimeError, match="one output width per U"):
-        ext.bf16_panels_lowrank_add(torch.randn(2, 8), v, [u, u], [16], torch.zeros(2, 32))
+        ext.bf16_panels_lowrank_add(torch.randn(2, 8), v, [u, u], [16], torch.zeros(2, 32), 0)
     with pytest.raises(RuntimeError, match=r"panels must be \[ceil\(out / 16\), in, 16\] for in = 4 and out = 40"):
-        ext.bf16_panels_lowrank_add(torch.randn(2, 8), v, [u], [40], torch.zeros(2, 40))
+        ext.bf16_panels_lowrank_add(torch.randn(2, 8), v, [u], [40], torch.zeros(2, 40), 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -162,6 +162,38 @@ void check_args(const torch::Tensor& x, const torch::Tensor& panels, int64_t out
   check_panels(panels, x.size(1), out, op);
 }
 
+#if defined(SLIMSERVE_AVX2)
+// tile_gemm_panels' fill: W's panels (bf16 at w, `in` inputs) widened to float32 panels in cache.
+inline auto widened_panels(const c10::BFloat16* w, int64_t in) {
+  return [w, in](float* b_panels, int64_t first, int64_t row_panels) {
+    const c10::BFloat16* src = w + first / kPanelRows * in * kPanelRows;
+    for (int64_t i = 0; i < row_panels * in * kPanelRows; i += kPanelRows) {
+      __m256 low, high;
+      widen_panel_input(src + i, low, high);
+      _mm256_storeu_ps(b_panels + i, low);
+      _mm256_storeu_ps(b_panels + i + 8, high);
+    }
+  };
+}
+#endif
+
+// y [tokens, out] (row stride ldy; set, or added to) = x · Wᵀ for x = columns column .. column + in of `source`
+// (float32, unit column stride) and W's panels: the tiled GEMM on the panels widened in cache where `strips` (AVX2
+// builds), else the panels loop on x in place (no view is made: a few-token call is a few microseconds).
+void panels_product_into(const torch::Tensor& source, int64_t column, int64_t in, const torch::Tensor& panels,
+                         int64_t out, float* y, int64_t ldy, bool accumulate, bool strips) {
+  const c10::BFloat16* w = panels.data_ptr<c10::BFloat16>();
+#if defined(SLIMSERVE_AVX2)
+  if (strips) {
+    slimserve_rows::tile_gemm_panels_into(source.narrow(1, column, in), out, widened_panels(w, in), y, ldy,
+                                          accumulate);
+    return;
+  }
+#endif
+  panels_times_tokens(source.data_ptr<float>() + column, source.stride(0), source.size(0), in, w, panels.size(0), y,
+                      ldy, out, accumulate);
+}
+
 }  // namespace
 
 // y = x · Wᵀ (float32) for few tokens, W's panels streamed once per 6 tokens as bf16.
@@ -177,9 +209,11 @@ torch::Tensor bf16_panels_linear(torch::Tensor x, torch::Tensor panels, int64_t 
 
 // y [N, Σ outs] += (x Vᵀ)[:, slice i] · Uᵢᵀ into columns of U i, for V's panels and each U's (inputs: its rank, its
 // slice of x Vᵀ, in order): a lowrank_sparse layer's low-rank part added onto its sparse product in one call
-// (plugin/kernels/lowrank_sparse.py), with no copy of a slice and no separate sum.
+// (plugin/kernels/lowrank_sparse.py), each product written straight into its columns (no separate sum, no
+// concatenation). A factor with fewer than `strips_below_inputs` inputs takes the tiled GEMM (bf16_panels_linear's
+// many-token rule; 0 keeps every factor on the panels loop).
 void bf16_panels_lowrank_add(torch::Tensor x, torch::Tensor v_panels, std::vector<torch::Tensor> u_panels,
-                             std::vector<int64_t> u_outs, torch::Tensor y) {
+                             std::vector<int64_t> u_outs, torch::Tensor y, int64_t strips_below_inputs) {
   TORCH_CHECK(u_panels.size() == u_outs.size() && !u_panels.empty(),
               "bf16_panels_lowrank_add: one output width per U panels");
   int64_t rank = 0, width = 0;
@@ -192,15 +226,14 @@ void bf16_panels_lowrank_add(torch::Tensor x, torch::Tensor v_panels, std::vecto
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
               y.size(1) == width, "bf16_panels_lowrank_add: y must be contiguous float32 [N, sum(u_outs)]");
   const auto xc = x.contiguous();
-  const int64_t tokens = xc.size(0), in = xc.size(1);
-  auto z = torch::empty({tokens, rank}, xc.options());
-  panels_times_tokens(xc.data_ptr<float>(), in, tokens, in, v_panels.data_ptr<c10::BFloat16>(), v_panels.size(0),
-                      z.data_ptr<float>(), rank, rank, false);
+  auto z = torch::empty({x.size(0), rank}, x.options());
+  panels_product_into(xc, 0, xc.size(1), v_panels, rank, z.data_ptr<float>(), rank, false,
+                      xc.size(1) < strips_below_inputs);
   int64_t start = 0, column = 0;
   for (size_t i = 0; i < u_panels.size(); ++i) {
     const int64_t part = u_panels[i].size(1);
-    panels_times_tokens(z.data_ptr<float>() + start, rank, tokens, part, u_panels[i].data_ptr<c10::BFloat16>(),
-                        u_panels[i].size(0), y.data_ptr<float>() + column, width, u_outs[i], true);
+    panels_product_into(z, start, part, u_panels[i], u_outs[i], y.data_ptr<float>() + column, width, true,
+                        part < strips_below_inputs);
     start += part;
     column += u_outs[i];
   }
@@ -212,15 +245,7 @@ torch::Tensor bf16_panels_linear_strips(torch::Tensor x, torch::Tensor panels, i
   const int64_t in = panels.size(1);
   const c10::BFloat16* w = panels.data_ptr<c10::BFloat16>();
 #if defined(SLIMSERVE_AVX2)
-  return slimserve_rows::tile_gemm_panels(x, out, [&](float* b_panels, int64_t first, int64_t row_panels) {
-    const c10::BFloat16* src = w + first / kPanelRows * in * kPanelRows;
-    for (int64_t i = 0; i < row_panels * in * kPanelRows; i += kPanelRows) {
-      __m256 low, high;
-      widen_panel_input(src + i, low, high);
-      _mm256_storeu_ps(b_panels + i, low);
-      _mm256_storeu_ps(b_panels + i + 8, high);
-    }
-  });
+  return slimserve_rows::tile_gemm_panels(x, out, widened_panels(w, in));
 #else
   return slimserve_rows::strips_gemm(x, out, at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
@@ -240,6 +265,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_panels_linear_strips", &bf16_panels_linear_strips,
         "y = x · Wᵀ (float32) for many tokens: W's panels widened to float32 in cache, multiplied by a dense GEMM");
   m.def("bf16_panels_lowrank_add", &bf16_panels_lowrank_add,
-        "y += (x Vᵀ) Uᵢᵀ per U into its columns, V and every U stored as bf16 panels (few tokens)");
+        "y += (x Vᵀ) Uᵢᵀ per U into its columns, V and every U stored as bf16 panels");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
 }

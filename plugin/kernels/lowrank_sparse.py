@@ -5,10 +5,11 @@ shard besides, on its slice of ``x Vᵀ``, and concatenates them. Each product a
 costs a dispatch of about 10 µs, and a split, copies and a concatenation besides: on the real
 SmolLM2 (30 layers of four such layers, most of them small) one decoded token spent about 4 ms of
 its 21 ms in those layers outside the kernels. ``slimserve::lowrank_sparse_panels`` crosses the
-dispatcher once per layer: S's product runs first, and for a few tokens one C++ call
-(``bf16_panels_lowrank_add``) multiplies V and then adds each U's product of its slice of
-``x Vᵀ`` into its columns of S's output, so no slice is copied and no concatenation or separate
-sum is made. Many-token steps, where the kernels dwarf those costs, compose the same products.
+dispatcher once per layer: S's product runs first, then one C++ call (``bf16_panels_lowrank_add``)
+multiplies V and adds each U's product of its slice of ``x Vᵀ`` straight into its columns of S's
+output, so no concatenation or separate sum is made. Each factor takes the road
+``bf16_panels_linear`` would give it (the panels loop, or for many tokens and few inputs the tiled
+GEMM, which writes into the columns too).
 
 Only factors kept as bf16 panels (``Bf16PanelsLinear``) take it: elsewhere the factors run on
 vLLM's prepacked oneDNN GEMMs, closures no operator can take as arguments, and the layer keeps
@@ -21,7 +22,13 @@ import torch
 
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul, bitmask_matmul
 from slimserve.plugin.kernels.ell import EllMatmul, ell_matmul
-from slimserve.plugin.kernels.gemm import STRIPS_FROM_TOKENS, Bf16PanelsLinear, _bf16_panels_kernel, bf16_panels_linear
+from slimserve.plugin.kernels.gemm import (
+    STRIPS_BELOW_INPUTS,
+    STRIPS_FROM_TOKENS,
+    Bf16PanelsLinear,
+    _bf16_panels_kernel,
+    bf16_panels_linear,
+)
 from slimserve.plugin.kernels.ops import register_op
 
 
@@ -38,16 +45,18 @@ def lowrank_sparse_panels(x: torch.Tensor, v_panels: torch.Tensor, u_panels: lis
     its slice of ``x Vᵀ`` (as wide as U's inputs, in order) added into its ``u_outs`` columns."""
     y = (bitmask_matmul if s_bitmask else ell_matmul)(x, s_values, s_positions)
     ext = _bf16_panels_kernel()
-    if ext is not None and x.shape[0] < STRIPS_FROM_TOKENS:  # the panels loop for V and every U, in one call
-        ext.bf16_panels_lowrank_add(x, v_panels, u_panels, u_outs, y)
+    if ext is None:  # no compiler: the products through their PyTorch fallbacks
+        z = bf16_panels_linear(x, v_panels, sum(panels.shape[1] for panels in u_panels))
+        column = start = 0
+        for panels, width in zip(u_panels, u_outs):
+            rank = panels.shape[1]
+            y[:, column:column + width] += bf16_panels_linear(z[:, start:start + rank], panels, width)
+            column += width
+            start += rank
         return y
-    z = bf16_panels_linear(x, v_panels, sum(panels.shape[1] for panels in u_panels))
-    column = start = 0
-    for panels, width in zip(u_panels, u_outs):
-        rank = panels.shape[1]
-        y[:, column:column + width] += bf16_panels_linear(z[:, start:start + rank].contiguous(), panels, width)
-        column += width
-        start += rank
+    # bf16_panels_linear's rule: short factors (a U's rank, a small model's V) take the tiled GEMM for many tokens
+    ext.bf16_panels_lowrank_add(x, v_panels, u_panels, u_outs, y,
+                                STRIPS_BELOW_INPUTS if x.shape[0] >= STRIPS_FROM_TOKENS else 0)
     return y
 
 

@@ -310,17 +310,16 @@ inline int64_t balanced_unit_rows(int64_t out, int64_t threads) {
   return best;
 }
 
-// y [N, out] float32 = x [N, in] · Wᵀ with W's row panels written by `fill_panels(b_panels, first, row_panels)`:
-// rows first .. first + 16 · row_panels of W (first a multiple of 16) as row_panels panels [in, 16] float32 at
-// b_panels, rows past `out` zero.
+// y [N, out] (float32, row stride ldy; set, or added to with `accumulate`) = x [N, in] · Wᵀ with W's row panels
+// written by `fill_panels(b_panels, first, row_panels)`: rows first .. first + 16 · row_panels of W (first a multiple
+// of 16) as row_panels panels [in, 16] float32 at b_panels, rows past `out` zero.
 template <typename FillPanels>
-at::Tensor tile_gemm_panels(const at::Tensor& x, int64_t out, const FillPanels& fill_panels) {
+void tile_gemm_panels_into(const at::Tensor& x, int64_t out, const FillPanels& fill_panels, float* yp, int64_t ldy,
+                           bool accumulate) {
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t token_panels = (tokens + kTileTokens - 1) / kTileTokens;
   const auto a_panels = pack_token_panels(x, kTileTokens);
   const float* a = a_panels.data_ptr<float>();
-  auto y = torch::empty({tokens, out}, a_panels.options());
-  float* yp = y.data_ptr<float>();
   const int64_t unit_rows = balanced_unit_rows(out, at::get_num_threads()), units = (out + unit_rows - 1) / unit_rows;
   at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
     std::vector<float> b_panels(unit_rows * in);
@@ -338,19 +337,26 @@ at::Tensor tile_gemm_panels(const at::Tensor& x, int64_t out, const FillPanels& 
             const float* bq = b_panels.data() + (q * in + k0) * kTileRows;
             const int64_t o0 = first + q * kTileRows, ot = std::min(kTileRows, out - o0);
             if (nt == kTileTokens && ot == kTileRows) {
-              tile_6x16(ap, bq, depth, yp + n0 * out + o0, out, k0 > 0);
+              tile_6x16(ap, bq, depth, yp + n0 * ldy + o0, ldy, accumulate || k0 > 0);
               continue;
             }
             tile_6x16(ap, bq, depth, edge, kTileRows, false);  // a part tile: through a buffer, the valid part kept
             for (int64_t i = 0; i < nt; ++i) {
-              float* yi = yp + (n0 + i) * out + o0;
-              for (int64_t r = 0; r < ot; ++r) yi[r] = (k0 > 0 ? yi[r] : 0.f) + edge[i * kTileRows + r];
+              float* yi = yp + (n0 + i) * ldy + o0;
+              for (int64_t r = 0; r < ot; ++r) yi[r] = (accumulate || k0 > 0 ? yi[r] : 0.f) + edge[i * kTileRows + r];
             }
           }
         }
       }
     }
   });
+}
+
+// tile_gemm_panels_into a new y [N, out].
+template <typename FillPanels>
+at::Tensor tile_gemm_panels(const at::Tensor& x, int64_t out, const FillPanels& fill_panels) {
+  auto y = torch::empty({x.size(0), out}, x.options().dtype(at::kFloat));
+  tile_gemm_panels_into(x, out, fill_panels, y.data_ptr<float>(), out, false);
   return y;
 }
 
