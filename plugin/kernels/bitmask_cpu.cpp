@@ -604,21 +604,21 @@ torch::Tensor bitmask_matmul_kept(torch::Tensor z, torch::Tensor values, torch::
 #if defined(SLIMSERVE_AVX2)
 namespace {
 // Many tokens at densities up to about a half (lowrank_sparse's S at 30 % of bytes is 0.43 full): rows two at a time
-// over the union of their stored columns. For each input either row stores, one load of the panel row feeds an FMA
-// into each row's token sums (the row absent there multiplies a zero), so every load serves two FMAs where
+// over the union of their stored columns. For each input either row stores, one load of the panel row feeds an FMA into
+// each row's token sums (the row absent there multiplies a zero), so every load serves two FMAs where
 // bitmask_matmul_kept spends one load per FMA, and the FMA units, not the loads, set the pace. At density d a pair's
 // union holds 1 - (1 - d)^2 of the inputs: 0.68 at 0.43, so two thirds of the FMAs are useful, against 0.43 for the
 // strips' dense GEMM (three rows at a time would keep only 0.53). The pairs' columns and their two weights (zero where
 // a row has none) are decoded per call, a block of kUnionPairs pairs at a time, chunk by chunk of kUnionInputs inputs
 // (chunk-major), and every panel of tokens walks the chunks in turn: the chunk's panel rows (128 x 192 B = 24 KiB at 48
-// tokens) stay in L1 while the block's pairs pass over them. Sums go to a block scratch between chunks and reach y
-// [N, out] through 8 x 8 transposes, so no transposed copy of y is made. AMD EPYC (Zen 2), 2 threads, bf16 values,
-// ms union pairs / stored values (bitmask_matmul_kept) / strips / vLLM's float32 oneDNN GEMM, at 512 tokens:
-// density 0.43 [5632, 2048] 50.9 / 64.8 / 62.5 / 80.2, [2048, 5632] 53.7 / 67.0 / 67.0 / 80.2, [11264, 2048] 99.7 /
-// 137.6 / 125.0 / 160.1, [1536, 576] 4.0 / 6.0 / 5.1 / 6.0, [576, 1536] 4.2 / 5.4 / 5.2 / 6.0; density 0.25 [5632,
-// 2048] 40.4 / 51.3 / 62.8; density 0.64 [5632, 2048] 61.4 / 75.5 / 62.1 (level with the strips, so denser C keeps
-// them); at 128 tokens and 0.43, [2048, 5632] 16.2 / 16.8 / 17.9, [11264, 2048] 31.4 / 33.3 / 35.0. Below that the
-// per-call decode (about 2.5 ms for [5632, 2048]) outweighs the gain (bitmask.py routes by these numbers).
+// tokens) stay in L1 while the block's pairs pass over them. Sums go to a block scratch between chunks and reach y [N,
+// out] through rows_into_panel's 8 x 8 transposes, so no transposed copy of y is made. AMD EPYC (Zen 2), 2 threads,
+// bf16 values, ms union pairs / stored values (bitmask_matmul_kept) / strips / vLLM's float32 oneDNN GEMM, at 512
+// tokens: density 0.43 [5632, 2048] 50.9 / 64.8 / 62.5 / 80.2, [2048, 5632] 53.7 / 67.0 / 67.0 / 80.2, [11264, 2048]
+// 99.7 / 137.6 / 125.0 / 160.1, [1536, 576] 4.0 / 6.0 / 5.1 / 6.0, [576, 1536] 4.2 / 5.4 / 5.2 / 6.0; density 0.25
+// [5632, 2048] 40.4 / 51.3 / 62.8; density 0.64 [5632, 2048] 61.4 / 75.5 / 62.1 (level with the strips, so denser C
+// keeps them); at 128 tokens and 0.43, [2048, 5632] 16.2 / 16.8 / 17.9, [11264, 2048] 31.4 / 33.3 / 35.0. Below that
+// the per-call decode (about 2.5 ms for [5632, 2048]) outweighs the gain (bitmask.py routes by these numbers).
 constexpr int64_t kUnionInputs = 128;
 constexpr int64_t kUnionPairs = 64;
 constexpr int64_t kUnionMaxVectors = 6;  // 48 tokens a panel: two rows' sums are 12 registers
@@ -682,30 +682,6 @@ void decode_pairs(const uint8_t* mask, int64_t mask_bytes, const V* values, cons
   }
 }
 
-// Rows row0 .. row0 + rows of y [tokens, out] for the `valid` tokens from `token0`, from sums [rows, width] (row-major;
-// readable 8 rows past `rows`), 8 x 8 blocks transposed in registers.
-inline void store_transposed(const float* sums, int64_t width, int64_t rows, int64_t valid, float* y, int64_t out,
-                             int64_t token0, int64_t row0) {
-  for (int64_t r = 0; r < rows; r += 8) {
-    const int64_t lanes = std::min<int64_t>(8, rows - r);
-    for (int64_t t0 = 0; t0 < valid; t0 += 8) {
-      __m256 block[8];
-      for (int i = 0; i < 8; ++i) block[i] = _mm256_loadu_ps(sums + (r + i) * width + t0);
-      slimserve_rows::transpose8x8(block);
-      for (int64_t j = 0; j < std::min<int64_t>(8, valid - t0); ++j) {
-        float* slot = y + (token0 + t0 + j) * out + row0 + r;
-        if (lanes == 8) {
-          _mm256_storeu_ps(slot, block[j]);
-        } else {
-          alignas(32) float lane_values[8];
-          _mm256_store_ps(lane_values, block[j]);
-          std::memcpy(slot, lane_values, sizeof(float) * lanes);
-        }
-      }
-    }
-  }
-}
-
 // y [N, out] = z · Cᵀ over panels of 8 · kVectors tokens (union_panels' comment above).
 template <int kVectors, typename V>
 void union_panels(const at::Tensor& z, const V* values, const V* values_end, const uint8_t* mask, int64_t mask_bytes,
@@ -718,7 +694,7 @@ void union_panels(const at::Tensor& z, const V* values, const V* values_end, con
   const int64_t panel_count = panels.size(0);
   at::parallel_for(0, pairs, kUnionPairs, [&](int64_t pair_begin, int64_t pair_end) {
     PairColumns d;
-    std::vector<float> sums((2 * kUnionPairs + 8) * kWidth);
+    std::vector<float> sums(2 * kUnionPairs * kWidth);
     for (int64_t q0 = pair_begin; q0 < pair_end; q0 += kUnionPairs) {
       const int64_t block = std::min(kUnionPairs, pair_end - q0);
       decode_pairs(mask, mask_bytes, values, values_end, nnz, out, q0, block, static_cast<int32_t>(kWidth), d);
@@ -750,9 +726,14 @@ void union_panels(const at::Tensor& z, const V* values, const V* values_end, con
             }
           }
         }
-        const int64_t row0 = 2 * q0;
-        store_transposed(sums.data(), kWidth, std::min(2 * block, out - row0), std::min(kWidth, tokens - p * kWidth),
-                         y, out, p * kWidth, row0);
+        // the block's sums [rows, kWidth] into y [N, out]: each 8 rows are 8 columns of the panel's valid tokens' rows
+        const int64_t row0 = 2 * q0, rows = std::min(2 * block, out - row0);
+        const int64_t valid = std::min(kWidth, tokens - p * kWidth);
+        for (int64_t r = 0; r < rows; r += 8) {
+          const int64_t lanes = std::min<int64_t>(8, rows - r);
+          slimserve_rows::rows_into_panel(sums.data() + r * kWidth, kWidth, valid, lanes, y + p * kWidth * out, out,
+                                          row0 + r, lanes);
+        }
       }
     }
   });

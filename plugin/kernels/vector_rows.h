@@ -201,18 +201,18 @@ inline void transpose8x8(__m256 r[8]) {
 }
 #endif
 
-// Rows src[0 .. rows) ([rows, in], row-major; rows <= lanes <= 8) as lanes lane0 .. lane0 + lanes of a panel
-// [in, width], lanes past `rows` zero: on AVX2, 8 x 8 blocks transposed in registers. A panel narrower than 8 takes
-// all 8 lanes of each store anyway and lets the next input's store rewrite the spill (a masked store is microcoded on
-// AMD Zen 2 and made packing x 5x slower); its last input goes through a buffer.
-inline void rows_into_panel(const float* src, int64_t in, int64_t rows, float* panel, int64_t width, int64_t lane0,
-                            int64_t lanes) {
+// Rows src[0 .. rows) (`in` values each, row stride ld; rows <= lanes <= 8) as lanes lane0 .. lane0 + lanes of a
+// panel [in, width], lanes past `rows` zero: on AVX2, 8 x 8 blocks transposed in registers. A panel narrower than 8
+// takes all 8 lanes of each store anyway and lets the next input's store rewrite the spill (a masked store is
+// microcoded on AMD Zen 2 and made packing x 5x slower); its last input goes through a buffer.
+inline void rows_into_panel(const float* src, int64_t ld, int64_t in, int64_t rows, float* panel, int64_t width,
+                            int64_t lane0, int64_t lanes) {
   int64_t main = 0;
 #if defined(__AVX2__)
   main = in / 8 * 8;
   for (int64_t k = 0; k < main; k += 8) {
     __m256 r[8];
-    for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(src + i * in + k) : _mm256_setzero_ps();
+    for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(src + i * ld + k) : _mm256_setzero_ps();
     transpose8x8(r);
     for (int j = 0; j < 8; ++j) {
       float* slot = panel + (k + j) * width + lane0;
@@ -228,7 +228,7 @@ inline void rows_into_panel(const float* src, int64_t in, int64_t rows, float* p
 #endif
   for (int64_t k = main; k < in; ++k) {
     float* slot = panel + k * width + lane0;
-    for (int64_t i = 0; i < lanes; ++i) slot[i] = i < rows ? src[i * in + k] : 0.f;
+    for (int64_t i = 0; i < lanes; ++i) slot[i] = i < rows ? src[i * ld + k] : 0.f;
   }
 }
 
@@ -247,7 +247,7 @@ inline at::Tensor pack_token_panels(const at::Tensor& x, int64_t width) {
       const int64_t valid = std::min(width, tokens - p * width);
       for (int64_t i0 = 0; i0 < width; i0 += 8) {
         const int64_t lanes = std::min<int64_t>(8, width - i0);
-        rows_into_panel(xp + (p * width + i0) * in, in, std::max<int64_t>(0, std::min(lanes, valid - i0)),
+        rows_into_panel(xp + (p * width + i0) * in, in, in, std::max<int64_t>(0, std::min(lanes, valid - i0)),
                         packed + p * in * width, width, i0, lanes);
       }
     }
@@ -371,7 +371,7 @@ at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows
       const int64_t filled = std::max<int64_t>(0, std::min<int64_t>(8, out - first - r0));
       auto decoded = eight.narrow(0, 0, filled);
       if (filled > 0) fill_rows(decoded, first + r0, 0, filled);
-      rows_into_panel(eight.data_ptr<float>(), in, filled, b_panels + r0 / kTileRows * in * kTileRows, kTileRows,
+      rows_into_panel(eight.data_ptr<float>(), in, in, filled, b_panels + r0 / kTileRows * in * kTileRows, kTileRows,
                       r0 % kTileRows, 8);  // rows past `out` zero
     }
   });
