@@ -144,13 +144,16 @@ def test_ell_matmul_matches_dense_coefficients(dtype: torch.dtype, batch: int, i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# one token (expand / permute path); AVX2's few-token rows at 2 (two byte chains), 5 and 8, its batch loop from 9;
-# batched with a partial chunk
-@pytest.mark.parametrize("batch", [1, 2, 5, 8, 9, 37])
+# one token (expand / permute path); AVX2's few-token rows at 2 and 3 (two byte chains), 5 and 8, its batch loop
+# from 9; batched with a partial chunk
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8, 9, 37])
 # (atoms, nnz): k = 5 (under one mask byte), odd k = 37 (3 spare bits; AVX-512: two 16-bit steps and a tail),
-# k = 40 (whole bytes), k = 300 (many steps), s = 1 and s = k; the last rows end at the values buffer's end;
-# k = 1100: 8 tokens whose x is past an L1 (64 rows of 1100 ending in a part byte), and long float32 sums.
-@pytest.mark.parametrize(("atoms", "nnz"), [(5, 2), (37, 1), (37, 37), (40, 17), (300, 151), (1100, 433)])
+# k = 40 (whole bytes), k = 300 (groups of 8 mask bytes, single bytes after them), s = 1 and s = k; the last rows
+# end at the values buffer's end; k = 1100: 8 tokens whose x is past an L1 (AVX2 row pairs: rows i and i + 33 of
+# 67, an odd last row; with two threads ranges of 34 and 33) ending in a part byte, and long float32 sums;
+# k = 4200: x past an L1 from 2 tokens.
+@pytest.mark.parametrize(("atoms", "nnz"), [(5, 2), (37, 1), (37, 37), (40, 17), (300, 151), (1100, 433),
+                                            (4200, 1805)])
 def test_bitmask_matmul_matches_the_reference(dtype: torch.dtype, batch: int, atoms: int, nnz: int, isa: str) -> None:
     torch.manual_seed(0)
     values, mask = sparse_rows.dense_to_bitmask(torch.randn(67, atoms), nnz)

@@ -9,7 +9,7 @@
 //    multiplied with a masked load of 16 z entries.
 //  * AVX2 + FMA: one mask byte at a time, 8 packed values placed by a 256-entry table (bf16 values: one vpshufb that
 //    also widens and zeros; float32: _mm256_permutevar8x32_ps indices and a blend) and multiplied with 8 z entries
-//    of every token of the batch, two rows at a time from 8 tokens.
+//    of every token of the batch, two rows at a time from 2 tokens where those tokens' x is past L1.
 //  * scalar: the set bits one by one.
 // A batch (N > 1) decodes each row's mask once, reads z transposed ([k, N] float32, cache-resident) and,
 // for each stored value, updates 16 tokens with one contiguous load and one FMA (vector_rows.h, shared with ELL).
@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "amx_strips.h"
@@ -116,33 +117,46 @@ template <bool kGuarded, typename V> inline __m256 mask_byte_values(uint32_t bit
   }
 }
 
+// f(0) .. f(7) with each index a compile-time constant: the byte loops take a row's 8 mask bytes from one 64-bit load
+// and pick their accumulator set by the byte's place, so an index must be known where the code is generated.
+template <typename F, int... K> inline void each_of(std::integer_sequence<int, K...>, F&& f) {
+  (f(std::integral_constant<int, K>{}), ...);
+}
+template <typename F> inline void each_of_8(F&& f) { each_of(std::make_integer_sequence<int, 8>{}, f); }
+
 // Row o of C dotted with NT tokens of z ([NT, k] float32, row-major): each mask byte's values are placed once and
 // multiplied with every token's 8 columns, so the row's values and mask stream once for the batch and z is read
-// contiguously (no decoded column list, no transposed copy). Fewer than four tokens also split the bytes over
-// kChains accumulator sets, so at least four FMA chains are in flight. The accumulators are indexed by constants
-// only: GCC kept an array indexed by the byte's parity on the stack, and every FMA waited on a store-to-load round
-// trip (about 7 cycles a mask byte on an AMD EPYC, 2.5x the one-token loop's time). A last byte that runs past
-// column k reads z under its bits (unset lanes read as 0, nothing past column k).
+// contiguously (no decoded column list, no transposed copy). Up to four tokens also split the bytes over kChains
+// accumulator sets, so at least four FMA chains are in flight (an FMA takes 5 cycles on Zen 2, two issue a cycle):
+// with one set 3 and 4 tokens took 1.14 / 1.16 ms on [5632, 2048] (density 0.43, bf16, streamed), with two 0.84 / 1.00.
+// A row's mask bytes come 8 to a 64-bit load: one load fewer per byte took one token from 0.84 to 0.69 ms there
+// (the loop is bound by its loads, not by memory: 0.77 ms with the weights in cache before). The accumulators are
+// indexed by constants only: GCC kept an array indexed by the byte's parity on the stack, and every FMA waited on a
+// store-to-load round trip (about 7 cycles a mask byte on an AMD EPYC, 2.5x the one-token loop's time). A last byte
+// that runs past column k reads z under its bits (unset lanes read as 0, nothing past column k).
 template <int NT, bool kGuarded, typename V>
 inline void bitmask_row_avx2(const float* z, int64_t atoms, const uint8_t* mrow, const V* v, const V* values_end,
                              float* sums) {
-  constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
+  constexpr int kChains = NT >= 5 ? 1 : NT >= 2 ? 2 : 4;
   __m256 acc[kChains][NT];
   for (int c = 0; c < kChains; ++c) {
     for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_setzero_ps();
   }
   const int64_t full_bytes = atoms / 8;
+  const auto byte_step = [&](auto chain, uint32_t bits, int64_t b) {
+    constexpr int c = decltype(chain)::value;
+    const __m256 vals = mask_byte_values<kGuarded>(bits, v, values_end);
+    for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + n * atoms + 8 * b), acc[c][n]);
+  };
   int64_t b = 0;
-  for (; b + kChains <= full_bytes; b += kChains) {
-    for (int c = 0; c < kChains; ++c) {
-      const __m256 vals = mask_byte_values<kGuarded>(mrow[b + c], v, values_end);
-      for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + n * atoms + 8 * (b + c)), acc[c][n]);
-    }
+  for (; b + 8 <= full_bytes; b += 8) {  // the next 8 mask bytes in one load
+    uint64_t bits;
+    std::memcpy(&bits, mrow + b, 8);
+    each_of_8([&](auto k) {
+      byte_step(std::integral_constant<int, decltype(k)::value % kChains>{}, (bits >> (8 * k)) & 0xff, b + k);
+    });
   }
-  for (; b < full_bytes; ++b) {
-    const __m256 vals = mask_byte_values<kGuarded>(mrow[b], v, values_end);
-    for (int n = 0; n < NT; ++n) acc[0][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + n * atoms + 8 * b), acc[0][n]);
-  }
+  for (; b < full_bytes; ++b) byte_step(std::integral_constant<int, 0>{}, mrow[b], b);
   if (atoms % 8 != 0) {
     const uint32_t bits = mrow[b];
     // bit i of the byte moved to the sign bit of lane i: what a masked load reads as its mask
@@ -171,15 +185,24 @@ inline void bitmask_row_pair_avx2(const float* z, int64_t atoms, const uint8_t* 
   __m256 first[NT], second[NT];
   for (int n = 0; n < NT; ++n) first[n] = second[n] = _mm256_setzero_ps();
   const int64_t full_bytes = atoms / 8;
-  for (int64_t b = 0; b < full_bytes; ++b) {
-    const __m256 w0 = mask_byte_values<kGuarded>(mrow0[b], v0, values_end);
-    const __m256 w1 = mask_byte_values<kGuarded>(mrow1[b], v1, values_end);
+  const auto byte_pair = [&](uint32_t bits0, uint32_t bits1, int64_t b) {
+    const __m256 w0 = mask_byte_values<kGuarded>(bits0, v0, values_end);
+    const __m256 w1 = mask_byte_values<kGuarded>(bits1, v1, values_end);
     for (int n = 0; n < NT; ++n) {
-      const __m256 x = _mm256_loadu_ps(z + n * atoms + 8 * b);
+      __m256 x = _mm256_loadu_ps(z + n * atoms + 8 * b);
+      asm("" : "+x"(x));  // one load for both FMAs: GCC folds it into each otherwise (14 loads per 8 FMAs)
       first[n] = _mm256_fmadd_ps(w0, x, first[n]);
       second[n] = _mm256_fmadd_ps(w1, x, second[n]);
     }
+  };
+  int64_t b = 0;
+  for (; b + 8 <= full_bytes; b += 8) {  // the two rows' next 8 mask bytes in one load each
+    uint64_t bits0, bits1;
+    std::memcpy(&bits0, mrow0 + b, 8);
+    std::memcpy(&bits1, mrow1 + b, 8);
+    each_of_8([&](auto k) { byte_pair((bits0 >> (8 * k)) & 0xff, (bits1 >> (8 * k)) & 0xff, b + k); });
   }
+  for (; b < full_bytes; ++b) byte_pair(mrow0[b], mrow1[b], b);
   if (atoms % 8 != 0) {
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(atoms % 8)),
                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -197,15 +220,17 @@ inline void bitmask_row_pair_avx2(const float* z, int64_t atoms, const uint8_t* 
   }
 }
 
-// From this many tokens bitmask_rows_avx2 takes rows in pairs (bitmask_row_pair_avx2), 4 tokens a pass over a pair
-// (8 accumulators; the pair's values are in L1 for the second pass). Measured on an AMD EPYC (Zen 2), 2 threads,
-// bf16 values, weights streamed from memory (8 copies rotated, as a model's layers are), ms one row / pairs at 8
-// tokens, density 0.43: [5632, 2048] 2.69 / 2.32, [2048, 5632] 2.26 / 2.01, [3072, 2048] 1.50 / 1.28, [2048, 2048]
-// 0.99 / 0.85 (density 0.64 alike); at 7 tokens level (2.14 / 2.14 on [5632, 2048]); at 4, 5 and 6 tokens pairs ran
-// up to 1.5x slower on [5632, 2048] (1.25 / 1.51 at 4) while faster on [2048, 5632] (1.22 / 1.07). Where the tokens'
-// x fits an L1 data cache (kL1Bytes) there is no L2 traffic to halve and pairs lost too (SmolLM2 at density 0.74, 8
-// tokens: [3072, 576] 0.29 / 0.38, [576, 576] 0.056 / 0.063; [576, 1536], x 48 KiB, 0.170 / 0.152).
-constexpr int kPairsFromTokens = 8;
+// Where the tokens' x is past an L1 data cache (kL1Bytes), from kPairsFromTokens tokens, bitmask_rows_avx2 takes rows
+// in pairs (bitmask_row_pair_avx2), 4 tokens a pass over a pair (8 accumulators; the pair's values are in L1 for the
+// second pass): each load of x from L2 feeds two rows. The pair is row i of the thread's range and row i + half of
+// it, so each of the two rows' value streams runs forward through memory; pairs of adjacent rows leapfrogged each
+// other and the hardware prefetcher lost them (streamed [5632, 2048] at 2 tokens 1.02 ms against 0.62 resident).
+// Measured on an AMD EPYC (Zen 2), 2 threads, bf16 values, density 0.43, weights streamed from memory (8 copies
+// rotated, as a model's layers are), ms pairs / one row: [5632, 2048] 0.71 / 0.76 at 2 tokens, 0.87 / 0.98 at 4,
+// 1.40 / 1.90 at 6, 1.53 / 2.68 at 8; [2048, 5632] 0.66 / 0.78 at 2, 0.79 / 1.19 at 4, 1.46 / 2.30 at 8. Where x fits
+// L1 pairs lost: thirty real SmolLM2 OATS layers (576 and 1536 inputs) took 10.2 / 11.1 ms (one row / pairs) in S at
+// 2 tokens, 16.4 / 18.3 at 6, 19.7 / 20.9 at 8 (whose down projection, x 48 KiB, pairs: 0.127 / 0.166 ms alone).
+constexpr int kPairsFromTokens = 2;
 constexpr int64_t kL1Bytes = 32 * 1024;
 
 // Rows [row_begin, row_end) of y [NT, out] from z [NT, k]; a row's last mask byte may load up to 8 values past the
@@ -213,16 +238,16 @@ constexpr int64_t kL1Bytes = 32 * 1024;
 template <int NT, typename V, typename O>
 void bitmask_rows_avx2(const float* z, int64_t atoms, const V* values, const uint8_t* mask, O* y, int64_t out,
                        int64_t nnz, int64_t mask_bytes, const V* values_end, int64_t row_begin, int64_t row_end) {
-  int64_t o = row_begin;
+  int64_t o = row_begin;  // rows from o on run one at a time
   if constexpr (NT >= kPairsFromTokens) {
-    // x past L1: two rows at a time (an odd last row below)
-    const int64_t paired_end = NT * atoms * int64_t{sizeof(float)} > kL1Bytes ? row_end : row_begin;
     constexpr int kFirstPass = NT > 4 ? 4 : NT, kSecondPass = NT - kFirstPass;
-    for (; o + 1 < paired_end; o += 2) {
-      const V* v0 = values + o * nnz;
-      const V* v1 = v0 + nnz;
-      const uint8_t* m0 = mask + o * mask_bytes;
-      const uint8_t* m1 = m0 + mask_bytes;
+    const int64_t half = NT * atoms * int64_t{sizeof(float)} > kL1Bytes ? (row_end - row_begin) / 2 : 0;
+    for (int64_t o0 = row_begin; o0 < row_begin + half; ++o0) {
+      const int64_t o1 = o0 + half;
+      const V* v0 = values + o0 * nnz;
+      const V* v1 = values + o1 * nnz;
+      const uint8_t* m0 = mask + o0 * mask_bytes;
+      const uint8_t* m1 = mask + o1 * mask_bytes;
       float sums0[NT], sums1[NT];
       const auto passes = [&](auto guarded) {
         constexpr bool kGuarded = decltype(guarded)::value;
@@ -232,16 +257,17 @@ void bitmask_rows_avx2(const float* z, int64_t atoms, const V* values, const uin
                                                        sums0 + kFirstPass, sums1 + kFirstPass);
         }
       };
-      if (v1 + nnz + 8 <= values_end) {
+      if (v1 + nnz + 8 <= values_end) {  // o1 is the later row: its last byte is the one that may leave the buffer
         passes(std::false_type{});
       } else {
         passes(std::true_type{});
       }
       for (int n = 0; n < NT; ++n) {
-        y[n * out + o] = static_cast<O>(sums0[n]);
-        y[n * out + o + 1] = static_cast<O>(sums1[n]);
+        y[n * out + o0] = static_cast<O>(sums0[n]);
+        y[n * out + o1] = static_cast<O>(sums1[n]);
       }
     }
+    o = row_begin + 2 * half;  // an odd range's last row
   }
   for (; o < row_end; ++o) {
     const V* v = values + o * nnz;
