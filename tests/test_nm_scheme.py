@@ -107,13 +107,16 @@ def test_kernel_equals_the_reference_per_isa(isa: str, kept: int, group: int, to
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("kept", "group", "in_features"), [(2, 4, 1032), (4, 8, 1032), (2, 4, 1028), (1, 4, 1032)])
-@pytest.mark.parametrize("tokens", [2, 9])
+@pytest.mark.parametrize(("kept", "group", "in_features"),
+                         [(2, 4, 1032), (4, 8, 1032), (2, 4, 6160), (2, 4, 1028), (1, 4, 1032)])
+@pytest.mark.parametrize("tokens", [1, 2, 4, 9])
 def test_long_rows_in_batches_equal_the_reference(isa: str, kept: int, group: int, in_features: int, tokens: int,
                                                   dtype: torch.dtype) -> None:
-    # 1032 inputs: AVX2 batches expand rows in chunks of 512 inputs, so three chunks, the last of 8; 1028 is not a
-    # multiple of 8, which that loop needs, so those rows take the permute path; 1:4 rows of 1032 inputs are 16
-    # permute blocks of 64 inputs (AVX2: 32 of 32) and a tail of 8.
+    # AVX2 expands rows in chunks of 24 KiB of x: 6144 inputs at one token, 3072 at two, 1536 at four, 768 for a
+    # block of 8, so 6160 inputs are 2-9 chunks and 1032 one or two, each ending in offsets bytes short of a group of
+    # 8; up to 4 tokens the inputs alternate between accumulator sets. 1028 is not a multiple of 8, which that loop
+    # needs, so those rows take the permute path; 1:4 rows of 1032 inputs are 16 permute blocks of 64 inputs (AVX2:
+    # 32 of 32) and a tail of 8.
     weight = _pruned(21, in_features, kept, group, seed=tokens).to(dtype)
     tensors = pack_nm(weight, kept, group)
     kernel = nm_kernel._cpu_kernel()

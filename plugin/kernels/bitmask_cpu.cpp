@@ -27,7 +27,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "amx_strips.h"
@@ -117,13 +116,6 @@ template <bool kGuarded, typename V> inline __m256 mask_byte_values(uint32_t bit
   }
 }
 
-// f(0) .. f(7) with each index a compile-time constant: the byte loops take a row's 8 mask bytes from one 64-bit load
-// and pick their accumulator set by the byte's place, so an index must be known where the code is generated.
-template <typename F, int... K> inline void each_of(std::integer_sequence<int, K...>, F&& f) {
-  (f(std::integral_constant<int, K>{}), ...);
-}
-template <typename F> inline void each_of_8(F&& f) { each_of(std::make_integer_sequence<int, 8>{}, f); }
-
 // Row o of C dotted with NT tokens of z ([NT, k] float32, row-major): each mask byte's values are placed once and
 // multiplied with every token's 8 columns, so the row's values and mask stream once for the batch and z is read
 // contiguously (no decoded column list, no transposed copy). Up to four tokens also split the bytes over kChains
@@ -152,7 +144,7 @@ inline void bitmask_row_avx2(const float* z, int64_t atoms, const uint8_t* mrow,
   for (; b + 8 <= full_bytes; b += 8) {  // the next 8 mask bytes in one load
     uint64_t bits;
     std::memcpy(&bits, mrow + b, 8);
-    each_of_8([&](auto k) {
+    slimserve_rows::each_of_8([&](auto k) {
       byte_step(std::integral_constant<int, decltype(k)::value % kChains>{}, (bits >> (8 * k)) & 0xff, b + k);
     });
   }
@@ -200,7 +192,7 @@ inline void bitmask_row_pair_avx2(const float* z, int64_t atoms, const uint8_t* 
     uint64_t bits0, bits1;
     std::memcpy(&bits0, mrow0 + b, 8);
     std::memcpy(&bits1, mrow1 + b, 8);
-    each_of_8([&](auto k) { byte_pair((bits0 >> (8 * k)) & 0xff, (bits1 >> (8 * k)) & 0xff, b + k); });
+    slimserve_rows::each_of_8([&](auto k) { byte_pair((bits0 >> (8 * k)) & 0xff, (bits1 >> (8 * k)) & 0xff, b + k); });
   }
   for (; b < full_bytes; ++b) byte_pair(mrow0[b], mrow1[b], b);
   if (atoms % 8 != 0) {

@@ -230,15 +230,21 @@ void rows_fixed(const float* x, const V* values, const uint8_t* positions, float
 }
 
 #if defined(SLIMSERVE_AVX2)
-// AVX2 batches of 2:4 and 4:8 rows: each row's kept values are expanded to dense lanes in registers, 8 inputs at a
-// time (4 stored values, zero lanes where pruned), and multiplied with plain FMAs against contiguous x. The permute
-// path above re-picks x entries for every token (two vpermps and a blend per token and 8 values); here the one
-// permute per 8 inputs is shared by every token of the block, so from a few tokens on the FMAs alone bound the loop
-// even though it multiplies the pruned zeros too. Inputs go in chunks whose x rows of a block stay in L1 while the
-// thread's rows pass over them (8 tokens of 2048 fp32 inputs are 64 KiB, twice an EPYC core's L1).
-constexpr int64_t kExpandedChunk = 512;
-// From this many tokens the expanded loop beats the permute path (bench/nm_kernel.py on an AMD EPYC, fp32).
-constexpr int64_t kExpandedFromTokens = 2;
+// AVX2 rows of 2:4 and 4:8 at every token count: each row's kept values are expanded to dense lanes in registers,
+// 8 inputs at a time (4 stored values, zero lanes where pruned), and multiplied with plain FMAs against contiguous x.
+// The permute path above re-picks x entries for every token (two vpermps and a blend per token and 8 values); here
+// the one permute per 8 inputs is shared by every token of the block, so the FMAs alone bound the loop even though
+// it multiplies the pruned zeros too. Up to 4 tokens the inputs alternate between accumulator sets so that at least
+// four FMA chains are in flight: with one chain a token the expanded loop lost to the permute path at one token and
+// so did not serve it. Inputs go in chunks whose x rows of a block stay in L1 while the thread's rows pass over them
+// (8 tokens of 2048 fp32 inputs are 64 KiB, twice an EPYC core's L1): 24 KiB of x a chunk, at least 512 inputs.
+// Short chunks cost few tokens their streaming: a chunk of a row is then a few cache lines, and at one token the
+// 512-input chunks of old ran at 0.93 ms on [5632, 2048] (bf16, streamed) against 0.56 for whole rows. AMD EPYC
+// (Zen 2), 2 threads, bf16, weights streamed, ms permute path / expanded, [5632, 2048]: one token 0.93 / 0.56, and
+// the expanded loop with one set against two at 2 tokens 1.09 / 0.66, 4 tokens 1.24 / 1.00; [2048, 5632] one token
+// 0.92 / 0.57, 2 tokens 1.08 / 0.78; 8 tokens (one set either way) level, 1.7-1.8.
+constexpr int64_t kExpandedChunkBytes = 24 * 1024;
+constexpr int64_t kExpandedMinChunk = 512;
 
 // Lane bytes of 8 dense inputs: which of 4 stored values (lanes 0-3 of a register whose lanes 4-7 are zero) each input
 // takes, 4 (a zero lane) where pruned.
@@ -301,18 +307,22 @@ template <typename V, int NT, typename Lanes>
 void rows_expanded(const float* x, const V* values, const uint8_t* positions, float* y, int64_t in, int64_t out,
                    int64_t row_begin, int64_t row_end, const Lanes& lanes) {
   const int64_t stored = in / 2, meta_bytes = (stored * Lanes::kBits + 7) / 8;
-  for (int64_t c0 = 0; c0 < in; c0 += kExpandedChunk) {
-    const int64_t d1 = std::min(in, c0 + kExpandedChunk) / 8;
+  constexpr int kChains = NT >= 5 ? 1 : NT >= 2 ? 2 : 4;
+  constexpr int64_t chunk = std::max<int64_t>(kExpandedMinChunk, kExpandedChunkBytes / (NT * sizeof(float)) / 8 * 8);
+  for (int64_t c0 = 0; c0 < in; c0 += chunk) {
+    const int64_t d1 = std::min(in, c0 + chunk) / 8;
     for (int64_t o = row_begin; o < row_end; ++o) {
       const V* val = values + o * stored;
       const uint8_t* meta = positions + o * meta_bytes;
-      __m256 acc[NT];
-      for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
-      // A chunk of a row is 16 cache lines: too short for the hardware prefetcher to ramp up on each new row, so
-      // the row two ahead is prefetched by hand.
+      __m256 acc[kChains][NT];
+      for (int c = 0; c < kChains; ++c) {
+        for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_setzero_ps();
+      }
+      // A chunk of a row is a few cache lines: too short for the hardware prefetcher to ramp up on each new row, so
+      // the row two ahead is prefetched by hand (a line of its values per 8 offsets bytes).
       _mm_prefetch(reinterpret_cast<const char*>(meta + 2 * meta_bytes + c0 / 8), _MM_HINT_T0);
-      for (int64_t d = c0 / 8; d < d1; ++d) {
-        _mm_prefetch(reinterpret_cast<const char*>(val + 2 * stored + 4 * d), _MM_HINT_T0);
+      const auto step = [&](auto chain, int64_t d) {
+        constexpr int c = decltype(chain)::value;
         __m256 w;
         if constexpr (std::is_same<V, c10::BFloat16>::value && std::is_same<Lanes, TwoOfFourLanes>::value) {
           int64_t four;
@@ -323,9 +333,19 @@ void rows_expanded(const float* x, const V* values, const uint8_t* positions, fl
           const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(lanes(meta, d))));
           w = _mm256_permutevar8x32_ps(load4_zero_upper(val + 4 * d), idx);
         }
-        for (int n = 0; n < NT; ++n) acc[n] = _mm256_fmadd_ps(_mm256_loadu_ps(x + n * in + 8 * d), w, acc[n]);
+        for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(_mm256_loadu_ps(x + n * in + 8 * d), w, acc[c][n]);
+      };
+      int64_t d = c0 / 8;
+      for (; d + 8 <= d1; d += 8) {
+        _mm_prefetch(reinterpret_cast<const char*>(val + 2 * stored + 4 * d), _MM_HINT_T0);
+        slimserve_rows::each_of_8([&](auto k) { step(std::integral_constant<int, decltype(k)::value % kChains>{}, d + k); });
       }
-      for (int n = 0; n < NT; ++n) y[n * out + o] = (c0 == 0 ? 0.f : y[n * out + o]) + reduce_add8(acc[n]);
+      for (; d < d1; ++d) step(std::integral_constant<int, 0>{}, d);
+      for (int n = 0; n < NT; ++n) {
+        __m256 total = acc[0][n];
+        for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[c][n]);
+        y[n * out + o] = (c0 == 0 ? 0.f : y[n * out + o]) + reduce_add8(total);
+      }
     }
   }
 }
@@ -415,8 +435,7 @@ void matmul_dispatch(const torch::Tensor& xf, const torch::Tensor& values, const
   const uint8_t* meta = positions.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
 #if defined(SLIMSERVE_AVX2)
-  const bool expanded = tokens >= kExpandedFromTokens && in % 8 == 0 &&
-                        ((kept == 2 && group == 4) || (kept == 4 && group == 8));
+  const bool expanded = in % 8 == 0 && ((kept == 2 && group == 4) || (kept == 4 && group == 8));
   static const TwoOfFourLanes two_of_four;
   static const FourOfEightLanes four_of_eight;
 #endif
