@@ -338,7 +338,9 @@ void rows_expanded(const float* x, const V* values, const uint8_t* positions, fl
       int64_t d = c0 / 8;
       for (; d + 8 <= d1; d += 8) {
         _mm_prefetch(reinterpret_cast<const char*>(val + 2 * stored + 4 * d), _MM_HINT_T0);
-        slimserve_rows::each_of_8([&](auto k) { step(std::integral_constant<int, decltype(k)::value % kChains>{}, d + k); });
+        slimserve_rows::each_of_8([&](auto k) {
+          step(std::integral_constant<int, decltype(k)::value % kChains>{}, d + k);
+        });
       }
       for (; d < d1; ++d) step(std::integral_constant<int, 0>{}, d);
       for (int n = 0; n < NT; ++n) {

@@ -31,9 +31,9 @@
 
 namespace slimserve_rows {
 
-// f(0) .. f(7) with each index a compile-time constant: the few-token row loops take a row's next 8 mask or offset
-// bytes from one 64-bit load and pick their accumulator set by the byte's place, so an index must be known where the
-// code is generated (an array indexed at run time went to the stack, every FMA waiting on a store-to-load trip).
+// f(0) .. f(7) with each index a compile-time constant: the few-token row loops unroll a row's next 8 mask or offsets
+// bytes and pick their accumulator set by the byte's place, so the index must be known where the code is generated
+// (an accumulator array indexed at run time went to the stack, every FMA waiting on a store-to-load trip).
 template <typename F, int... K> inline void each_of(std::integer_sequence<int, K...>, F&& f) {
   (f(std::integral_constant<int, K>{}), ...);
 }
