@@ -179,7 +179,8 @@ inline auto widened_panels(const c10::BFloat16* w, int64_t in) {
 
 // y [tokens, out] (row stride ldy; set, or added to) = x · Wᵀ for x = columns column .. column + in of `source`
 // (float32, unit column stride) and W's panels: the tiled GEMM on the panels widened in cache where `strips` (AVX2
-// builds), else the panels loop on x in place (no view is made: a few-token call is a few microseconds).
+// builds), else the panels loop; both read x's columns in place (the loop without even a view: a few-token call is
+// a few microseconds).
 void panels_product_into(const torch::Tensor& source, int64_t column, int64_t in, const torch::Tensor& panels,
                          int64_t out, float* y, int64_t ldy, bool accumulate, bool strips) {
   const c10::BFloat16* w = panels.data_ptr<c10::BFloat16>();

@@ -243,10 +243,13 @@ inline void rows_into_panel(const float* src, int64_t ld, int64_t in, int64_t ro
 // x [N, in] as float32 panels [ceil(N / width), in, width]: panel p holds tokens p·width .. p·width + width - 1 side
 // by side for each input, so a kernel reads one input's tokens as one contiguous run; tokens past N are zero. One
 // threaded pass over x, 8 tokens at a time (rows_into_panel): element by element it took 0.5-1 ms for a [512, 1536] x
-// (a plain copy takes 0.06), as long as the whole GEMM of a rank-87 factor.
+// (a plain copy takes 0.06), as long as the whole GEMM of a rank-87 factor. Rows are read at x's own row stride, so
+// a column slice (a U's share of x Vᵀ) is packed in place, not copied first.
 inline at::Tensor pack_token_panels(const at::Tensor& x, int64_t width) {
   const int64_t tokens = x.size(0), in = x.size(1), count = (tokens + width - 1) / width;
-  const auto xf = x.to(at::kFloat).contiguous();
+  auto xf = x.to(at::kFloat);
+  if (xf.stride(1) != 1 || (tokens > 1 && xf.stride(0) < in)) xf = xf.contiguous();  // rows apart, columns adjacent
+  const int64_t ld = xf.stride(0);
   const float* xp = xf.data_ptr<float>();
   auto panels = torch::empty({count, in, width}, xf.options());
   float* packed = panels.data_ptr<float>();
@@ -255,7 +258,7 @@ inline at::Tensor pack_token_panels(const at::Tensor& x, int64_t width) {
       const int64_t valid = std::min(width, tokens - p * width);
       for (int64_t i0 = 0; i0 < width; i0 += 8) {
         const int64_t lanes = std::min<int64_t>(8, width - i0);
-        rows_into_panel(xp + (p * width + i0) * in, in, in, std::max<int64_t>(0, std::min(lanes, valid - i0)),
+        rows_into_panel(xp + (p * width + i0) * ld, ld, in, std::max<int64_t>(0, std::min(lanes, valid - i0)),
                         packed + p * in * width, width, i0, lanes);
       }
     }
