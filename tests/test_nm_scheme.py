@@ -235,16 +235,19 @@ def test_many_bf16_tokens_on_the_tile_unit_carry_sums_across_input_chunks() -> N
 
 
 @pytest.mark.parametrize(("kept", "group"), [(2, 4), (4, 8)])
-@pytest.mark.parametrize("tokens", [1, 5, 8, 13, 32])
-def test_bf16_batches_on_the_dot_product_loop_equal_the_reference(kept: int, group: int, tokens: int) -> None:
-    # 37 rows: a lone last row; 96 inputs: three spans of 32; 5, 13 tokens: partial blocks of 8.
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 13, 32])
+@pytest.mark.parametrize("inputs", [96, 352])
+def test_bf16_batches_on_the_dot_product_loop_equal_the_reference(kept: int, group: int, tokens: int,
+                                                                  inputs: int) -> None:
+    # 37 rows: a lone last row; 96 inputs: three spans of 32, 352: eleven (2:4 decodes masks 8 spans at a time, then
+    # one by one); 2, 3 tokens: a block of 4, whole and partial; 5, 13 tokens: partial blocks of 8.
     kernel = nm_kernel._cpu_kernel()
     if kernel is None or not kernel.dot_usable(96, kept, group):
         pytest.skip("this CPU (or kernel build) has no AVX512_BF16 + VBMI2")
     assert not kernel.dot_usable(80, kept, group)  # inputs must fill whole spans of 32
-    weight = _pruned(37, 96, kept, group, seed=tokens).to(torch.bfloat16)
+    weight = _pruned(37, inputs, kept, group, seed=tokens).to(torch.bfloat16)
     tensors = pack_nm(weight, kept, group)
-    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    x = torch.randn(tokens, inputs, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
     expected = x.float() @ weight.float().t()
     got = kernel.nm_matmul_dot(x, tensors["values"], tensors["positions"], kept, group)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -405,7 +405,6 @@ struct BitmaskSpans {
   const uint8_t* mask;
   int64_t mask_bytes;
   const uint16_t* packed;
-  const uint16_t* values_end;  // of the whole values tensor: a span loads 32 values unmasked where that many remain
   int64_t span = 0;
   __m512i next() {
     uint32_t bits = 0;
@@ -416,17 +415,16 @@ struct BitmaskSpans {
       for (int64_t b = first; b < mask_bytes; ++b) bits |= static_cast<uint32_t>(mask[b]) << (8 * (b - first));
     }
     const int count = __builtin_popcount(bits);
-    __m512i dense;
-    if (packed + 32 <= values_end) {
-      __m512i kept = _mm512_loadu_si512(packed);
-      // Keeps the load a load: the compiler folds it into vpexpandw's memory form otherwise, which ran the
-      // tile unit's 8-token bitmask product at 0.64 ms against 0.5 for the register form on an Intel Xeon (on
-      // AMD Zen 4 that form is microcoded).
-      asm("" : "+v"(kept));
-      dense = _mm512_maskz_expand_epi16(bits, kept);
-    } else {
-      dense = slimserve_rows::expand_bf16(packed, bits, count);
-    }
+    if ((first & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + first) + 256, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(packed) + 1024, _MM_HINT_T0);
+    // Only the span's own values are loaded (so the last row's never read past the tensor), without a branch: one
+    // in the loop made GCC keep expanded_dot's accumulators on the stack.
+    __m512i kept = _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, count), packed);
+    // Keeps the load a load: the compiler folds it into vpexpandw's memory form otherwise, which ran the
+    // tile unit's 8-token bitmask product at 0.64 ms against 0.5 for the register form on an Intel Xeon (on
+    // AMD Zen 4 that form is microcoded).
+    asm("" : "+v"(kept));
+    const __m512i dense = _mm512_maskz_expand_epi16(bits, kept);
     packed += count;
     return dense;
   }
@@ -452,7 +450,7 @@ torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, co
   const auto expand_row = [&](int64_t o, uint16_t* dense, int64_t span_stride, int64_t s0, int64_t s1,
                                int64_t& consumed) {  // the values of row o that spans before s0 used
     const uint16_t* row_values = val + o * nnz;
-    BitmaskSpans spans{msk + o * mask_bytes, mask_bytes, row_values + consumed, val + out * nnz, s0};
+    BitmaskSpans spans{msk + o * mask_bytes, mask_bytes, row_values + consumed, s0};
     for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(dense + (s - s0) * span_stride, spans.next());
     consumed = spans.packed - row_values;
   };
@@ -463,10 +461,10 @@ torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, co
 #endif
 
 #if defined(SLIMSERVE_DPBF16)
-// bf16 batches from this many tokens take expanded_dot. Measured on an AMD EPYC (Zen 4), [5632, 1547] at s = 773,
-// 2 threads: 1.3-1.4 ms from 2 to 8 tokens against 3.0-3.1 ms for the batch loop; at one token the loop, which
-// reads each stored value once, is faster (0.65 against 1.2 ms).
-constexpr int64_t kDotFromTokens = 2;
+// bf16 batches from this many tokens take expanded_dot (one token expanded_dot_one). AMD EPYC (Zen 4), 2 threads,
+// [5632, 2048] at density 0.43, 8 weight copies streamed from memory: one token 0.29 ms against 0.73 for the float32
+// expand loop (which reads each stored value once too, but widened and one row at a time); dense 0.8-0.9 ms.
+constexpr int64_t kDotFromTokens = 1;
 #endif
 
 
@@ -488,9 +486,8 @@ torch::Tensor bitmask_matmul_dot(torch::Tensor z, torch::Tensor values, torch::T
   const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* msk = mask.data_ptr<uint8_t>();
-  const uint16_t* values_end = val + values.size(0) * nnz;
   const auto row_spans = [&](int64_t o) {
-    return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz, values_end};
+    return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz};
   };
   if (z.size(0) == 1) return slimserve_rows::expanded_dot_one(z.contiguous(), values.size(0), row_spans);
   return slimserve_rows::expanded_dot(z.contiguous(), values.size(0), row_spans);
@@ -547,8 +544,7 @@ void bitmask_rows_to_dense(const V* values, const V* values_end, const uint8_t* 
     O* row = strip + r * atoms;
 #if defined(__AVX512VBMI2__)
     if constexpr (std::is_same<V, c10::BFloat16>::value && std::is_same<O, c10::BFloat16>::value) {
-      BitmaskSpans spans{mask + o * mask_bytes, mask_bytes, reinterpret_cast<const uint16_t*>(v),
-                         reinterpret_cast<const uint16_t*>(values_end)};
+      BitmaskSpans spans{mask + o * mask_bytes, mask_bytes, reinterpret_cast<const uint16_t*>(v)};
       for (int64_t j = 0; j < atoms; j += 32) {
         const int64_t left = atoms - j;  // the last span is stored under a mask: the next row may be another thread's
         _mm512_mask_storeu_epi16(row + j, left >= 32 ? ~0u : (1u << left) - 1, spans.next());

@@ -626,10 +626,10 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
 #endif  // SLIMSERVE_AMX
 
 #if defined(SLIMSERVE_DPBF16)
-// Below this many tokens the permute loop, which reads only the stored bytes, is faster: measured on an AMD EPYC
-// (Zen 4) with bench/nm_kernel.py, 2.0x and 1.5x of dense at 1 and 2 tokens against the dot loop's 0.5x and 0.6x,
-// level at 4. Here a dense bf16 GEMM is bound by the dot products, not by memory, from a few tokens on.
-constexpr int64_t kDotFromTokens = 4;
+// From this many tokens the dot loop (expanded_dot) beats the permute loop, which reads only the stored bytes too. AMD
+// EPYC (Zen 4), 2 threads, 2:4 [5632, 2048], weights streamed: 2 tokens 0.46 ms against 0.51-0.54; one token stays
+// on the permute loop (0.33-0.35 ms, about the memory's rate). Dense: 0.8-1.0 ms at 1-2 tokens.
+constexpr int64_t kDotFromTokens = 2;
 #endif
 
 // Whether this build runs bf16 batches of this pattern on the bf16 dot-product loop (expanded_dot, vector_rows.h).
@@ -655,15 +655,30 @@ bool amx_usable(int64_t in, int64_t kept, int64_t group) {
 }  // namespace
 
 #if defined(SLIMSERVE_DPBF16)
-// One row's 32-input spans for expanded_dot: 16 stored values each, placed by the pattern's mask table.
+// One row's 32-input spans for expanded_dot: 16 stored values each, placed by the pattern's mask table (2:4 decodes
+// the masks of 8 spans at once, where whole ones remain: 0.74 -> 0.69 ms at 8 tokens on the shape above). The values
+// are prefetched 1 KiB ahead, the metadata 256 bytes (docs/methods/nm.md).
 template <typename Mask>
 struct NMSpans {
   const uint16_t* values;
   const uint8_t* meta;
   const Mask& mask;
   int64_t span = 0;
+  int64_t spans = 0;
+  uint32_t masks[8];
   __m512i next() {
-    const __m512i dense = slimserve_rows::expand_bf16(values + 16 * span, mask(meta, span));
+    uint32_t bits;
+    if constexpr (std::is_same_v<Mask, TwoOfFourMask>) {
+      if ((span & 7) == 0 && span + 8 <= spans) {
+        mask.eight(meta, span, masks);
+        _mm_prefetch(reinterpret_cast<const char*>(meta + 4 * span) + 256, _MM_HINT_T0);
+      }
+      bits = span < ((spans >> 3) << 3) ? masks[span & 7] : mask(meta, span);
+    } else {
+      bits = mask(meta, span);
+    }
+    _mm_prefetch(reinterpret_cast<const char*>(values + 16 * span) + 1024, _MM_HINT_T0);
+    const __m512i dense = slimserve_rows::expand_bf16(values + 16 * span, bits);
     ++span;
     return dense;
   }
@@ -681,7 +696,7 @@ torch::Tensor nm_matmul_dot(torch::Tensor x, torch::Tensor values, torch::Tensor
   const uint8_t* meta = positions.data_ptr<uint8_t>();
   return with_span_mask(kept, [&](const auto& mask) {
     return slimserve_rows::expanded_dot(x.contiguous(), values.size(0), [&](int64_t o) {
-      return NMSpans<std::decay_t<decltype(mask)>>{val + o * stored, meta + o * meta_bytes, mask};
+      return NMSpans<std::decay_t<decltype(mask)>>{val + o * stored, meta + o * meta_bytes, mask, 0, x.size(1) / 32};
     });
   });
 }
