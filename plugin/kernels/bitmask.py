@@ -8,8 +8,9 @@ scalar; float32 or bf16 values); elsewhere, or without a compiler, the PyTorch r
 On CPUs with AMX, bf16 batches (2 tokens and more, prefill included) run on the tile unit: the kernel
 expands 16 rows at a time into a dense strip in cache and multiplies it there (``amx_strips.h``); one
 token expands 4 rows at a time in registers and dots them with ``vdpbf16ps``, faster there than the tile
-unit. On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches below ``DENSE_FROM_TOKENS``
-expand rows in registers and dot them with 8 tokens at a time by ``vdpbf16ps`` (``vector_rows.h``). AVX2
+unit. On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 steps below ``DENSE_FROM_TOKENS``,
+one token included, expand rows in registers and dot them with 1, 4 or 8 tokens at a time by
+``vdpbf16ps`` (``vector_rows.h``). AVX2
 hosts multiply only what C stores while it is at most ``STORED_MAX_DENSITY`` full: from ``PANELS_FROM_TOKENS``
 tokens each stored value against tokens packed in panels of 32 (``vector_rows.h``), and from ``PAIRS_FROM_TOKENS``
 two rows at a time over the union of their stored columns, one load of x feeding both rows

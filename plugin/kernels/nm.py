@@ -11,10 +11,11 @@ them across the tokens with plain FMAs, steps above ``MANY_TOKENS`` multiply onl
 weights against x packed in panels of 32 tokens (half of dense's multiply-adds at 2:4, at about half
 the FMA rate), and from ``STRIPS_FROM_TOKENS`` tokens on they decompress strips of rows for the
 register-tiled GEMM, which runs near the FMA units' peak (both measured against each other). On CPUs with
-AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches of 4 to ``DOT_UP_TO_TOKENS`` tokens expand
-two rows' stored values in registers and dot them with 8 tokens at a time (``_mm512_dpbf16_ps``);
-there the dense bf16 GEMM is bound by those dot products from a few tokens on, so 2:4 wins only at
-one and two tokens and this loop comes closest to dense above that (measured 0.6-0.9x). Elsewhere
+AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches of 2 to ``DOT_UP_TO_TOKENS`` tokens expand
+two rows' stored values in registers and dot them with 4 or 8 tokens at a time (``_mm512_dpbf16_ps``);
+there the dense bf16 GEMM is bound by memory up to about 8 tokens and by those dot products from
+about 16 on, so 2:4 wins up to 8 tokens (1.3-2.5x on one layer streamed from memory) and this loop,
+which does a dense GEMM's dot products over the expanded zeros, trails dense above that. Elsewhere
 steps above ``MANY_TOKENS`` decompress strips of rows into one buffer that stays in cache and run
 ATen's GEMM per strip, so the process never holds a dense copy of a layer. Crossovers are
 measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch
