@@ -256,6 +256,26 @@ def test_bf16_batches_on_the_dot_product_loop_equal_the_reference(kept: int, gro
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 4, 5, 13, 40])
+@pytest.mark.parametrize(("rows", "inputs"), [(37, 128), (130, 320)])
+def test_bf16_2_4_batches_on_the_gathered_loop_equal_the_reference(tokens: int, rows: int, inputs: int) -> None:
+    # 37 rows: one group of 64 with quarters of 10 (slots past it repeat a row); 130: three groups, the last of 2 rows;
+    # 5, 13, 40 tokens: partial blocks of 4; 320 inputs: five chunks of 64.
+    kernel = nm_kernel._cpu_kernel()
+    if kernel is None or not kernel.gathered_usable(128, 2, 4):
+        pytest.skip("this CPU (or kernel build) has no AVX512_BF16 + VBMI")
+    assert not kernel.gathered_usable(96, 2, 4) and not kernel.gathered_usable(128, 4, 8)
+    weight = _pruned(rows, inputs, 2, 4, seed=tokens).to(torch.bfloat16)
+    tensors = pack_nm(weight, 2, 4)
+    x = torch.randn(tokens, inputs, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    expected = x.float() @ weight.float().t()
+    got = kernel.nm_matmul_gathered(x, tensors["values"], tensors["positions"], 2, 4)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if not kernel.amx_usable(inputs, 2, 4):  # the operator's road for every bf16 count here
+        op = nm_kernel.NMMatmul(tensors["values"], tensors["positions"], 2, 4)(x)
+        torch.testing.assert_close(op.float(), expected, rtol=BF16_ROUNDING, atol=1e-2)
+
+
 def test_many_bf16_tokens_stay_on_the_tile_unit_and_others_decompress(monkeypatch: pytest.MonkeyPatch) -> None:
     _amx_kernel(128, 2, 4)
     weight = _pruned(40, 128, 2, 4).to(torch.bfloat16)

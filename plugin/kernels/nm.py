@@ -88,6 +88,7 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ke
     ext = _cpu_kernel() if x.device.type == "cpu" else None
     bf16 = ext is not None and x.dtype == values.dtype == torch.bfloat16
     kernel_takes_batch = bf16 and (ext.amx_usable(in_features, kept, group)
+                                   or ext.gathered_usable(in_features, kept, group)
                                    or (x.shape[0] <= DOT_UP_TO_TOKENS and ext.dot_usable(in_features, kept, group)))
     if x.shape[0] > MANY_TOKENS and not kernel_takes_batch:
         return many_tokens_product(x, values, positions, kept, group)
