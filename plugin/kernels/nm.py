@@ -11,11 +11,12 @@ them across the tokens with plain FMAs, steps above ``MANY_TOKENS`` multiply onl
 weights against x packed in panels of 32 tokens (half of dense's multiply-adds at 2:4, at about half
 the FMA rate), and from ``STRIPS_FROM_TOKENS`` tokens on they decompress strips of rows for the
 register-tiled GEMM, which runs near the FMA units' peak (both measured against each other). On CPUs with
-AVX512_BF16 and no tile unit (AMD Zen 4) bf16 batches of 2 to ``DOT_UP_TO_TOKENS`` tokens expand
-two rows' stored values in registers and dot them with 4 or 8 tokens at a time (``_mm512_dpbf16_ps``);
-there the dense bf16 GEMM is bound by memory up to about 8 tokens and by those dot products from
-about 16 on, so 2:4 wins up to 8 tokens (1.3-2.5x on one layer streamed from memory) and this loop,
-which does a dense GEMM's dot products over the expanded zeros, trails dense above that. Elsewhere
+AVX512_BF16 and no tile unit (AMD Zen 4) the dense bf16 GEMM is bound by memory up to about 8 tokens
+and by its dot products (``_mm512_dpbf16_ps``) from about 16 on. There 2:4 bf16 batches of every
+size from 2 tokens permute each token's inputs to a row's kept columns (``vpermt2w``) and dot them
+with its stored values: half a dense GEMM's dot products (1.0-2x of dense on one layer up to 16
+tokens, 0.87-0.93x from 32 to 512). 4:8 batches of 2 to ``DOT_UP_TO_TOKENS`` tokens expand two
+rows' stored values in registers and dot them, zeros included, with 4 or 8 tokens at a time. Elsewhere
 steps above ``MANY_TOKENS`` decompress strips of rows into one buffer that stays in cache and run
 ATen's GEMM per strip, so the process never holds a dense copy of a layer. Crossovers are
 measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch
@@ -54,8 +55,9 @@ MANY_TOKENS = 16
 #: 74.9 / 77.3 (80.6), 6.62 / 5.38 (6.02), [576, 1536] 6.13 / 5.56 (6.15).
 STRIPS_FROM_TOKENS = 192
 
-#: On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4), bf16 batches up to this many tokens stay in the kernel's
-#: bf16 dot-product loop; the strips overtake it above (bench/nm_kernel.py, docs/methods/nm.md).
+#: On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4), bf16 4:8 batches up to this many tokens stay in the
+#: kernel's bf16 dot-product loop; the strips overtake it above (bench/nm_kernel.py, docs/methods/nm.md). 2:4 takes
+#: the gathered loop at every token count there (``gathered_usable``).
 DOT_UP_TO_TOKENS = 32
 
 
