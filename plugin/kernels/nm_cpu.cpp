@@ -655,6 +655,16 @@ bool amx_usable(int64_t in, int64_t kept, int64_t group) {
 }  // namespace
 
 #if defined(SLIMSERVE_DPBF16)
+// The checks of the bf16 batch loops: x [N, in] and values bf16, the scheme's tensors consistent, the pattern one the
+// loop takes (`usable`, described by `takes`).
+void check_bf16_batch(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions,
+                      int64_t kept, int64_t group, bool usable, const char* op, const char* takes) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16, op,
+              ": x [N, in] and values must be bfloat16");
+  check_args(values, positions, x.size(1), kept, group);
+  TORCH_CHECK(usable, op, ": takes ", takes);
+}
+
 // One row's 32-input spans for expanded_dot: 16 stored values each, placed by the pattern's mask table (2:4 decodes
 // the masks of 8 spans at once, where whole ones remain: 0.74 -> 0.69 ms at 8 tokens on the shape above). The values
 // are prefetched 1 KiB ahead, the metadata 256 bytes (docs/methods/nm.md).
@@ -687,10 +697,8 @@ struct NMSpans {
 // y [N, out] float32 = x [N, in] · Wᵀ for bf16 x and values of a pattern dot_usable takes.
 torch::Tensor nm_matmul_dot(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
                             int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16,
-              "nm_matmul_dot: x [N, in] and values must be bfloat16");
-  check_args(values, positions, x.size(1), kept, group);
-  TORCH_CHECK(dot_usable(x.size(1), kept, group), "nm_matmul_dot: takes 2:4 or 4:8 with in_features a multiple of 32");
+  check_bf16_batch(x, values, positions, kept, group, dot_usable(x.size(1), kept, group), "nm_matmul_dot",
+                   "2:4 or 4:8 with in_features a multiple of 32");
   const int64_t stored = values.size(1), meta_bytes = positions.size(1);
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* meta = positions.data_ptr<uint8_t>();
@@ -813,10 +821,8 @@ bool gathered_usable(int64_t in, int64_t kept, int64_t group) {
 // y [N, out] float32 = x [N, in] · Wᵀ for bf16 x and 2:4 values, in a multiple of 64, half a dense GEMM's dot products.
 torch::Tensor nm_matmul_gathered(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
                                  int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16,
-              "nm_matmul_gathered: x [N, in] and values must be bfloat16");
-  check_args(values, positions, x.size(1), kept, group);
-  TORCH_CHECK(gathered_usable(x.size(1), kept, group), "nm_matmul_gathered: takes 2:4 with in_features a multiple of 64");
+  check_bf16_batch(x, values, positions, kept, group, gathered_usable(x.size(1), kept, group), "nm_matmul_gathered",
+                   "2:4 with in_features a multiple of 64");
   const int64_t tokens = x.size(0), in = x.size(1), out = values.size(0);
   const int64_t block = 4;
   auto padded = torch::zeros({(tokens + block - 1) / block * block, in}, x.options());
