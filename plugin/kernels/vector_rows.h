@@ -518,7 +518,8 @@ inline __m512i expand_bf16(const uint16_t* packed, uint32_t mask, int count = 16
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
 #define SLIMSERVE_DPBF16 1
 // bf16 batches of a sparse weight on CPUs with AVX512_BF16 and no usable tile unit (AMD Zen 4, or AMX not
-// permitted), where oneDNN's dense bf16 GEMM is bound by vdpbf16ps from a few tokens on: each row's 32-input spans
+// permitted), where oneDNN's dense bf16 GEMM is bound by memory up to about 8 tokens (weights streamed from memory)
+// and by vdpbf16ps from about 16: each row's 32-input spans
 // are expanded in registers from its stored values (vpexpandw under a 32-bit mask) and dotted with the inputs of
 // kTokens tokens by _mm512_dpbf16_ps, two rows at a time (2 * kTokens accumulators). The stored bytes are read once
 // per kTokens tokens; the vector loops gather x once per stored value and token instead.
