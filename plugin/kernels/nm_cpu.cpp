@@ -626,16 +626,31 @@ void matmul_amx(const torch::Tensor& x, const torch::Tensor& values, const torch
 #endif  // SLIMSERVE_AMX
 
 #if defined(SLIMSERVE_DPBF16)
-// From this many tokens the dot loop (expanded_dot) beats the permute loop, which reads only the stored bytes too. AMD
-// EPYC (Zen 4), 2 threads, 2:4 [5632, 2048], weights streamed: 2 tokens 0.46 ms against 0.51-0.54; one token stays
-// on the permute loop (0.33-0.35 ms, about the memory's rate). Dense: 0.8-1.0 ms at 1-2 tokens.
+// From this many tokens the dot loops (2:4's gathered loop where VBMI allows, else expanded_dot) beat the permute
+// loop, which reads only the stored bytes too. AMD EPYC (Zen 4), 2 threads, 2:4 [5632, 2048], weights streamed:
+// 2 tokens 0.41-0.43 ms gathered, 0.46 expanded, against 0.51-0.54; one token stays on the permute loop (0.33-0.35 ms,
+// about the memory's rate). Dense: 0.8-1.0 ms at 1-2 tokens.
 constexpr int64_t kDotFromTokens = 2;
+#endif
+
+#if defined(SLIMSERVE_DPBF16) && defined(__AVX512VBMI__)
+#define SLIMSERVE_NM24_GATHERED 1
 #endif
 
 // Whether this build runs bf16 batches of this pattern on the bf16 dot-product loop (expanded_dot, vector_rows.h).
 bool dot_usable(int64_t in, int64_t kept, int64_t group) {
 #if defined(SLIMSERVE_DPBF16)
   return ((kept == 2 && group == 4) || (kept == 4 && group == 8)) && in % 32 == 0;
+#else
+  (void)in, (void)kept, (void)group;
+  return false;
+#endif
+}
+
+// Whether this build runs bf16 batches of this pattern on the loop over the kept columns (nm_matmul_gathered).
+bool gathered_usable(int64_t in, int64_t kept, int64_t group) {
+#if defined(SLIMSERVE_NM24_GATHERED)
+  return kept == 2 && group == 4 && in % 64 == 0;
 #else
   (void)in, (void)kept, (void)group;
   return false;
@@ -679,11 +694,15 @@ struct NMSpans {
   __m512i next() {
     uint32_t bits;
     if constexpr (std::is_same_v<Mask, TwoOfFourMask>) {
-      if ((span & 7) == 0 && span + 8 <= spans) {
-        mask.eight(meta, span, masks);
-        _mm_prefetch(reinterpret_cast<const char*>(meta + 4 * span) + 256, _MM_HINT_T0);
+      if (span < (spans & ~int64_t{7})) {  // in a whole block of 8 spans
+        if ((span & 7) == 0) {
+          mask.eight(meta, span, masks);
+          _mm_prefetch(reinterpret_cast<const char*>(meta + 4 * span) + 256, _MM_HINT_T0);
+        }
+        bits = masks[span & 7];
+      } else {
+        bits = mask(meta, span);
       }
-      bits = span < ((spans >> 3) << 3) ? masks[span & 7] : mask(meta, span);
     } else {
       bits = mask(meta, span);
     }
@@ -710,8 +729,7 @@ torch::Tensor nm_matmul_dot(torch::Tensor x, torch::Tensor values, torch::Tensor
 }
 #endif
 
-#if defined(SLIMSERVE_DPBF16) && defined(__AVX512VBMI__)
-#define SLIMSERVE_NM24_GATHERED 1
+#if defined(SLIMSERVE_NM24_GATHERED)
 namespace {
 // 2:4 bf16 batches that skip the zeros. expanded_dot dots each row's spans expanded to 32 inputs, zeros included, so
 // it does a dense GEMM's vdpbf16ps; here each token's 64 inputs are permuted to the row's 32 kept columns instead
@@ -813,25 +831,19 @@ void gathered_dot_blocks(const uint16_t* xp, int64_t tokens, int64_t in, const u
 }
 }  // namespace
 
-// Whether this build runs bf16 batches of this pattern on the loop over the kept columns (nm_matmul_gathered).
-bool gathered_usable(int64_t in, int64_t kept, int64_t group) {
-  return kept == 2 && group == 4 && in % 64 == 0;
-}
-
 // y [N, out] float32 = x [N, in] · Wᵀ for bf16 x and 2:4 values, in a multiple of 64, half a dense GEMM's dot products.
 torch::Tensor nm_matmul_gathered(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t kept,
                                  int64_t group) {
   check_bf16_batch(x, values, positions, kept, group, gathered_usable(x.size(1), kept, group), "nm_matmul_gathered",
                    "2:4 with in_features a multiple of 64");
+  constexpr int kRows = 4, kTokens = 4;  // 16 accumulators; 2 x 8 was level at 8 tokens and slower from 64
   const int64_t tokens = x.size(0), in = x.size(1), out = values.size(0);
-  const int64_t block = 4;
-  auto padded = torch::zeros({(tokens + block - 1) / block * block, in}, x.options());
-  padded.narrow(0, 0, tokens).copy_(x);
+  const auto padded = slimserve_rows::zero_padded(x, (tokens + kTokens - 1) / kTokens * kTokens, in);
   auto y = torch::empty({tokens, out}, x.options().dtype(at::kFloat));
   const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
   const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* meta = positions.data_ptr<uint8_t>();
-  gathered_dot_blocks<4, 4>(xp, tokens, in, val, meta, out, y.data_ptr<float>());
+  gathered_dot_blocks<kRows, kTokens>(xp, tokens, in, val, meta, out, y.data_ptr<float>());
   return y;
 }
 #endif
@@ -926,11 +938,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(SLIMSERVE_NM24_GATHERED)
   m.def("nm_matmul_gathered", &nm_matmul_gathered,
         "y = x · Wᵀ for bf16 batches of 2:4 rows: x permuted to the kept columns, half the dot products (float32 out)");
-  m.def("gathered_usable", &gathered_usable, "whether this build runs bf16 batches of this pattern on that loop");
-#else
-  m.def("gathered_usable", [](int64_t, int64_t, int64_t) { return false; },
-        "whether this build runs bf16 batches of this pattern on the loop over the kept columns");
 #endif
+  m.def("gathered_usable", &gathered_usable,
+        "whether this build runs bf16 batches of this pattern on the loop over the kept columns");
   m.def("amx_usable", &amx_usable,
         "whether bf16 batches of this pattern and input count run on the AMX tile unit in this build and process");
 }

@@ -528,12 +528,19 @@ inline __m512i expand_bf16(const uint16_t* packed, uint32_t mask, int count = 16
 // other and lost the hardware prefetcher (the cursors prefetch their own streams besides). AMD EPYC (Zen 4),
 // 2 threads, [5632, 2048], 8 copies of the weight streamed from memory, ms at 8 tokens: 2:4 1.27 (adjacent rows)
 // -> 1.06 (i / i + half) -> 0.84 (and the cursor prefetching its values 1 KiB ahead); dense 0.95-1.1.
+// x [N, in] as bf16 in a zeroed [rows, width] buffer (rows >= N, width >= in): whole blocks of tokens and spans of
+// inputs, whose padding the dot loops multiply by zero instead of testing for.
+inline at::Tensor zero_padded(const at::Tensor& x, int64_t rows, int64_t width) {
+  auto padded = torch::zeros({rows, width}, x.options().dtype(at::kBFloat16));
+  padded.narrow(0, 0, x.size(0)).narrow(1, 0, x.size(1)).copy_(x);
+  return padded;
+}
+
 template <int kTokens, typename RowSpans>
 at::Tensor expanded_dot_blocks(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
   const int64_t tokens = x.size(0), in = x.size(1), spans = (in + 31) / 32, width = spans * 32;
   const int64_t blocks = (tokens + kTokens - 1) / kTokens;
-  auto padded = torch::zeros({blocks * kTokens, width}, x.options().dtype(at::kBFloat16));  // whole blocks, spans
-  padded.narrow(0, 0, tokens).narrow(1, 0, in).copy_(x);
+  const auto padded = zero_padded(x, blocks * kTokens, width);
   const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
   auto y = torch::empty({tokens, out}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
@@ -599,8 +606,7 @@ template <typename RowSpans>
 at::Tensor expanded_dot_one(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
   constexpr int64_t kRows = 4;
   const int64_t in = x.size(1), spans = (in + 31) / 32;
-  auto padded = torch::zeros({spans * 32}, x.options().dtype(at::kBFloat16));
-  padded.narrow(0, 0, in).copy_(x.reshape({in}));
+  const auto padded = zero_padded(x, 1, spans * 32);
   const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
   auto y = torch::empty({1, out}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
