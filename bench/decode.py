@@ -106,7 +106,10 @@ if __name__ == "__main__":
             llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
             times.append(time.perf_counter() - start)
         result["prefill"] = args["prefill"] / sorted(times[1:])[len(times[1:]) // 2]  # the first is a warm-up
-    # peak (VmHWM) and steady (VmRSS, after every request) resident memory of the largest process: the worker
+    # peak (VmHWM) and steady (VmRSS, after every request and an idle spell, when the worker has handed back the
+    # heap serving freed: plugin/vllm/heap.py) resident memory of the largest process: the worker
+    from slimserve.plugin.vllm.heap import IDLE_SECONDS, PERIOD_SECONDS
+    time.sleep(2 * IDLE_SECONDS + 2 * PERIOD_SECONDS)  # the first samples after a burst still see its threads spin
     procs = [psutil.Process()] + psutil.Process().children(recursive=True)
     result["peak_rss"] = result["steady_rss"] = 0
     for p in procs:

@@ -23,21 +23,26 @@ _registered = False
 
 
 def register() -> None:
-    """Register slimserve's quantization method (weight schemes) with vLLM; arm Sirius's drafter."""
+    """Register slimserve's quantization method (weight schemes) with vLLM; arm Sirius's drafter and, in workers,
+    the idle heap trim."""
     global _registered
     if _registered:
         return
     from slimserve.plugin.vllm import config  # noqa: F401  (decorator registers "slimserve")
 
-    after_import(RUNNER_MODULE, _install_sirius)
+    after_import(RUNNER_MODULE, _in_worker)
     after_import(INPUT_PROCESSOR_MODULE, _install_sirius_request_check)
     _registered = True
 
 
-def _install_sirius(runner_module: ModuleType) -> None:
+def _in_worker(runner_module: ModuleType) -> None:
+    """What only worker processes (the ones that import the model runner) need: Sirius's drafter, and a watcher that
+    returns the heap pages serving freed once the worker goes idle (vllm/heap.py), dense checkpoints' workers too."""
+    from slimserve.plugin.vllm.heap import start_idle_trim
     from slimserve.plugin.vllm.sirius import install
 
     install(runner_module)
+    start_idle_trim()
 
 
 def _install_sirius_request_check(input_processor_module: ModuleType) -> None:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from slimserve.loaders.checkpoint import densify, open_checkpoint
 from slimserve.loaders.compress.run import compress
 from slimserve.loaders.converters import convert_rocket
+from slimserve.plugin.vllm.heap import IdleTrim
 from slimserve.testing.models import build_tiny_causal_lm
 from slimserve.testing.nm import write_nm_checkpoint
 from slimserve.testing.rocket_layout import write_rocket_sep
@@ -89,36 +90,68 @@ def test_missing_factor_is_named_when_vllm_loads(mixed_llama: Path, tmp_path: Pa
         vllm_greedy(broken, PROMPTS[:1])
 
 
-_TRIM_PROBE = """
-import ctypes
+_HEAP_PROBE = """
+import ctypes, sys, threading, time
 from pathlib import Path
 import torch
-from slimserve.plugin.vllm.linear import _malloc_trim, _return_freed_memory
-if _malloc_trim() is None:
+from slimserve.plugin.vllm.heap import IDLE_SECONDS, malloc_trim, return_freed_memory
+if malloc_trim() is None:
     raise SystemExit(3)
 libc = ctypes.CDLL(None)
 libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MiB come from the heap, as a layer's buffers do
 libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free() alone does not hand the heap's top back
+if sys.argv[1] == "idle":  # a worker: register() armed the hook, the worker imports vLLM's model runner
+    from slimserve.plugin import register
+    register()
+    import vllm.v1.worker.gpu_model_runner  # noqa: F401
+    assert any(t.name == "slimserve-idle-trim" for t in threading.enumerate())
 resident = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * 4096
 blocks = [torch.ones(1 << 18) for _ in range(256)]  # 256 x 1 MiB, touched
 kept = blocks[1::2]  # every other block stays live, so the freed ones are holes, not the heap's top
 before = resident()
 del blocks
 freed = before - resident()
-_return_freed_memory()
+if sys.argv[1] == "load":
+    return_freed_memory()  # what the loader calls after each layer
+else:
+    time.sleep(2 * IDLE_SECONDS + 1)  # nothing runs: the watcher trims
 print(freed >> 20, (before - resident()) >> 20, len(kept))
 """
 
 
-def test_freed_heap_pages_go_back_to_the_os_after_a_layer_loads() -> None:
-    """Load buffers freed inside glibc's heap stay resident until the loader trims it (the worker's RSS would not
-    fall by the bytes a compressed checkpoint saves). Run in its own process: the malloc settings it needs last."""
-    proc = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("when", ["load", "idle"])
+def test_freed_heap_pages_go_back_to_the_os_after_a_layer_loads_and_when_idle(when: str) -> None:
+    """Load buffers, and what serving steps free, stay resident inside glibc's heap until something trims it (the
+    worker's RSS would not fall by the bytes a compressed checkpoint saves): the loader after each layer, and in
+    worker processes a watcher once they go idle. Own processes: the malloc settings the probe needs last."""
+    proc = subprocess.run([sys.executable, "-c", _HEAP_PROBE, when], capture_output=True, text=True, timeout=300)
     if proc.returncode == 3:
         pytest.skip("not glibc: no malloc_trim")
     assert proc.returncode == 0, proc.stderr[-2000:]
     freed_mib, returned_mib, _ = (int(v) for v in proc.stdout.split()[-3:])
     assert freed_mib < 32 and returned_mib > 96, (freed_mib, returned_mib)
+
+
+def test_idle_trim_trims_once_per_idle_spell() -> None:
+    """The watcher's rule on a fake CPU clock: busy samples reset the spell; an idle spell of IDLE_SECONDS trims
+    once; staying idle does not trim again; working and idling again does."""
+    clock = [0.0]
+    trims: list[float] = []
+    watcher = IdleTrim(lambda: trims.append(clock[0]), cpu_seconds=lambda: clock[0], idle_seconds=2.0, period=0.5)
+
+    def samples(count: int, cores: float) -> list[bool]:
+        out = []
+        for _ in range(count):
+            clock[0] += cores * 0.5
+            out.append(watcher.tick())
+        return out
+
+    assert samples(6, cores=2.0) == [False] * 6  # serving: two cores busy
+    assert samples(5, cores=0.34) == [False, False, False, True, False]  # a polling worker is idle: trims at 2 s
+    assert samples(10, cores=0.0) == [False] * 10
+    assert samples(1, cores=1.0) == [False]  # one busy sample re-arms it
+    assert samples(4, cores=0.0) == [False, False, False, True]
+    assert len(trims) == 2
 
 
 @pytest.mark.parametrize("scheme", ["nm", "dictsparse", "lowrank"])

@@ -20,8 +20,6 @@ row-parallel layers along its ``in_dim``; tensors without that axis are replicat
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +32,7 @@ from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import TensorSpec
 from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.vllm.heap import return_freed_memory
 from slimserve.plugin.vllm.shards import LAYER_RUNNERS, SHARD_RUNNERS
 
 QKV_SHARD_IDS = {"q": 0, "k": 1, "v": 2}
@@ -92,30 +91,6 @@ def _check_input_split(module: str, spec: dict[str, Any], local_spec: dict[str, 
                 field=f"quantization_config.modules.{module}",
                 expected="a tensor-parallel size whose per-rank input slices are whole groups (and whole bytes of "
                          "positions)")
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None off glibc (musl, macOS)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap pages freed by a layer's loading back to the OS.
-
-    A compressed layer's load buffers and packing temporaries are mostly below glibc's mmap
-    threshold (which rises to 32 MiB as large blocks are freed), so they live in the heap between
-    other layers' packed factors; freed, they stay resident, and the worker's RSS fell by about a
-    third of the bytes a 30 % lowrank checkpoint saves (bench/README.md). ``malloc_trim(0)``
-    releases every whole free page, not only the heap's top: about 0.1 ms per MiB it returns,
-    under a millisecond when there is nothing to return.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class SlimserveLinearMethod(LinearMethodBase):
@@ -249,7 +224,7 @@ class SlimserveLinearMethod(LinearMethodBase):
             setattr(layer, suffix, torch.nn.Parameter(torch.empty(0, dtype=getattr(layer, suffix).dtype),
                                                       requires_grad=False))
         del layer.slimserve_slots
-        _return_freed_memory()
+        return_freed_memory()  # the load buffers just dropped (heap.py)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         plan: _Plan = layer.slimserve_plan
