@@ -132,6 +132,43 @@ def test_freed_heap_pages_go_back_to_the_os_after_a_layer_loads_and_when_idle(wh
     assert freed_mib < 32 and returned_mib > 96, (freed_mib, returned_mib)
 
 
+_LOADING_PROBE = """
+import ctypes
+import torch
+from slimserve.plugin.vllm.heap import LoadingLayers
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):
+    raise SystemExit(3)
+libc.mallinfo2.restype = Info
+mapped = lambda: libc.mallinfo2().hblks
+big = torch.empty(4 << 20)  # 16 MiB, mapped; freed, it moves glibc's threshold up, as a load does
+del big
+def placed(count=1):
+    before = mapped()
+    blocks = [torch.empty(1 << 19) for _ in range(count)]  # 2 MiB each
+    return mapped() - before
+LoadingLayers.created(); LoadingLayers.created()
+print(placed(3))  # while layers load: mapped
+LoadingLayers.loaded()
+print(LoadingLayers.pending, placed())  # one still loading: mapped
+LoadingLayers.loaded()
+print(placed())  # serving: heap
+"""
+
+
+def test_packed_copies_are_mapped_outside_the_heap_while_layers_load() -> None:
+    """Blocks from 1 MiB are mapped from the first compressed layer's creation until the last has loaded, then
+    glibc's serving thresholds apply (2 MiB from the heap again). Own process: mallopt settings last."""
+    proc = subprocess.run([sys.executable, "-c", _LOADING_PROBE], capture_output=True, text=True, timeout=120)
+    if proc.returncode == 3:
+        pytest.skip("not glibc 2.33+: no mallinfo2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-4:] == ["3", "1", "1", "0"], proc.stdout  # without the rule: 0, 1, 0, 0
+
+
 def test_idle_trim_trims_once_per_idle_spell() -> None:
     """The watcher's rule on a fake CPU clock: busy samples reset the spell; an idle spell of IDLE_SECONDS trims
     once; staying idle does not trim again; working and idling again does."""

@@ -32,7 +32,7 @@ from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import TensorSpec
 from slimserve.plugin.kernels.gemm import prepacked_linear
-from slimserve.plugin.vllm.heap import return_freed_memory
+from slimserve.plugin.vllm.heap import LoadingLayers
 from slimserve.plugin.vllm.shards import LAYER_RUNNERS, SHARD_RUNNERS
 
 QKV_SHARD_IDS = {"q": 0, "k": 1, "v": 2}
@@ -107,6 +107,7 @@ class SlimserveLinearMethod(LinearMethodBase):
             raise CheckpointError(
                 f"layer has {len(output_partition_sizes)} output shards but the checkpoint lists "
                 f"{len(self.shard_specs)} modules {self.shard_modules}")
+        LoadingLayers.created()
         tp_rank = getattr(layer, "tp_rank", 0)
         kv_replicas = getattr(layer, "num_kv_head_replicas", 1)
         is_qkv = isinstance(layer, QKVParallelLinear)
@@ -224,7 +225,7 @@ class SlimserveLinearMethod(LinearMethodBase):
             setattr(layer, suffix, torch.nn.Parameter(torch.empty(0, dtype=getattr(layer, suffix).dtype),
                                                       requires_grad=False))
         del layer.slimserve_slots
-        return_freed_memory()  # the load buffers just dropped (heap.py)
+        LoadingLayers.loaded()  # returns the load buffers just dropped (heap.py)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         plan: _Plan = layer.slimserve_plan
