@@ -57,12 +57,16 @@ IDLE_CPU_CORES = 0.5
 
 
 @functools.cache
-def malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None off glibc (musl, macOS)."""
+def _libc_function(name: str) -> Callable[[int], int] | Callable[[int, int], int] | None:
     try:
-        return ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None off glibc (musl, macOS)."""
+    return _libc_function("malloc_trim")
 
 
 def return_freed_memory() -> None:
@@ -95,10 +99,9 @@ class LoadingLayers:
 
 
 def _mallopt(parameter: int, value: int) -> None:
-    try:
-        ctypes.CDLL(None).mallopt(parameter, value)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(parameter, value)
 
 
 class IdleTrim:
