@@ -94,12 +94,13 @@ _HEAP_PROBE = """
 import ctypes, sys, threading, time
 from pathlib import Path
 import torch
-from slimserve.plugin.vllm.heap import IDLE_SECONDS, malloc_trim, return_freed_memory
+from slimserve.plugin.vllm.heap import (IDLE_SECONDS, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, malloc_trim,
+                                        return_freed_memory)
 if malloc_trim() is None:
     raise SystemExit(3)
 libc = ctypes.CDLL(None)
-libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MiB come from the heap, as a layer's buffers do
-libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free() alone does not hand the heap's top back
+libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)  # blocks of 1 MiB come from the heap, as a layer's buffers do
+libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # free() alone does not hand the heap's top back
 if sys.argv[1] == "idle":  # a worker: register() armed the hook, the worker imports vLLM's model runner
     from slimserve.plugin import register
     register()

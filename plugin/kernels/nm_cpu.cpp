@@ -861,16 +861,12 @@ torch::Tensor nm_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor pos
     return y;
   }
 #endif
-#if defined(SLIMSERVE_NM24_GATHERED)
-  if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && x.size(0) >= kDotFromTokens &&
-      gathered_usable(x.size(1), kept, group)) {
-    return nm_matmul_gathered(x, values, positions, kept, group);
-  }
-#endif
 #if defined(SLIMSERVE_DPBF16)
-  if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && x.size(0) >= kDotFromTokens &&
-      dot_usable(x.size(1), kept, group)) {
-    return nm_matmul_dot(x, values, positions, kept, group);
+  if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && x.size(0) >= kDotFromTokens) {
+#if defined(SLIMSERVE_NM24_GATHERED)
+    if (gathered_usable(x.size(1), kept, group)) return nm_matmul_gathered(x, values, positions, kept, group);
+#endif
+    if (dot_usable(x.size(1), kept, group)) return nm_matmul_dot(x, values, positions, kept, group);
   }
 #endif
   auto xf = x.to(at::kFloat).contiguous();

@@ -57,7 +57,7 @@ IDLE_CPU_CORES = 0.5
 
 
 @functools.cache
-def _libc_function(name: str) -> Callable[[int], int] | Callable[[int, int], int] | None:
+def _libc_function(name: str) -> Callable[..., int] | None:
     try:
         return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
