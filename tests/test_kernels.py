@@ -259,7 +259,7 @@ def test_bf16_batches_equal_the_reference_on_and_off_the_amx_tile_unit(
     torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3, 8, 13])  # one token (its own loop, 4 rows at a time), blocks of 4 and 8
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 13, 29])  # one token (its own loop), a block of 4, blocks of 8
 @pytest.mark.parametrize("atoms", [75, 1547])  # a partial last mask word; SmolLM2-sized k with unequal spans
 def test_bf16_batches_on_the_dot_product_loop_equal_the_reference(batch: int, atoms: int) -> None:
     """On CPUs with AVX512_BF16 and VBMI2 bf16 batches dot expanded 32-atom spans; row 37 of 37 is a lone row."""

@@ -521,13 +521,15 @@ inline __m512i expand_bf16(const uint16_t* packed, uint32_t mask, int count = 16
 // permitted), where oneDNN's dense bf16 GEMM is bound by memory up to about 8 tokens (weights streamed from memory)
 // and by vdpbf16ps from about 16: each row's 32-input spans
 // are expanded in registers from its stored values (vpexpandw under a 32-bit mask) and dotted with the inputs of
-// kTokens tokens by _mm512_dpbf16_ps, two rows at a time (2 * kTokens accumulators). The stored bytes are read once
-// per kTokens tokens; the vector loops gather x once per stored value and token instead.
+// kTokens tokens by _mm512_dpbf16_ps, kRows rows at a time (kRows * kTokens accumulators). The stored bytes are read
+// and expanded once per call, the expansions kept for the later blocks of tokens; the vector loops gather x once per
+// stored value and token instead.
 //
-// A pair is rows i and i + half of the thread's range, not two adjacent rows, whose value streams leapfrogged each
-// other and lost the hardware prefetcher (the cursors prefetch their own streams besides). AMD EPYC (Zen 4),
-// 2 threads, [5632, 2048], 8 copies of the weight streamed from memory, ms at 8 tokens: 2:4 1.27 (adjacent rows)
-// -> 1.06 (i / i + half) -> 0.84 (and the cursor prefetching its values 1 KiB ahead); dense 0.95-1.1.
+// A group is rows i, i + q, i + 2q ... of the thread's range (q its kRows-th part), not adjacent rows, whose value
+// streams leapfrogged each other and lost the hardware prefetcher (the cursors prefetch their own streams besides).
+// AMD EPYC (Zen 4), 2 threads, [5632, 2048], 8 copies of the weight streamed from memory, ms at 8 tokens, two rows at
+// a time: 2:4 1.27 (adjacent rows) -> 1.06 (i / i + half) -> 0.84 (and the cursor prefetching its values 1 KiB
+// ahead); dense 0.95-1.1.
 // x [N, in] as bf16 in a zeroed [rows, width] buffer (rows >= N, width >= in): whole blocks of tokens and spans of
 // inputs, whose padding the dot loops multiply by zero instead of testing for.
 inline at::Tensor zero_padded(const at::Tensor& x, int64_t rows, int64_t width) {
@@ -536,7 +538,13 @@ inline at::Tensor zero_padded(const at::Tensor& x, int64_t rows, int64_t width) 
   return padded;
 }
 
-template <int kTokens, typename RowSpans>
+// kRows cursors f(0) .. f(kRows - 1), for loops over that many rows at once (cursors may hold references).
+template <typename F, size_t... I>
+std::array<std::invoke_result_t<F, int64_t>, sizeof...(I)> cursors(const F& f, std::index_sequence<I...>) {
+  return {f(static_cast<int64_t>(I))...};
+}
+
+template <int kTokens, int kRows, typename RowSpans>
 at::Tensor expanded_dot_blocks(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
   const int64_t tokens = x.size(0), in = x.size(1), spans = (in + 31) / 32, width = spans * 32;
   const int64_t blocks = (tokens + kTokens - 1) / kTokens;
@@ -544,39 +552,62 @@ at::Tensor expanded_dot_blocks(const at::Tensor& x, int64_t out, const RowSpans&
   const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
   auto y = torch::empty({tokens, out}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (out + 1) / 2, 8, [&](int64_t pair_begin, int64_t pair_end) {
-    const int64_t row_begin = 2 * pair_begin, row_end = std::min(2 * pair_end, out);
-    const int64_t half = (row_end - row_begin + 1) / 2;
-    for (int64_t i = 0; i < half; ++i) {
-      const int64_t o0 = row_begin + i, o1 = o0 + half < row_end ? o0 + half : o0;  // a lone row is dotted twice
-      for (int64_t b = 0; b < blocks; ++b) {
-        auto r0 = row_spans(o0);
-        auto r1 = row_spans(o1);
-        // Every loop over the tokens is unrolled whole (constant trip counts, no token bound in a condition), so
-        // acc0 / acc1 live in registers: otherwise GCC kept them on the stack too and stored every sum of the span
-        // loop, which made the bitmask product 2x slower on Zen 4 (1.40 -> 0.67 ms above at 43 % density).
-        __m512 acc0[kTokens], acc1[kTokens];
+  at::parallel_for(0, (out + kRows - 1) / kRows, 8, [&](int64_t group_begin, int64_t group_end) {
+    const int64_t row_begin = kRows * group_begin, row_end = std::min(kRows * group_end, out);
+    const int64_t part = (row_end - row_begin + kRows - 1) / kRows;
+    // The first block of tokens expands the rows' spans; later blocks reload them from here (L1 or L2).
+    std::vector<__m512i> expanded(blocks > 1 ? kRows * spans : 0);
+    for (int64_t g = 0; g < part; ++g) {
+      int64_t rows[kRows];
+#pragma GCC unroll 8
+      for (int i = 0; i < kRows; ++i) {
+        const int64_t o = row_begin + g + i * part;
+        rows[i] = o < row_end ? o : row_begin + g;  // a slot past the range dots row g again
+      }
+      auto cursor = cursors([&](int64_t i) { return row_spans(rows[i]); }, std::make_index_sequence<kRows>());
+      // One block of tokens against the group's rows, whose spans `span(s, i)` gives. Every loop over the tokens and
+      // rows is unrolled whole (constant trip counts, no bound in a condition), so the accumulators live in
+      // registers: otherwise GCC kept them on the stack too and stored every sum of the span loop, which made the
+      // bitmask product 2x slower on Zen 4 (1.40 -> 0.67 ms above at 43 % density).
+      const auto dot_block = [&](int64_t b, const auto& span) {
+        __m512 acc[kRows][kTokens];
+#pragma GCC unroll 8
+        for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 16
-        for (int t = 0; t < kTokens; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+          for (int t = 0; t < kTokens; ++t) acc[i][t] = _mm512_setzero_ps();
+        }
         const uint16_t* xb = xp + b * kTokens * width;
         for (int64_t s = 0; s < spans; ++s) {
-          const __m512bh w0 = (__m512bh)r0.next();
-          const __m512bh w1 = (__m512bh)r1.next();
+          __m512bh w[kRows];
+#pragma GCC unroll 8
+          for (int i = 0; i < kRows; ++i) w[i] = (__m512bh)span(s, i);
 #pragma GCC unroll 16
           for (int t = 0; t < kTokens; ++t) {
             const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * width + s * 32);
-            acc0[t] = _mm512_dpbf16_ps(acc0[t], w0, xv);
-            acc1[t] = _mm512_dpbf16_ps(acc1[t], w1, xv);
+#pragma GCC unroll 8
+            for (int i = 0; i < kRows; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], w[i], xv);
           }
         }
 #pragma GCC unroll 16
         for (int t = 0; t < kTokens; ++t) {
           if (b * kTokens + t < tokens) {
             float* yn = yp + (b * kTokens + t) * out;
-            yn[o0] = _mm512_reduce_add_ps(acc0[t]);
-            yn[o1] = _mm512_reduce_add_ps(acc1[t]);
+#pragma GCC unroll 8
+            for (int i = 0; i < kRows; ++i) yn[rows[i]] = _mm512_reduce_add_ps(acc[i][t]);
           }
         }
+      };
+      if (blocks == 1) {
+        dot_block(0, [&](int64_t, int i) { return cursor[i].next(); });
+        continue;
+      }
+      dot_block(0, [&](int64_t s, int i) {
+        const __m512i span = cursor[i].next();
+        _mm512_store_si512(&expanded[s * kRows + i], span);
+        return span;
+      });
+      for (int64_t b = 1; b < blocks; ++b) {
+        dot_block(b, [&](int64_t s, int i) { return _mm512_load_si512(&expanded[s * kRows + i]); });
       }
     }
   });
@@ -585,17 +616,15 @@ at::Tensor expanded_dot_blocks(const at::Tensor& x, int64_t out, const RowSpans&
 
 // y [N, out] float32 = x [N, in] · Wᵀ for bf16 x. `row_spans(o)` returns a cursor over row o of W whose `next()`
 // gives its 32-input spans in order (expand_bf16 results); inputs past `in` in the last span must come back zero.
-// Up to 4 tokens dot blocks of 4, half the dot products of a padded block of 8 (same host and shape, 4 tokens: 2:4
-// 0.70 -> 0.50 ms, the bitmask product at 43 % density 0.64 -> 0.52).
+// Up to 4 tokens dot one block of 4, four rows at a time (half the dot products of a padded block of 8); more tokens
+// blocks of 8, three rows at a time (24 accumulators), each row's spans expanded once for all blocks. AMD EPYC
+// (Zen 4), 2 threads, lowrank_sparse's S at 43 % density, weights streamed from memory, ms for [11264, 2048] /
+// [2048, 5632] against two rows re-expanded per block: 8 tokens 1.28 / 0.80 against 1.34 / 0.81 (and 1.62 / 0.84
+// against 1.92 / 0.88 in a slower spell); 32 tokens 4.8 / 2.4 against 5.4 / 3.2; 128 tokens 16.7 / 9.6 against
+// 27.4 / 13.5 (oneDNN's dense GEMM 14.9 / 7.4).
 template <typename RowSpans>
 at::Tensor expanded_dot(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
-  return x.size(0) <= 4 ? expanded_dot_blocks<4>(x, out, row_spans) : expanded_dot_blocks<8>(x, out, row_spans);
-}
-
-// kRows cursors f(0) .. f(kRows - 1), for loops over that many rows at once (cursors may hold references).
-template <typename F, size_t... I>
-std::array<std::invoke_result_t<F, int64_t>, sizeof...(I)> cursors(const F& f, std::index_sequence<I...>) {
-  return {f(static_cast<int64_t>(I))...};
+  return x.size(0) <= 4 ? expanded_dot_blocks<4, 4>(x, out, row_spans) : expanded_dot_blocks<8, 3>(x, out, row_spans);
 }
 
 // y [1, out] float32 = x [1, in] · Wᵀ for one bf16 token: expanded_dot's spans without its blocks of tokens, which at
