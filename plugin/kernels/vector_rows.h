@@ -618,10 +618,11 @@ at::Tensor expanded_dot_blocks(const at::Tensor& x, int64_t out, const RowSpans&
 // gives its 32-input spans in order (expand_bf16 results); inputs past `in` in the last span must come back zero.
 // Up to 4 tokens dot one block of 4, four rows at a time (half the dot products of a padded block of 8); more tokens
 // blocks of 8, three rows at a time (24 accumulators), each row's spans expanded once for all blocks. AMD EPYC
-// (Zen 4), 2 threads, lowrank_sparse's S at 43 % density, weights streamed from memory, ms for [11264, 2048] /
-// [2048, 5632] against two rows re-expanded per block: 8 tokens 1.28 / 0.80 against 1.34 / 0.81 (and 1.62 / 0.84
-// against 1.92 / 0.88 in a slower spell); 32 tokens 4.8 / 2.4 against 5.4 / 3.2; 128 tokens 16.7 / 9.6 against
-// 27.4 / 13.5 (oneDNN's dense GEMM 14.9 / 7.4).
+// (Zen 4), 2 threads, bitmask at 43 % density (lowrank_sparse's S, gate and up stacked: [11264, 2048]), 4 copies
+// cycled, interleaved in one process, median ms against two rows re-expanded per block: 2 / 4 tokens 1.17 / 1.24
+// against 1.24 / 1.33, 8 tokens 1.51-1.53 against 1.92-1.99, 16 tokens 2.68 against 3.34; dictsparse's C [5632, 1547]
+// at 8 tokens 0.61 against 0.70. In separate runs at 128 tokens 16.7-18.3 against 27.4 (oneDNN's dense GEMM
+// 14.4-14.9).
 template <typename RowSpans>
 at::Tensor expanded_dot(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
   return x.size(0) <= 4 ? expanded_dot_blocks<4, 4>(x, out, row_spans) : expanded_dot_blocks<8, 3>(x, out, row_spans);
