@@ -16,9 +16,9 @@ tokens each stored value against tokens packed in panels of 32 (``vector_rows.h`
 two rows at a time over the union of their stored columns, one load of x feeding both rows
 (``bitmask_cpu.cpp``, ``union_panels``); denser C decodes rows in cache and multiplies them by slimserve's
 register-tiled GEMM (``tile_gemm``). Elsewhere many-token steps take the other road past ``DENSE_FROM_TOKENS``
-tokens: strips of 256 rows of C are decoded into one float32 buffer that stays in cache and each is multiplied by
-ATen's GEMM, which past the measured crossover (docs/methods/cpu_kernels.md) is faster than the batch loop; nothing
-dense is kept.
+tokens: strips of C (up to 4 MiB, at least 256 rows; bf16 where the CPU has bf16 dot products, else float32) are
+decoded into one buffer that stays in cache and each is multiplied by ATen's GEMM, which past the measured
+crossover (docs/methods/cpu_kernels.md) is faster than the batch loop; nothing dense is kept.
 
 Registered as the operator ``slimserve::bitmask_matmul`` (``ops.py``) so torch.compile (vLLM's default on CPU)
 treats it as one opaque call, with the token count known inside it.
