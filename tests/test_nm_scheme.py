@@ -199,6 +199,30 @@ def test_avx2_many_tokens_take_the_kept_weights_then_strips_with_the_same_result
 BF16_ROUNDING = 2 ** -8
 
 
+def test_zen4_2_4_prefills_leave_the_gathered_loop_for_the_strips(monkeypatch: pytest.MonkeyPatch,
+                                                                   kernel_entries) -> None:
+    """Where 2:4 bf16 batches take the gathered loop (AVX512_BF16 + VBMI, no tile unit), batches from
+    GATHERED_BELOW_TOKENS tokens decompress strips instead; both roads give the product."""
+    real = nm_kernel._cpu_kernel()
+    if real is None or not real.gathered_usable(128, 2, 4) or real.amx_usable(128, 2, 4):
+        pytest.skip("the gathered loop serves 2:4 batches only on CPUs with AVX512_BF16 and VBMI and no tile unit")
+    called = kernel_entries(nm_kernel, "_cpu_kernel")
+    weight = _pruned(40, 128, 2, 4).to(torch.bfloat16)
+    tensors = pack_nm(weight, 2, 4)
+    runner = nm_kernel.NMMatmul(tensors["values"], tensors["positions"], 2, 4)
+    x = torch.randn(nm_kernel.DOT_UP_TO_TOKENS + 8, 128).to(torch.bfloat16)  # past the dot loop's batches too
+    expected = x.float() @ weight.float().t()
+    monkeypatch.setattr(nm_kernel, "GATHERED_BELOW_TOKENS", x.shape[0] + 1)
+    torch.testing.assert_close(runner(x).float(), expected, rtol=BF16_ROUNDING, atol=1e-2)
+    assert "nm_matmul" in called and "nm_matmul_strips" not in called
+    called.clear()
+    monkeypatch.setattr(nm_kernel, "GATHERED_BELOW_TOKENS", x.shape[0])
+    torch.testing.assert_close(runner(x).float(), expected, rtol=BF16_ROUNDING, atol=1e-2)
+    assert "nm_matmul_strips" in called and "nm_matmul" not in called
+
+
+
+
 def _amx_kernel(in_features: int, kept: int, group: int):
     kernel = nm_kernel._cpu_kernel()
     if kernel is None or not kernel.amx_usable(in_features, kept, group):

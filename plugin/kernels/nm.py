@@ -12,11 +12,12 @@ weights against x packed in panels of 32 tokens (half of dense's multiply-adds a
 the FMA rate), and from ``STRIPS_FROM_TOKENS`` tokens on they decompress strips of rows for the
 register-tiled GEMM, which runs near the FMA units' peak (both measured against each other). On CPUs with
 AVX512_BF16 and no tile unit (AMD Zen 4) the dense bf16 GEMM is bound by memory up to about 8 tokens
-and by its dot products (``_mm512_dpbf16_ps``) from about 16 on. There 2:4 bf16 batches of every
-size from 2 tokens permute each token's inputs to a row's kept columns (``vpermt2w``) and dot them
-with its stored values: half a dense GEMM's dot products (1.0-2x of dense on one layer up to 16
-tokens, 0.87-0.93x from 32 to 512). 4:8 batches of 2 to ``DOT_UP_TO_TOKENS`` tokens expand two
-rows' stored values in registers and dot them, zeros included, with 4 or 8 tokens at a time. Elsewhere
+and by its dot products (``_mm512_dpbf16_ps``) from about 16 on. There 2:4 bf16 batches from 2 tokens
+to below ``GATHERED_BELOW_TOKENS`` permute each token's inputs to a row's kept columns (``vpermt2w``)
+and dot them with its stored values: half a dense GEMM's dot products (1.0-2x of dense on one layer up
+to 16 tokens, 0.87-0.93x from 32 to 256); longer prefills take the strips. 4:8 batches of 2 to
+``DOT_UP_TO_TOKENS`` tokens expand two rows' stored values in registers and dot them, zeros included,
+with 4 or 8 tokens at a time. Elsewhere
 steps above ``MANY_TOKENS`` decompress strips of rows into one buffer that stays in cache and run
 ATen's GEMM per strip, so the process never holds a dense copy of a layer. Crossovers are
 measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch
@@ -57,8 +58,16 @@ STRIPS_FROM_TOKENS = 192
 
 #: On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4), bf16 4:8 batches up to this many tokens stay in the
 #: kernel's bf16 dot-product loop; the strips overtake it above (bench/nm_kernel.py, docs/methods/nm.md). 2:4 takes
-#: the gathered loop at every token count there (``gathered_usable``).
+#: the gathered loop there (``gathered_usable``) below ``GATHERED_BELOW_TOKENS``.
 DOT_UP_TO_TOKENS = 32
+
+#: From this many tokens 2:4 bf16 batches leave the gathered loop for the strips: the loop passes every token's x
+#: (2 MiB at 500 tokens of 2048 inputs) once per 64 rows, from L3 once it outgrows L2. AMD EPYC (Zen 4), 2 threads,
+#: the four products of a layer of the Llama 2048 / 5632 at 2:4 (qkv, o, gate+up, down), single calls, median ms
+#: gathered / strips (dense prepacked): 128 tokens 32.6 / 37.3 (31.6), 256 60.0 / 61.4 (54.2), 320 80.2 / 77.4
+#: (67.1), 384 120.2 / 95.5 (84.2), 500 125.0 / 118.4 (105.3) and 151.8 / 124.7 (108.4) in two runs, 1000
+#: 290.6 / 236.3 (214.8).
+GATHERED_BELOW_TOKENS = 256
 
 
 def _cpu_kernel():
@@ -90,7 +99,8 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ke
     ext = _cpu_kernel() if x.device.type == "cpu" else None
     bf16 = ext is not None and x.dtype == values.dtype == torch.bfloat16
     kernel_takes_batch = bf16 and (ext.amx_usable(in_features, kept, group)
-                                   or ext.gathered_usable(in_features, kept, group)
+                                   or (x.shape[0] < GATHERED_BELOW_TOKENS
+                                       and ext.gathered_usable(in_features, kept, group))
                                    or (x.shape[0] <= DOT_UP_TO_TOKENS and ext.dot_usable(in_features, kept, group)))
     if x.shape[0] > MANY_TOKENS and not kernel_takes_batch:
         return many_tokens_product(x, values, positions, kept, group)
