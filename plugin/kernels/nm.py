@@ -61,8 +61,9 @@ STRIPS_FROM_TOKENS = 192
 #: the gathered loop there (``gathered_usable``) below ``GATHERED_BELOW_TOKENS``.
 DOT_UP_TO_TOKENS = 32
 
-#: From this many tokens 2:4 bf16 batches leave the gathered loop for the strips: the loop passes every token's x
-#: (2 MiB at 500 tokens of 2048 inputs) once per 64 rows, from L3 once it outgrows L2. AMD EPYC (Zen 4), 2 threads,
+#: From this many tokens 2:4 bf16 batches leave the gathered loop for the strips. The loop passes every token's x
+#: (2 MiB at 500 tokens of 2048 inputs) once per 64 rows, from L3 once it outgrows L2, the likely reason (no hardware
+#: counters on these VMs to confirm it); the crossover itself is measured. AMD EPYC (Zen 4), 2 threads,
 #: the four products of a layer of the Llama 2048 / 5632 at 2:4 (qkv, o, gate+up, down), single calls, median ms
 #: gathered / strips (dense prepacked): 128 tokens 32.6 / 37.3 (31.6), 256 60.0 / 61.4 (54.2), 320 80.2 / 77.4
 #: (67.1), 384 120.2 / 95.5 (84.2), 500 125.0 / 118.4 (105.3) and 151.8 / 124.7 (108.4) in two runs, 1000
