@@ -221,8 +221,6 @@ def test_zen4_2_4_prefills_leave_the_gathered_loop_for_the_strips(monkeypatch: p
     assert "nm_matmul_strips" in called and "nm_matmul" not in called
 
 
-
-
 def _amx_kernel(in_features: int, kept: int, group: int):
     kernel = nm_kernel._cpu_kernel()
     if kernel is None or not kernel.amx_usable(in_features, kept, group):

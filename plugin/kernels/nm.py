@@ -17,9 +17,9 @@ to below ``GATHERED_BELOW_TOKENS`` permute each token's inputs to a row's kept c
 and dot them with its stored values: half a dense GEMM's dot products (1.0-2x of dense on one layer up
 to 16 tokens, 0.87-0.93x from 32 to 256); longer prefills take the strips. 4:8 batches of 2 to
 ``DOT_UP_TO_TOKENS`` tokens expand two rows' stored values in registers and dot them, zeros included,
-with 4 or 8 tokens at a time. Elsewhere
-steps above ``MANY_TOKENS`` decompress strips of rows into one buffer that stays in cache and run
-ATen's GEMM per strip, so the process never holds a dense copy of a layer. Crossovers are
+with 4 or 8 tokens at a time. Elsewhere steps above ``MANY_TOKENS`` decompress strips of rows into one
+buffer that stays in cache and run ATen's GEMM per strip, so the process never holds a dense copy of a
+layer. Crossovers are
 measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch
 reference of the scheme does the same arithmetic, more slowly.
 
