@@ -211,6 +211,24 @@ def test_bitmask_many_tokens_by_decoded_strips_equal_the_reference(dtype: torch.
     torch.testing.assert_close(out.double(), expected, **tolerance)
 
 
+def test_bitmask_strips_take_the_leading_columns_of_wider_rows(isa: str) -> None:
+    """Views of each row's first values and mask bytes (lowrank_sparse_folded's S, U stored after it) give the
+    product of those rows alone; a row that is not contiguous is refused."""
+    torch.manual_seed(0)
+    values, mask = sparse_rows.dense_to_bitmask(torch.randn(300, STRIP_ATOMS) / 64, 3000)
+    values = values.bfloat16()
+    wide_values = torch.cat([values, torch.randn(300, 37).bfloat16()], dim=1)  # a U's values after S's
+    wide_mask = torch.cat([mask, torch.randint(0, 256, (300, 5), dtype=torch.uint8)], dim=1)
+    z = torch.randn(20, STRIP_ATOMS, dtype=torch.bfloat16)
+    ext = BitmaskMatmul(values, mask, STRIP_ATOMS).ext
+    assert ext is not None and ext.isa() == isa
+    whole = ext.bitmask_matmul_strips(z, values, mask)
+    torch.testing.assert_close(ext.bitmask_matmul_strips(z, wide_values[:, :3000], wide_mask[:, :STRIP_ATOMS // 8]),
+                               whole, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="each row contiguous"):
+        ext.bitmask_matmul_strips(z, wide_values[:, :6000:2], wide_mask[:, :STRIP_ATOMS // 8])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [17, 70])  # a part panel of 32 alone, and after whole ones
 @pytest.mark.parametrize("encoding", ["ell-uint8", "ell-int16", "ell-int32", "bitmask"])

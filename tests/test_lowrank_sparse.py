@@ -18,8 +18,10 @@ from slimserve.loaders.compress.whitening import SvdLlm, Whitening
 from slimserve.loaders.converters import convert_lowrank_sparse
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.lowrank_sparse import decode_sparse, encode_sparse, sparse_encoding, sparse_product
+from slimserve.plugin.kernels.bitmask import DENSE_FROM_TOKENS, BitmaskMatmul
 from slimserve.plugin.kernels.cpp import loop_isa
-from slimserve.plugin.kernels.lowrank_sparse import LowRankSparsePanels
+from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.lowrank_sparse import LowRankSparseFolded, LowRankSparsePanels, fold_low_rank
 from slimserve.plugin.kernels.precision import NARROWING_ISAS
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard, local_sparse
 from slimserve.server.cli import main
@@ -278,6 +280,26 @@ def test_vllm_serves_bf16_factors_through_the_one_operator_layer(tiny_llama: Pat
     assert vllm_greedy(ckpt, prompts, enforce_eager=False) == reference
 
 
+@pytest.mark.slow
+def test_vllm_serves_a_bf16_checkpoint_in_bf16_like_its_densified_export(tmp_path: Path, text_file: Path) -> None:
+    """A bf16 OATS checkpoint served as bf16 in compiled mode (on hosts with the bitmask kernel's bf16 dot loop, U
+    folded into S's rows, ``LowRankSparseFolded``): every greedy token's log-probability within bf16's rounding of
+    what the float32 densified export gives that token after the same prefix."""
+    from slimserve.testing.models import build_tiny_causal_lm
+    from slimserve.testing.vllm import hf_chosen_logprobs, vllm_greedy_logprobs
+
+    dense = build_tiny_causal_lm(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    ckpt = compress(dense, tmp_path / "oats", method="oats", ratio=0.3, calib=text_file, calib_samples=8,
+                    calib_seq_len=160, progress=False)
+    assert {spec["encoding"] for spec in open_checkpoint(ckpt).modules.values()} == {"bitmask"}
+    exported = densify(ckpt, tmp_path / "dense")
+    prompts = ["The quick brown fox", "import json"]
+    for prompt, (tokens, logprobs) in zip(prompts, vllm_greedy_logprobs(ckpt, prompts, dtype="bfloat16",
+                                                                         enforce_eager=False)):
+        reference = hf_chosen_logprobs(exported, prompt, tokens)
+        assert max(abs(a - b) for a, b in zip(logprobs, reference)) < 0.1
+
+
 def test_rank_zero_shards_of_a_fused_layer_run_as_one_sparse_product() -> None:
     """q/k/v (or gate/up) pruned row-sparse at one nnz stack into one S; anything else runs shard by shard."""
     generator = torch.Generator().manual_seed(0)
@@ -337,6 +359,51 @@ def test_factors_kept_as_bf16_panels_run_the_layer_as_one_operator() -> None:
     assert isinstance(whole.second, LowRankSparsePanels) == (loop_isa() in NARROWING_ISAS)
     x = torch.randn(5, inn, generator=generator)
     torch.testing.assert_close(whole.second(x), whole.forward(x))
+    torch.testing.assert_close(whole.second(x).double(), _qkv_reference(shards, x, inn), rtol=1e-4, atol=1e-3)
+
+
+def _qkv_reference(shards: list[dict[str, torch.Tensor]], x: torch.Tensor, inn: int) -> torch.Tensor:
+    """The stacked shards' ``(x Vᵀ) Uᵀ + x Sᵀ`` in float64."""
     expected = torch.cat([t["u"].double() @ (t["v"].double() @ x.double().t()) for t in shards]).t()
-    expected += x.double() @ torch.cat([decode_sparse(t, inn).double() for t in shards]).t()
-    torch.testing.assert_close(whole.second(x).double(), expected, rtol=1e-4, atol=1e-3)
+    return expected + x.double() @ torch.cat([decode_sparse(t, inn).double() for t in shards]).t()
+
+
+@pytest.mark.parametrize("tokens", [1, 8, DENSE_FROM_TOKENS - 1, DENSE_FROM_TOKENS, 300])
+def test_u_folded_into_s_rows_gives_the_layer_at_every_token_count(tokens: int) -> None:
+    """q/k/v of ranks 6, 3, 5 folded into one bitmask layout: few tokens as one product of ``[x | x Vᵀ]``, many as
+    S's strips on the rows' leading part plus each U on its view; both equal the three products summed."""
+    generator = torch.Generator().manual_seed(3)
+    inn = 96
+    shards, _ = _qkv_shards(generator, inn, 40, bf16_numbers=True)
+    shards = [{k: v.bfloat16() if v.is_floating_point() else v for k, v in t.items()} for t in shards]
+    sparse = BitmaskMatmul(torch.cat([t["s_values"] for t in shards]), torch.cat([t["s_mask"] for t in shards]), inn)
+    if sparse.ext is None:
+        pytest.skip("no CPU kernel build")
+    folded = LowRankSparseFolded(prepacked_linear(torch.cat([t["v"] for t in shards])), [t["u"] for t in shards],
+                                 sparse)
+    assert folded.values.shape == (128, 40 + 6) and folded.mask.shape == (128, inn // 8 + 2)  # 6 + 3 + 6 bits of z
+    x = torch.randn(tokens, inn, generator=generator).bfloat16()
+    torch.testing.assert_close(folded(x).double(), _qkv_reference(shards, x, inn), rtol=2e-2, atol=0.3)
+
+
+def test_fold_refuses_what_its_layout_cannot_hold() -> None:
+    values, mask = torch.zeros(8, 3), torch.zeros(8, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="in_features 13 is no multiple of 8"):
+        fold_low_rank(values, mask, 13, [torch.zeros(8, 2)])
+    with pytest.raises(ValueError, match="the U's have 6 rows, S has 8"):
+        fold_low_rank(values, mask, 16, [torch.zeros(6, 2)])
+
+
+def test_bf16_shards_fold_u_into_s_where_the_dot_loop_serves_bitmask_batches() -> None:
+    """bf16 shards (a bf16 checkpoint served as bf16): on hosts with the bitmask kernel's bf16 dot loop and no tile
+    unit the layer runs folded, else apart; either way it is the layer's product."""
+    generator = torch.Generator().manual_seed(4)
+    inn = 96
+    shards, specs = _qkv_shards(generator, inn, 40, bf16_numbers=True)
+    shards = [{k: v.bfloat16() if v.is_floating_point() else v for k, v in t.items()} for t in shards]
+    whole = LowRankSparseShard.layer(shards, specs)
+    ext = BitmaskMatmul(shards[0]["s_values"], shards[0]["s_mask"], inn).ext
+    dot_loop = ext is not None and hasattr(ext, "bitmask_matmul_dot") and not ext.amx_usable()
+    assert whole is not None and isinstance(whole.second, LowRankSparseFolded) == dot_loop
+    x = torch.randn(4, inn, generator=generator).bfloat16()
+    torch.testing.assert_close(whole.second(x).double(), _qkv_reference(shards, x, inn), rtol=2e-2, atol=0.3)

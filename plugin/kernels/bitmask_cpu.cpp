@@ -535,16 +535,19 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
 namespace {
 // Rows first + begin .. first + end of C as dense rows in O (float32 or bf16; zeroed here) at rows begin .. end of
 // `strip`. bf16 rows of bf16 values are expanded 32 atoms at a time where VBMI2 allows, else set bit by set bit.
+// Row o's values start at values + o * value_stride and its mask_bytes mask bytes at mask + o * mask_stride (strides
+// past a row's own length: the rows of a wider layout, lowrank_sparse_folded's).
 template <typename V, typename O>
 void bitmask_rows_to_dense(const V* values, const V* values_end, const uint8_t* mask, O* strip, int64_t atoms,
-                           int64_t nnz, int64_t mask_bytes, int64_t first, int64_t begin, int64_t end) {
+                           int64_t nnz, int64_t value_stride, int64_t mask_bytes, int64_t mask_stride, int64_t first,
+                           int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const int64_t o = first + r;
-    const V* v = values + o * nnz;
+    const V* v = values + o * value_stride;
     O* row = strip + r * atoms;
 #if defined(__AVX512VBMI2__)
     if constexpr (std::is_same<V, c10::BFloat16>::value && std::is_same<O, c10::BFloat16>::value) {
-      BitmaskSpans spans{mask + o * mask_bytes, mask_bytes, reinterpret_cast<const uint16_t*>(v)};
+      BitmaskSpans spans{mask + o * mask_stride, mask_bytes, reinterpret_cast<const uint16_t*>(v)};
       for (int64_t j = 0; j < atoms; j += 32) {
         const int64_t left = atoms - j;  // the last span is stored under a mask: the next row may be another thread's
         _mm512_mask_storeu_epi16(row + j, left >= 32 ? ~0u : (1u << left) - 1, spans.next());
@@ -556,7 +559,7 @@ void bitmask_rows_to_dense(const V* values, const V* values_end, const uint8_t* 
     if constexpr (std::is_same<O, float>::value) {
       // a full mask byte's 8 columns placed in registers (the row loop's permutation) and stored whole: the bit loop
       // below took about 3.5 cycles a column, as long as the GEMM of a 32-token strip
-      const uint8_t* mrow = mask + o * mask_bytes;
+      const uint8_t* mrow = mask + o * mask_stride;
       const int64_t full_bytes = atoms / 8;
       const bool guarded = v + nnz + 8 > values_end;
       for (int64_t b = 0; b < full_bytes; ++b) {
@@ -570,7 +573,7 @@ void bitmask_rows_to_dense(const V* values, const V* values_end, const uint8_t* 
 #endif
     std::memset(static_cast<void*>(row), 0, sizeof(O) * atoms);
     for (int64_t b = 0; b < mask_bytes; ++b) {
-      for (uint32_t bits = mask[o * mask_bytes + b]; bits != 0; bits &= bits - 1) {
+      for (uint32_t bits = mask[o * mask_stride + b]; bits != 0; bits &= bits - 1) {
         row[b * 8 + __builtin_ctz(bits)] = static_cast<O>(to_float(*v++));
       }
     }
@@ -580,11 +583,18 @@ void bitmask_rows_to_dense(const V* values, const V* values_end, const uint8_t* 
 }  // namespace
 
 // y [N, out] = z · Cᵀ for many tokens (prefill) off the tile unit, on strips of C decoded in cache (float32 out, bf16 for
-// bf16 batches where the CPU has AVX512_BF16; vector_rows.h).
+// bf16 batches where the CPU has AVX512_BF16; vector_rows.h). values and mask may be views of the leading columns of
+// wider rows (each row contiguous): lowrank_sparse_folded keeps U after S in every row and multiplies S alone here.
 torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
   TORCH_CHECK(z.dim() == 2, "bitmask_matmul_strips: z must be [N, k]");
   const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1);
-  check_strip_args(values, mask, atoms, "bitmask_matmul_strips");
+  TORCH_CHECK(values.dim() == 2 && mask.dim() == 2 && (values.stride(1) == 1 || nnz <= 1) &&
+              (mask.stride(1) == 1 || mask_bytes <= 1) && mask.scalar_type() == at::kByte &&
+              mask.size(0) == values.size(0) && mask_bytes == (atoms + 7) / 8 &&
+              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "bitmask_matmul_strips: values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8, "
+              "each row contiguous");
+  const int64_t value_stride = values.stride(0), mask_stride = mask.stride(0);
   const uint8_t* msk = mask.data_ptr<uint8_t>();
 #if defined(__AVX512BF16__)
   // A CPU with native bf16 dot products runs a bf16 GEMM at about twice the fp32 rate (AMD Zen 4), so bf16 batches
@@ -597,7 +607,10 @@ torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch
   return slimserve_rows::strips_gemm(z, out, bf16 ? at::kBFloat16 : at::kFloat,
                                      [&](torch::Tensor& strip, int64_t first, int64_t begin, int64_t end) {
     slimserve_rows::with_value_types(values, strip, [&](const auto* val, auto* rows) {
-      bitmask_rows_to_dense(val, val + out * nnz, msk, rows, atoms, nnz, mask_bytes, first, begin, end);
+      // the last row's values end the storage these rows read
+      const auto* values_end = val + (out > 0 ? (out - 1) * value_stride + nnz : 0);
+      bitmask_rows_to_dense(val, values_end, msk, rows, atoms, nnz, value_stride, mask_bytes, mask_stride, first, begin,
+                            end);
     });
   });
 }

@@ -1,26 +1,40 @@
-"""``y = (x Vᵀ) Uᵀ + x Sᵀ`` as one operator, where the factors are bf16 panels (AVX2 hosts serving float32).
+"""``y = (x Vᵀ) Uᵀ + x Sᵀ`` as one operator, for S stored as a bitmask or where the factors are bf16 panels.
 
 A lowrank_sparse layer runs three products and an add; a fused layer (q/k/v, gate/up) runs one U per
 shard besides, on its slice of ``x Vᵀ``, and concatenates them. Each product as its own operator
 costs a dispatch of about 10 µs, and a split, copies and a concatenation besides: on the real
 SmolLM2 (30 layers of four such layers, most of them small) one decoded token spent about 4 ms of
-its 21 ms in those layers outside the kernels. ``slimserve::lowrank_sparse_panels`` crosses the
-dispatcher once per layer: S's product runs first, then one C++ call (``bf16_panels_lowrank_add``)
+its 21 ms in those layers outside the kernels. Two operators cut that down.
+
+``slimserve::lowrank_sparse_folded`` (hosts whose bf16 steps run the bitmask kernel's dot loop and
+have no tile unit: AMD Zen 4) stores each row of U after S's values in S's bitmask layout, so few-token
+steps are one bitmask product of ``[x | x Vᵀ]``: U streams in the same pass as S, where oneDNN ran each
+U (a GEMM of a few hundred inputs) well under its memory rate. On the benchmark Llama at 30 % of bytes
+(8 layers, weights streamed from memory, AMD EPYC Zen 4, 2 threads) the linear layers of one token took
+18.6 ms folded against 23.6 ms as V, S and each U apart (dense: 29.2), 34.8 against 36.6 at 8 tokens, and
+were level from 16 to 96 tokens. Many-token steps run S's strips on the leading part of each row (the
+strips take row-strided views) and each U as a GEMM on its view of the stored values, added into its
+columns: the same work as apart.
+
+``slimserve::lowrank_sparse_panels`` (factors kept as bf16 panels: AVX2 hosts serving float32) crosses
+the dispatcher once per layer: S's product runs first, then one C++ call (``bf16_panels_lowrank_add``)
 multiplies V and adds each U's product of its slice of ``x Vᵀ`` straight into its columns of S's
 output, so no concatenation or separate sum is made. Each factor takes the road
 ``bf16_panels_linear`` would give it (the panels loop, or for many tokens and few inputs the tiled
 GEMM, which writes into the columns too).
 
-Only factors kept as bf16 panels (``Bf16PanelsLinear``) take it: elsewhere the factors run on
-vLLM's prepacked oneDNN GEMMs, closures no operator can take as arguments, and the layer keeps
-its three operators.
+Elsewhere the factors run on vLLM's prepacked oneDNN GEMMs, closures no operator can take as
+arguments, and the layer keeps its three operators.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from slimserve.plugin.kernels.bitmask import BitmaskMatmul, bitmask_matmul
+from slimserve.loaders.schemes.sparse_rows import pack_mask
+from slimserve.plugin.kernels.bitmask import DENSE_FROM_TOKENS, BitmaskMatmul, _cpu_kernel, bitmask_matmul
 from slimserve.plugin.kernels.ell import EllMatmul, ell_matmul
 from slimserve.plugin.kernels.gemm import (
     STRIPS_BELOW_INPUTS,
@@ -30,6 +44,8 @@ from slimserve.plugin.kernels.gemm import (
     bf16_panels_linear,
 )
 from slimserve.plugin.kernels.ops import register_op
+
+Factor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _lowrank_sparse_panels_shape(x: torch.Tensor, v_panels: torch.Tensor, u_panels: list[torch.Tensor],
@@ -79,3 +95,76 @@ class LowRankSparsePanels:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.lowrank_sparse_panels(x, self.v_panels, self.u_panels, self.u_outs, self.s_values,
                                                          self.s_positions, self.s_bitmask)
+
+
+def fold_low_rank(values: torch.Tensor, mask: torch.Tensor, in_features: int,
+                  us: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """S (bitmask ``values [out, s]``, ``mask [out, in/8]``) with the rows of the stacked ``us`` appended: each row's
+    values are S's then its U's (zeros after a rank below the widest), and its mask bits over the inputs
+    ``[x | x Vᵀ]`` mark its shard's ``widest`` columns of ``x Vᵀ`` from its slice's start (shard i's slice starts at
+    the sum of the ranks before it; bits past its rank fall on later slices or spare columns and meet zeros)."""
+    if in_features % 8:
+        raise ValueError(f"fold_low_rank: S's mask must end on a byte: in_features {in_features} is no multiple of 8")
+    out, nnz = values.shape
+    if sum(u.shape[0] for u in us) != out:
+        raise ValueError(f"fold_low_rank: the U's have {sum(u.shape[0] for u in us)} rows, S has {out}")
+    widest = max(u.shape[1] for u in us)
+    folded = values.new_zeros(out, nnz + widest)
+    folded[:, :nnz] = values
+    stored = torch.zeros(out, sum(u.shape[1] for u in us[:-1]) + widest, dtype=torch.bool)
+    row = column = 0
+    for u in us:
+        folded[row:row + u.shape[0], nnz:nnz + u.shape[1]] = u.to(values.dtype)
+        stored[row:row + u.shape[0], column:column + widest] = True
+        row += u.shape[0]
+        column += u.shape[1]
+    return folded, torch.cat([mask, pack_mask(stored)], dim=1)
+
+
+def _lowrank_sparse_folded_shape(x: torch.Tensor, z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                                 nnz: int, u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@register_op("lowrank_sparse_folded", fake=_lowrank_sparse_folded_shape)
+def lowrank_sparse_folded(x: torch.Tensor, z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, nnz: int,
+                          u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
+    """``[N, out]``: ``x Sᵀ`` plus each shard's U times its slice of ``z = x Vᵀ``, from ``fold_low_rank``'s layout
+    (S's ``nnz`` values first in each row); the shards have ``u_rows`` rows and ``u_ranks`` ranks, in order."""
+    tokens, in_features = x.shape
+    if tokens < DENSE_FROM_TOKENS:  # one pass over [x | z] (mask bytes a row: in / 8 for x, the rest for z)
+        inputs = x.new_zeros(tokens, 8 * mask.shape[1])
+        inputs[:, :in_features] = x
+        inputs[:, in_features:in_features + z.shape[1]] = z
+        return bitmask_matmul(inputs, values, mask)
+    y = _cpu_kernel().bitmask_matmul_strips(x, values[:, :nnz], mask[:, :in_features // 8]).to(x.dtype)
+    row = column = 0
+    for rows, rank in zip(u_rows, u_ranks):
+        y[:, row:row + rows].addmm_(z[:, column:column + rank], values[row:row + rows, nnz:nnz + rank].t())
+        row += rows
+        column += rank
+    return y
+
+
+class LowRankSparseFolded:
+    """``f(x) = [S | U](x ‖ x Vᵀ)`` on ``lowrank_sparse_folded``: V a prepacked GEMM, U stored inside S's rows."""
+
+    def __init__(self, v: Factor, us: list[torch.Tensor], sparse: BitmaskMatmul) -> None:
+        self.v = v
+        self.nnz = sparse.values.shape[1]
+        self.u_rows = [u.shape[0] for u in us]
+        self.u_ranks = [u.shape[1] for u in us]
+        self.values, self.mask = fold_low_rank(sparse.values, sparse.mask, sparse.atoms, us)
+
+    @staticmethod
+    def usable(sparse: BitmaskMatmul | EllMatmul) -> bool:
+        """Whether this host folds S's layer: bf16 bitmask values whole bytes wide, on the bitmask kernel's bf16 dot
+        loop (AVX512_BF16) without a tile unit, where it was measured (bf16 batches on AMX take the tile unit's
+        strips, which would decode U as well; not measured)."""
+        ext = getattr(sparse, "ext", None)
+        return (isinstance(sparse, BitmaskMatmul) and ext is not None and sparse.values.dtype == torch.bfloat16
+                and sparse.atoms % 8 == 0 and hasattr(ext, "bitmask_matmul_dot") and not ext.amx_usable())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.slimserve.lowrank_sparse_folded(x, self.v(x), self.values, self.mask, self.nnz, self.u_rows,
+                                                         self.u_ranks)

@@ -4,7 +4,10 @@ S needs the layer input x itself, so the runner has no first factor (linear.py h
 V and U run as prepacked GEMMs (vLLM's own dense path on CPU) and S as the sparse product of its
 encoding (ELL or bitmask), which reads only S's stored values and positions. Where V and U are
 kept as bf16 panels (AVX2 hosts serving float32) the three run as one operator
-(``LowRankSparsePanels``), which saves two or more operator dispatches and the sum a layer.
+(``LowRankSparsePanels``), which saves two or more operator dispatches and the sum a layer. Where
+a bf16 bitmask S runs on the bitmask kernel's dot loop (AMD Zen 4) each row of U is stored after
+S's values and few-token steps are one bitmask product (``LowRankSparseFolded``; measured in
+``plugin/kernels/lowrank_sparse.py``).
 
 Tensor parallelism: column-parallel layers (q/k/v, gate/up) split u, S's rows and their
 positions along the output axis like a dense weight, in the generic loader. A row-parallel
@@ -27,7 +30,7 @@ from slimserve.loaders.schemes.lowrank_sparse import decode_sparse, encode_spars
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul
 from slimserve.plugin.kernels.gemm import prepacked_linear
-from slimserve.plugin.kernels.lowrank_sparse import LowRankSparsePanels
+from slimserve.plugin.kernels.lowrank_sparse import LowRankSparseFolded, LowRankSparsePanels
 
 
 def local_sparse(tensors: Mapping[str, torch.Tensor], in_full: int, in_start: int,
@@ -58,14 +61,18 @@ class LowRankSparseShard:
         us = [tensors["u"]] if us is None else list(us)
         self.out_features = sum(u.shape[0] for u in us)
         if "s_mask" in sparse:
-            self.sparse = BitmaskMatmul(sparse["s_values"], sparse["s_mask"], in_local)
+            product = BitmaskMatmul(sparse["s_values"], sparse["s_mask"], in_local)
         else:
-            self.sparse = EllMatmul(sparse["s_values"], sparse["s_indices"], in_local)
+            product = EllMatmul(sparse["s_values"], sparse["s_indices"], in_local)
         if tensors["v"].shape[0] == 0:  # rank 0 (a pruned, row-sparse weight): S alone, no empty GEMMs
-            self.second = self.sparse
+            self.second = self.sparse = product
             return
         self.v = prepacked_linear(tensors["v"])
         self.ranks = [u.shape[1] for u in us]
+        if LowRankSparseFolded.usable(product):  # U stored inside S's rows (never packed for oneDNN), S with it
+            self.second = LowRankSparseFolded(self.v, us, product)
+            return
+        self.sparse = product
         self.us = [prepacked_linear(u) for u in us]
         self.second = LowRankSparsePanels(self.v, self.us, self.sparse) if LowRankSparsePanels.usable(
             self.v, self.us) else self.forward

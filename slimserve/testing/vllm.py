@@ -22,9 +22,14 @@ if __name__ == "__main__":
     llm = LLM(model=args["model"], dtype=args["dtype"], enforce_eager=args["enforce_eager"], max_model_len=256,
               max_num_seqs=4, tensor_parallel_size=args["tp"], pipeline_parallel_size=args["pp"],
               distributed_executor_backend=args["executor"], seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
-    outs = llm.generate(args["prompts"], params, use_tqdm=False)
-    print("GREEDY_TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
+    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True,
+                            logprobs=1 if args.get("logprobs") else None)
+    outs = [o.outputs[0] for o in llm.generate(args["prompts"], params, use_tqdm=False)]
+    print("GREEDY_TOKENS=" + json.dumps([list(o.token_ids) for o in outs]), flush=True)
+    if args.get("logprobs"):
+        print("GREEDY_LOGPROBS=" + json.dumps([[list(o.token_ids), [step[token].logprob for step, token in
+                                                                     zip(o.logprobs, o.token_ids)]] for o in outs]),
+              flush=True)
 """
 
 
@@ -40,6 +45,15 @@ def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 
     return _run_vllm(_GREEDY_SCRIPT, "GREEDY_TOKENS=", {
         "model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "pp": pp,
         "executor": executor, "dtype": dtype, "enforce_eager": enforce_eager}, tp=tp * pp, timeout=timeout)
+
+
+def vllm_greedy_logprobs(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16, dtype: str = "float32",
+                         enforce_eager: bool = True, timeout: float = 600) -> list[tuple[list[int], list[float]]]:
+    """Per prompt, vLLM's greedy tokens and the log-probability it gave each: for dtypes whose rounding makes exact
+    token equality with a reference too strict a test (bf16), compared with ``hf_chosen_logprobs``."""
+    return _run_vllm(_GREEDY_SCRIPT, "GREEDY_LOGPROBS=", {
+        "model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": 1, "pp": 1, "executor": None,
+        "dtype": dtype, "enforce_eager": enforce_eager, "logprobs": True}, timeout=timeout)
 
 
 def vllm_chat(model_dir: str | Path, questions: list[str], *, max_tokens: int = 48, dtype: str = "bfloat16",
