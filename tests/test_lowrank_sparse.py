@@ -282,9 +282,10 @@ def test_vllm_serves_bf16_factors_through_the_one_operator_layer(tiny_llama: Pat
 
 @pytest.mark.slow
 def test_vllm_serves_a_bf16_checkpoint_in_bf16_like_its_densified_export(tmp_path: Path, text_file: Path) -> None:
-    """A bf16 OATS checkpoint served as bf16 in compiled mode (on hosts with the bitmask kernel's bf16 dot loop, U
-    folded into S's rows, ``LowRankSparseFolded``): every greedy token's log-probability within bf16's rounding of
-    what the float32 densified export gives that token after the same prefix."""
+    """A bf16 OATS checkpoint served as bf16, compiled at TP 1 and eager at TP 2 (row-parallel S re-sliced per rank;
+    on hosts with the bitmask kernel's bf16 dot loop U folded into S's rows, ``LowRankSparseFolded``): every greedy
+    token's log-probability within bf16's rounding of what the float32 densified export gives that token after the
+    same prefix."""
     from slimserve.testing.models import build_tiny_causal_lm
     from slimserve.testing.vllm import hf_chosen_logprobs, vllm_greedy_logprobs
 
@@ -294,10 +295,11 @@ def test_vllm_serves_a_bf16_checkpoint_in_bf16_like_its_densified_export(tmp_pat
     assert {spec["encoding"] for spec in open_checkpoint(ckpt).modules.values()} == {"bitmask"}
     exported = densify(ckpt, tmp_path / "dense")
     prompts = ["The quick brown fox", "import json"]
-    for prompt, (tokens, logprobs) in zip(prompts, vllm_greedy_logprobs(ckpt, prompts, dtype="bfloat16",
-                                                                         enforce_eager=False)):
-        reference = hf_chosen_logprobs(exported, prompt, tokens)
-        assert max(abs(a - b) for a, b in zip(logprobs, reference)) < 0.1
+    for tp, eager in ((1, False), (2, True)):
+        served = vllm_greedy_logprobs(ckpt, prompts, tp=tp, dtype="bfloat16", enforce_eager=eager)
+        for prompt, (tokens, logprobs) in zip(prompts, served):
+            reference = hf_chosen_logprobs(exported, prompt, tokens)
+            assert max(abs(a - b) for a, b in zip(logprobs, reference)) < 0.1, (tp, prompt)
 
 
 def test_rank_zero_shards_of_a_fused_layer_run_as_one_sparse_product() -> None:

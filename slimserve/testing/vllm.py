@@ -47,13 +47,14 @@ def vllm_greedy(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 
         "executor": executor, "dtype": dtype, "enforce_eager": enforce_eager}, tp=tp * pp, timeout=timeout)
 
 
-def vllm_greedy_logprobs(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16, dtype: str = "float32",
-                         enforce_eager: bool = True, timeout: float = 600) -> list[tuple[list[int], list[float]]]:
+def vllm_greedy_logprobs(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 16, tp: int = 1,
+                         dtype: str = "float32", enforce_eager: bool = True,
+                         timeout: float = 600) -> list[tuple[list[int], list[float]]]:
     """Per prompt, vLLM's greedy tokens and the log-probability it gave each: for dtypes whose rounding makes exact
     token equality with a reference too strict a test (bf16), compared with ``hf_chosen_logprobs``."""
     return _run_vllm(_GREEDY_SCRIPT, "GREEDY_LOGPROBS=", {
-        "model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": 1, "pp": 1, "executor": None,
-        "dtype": dtype, "enforce_eager": enforce_eager, "logprobs": True}, timeout=timeout)
+        "model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "pp": 1, "executor": None,
+        "dtype": dtype, "enforce_eager": enforce_eager, "logprobs": True}, tp=tp, timeout=timeout)
 
 
 def vllm_chat(model_dir: str | Path, questions: list[str], *, max_tokens: int = 48, dtype: str = "bfloat16",
