@@ -211,6 +211,16 @@ def test_bitmask_many_tokens_by_decoded_strips_equal_the_reference(dtype: torch.
     torch.testing.assert_close(out.double(), expected, **tolerance)
 
 
+def test_bitmask_strips_of_a_weight_without_inputs_are_zeros(isa: str) -> None:
+    """Strips are sized by a row's bytes; a row of none must not divide by zero."""
+    ext = BitmaskMatmul(torch.zeros(5, 0), torch.zeros(5, 0, dtype=torch.uint8), 0).ext
+    assert ext is not None and ext.isa() == isa
+    for dtype in (torch.float32, torch.bfloat16):
+        out = ext.bitmask_matmul_strips(torch.randn(20, 0, dtype=dtype), torch.zeros(5, 0, dtype=dtype),
+                                        torch.zeros(5, 0, dtype=torch.uint8))
+        assert out.shape == (20, 5) and not out.any()
+
+
 def test_bitmask_strips_take_the_leading_columns_of_wider_rows(isa: str) -> None:
     """Views of each row's first values and mask bytes (lowrank_sparse_folded's S, U stored after it) give the
     product of those rows alone; a row that is not contiguous is refused."""

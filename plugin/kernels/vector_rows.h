@@ -404,6 +404,7 @@ at::Tensor tile_gemm(const at::Tensor& x, int64_t out, const FillRows& fill_rows
 // rows.
 template <typename FillRows>
 at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, const FillRows& fill_rows) {
+  if (x.size(1) == 0) return torch::zeros({x.size(0), out}, x.options().dtype(dtype));  // no inputs: sums of nothing
 #if defined(SLIMSERVE_AVX2)
   if (dtype == at::kFloat) return tile_gemm(x, out, fill_rows);
 #endif
