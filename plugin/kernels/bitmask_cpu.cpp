@@ -532,6 +532,20 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
   return y;
 }
 
+// y = [x | z] · Cᵀ in x's dtype, the inputs joined here into one zeroed buffer as wide as the mask's bytes: the
+// few-token step of lowrank_sparse_folded (z = x Vᵀ, U stored after S in C's rows). Built in Python the joined inputs
+// cost three operators and the routing a call; on the real SmolLM2's shapes (120 such calls a token) the fold's
+// operator took about 27 µs a call beyond the product itself.
+torch::Tensor bitmask_matmul_joined(torch::Tensor x, torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
+  TORCH_CHECK(x.dim() == 2 && z.dim() == 2 && mask.dim() == 2 && x.size(0) == z.size(0) &&
+              x.size(1) + z.size(1) <= 8 * mask.size(1),
+              "bitmask_matmul_joined: x [N, in] and z [N, r] must fit the mask's 8 x bytes inputs");
+  auto inputs = torch::zeros({x.size(0), 8 * mask.size(1)}, x.options());
+  inputs.narrow(1, 0, x.size(1)).copy_(x);
+  inputs.narrow(1, x.size(1), z.size(1)).copy_(z);
+  return bitmask_matmul(inputs, values, mask).to(x.scalar_type());
+}
+
 namespace {
 // Rows first + begin .. first + end of C as dense rows in O (float32 or bf16; zeroed here) at rows begin .. end of
 // `strip`. bf16 rows of bf16 values are expanded 32 atoms at a time where VBMI2 allows, else set bit by set bit.
@@ -814,6 +828,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #endif
   m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
+  m.def("bitmask_matmul_joined", &bitmask_matmul_joined, "y = [x | z] · Cᵀ (lowrank_sparse_folded's few tokens)");
 #if defined(SLIMSERVE_DPBF16)
   m.def("bitmask_matmul_dot", &bitmask_matmul_dot,
         "y = z · Cᵀ for bf16 batches: expanded 32-atom spans dotted with _mm512_dpbf16_ps (float32 out)");

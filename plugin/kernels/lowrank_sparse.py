@@ -131,13 +131,11 @@ def lowrank_sparse_folded(x: torch.Tensor, z: torch.Tensor, values: torch.Tensor
                           u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
     """``[N, out]``: ``x Sᵀ`` plus each shard's U times its slice of ``z = x Vᵀ``, from ``fold_low_rank``'s layout
     (S's ``nnz`` values first in each row); the shards have ``u_rows`` rows and ``u_ranks`` ranks, in order."""
+    ext = _cpu_kernel()
     tokens, in_features = x.shape
     if tokens < DENSE_FROM_TOKENS:  # one pass over [x | z] (mask bytes a row: in / 8 for x, the rest for z)
-        inputs = x.new_zeros(tokens, 8 * mask.shape[1])
-        inputs[:, :in_features] = x
-        inputs[:, in_features:in_features + z.shape[1]] = z
-        return bitmask_matmul(inputs, values, mask)
-    y = _cpu_kernel().bitmask_matmul_strips(x, values[:, :nnz], mask[:, :in_features // 8]).to(x.dtype)
+        return ext.bitmask_matmul_joined(x, z, values, mask)
+    y = ext.bitmask_matmul_strips(x, values[:, :nnz], mask[:, :in_features // 8]).to(x.dtype)
     row = column = 0
     for rows, rank in zip(u_rows, u_ranks):
         y[:, row:row + rows].addmm_(z[:, column:column + rank], values[row:row + rows, nnz:nnz + rank].t())
