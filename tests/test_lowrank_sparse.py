@@ -20,7 +20,6 @@ from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.lowrank_sparse import decode_sparse, encode_sparse, sparse_encoding, sparse_product
 from slimserve.plugin.kernels.bitmask import DENSE_FROM_TOKENS, BitmaskMatmul
 from slimserve.plugin.kernels.cpp import loop_isa
-from slimserve.plugin.kernels.gemm import prepacked_linear
 from slimserve.plugin.kernels.lowrank_sparse import LowRankSparseFolded, LowRankSparsePanels, fold_low_rank
 from slimserve.plugin.kernels.precision import NARROWING_ISAS
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard, local_sparse
@@ -372,8 +371,9 @@ def _qkv_reference(shards: list[dict[str, torch.Tensor]], x: torch.Tensor, inn: 
 
 @pytest.mark.parametrize("tokens", [1, 8, DENSE_FROM_TOKENS - 1, DENSE_FROM_TOKENS, 300])
 def test_u_folded_into_s_rows_gives_the_layer_at_every_token_count(tokens: int) -> None:
-    """q/k/v of ranks 6, 3, 5 folded into one bitmask layout: few tokens as one product of ``[x | x Vᵀ]``, many as
-    S's strips on the rows' leading part plus each U on its view; both equal the three products summed."""
+    """q/k/v of ranks 6, 3, 5 folded into one bitmask layout: few tokens as x Vᵀ and one product of ``[x | x Vᵀ]`` in
+    one kernel call, many as S's strips on the rows' leading part plus each U on its view; both equal the three
+    products summed."""
     generator = torch.Generator().manual_seed(3)
     inn = 96
     shards, _ = _qkv_shards(generator, inn, 40, bf16_numbers=True)
@@ -381,8 +381,7 @@ def test_u_folded_into_s_rows_gives_the_layer_at_every_token_count(tokens: int) 
     sparse = BitmaskMatmul(torch.cat([t["s_values"] for t in shards]), torch.cat([t["s_mask"] for t in shards]), inn)
     if sparse.ext is None:
         pytest.skip("no CPU kernel build")
-    folded = LowRankSparseFolded(prepacked_linear(torch.cat([t["v"] for t in shards])), [t["u"] for t in shards],
-                                 sparse)
+    folded = LowRankSparseFolded(torch.cat([t["v"] for t in shards]), [t["u"] for t in shards], sparse)
     assert folded.values.shape == (128, 40 + 6) and folded.mask.shape == (128, inn // 8 + 2)  # 6 + 3 + 6 bits of z
     x = torch.randn(tokens, inn, generator=generator).bfloat16()
     torch.testing.assert_close(folded(x).double(), _qkv_reference(shards, x, inn), rtol=2e-2, atol=0.3)

@@ -532,14 +532,17 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
   return y;
 }
 
-// y = [x | z] · Cᵀ in x's dtype, the inputs joined here into one zeroed buffer as wide as the mask's bytes: the
-// few-token step of lowrank_sparse_folded (z = x Vᵀ, U stored after S in C's rows). Built in Python the joined inputs
-// cost three operators and the routing a call; on the real SmolLM2's shapes (120 such calls a token) the fold's
-// operator took about 27 µs a call beyond the product itself.
-torch::Tensor bitmask_matmul_joined(torch::Tensor x, torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
-  TORCH_CHECK(x.dim() == 2 && z.dim() == 2 && mask.dim() == 2 && x.size(0) == z.size(0) &&
-              x.size(1) + z.size(1) <= 8 * mask.size(1),
-              "bitmask_matmul_joined: x [N, in] and z [N, r] must fit the mask's 8 x bytes inputs");
+// y = [x | x Vᵀ] · Cᵀ in x's dtype: lowrank_sparse_folded's few-token step (U stored after S in C's rows) as one call.
+// V comes as a bitmask with every bit set (its rows plain, plus 1/16 of their bytes in mask), so x Vᵀ runs on the
+// same loops as C: on AMD Zen 4 at one token they read a dense weight 1.08-1.19x faster than vLLM's oneDNN GEMM, whose
+// call on SmolLM2's small V's cost about 22 µs. The joined inputs are one zeroed buffer as wide as C's mask bytes;
+// built in Python they cost three operators and 10 µs more a call (docs/methods/lowrank_sparse.md).
+torch::Tensor bitmask_matmul_lowrank(torch::Tensor x, torch::Tensor v_values, torch::Tensor v_mask,
+                                     torch::Tensor values, torch::Tensor mask) {
+  TORCH_CHECK(x.dim() == 2 && v_values.dim() == 2 && mask.dim() == 2 &&
+              x.size(1) + v_values.size(0) <= 8 * mask.size(1),
+              "bitmask_matmul_lowrank: x [N, in] and x Vᵀ [N, r] must fit the mask's 8 x bytes inputs");
+  const auto z = bitmask_matmul(x, v_values, v_mask);
   auto inputs = torch::zeros({x.size(0), 8 * mask.size(1)}, x.options());
   inputs.narrow(1, 0, x.size(1)).copy_(x);
   inputs.narrow(1, x.size(1), z.size(1)).copy_(z);
@@ -828,7 +831,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #endif
   m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
-  m.def("bitmask_matmul_joined", &bitmask_matmul_joined, "y = [x | z] · Cᵀ (lowrank_sparse_folded's few tokens)");
+  m.def("bitmask_matmul_lowrank", &bitmask_matmul_lowrank,
+        "y = [x | x Vᵀ] · Cᵀ for V given as a full bitmask (lowrank_sparse_folded's few tokens)");
 #if defined(SLIMSERVE_DPBF16)
   m.def("bitmask_matmul_dot", &bitmask_matmul_dot,
         "y = z · Cᵀ for bf16 batches: expanded 32-atom spans dotted with _mm512_dpbf16_ps (float32 out)");

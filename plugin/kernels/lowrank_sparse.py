@@ -7,14 +7,15 @@ SmolLM2 (30 layers of four such layers, most of them small) one decoded token sp
 its 21 ms in those layers outside the kernels. Two operators cut that down.
 
 ``slimserve::lowrank_sparse_folded`` (hosts whose bf16 steps run the bitmask kernel's dot loop and
-have no tile unit: AMD Zen 4) stores each row of U after S's values in S's bitmask layout, so few-token
-steps are one bitmask product of ``[x | x Vᵀ]``: U streams in the same pass as S, where oneDNN ran each
-U (a GEMM of a few hundred inputs) well under its memory rate. On the benchmark Llama at 30 % of bytes
-(8 layers, weights streamed from memory, AMD EPYC Zen 4, 2 threads) the linear layers of one token took
-18.6 ms folded against 23.6 ms as V, S and each U apart (dense: 29.2), 34.8 against 36.6 at 8 tokens, and
-were level from 16 to 96 tokens. Many-token steps run S's strips on the leading part of each row (the
-strips take row-strided views) and each U as a GEMM on its view of the stored values, added into its
-columns: the same work as apart.
+have no tile unit: AMD Zen 4) stores each row of U after S's values in S's bitmask layout and V as plain
+rows beside an all-set mask, so a few-token step is one kernel call: ``x Vᵀ`` and then one bitmask
+product of ``[x | x Vᵀ]``, with U streamed in the same pass as S. oneDNN ran each U (a GEMM of a few
+hundred inputs) well under its memory rate, and a call on SmolLM2's small V's cost about 22 µs. Weights
+streamed from memory, 2 threads, the benchmark Llama at 30 % of bytes (8 layers): one token 18.1 ms
+against 22.0 with V, S and each U apart (dense 29.8), 8 tokens 28.8 against 31.7 (28.9), level from 32 to
+500 tokens; SmolLM2's shapes (30 layers): one token 8.2 against 15.3 (dense 10.6). Many-token steps run
+``x Vᵀ`` and each U by ATen's GEMM on the stored rows and S's strips on the leading part of each row (the
+strips take row-strided views): the same work as apart (docs/methods/lowrank_sparse.md).
 
 ``slimserve::lowrank_sparse_panels`` (factors kept as bf16 panels: AVX2 hosts serving float32) crosses
 the dispatcher once per layer: S's product runs first, then one C++ call (``bf16_panels_lowrank_add``)
@@ -29,8 +30,6 @@ arguments, and the layer keeps its three operators.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from slimserve.loaders.schemes.sparse_rows import pack_mask
@@ -44,8 +43,6 @@ from slimserve.plugin.kernels.gemm import (
     bf16_panels_linear,
 )
 from slimserve.plugin.kernels.ops import register_op
-
-Factor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _lowrank_sparse_panels_shape(x: torch.Tensor, v_panels: torch.Tensor, u_panels: list[torch.Tensor],
@@ -121,20 +118,22 @@ def fold_low_rank(values: torch.Tensor, mask: torch.Tensor, in_features: int,
     return folded, torch.cat([mask, pack_mask(stored)], dim=1)
 
 
-def _lowrank_sparse_folded_shape(x: torch.Tensor, z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                                 nnz: int, u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
+def _lowrank_sparse_folded_shape(x: torch.Tensor, v: torch.Tensor, v_mask: torch.Tensor, values: torch.Tensor,
+                                 mask: torch.Tensor, nnz: int, u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
     return x.new_empty(x.shape[0], values.shape[0])
 
 
 @register_op("lowrank_sparse_folded", fake=_lowrank_sparse_folded_shape)
-def lowrank_sparse_folded(x: torch.Tensor, z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, nnz: int,
-                          u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
-    """``[N, out]``: ``x Sᵀ`` plus each shard's U times its slice of ``z = x Vᵀ``, from ``fold_low_rank``'s layout
-    (S's ``nnz`` values first in each row); the shards have ``u_rows`` rows and ``u_ranks`` ranks, in order."""
+def lowrank_sparse_folded(x: torch.Tensor, v: torch.Tensor, v_mask: torch.Tensor, values: torch.Tensor,
+                          mask: torch.Tensor, nnz: int, u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
+    """``[N, out]``: ``x Sᵀ`` plus each shard's U times its slice of ``x Vᵀ``, from ``fold_low_rank``'s layout (S's
+    ``nnz`` values first in each row) and V ``[Σ ranks, in]`` with ``v_mask`` all set; the shards have ``u_rows``
+    rows and ``u_ranks`` ranks, in order."""
     ext = _cpu_kernel()
     tokens, in_features = x.shape
-    if tokens < DENSE_FROM_TOKENS:  # one pass over [x | z] (mask bytes a row: in / 8 for x, the rest for z)
-        return ext.bitmask_matmul_joined(x, z, values, mask)
+    if tokens < DENSE_FROM_TOKENS:  # x Vᵀ, then one pass over [x | x Vᵀ], in one call
+        return ext.bitmask_matmul_lowrank(x, v, v_mask, values, mask)
+    z = torch.mm(x, v.t())
     y = ext.bitmask_matmul_strips(x, values[:, :nnz], mask[:, :in_features // 8]).to(x.dtype)
     row = column = 0
     for rows, rank in zip(u_rows, u_ranks):
@@ -145,10 +144,11 @@ def lowrank_sparse_folded(x: torch.Tensor, z: torch.Tensor, values: torch.Tensor
 
 
 class LowRankSparseFolded:
-    """``f(x) = [S | U](x ‖ x Vᵀ)`` on ``lowrank_sparse_folded``: V a prepacked GEMM, U stored inside S's rows."""
+    """``f(x) = [S | U](x ‖ x Vᵀ)`` on ``lowrank_sparse_folded``: U stored inside S's rows, V as plain rows."""
 
-    def __init__(self, v: Factor, us: list[torch.Tensor], sparse: BitmaskMatmul) -> None:
-        self.v = v
+    def __init__(self, v: torch.Tensor, us: list[torch.Tensor], sparse: BitmaskMatmul) -> None:
+        self.v = v.to(sparse.values.dtype).contiguous()
+        self.v_mask = torch.full((v.shape[0], sparse.atoms // 8), 255, dtype=torch.uint8)
         self.nnz = sparse.values.shape[1]
         self.u_rows = [u.shape[0] for u in us]
         self.u_ranks = [u.shape[1] for u in us]
@@ -164,5 +164,5 @@ class LowRankSparseFolded:
                 and sparse.atoms % 8 == 0 and hasattr(ext, "bitmask_matmul_dot") and not ext.amx_usable())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.slimserve.lowrank_sparse_folded(x, self.v(x), self.values, self.mask, self.nnz, self.u_rows,
-                                                         self.u_ranks)
+        return torch.ops.slimserve.lowrank_sparse_folded(x, self.v, self.v_mask, self.values, self.mask, self.nnz,
+                                                         self.u_rows, self.u_ranks)

@@ -6,8 +6,8 @@ encoding (ELL or bitmask), which reads only S's stored values and positions. Whe
 kept as bf16 panels (AVX2 hosts serving float32) the three run as one operator
 (``LowRankSparsePanels``), which saves two or more operator dispatches and the sum a layer. Where
 a bf16 bitmask S runs on the bitmask kernel's dot loop (AMD Zen 4) each row of U is stored after
-S's values and few-token steps are one bitmask product (``LowRankSparseFolded``; measured in
-``plugin/kernels/lowrank_sparse.py``).
+S's values, V as plain rows, and a few-token step is one kernel call (``LowRankSparseFolded``;
+measured in ``plugin/kernels/lowrank_sparse.py``).
 
 Tensor parallelism: column-parallel layers (q/k/v, gate/up) split u, S's rows and their
 positions along the output axis like a dense weight, in the generic loader. A row-parallel
@@ -67,12 +67,12 @@ class LowRankSparseShard:
         if tensors["v"].shape[0] == 0:  # rank 0 (a pruned, row-sparse weight): S alone, no empty GEMMs
             self.second = self.sparse = product
             return
-        self.v = prepacked_linear(tensors["v"])
         self.ranks = [u.shape[1] for u in us]
-        if LowRankSparseFolded.usable(product):  # U stored inside S's rows (never packed for oneDNN), S with it
-            self.second = LowRankSparseFolded(self.v, us, product)
+        if LowRankSparseFolded.usable(product):  # U stored inside S's rows, V as plain rows: no oneDNN copies
+            self.second = LowRankSparseFolded(tensors["v"], us, product)
             return
         self.sparse = product
+        self.v = prepacked_linear(tensors["v"])
         self.us = [prepacked_linear(u) for u in us]
         self.second = LowRankSparsePanels(self.v, self.us, self.sparse) if LowRankSparsePanels.usable(
             self.v, self.us) else self.forward
