@@ -468,11 +468,18 @@ constexpr int64_t kDotFromTokens = 1;
 #endif
 
 
-void check_strip_args(const torch::Tensor& values, const torch::Tensor& mask, int64_t atoms, const char* op) {
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
-              mask.size(0) == values.size(0) && mask.size(1) == (atoms + 7) / 8 &&
+// `strided_rows`: values and mask may be views of the leading columns of wider rows (each row contiguous), which the
+// strips read row by row; the other loops read both as one contiguous stream.
+void check_strip_args(const torch::Tensor& values, const torch::Tensor& mask, int64_t atoms, const char* op,
+                      bool strided_rows = false) {
+  const bool rows_contiguous = values.dim() == 2 && mask.dim() == 2 &&
+      (strided_rows ? (values.stride(1) == 1 || values.size(1) <= 1) && (mask.stride(1) == 1 || mask.size(1) <= 1)
+                    : values.is_contiguous() && mask.is_contiguous());
+  TORCH_CHECK(rows_contiguous && mask.scalar_type() == at::kByte && mask.size(0) == values.size(0) &&
+              mask.size(1) == (atoms + 7) / 8 &&
               (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
-              op, ": values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8");
+              op, ": values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8",
+              strided_rows ? ", each row contiguous" : "");
 }
 
 }  // namespace
@@ -605,12 +612,7 @@ void bitmask_rows_to_dense(const V* values, const V* values_end, const uint8_t* 
 torch::Tensor bitmask_matmul_strips(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
   TORCH_CHECK(z.dim() == 2, "bitmask_matmul_strips: z must be [N, k]");
   const int64_t atoms = z.size(1), nnz = values.size(1), mask_bytes = mask.size(1);
-  TORCH_CHECK(values.dim() == 2 && mask.dim() == 2 && (values.stride(1) == 1 || nnz <= 1) &&
-              (mask.stride(1) == 1 || mask_bytes <= 1) && mask.scalar_type() == at::kByte &&
-              mask.size(0) == values.size(0) && mask_bytes == (atoms + 7) / 8 &&
-              (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
-              "bitmask_matmul_strips: values [out, s] float32 or bfloat16, mask [out, ceil(k/8)] uint8, "
-              "each row contiguous");
+  check_strip_args(values, mask, atoms, "bitmask_matmul_strips", /*strided_rows=*/true);
   const int64_t value_stride = values.stride(0), mask_stride = mask.stride(0);
   const uint8_t* msk = mask.data_ptr<uint8_t>();
 #if defined(__AVX512BF16__)
