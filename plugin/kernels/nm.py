@@ -19,9 +19,8 @@ to 16 tokens, 0.87-0.93x from 32 to 256); longer prefills take the strips. 4:8 b
 ``DOT_UP_TO_TOKENS`` tokens expand two rows' stored values in registers and dot them, zeros included,
 with 4 or 8 tokens at a time. Elsewhere steps above ``MANY_TOKENS`` decompress strips of rows into one
 buffer that stays in cache and run ATen's GEMM per strip, so the process never holds a dense copy of a
-layer. Crossovers are
-measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a compiler the PyTorch
-reference of the scheme does the same arithmetic, more slowly.
+layer. Crossovers are measured with ``bench/nm_kernel.py`` (see docs/methods/nm.md). Without a
+compiler the PyTorch reference of the scheme does the same arithmetic, more slowly.
 
 On CUDA, 2:4 fp16/bf16 weights go to NVIDIA's sparse tensor cores (Ampere and later) through
 PyTorch's semi-structured sparse tensor, which stores the same kind of packed values and 2-bit
