@@ -211,14 +211,21 @@ def test_bitmask_many_tokens_by_decoded_strips_equal_the_reference(dtype: torch.
     torch.testing.assert_close(out.double(), expected, **tolerance)
 
 
-def test_bitmask_strips_of_a_weight_without_inputs_are_zeros(isa: str) -> None:
-    """Strips are sized by a row's bytes; a row of none must not divide by zero."""
-    ext = BitmaskMatmul(torch.zeros(5, 0), torch.zeros(5, 0, dtype=torch.uint8), 0).ext
-    assert ext is not None and ext.isa() == isa
+def test_strips_of_a_weight_without_inputs_are_zeros(isa: str) -> None:
+    """Strips are sized by a row's bytes; a row of none must not divide by zero, and y (allocated uninitialised)
+    must still be written: every kernel that multiplies strips (bitmask, ELL, N:M, bf16 panels) shares the loop."""
+    kernels = (bitmask._cpu_kernel(), ell._cpu_kernel(), nm._cpu_kernel(), kernel_gemm._bf16_panels_kernel())
+    assert all(kernel is not None and kernel.isa() == isa for kernel in kernels)
+    bitmask_ext, ell_ext, nm_ext, panels_ext = kernels
+    no_bits, no_indices = torch.zeros(5, 0, dtype=torch.uint8), torch.zeros(5, 0, dtype=torch.int16)
     for dtype in (torch.float32, torch.bfloat16):
-        out = ext.bitmask_matmul_strips(torch.randn(20, 0, dtype=dtype), torch.zeros(5, 0, dtype=dtype),
-                                        torch.zeros(5, 0, dtype=torch.uint8))
-        assert out.shape == (20, 5) and not out.any()
+        x, no_values = torch.randn(20, 0, dtype=dtype), torch.zeros(5, 0, dtype=dtype)
+        for out in (bitmask_ext.bitmask_matmul_strips(x, no_values, no_bits),
+                    ell_ext.ell_matmul_strips(x, no_values, no_indices),
+                    nm_ext.nm_matmul_strips(x, no_values, no_bits, 2, 4)):
+            assert out.shape == (20, 5) and not out.any()
+    out = panels_ext.bf16_panels_linear_strips(torch.randn(20, 0), to_panels(torch.zeros(5, 0).bfloat16()), 5)
+    assert out.shape == (20, 5) and not out.any()
 
 
 def test_bitmask_strips_take_the_leading_columns_of_wider_rows(isa: str) -> None:

@@ -328,6 +328,12 @@ template <typename FillPanels>
 void tile_gemm_panels_into(const at::Tensor& x, int64_t out, const FillPanels& fill_panels, float* yp, int64_t ldy,
                            bool accumulate) {
   const int64_t tokens = x.size(0), in = x.size(1);
+  if (in == 0) {  // sums of nothing: the tiles below would leave y as it was
+    if (!accumulate) {
+      for (int64_t t = 0; t < tokens; ++t) std::fill(yp + t * ldy, yp + t * ldy + out, 0.0f);
+    }
+    return;
+  }
   const int64_t token_panels = (tokens + kTileTokens - 1) / kTileTokens;
   const auto a_panels = pack_token_panels(x, kTileTokens);
   const float* a = a_panels.data_ptr<float>();
