@@ -23,10 +23,13 @@ from slimserve.plugin.kernels import lowrank_sparse as lowrank_sparse_kernel
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul, _cpu_kernel
 from slimserve.plugin.kernels.gemm import (
+    ROWS_GEMM_FROM_TOKENS,
     STRIPS_BELOW_INPUTS,
     STRIPS_FROM_TOKENS,
     Bf16PanelsLinear,
+    Bf16RowsLinear,
     bf16_panels_linear,
+    factor_linear,
     from_panels,
     prepacked_linear,
     to_panels,
@@ -508,6 +511,41 @@ def test_only_short_bf16_panels_take_the_tiled_gemm_and_only_for_many_tokens(ker
         torch.testing.assert_close(bf16_panels_linear(x, to_panels(weight), 20), x @ weight.float().t(),
                                    rtol=1e-4, atol=1e-3)
         assert called == [entry], (inp, tokens)
+
+
+def test_bf16_rows_equal_the_float_product_on_the_dot_loops_then_atens_gemm(isa: str, kernel_entries) -> None:
+    """Plain bf16 rows (``Bf16RowsLinear``): one token, blocks of 4 and 8 tokens and a last span of 8 inputs on the
+    dot loops, ``ROWS_GEMM_FROM_TOKENS`` and more on ATen's GEMM."""
+    if not hasattr(kernel_gemm._bf16_panels_kernel(), "bf16_rows_linear"):
+        pytest.skip(f"the {isa} build has no bf16 dot loops (AVX512_BF16 and VBMI2)")
+    called = kernel_entries(kernel_gemm, "_bf16_panels_kernel")
+    weight = torch.randn(300, 1000).bfloat16() / 16
+    product = Bf16RowsLinear(weight)
+    for tokens in (1, 2, 5, 8, 127, ROWS_GEMM_FROM_TOKENS, 300):
+        called.clear()
+        x = torch.randn(tokens, 1000).bfloat16()
+        y = product(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (tokens, 300)
+        torch.testing.assert_close(y.float(), x.float() @ weight.float().t(), rtol=8e-3, atol=1e-2)
+        assert called == (["bf16_rows_linear"] if tokens < ROWS_GEMM_FROM_TOKENS else []), tokens
+
+
+def test_factor_linear_keeps_bf16_factors_as_rows_only_where_dot_loops_run(isa: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain rows on AVX-512 builds of CPUs with AVX512_BF16 and VBMI2 and no AMX (oneDNN's bf16 GEMM runs on the
+    tile unit there), a copy the caller's buffer may be freed after; vLLM's prepacked GEMM everywhere else."""
+    flags = cpp.cpu_flags()
+    expected = isa == "avx512" and {"avx512_bf16", "avx512_vbmi2"} <= flags and "amx_bf16" not in flags
+    weight = torch.randn(40, 64).bfloat16()
+    product = factor_linear(weight)
+    assert isinstance(product, Bf16RowsLinear) == expected
+    assert not isinstance(factor_linear(weight.float()), Bf16RowsLinear)
+    x = torch.randn(3, 64).bfloat16()
+    reference = x.float() @ weight.float().t()
+    weight.zero_()
+    torch.testing.assert_close(product(x).float(), reference, rtol=8e-3, atol=1e-2)
+    monkeypatch.setattr(kernel_gemm, "cpu_flags", lambda: flags | {"amx_bf16"})
+    assert not isinstance(factor_linear(torch.randn(40, 64).bfloat16()), Bf16RowsLinear)
 
 
 def test_bf16_panels_refuse_a_layout_that_is_not_the_weights(isa: str) -> None:

@@ -213,3 +213,27 @@ def test_a_bf16_checkpoint_served_as_float32_gives_the_float32_reference_tokens(
     assert vllm_greedy(slim, PROMPTS, dtype="float32") == reference
     if scheme == "lowrank":  # vLLM's default CPU mode (torch.compile) traces the bf16 factors' operator too
         assert vllm_greedy(slim, PROMPTS, dtype="float32", enforce_eager=False) == reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["dictsparse", "lowrank"])
+def test_a_bf16_checkpoint_served_in_bf16_gives_the_float32_references_logprobs(scheme: str, tmp_path: Path) -> None:
+    """Served as bf16, compiled at TP 1 and eager at TP 2: every greedy token's log-probability within bf16's rounding
+    of what the float32 densified export gives it after the same prefix. On hosts with the bf16 dot loops and no tile
+    unit the dense factors (low-rank U and V, the dictionary) run as plain bf16 rows (``Bf16RowsLinear``), elsewhere
+    on vLLM's prepacked GEMM; the prompts' prefill steps take ATen's GEMM or the dot loops by their length."""
+    from slimserve.testing.vllm import hf_chosen_logprobs, vllm_greedy_logprobs
+
+    dense = build_tiny_causal_lm(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    if scheme == "lowrank":
+        slim = compress(dense, tmp_path / "slim", ratio=0.3, progress=False)
+    else:
+        write_rocket_sep(dense, tmp_path / "sep", nnz_of={"model.layers.1.mlp.up_proj": 127})
+        slim = convert_rocket(tmp_path / "sep", tmp_path / "slim")
+    exported = densify(slim, tmp_path / "dense")
+    prompts = ["The quick brown fox", "import json"]
+    for tp, eager in ((1, False), (2, True)):
+        served = vllm_greedy_logprobs(slim, prompts, tp=tp, dtype="bfloat16", enforce_eager=eager)
+        for prompt, (tokens, logprobs) in zip(prompts, served):
+            reference = hf_chosen_logprobs(exported, prompt, tokens)
+            assert max(abs(a - b) for a, b in zip(logprobs, reference)) < 0.1, (tp, prompt)

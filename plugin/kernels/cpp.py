@@ -91,12 +91,18 @@ def _cpu_flags_line() -> str:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (``avx512_bf16``, ``amx_tile`` ...); empty if unreadable."""
+    return frozenset(_cpu_flags_line().partition(":")[2].split())
+
+
+@functools.cache
 def supported_isas() -> tuple[str, ...]:
     """The kernel variants this CPU can run, widest first (``scalar`` always).
 
     Cached: every kernel op call asks, and parsing the flags line each time cost ~5 µs a call.
     """
-    flags = set(_cpu_flags_line().partition(":")[2].split())
+    flags = cpu_flags()
     isas = ["avx512"] if "avx512f" in flags else []
     if {"avx2", "fma"} <= flags:
         isas.append("avx2")

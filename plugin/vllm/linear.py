@@ -31,7 +31,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from slimserve.errors import CheckpointError
 from slimserve.loaders.schemes import SCHEMES
 from slimserve.loaders.schemes.base import TensorSpec
-from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.gemm import factor_linear, prepacked_linear
 from slimserve.plugin.vllm.heap import LoadingLayers
 from slimserve.plugin.vllm.shards import LAYER_RUNNERS, SHARD_RUNNERS
 
@@ -209,7 +209,10 @@ class SlimserveLinearMethod(LinearMethodBase):
                 firsts.append(runner.first_factor)
             width = None if runner.first_factor is None else runner.first_factor.shape[0]
             seconds.append((width, runner.second, runner.out_features))
-        plan = _Plan(first=prepacked_linear(torch.cat(firsts) if len(firsts) > 1 else firsts[0]) if firsts else None)
+        first_linear = factor_linear
+        if any(getattr(runner, "first_factor_is_dense_weight", False) for runner in runners):
+            first_linear = prepacked_linear
+        plan = _Plan(first=first_linear(torch.cat(firsts) if len(firsts) > 1 else firsts[0]) if firsts else None)
         z0 = o0 = 0
         for width, second, out_features in seconds:
             if width is None:

@@ -29,7 +29,7 @@ import torch
 from slimserve.loaders.schemes.lowrank_sparse import decode_sparse, encode_sparse
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul
-from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.gemm import factor_linear
 from slimserve.plugin.kernels.lowrank_sparse import LowRankSparseFolded, LowRankSparsePanels
 
 
@@ -72,8 +72,8 @@ class LowRankSparseShard:
             self.second = LowRankSparseFolded(tensors["v"], us, product)
             return
         self.sparse = product
-        self.v = prepacked_linear(tensors["v"])
-        self.us = [prepacked_linear(u) for u in us]
+        self.v = factor_linear(tensors["v"])
+        self.us = [factor_linear(u) for u in us]
         self.second = LowRankSparsePanels(self.v, self.us, self.sparse) if LowRankSparsePanels.usable(
             self.v, self.us) else self.forward
 

@@ -16,7 +16,7 @@ from slimserve.loaders.schemes.dictsparse import encoding_of
 from slimserve.loaders.schemes.sparse_rows import BITMASK
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul
-from slimserve.plugin.kernels.gemm import prepacked_linear
+from slimserve.plugin.kernels.gemm import factor_linear
 from slimserve.plugin.kernels.nm import NMMatmul
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard
 from slimserve.plugin.vllm.rsparse import RSparseLayer
@@ -33,6 +33,10 @@ class ShardRunner(Protocol):
 class DenseShard:
     """A dense shard: its weight is the first factor, the second op is the identity."""
 
+    #: A whole dense weight stays on vLLM's own prepacked GEMM (linear.py): the plain rows compressed factors take
+    #: where they decode faster run many-token steps about 10 % slower, which a weight that saves no work would show.
+    first_factor_is_dense_weight = True
+
     def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
         self.first_factor = tensors["weight"]
         self.second = None
@@ -40,11 +44,11 @@ class DenseShard:
 
 
 class LowRankShard:
-    """``y = (x Vᵀ) Uᵀ``: V joins the stacked first GEMM, U is a prepacked GEMM of its own."""
+    """``y = (x Vᵀ) Uᵀ``: V joins the stacked first GEMM, U is a GEMM of its own (``factor_linear``)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
         self.first_factor = tensors["v"]
-        self.second = prepacked_linear(tensors["u"])
+        self.second = factor_linear(tensors["u"])
         self.out_features = tensors["u"].shape[0]
 
 
