@@ -262,26 +262,6 @@ torch::Tensor bf16_panels_linear_strips(torch::Tensor x, torch::Tensor panels, i
 }
 
 #if defined(SLIMSERVE_DPBF16)
-namespace {
-// One row of a dense bf16 weight as the 32-input spans the bf16 dot loops take (vector_rows.h), inputs past `in`
-// zero. kPrefetch: the cursor prefetches its row 1 KiB ahead, which blocks of tokens need (a block's dot products
-// come between two spans of a row) and one token does not (bf16_rows_linear below).
-template <bool kPrefetch>
-struct DenseSpans {
-  const uint16_t* row;
-  int64_t in;
-  int64_t first = 0;
-  __m512i next() {
-    const uint16_t* p = row + first;
-    if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(p) + 1024, _MM_HINT_T0);
-    const int64_t left = in - first;
-    first += 32;
-    if (left >= 32) return _mm512_loadu_si512(p);
-    return _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, static_cast<uint32_t>(left)), p);
-  }
-};
-}  // namespace
-
 // y [N, out] bf16 = x [N, in] · Wᵀ for bf16 x and a dense bf16 W [out, in] stored as plain rows, on the bf16 dot
 // loops the bitmask kernel runs (each row's spans loaded as they are instead of expanded under a mask): on CPUs with
 // AVX512_BF16 and no tile unit (AMD Zen 4) they beat vLLM's prepacked oneDNN GEMM at one and two tokens, whose
@@ -295,13 +275,7 @@ torch::Tensor bf16_rows_linear(torch::Tensor x, torch::Tensor weight) {
               "bf16_rows_linear: x [N, in] and a contiguous weight [out, in], both bfloat16");
   const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
   const int64_t in = weight.size(1), out = weight.size(0);
-  const auto xc = x.contiguous();
-  if (x.size(0) == 1) {
-    return slimserve_rows::expanded_dot_one(xc, out, [&](int64_t o) { return DenseSpans<false>{w + o * in, in}; })
-        .to(at::kBFloat16);
-  }
-  return slimserve_rows::expanded_dot(xc, out, [&](int64_t o) { return DenseSpans<true>{w + o * in, in}; })
-      .to(at::kBFloat16);
+  return slimserve_rows::dense_rows_dot(x.contiguous(), w, out, in).to(at::kBFloat16);
 }
 #endif
 

@@ -539,22 +539,27 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
   return y;
 }
 
-// y = [x | x Vᵀ] · Cᵀ in x's dtype: lowrank_sparse_folded's few-token step (U stored after S in C's rows) as one call.
-// V comes as a bitmask with every bit set (its rows plain, plus 1/16 of their bytes in mask), so x Vᵀ runs on the
-// same loops as C: on AMD Zen 4 at one token they read a dense weight 1.08-1.19x faster than vLLM's oneDNN GEMM, whose
-// call on SmolLM2's small V's cost about 22 µs. The joined inputs are one zeroed buffer as wide as C's mask bytes;
-// built in Python they cost three operators and 10 µs more a call (docs/methods/lowrank_sparse.md).
-torch::Tensor bitmask_matmul_lowrank(torch::Tensor x, torch::Tensor v_values, torch::Tensor v_mask,
-                                     torch::Tensor values, torch::Tensor mask) {
-  TORCH_CHECK(x.dim() == 2 && v_values.dim() == 2 && mask.dim() == 2 &&
-              x.size(1) + v_values.size(0) <= 8 * mask.size(1),
-              "bitmask_matmul_lowrank: x [N, in] and x Vᵀ [N, r] must fit the mask's 8 x bytes inputs");
-  const auto z = bitmask_matmul(x, v_values, v_mask);
+#if defined(SLIMSERVE_DPBF16)
+// y [N, out] bf16 = [x | x Vᵀ] · Cᵀ for bf16 x: lowrank_sparse_folded's few-token step (U stored after S in C's rows)
+// as one call. V comes as plain bf16 rows [r, in] on the dot loops (vector_rows.h's dense_rows_dot): on AMD Zen 4 at
+// one token they read a dense weight 1.08-1.19x faster than vLLM's oneDNN GEMM, whose call on SmolLM2's small V's
+// cost about 22 µs. The joined inputs are one zeroed buffer as wide as C's mask bytes; built in Python they cost three
+// operators and 10 µs more a call (docs/methods/lowrank_sparse.md).
+torch::Tensor bitmask_matmul_lowrank(torch::Tensor x, torch::Tensor v, torch::Tensor values, torch::Tensor mask) {
+  TORCH_CHECK(x.dim() == 2 && v.dim() == 2 && mask.dim() == 2 && x.size(1) == v.size(1) &&
+              x.size(1) + v.size(0) <= 8 * mask.size(1),
+              "bitmask_matmul_lowrank: x [N, in] and V [r, in] with in + r within the mask's 8 x bytes inputs");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && v.is_contiguous(),
+              "bitmask_matmul_lowrank: x and a contiguous V must be bfloat16");
+  const auto xc = x.contiguous();
+  const auto z = slimserve_rows::dense_rows_dot(xc, reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>()),
+                                                v.size(0), v.size(1));
   auto inputs = torch::zeros({x.size(0), 8 * mask.size(1)}, x.options());
-  inputs.narrow(1, 0, x.size(1)).copy_(x);
+  inputs.narrow(1, 0, x.size(1)).copy_(xc);
   inputs.narrow(1, x.size(1), z.size(1)).copy_(z);
-  return bitmask_matmul(inputs, values, mask).to(x.scalar_type());
+  return bitmask_matmul(inputs, values, mask).to(at::kBFloat16);
 }
+#endif
 
 namespace {
 // Rows first + begin .. first + end of C as dense rows in O (float32 or bf16; zeroed here) at rows begin .. end of
@@ -833,9 +838,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #endif
   m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
-  m.def("bitmask_matmul_lowrank", &bitmask_matmul_lowrank,
-        "y = [x | x Vᵀ] · Cᵀ for V given as a full bitmask (lowrank_sparse_folded's few tokens)");
 #if defined(SLIMSERVE_DPBF16)
+  m.def("bitmask_matmul_lowrank", &bitmask_matmul_lowrank,
+        "y = [x | x Vᵀ] · Cᵀ (bf16) for V as plain bf16 rows (lowrank_sparse_folded's few tokens)");
   m.def("bitmask_matmul_dot", &bitmask_matmul_dot,
         "y = z · Cᵀ for bf16 batches: expanded 32-atom spans dotted with _mm512_dpbf16_ps (float32 out)");
 #endif

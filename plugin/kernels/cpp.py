@@ -96,6 +96,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(_cpu_flags_line().partition(":")[2].split())
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether the CPU has AMX's bf16 tile unit, which oneDNN's bf16 GEMMs use wherever it exists (oneDNN asks the
+    OS for it itself): a road that replaces a oneDNN GEMM asks this. A road that replaces slimserve's own tile
+    strips asks a kernel build's ``amx_usable()`` instead (the build has the strips and this process may use them)."""
+    return "amx_bf16" in cpu_flags()
+
+
 @functools.cache
 def supported_isas() -> tuple[str, ...]:
     """The kernel variants this CPU can run, widest first (``scalar`` always).

@@ -8,7 +8,7 @@ its 21 ms in those layers outside the kernels. Two operators cut that down.
 
 ``slimserve::lowrank_sparse_folded`` (hosts whose bf16 steps run the bitmask kernel's dot loop and
 have no tile unit: AMD Zen 4) stores each row of U after S's values in S's bitmask layout and V as plain
-rows beside an all-set mask, so a few-token step is one kernel call: ``x Vᵀ`` and then one bitmask
+rows, so a few-token step is one kernel call: ``x Vᵀ`` and then one bitmask
 product of ``[x | x Vᵀ]``, with U streamed in the same pass as S. oneDNN ran each U (a GEMM of a few
 hundred inputs) well under its memory rate, and a call on SmolLM2's small V's cost about 22 µs. Weights
 streamed from memory, 2 threads, the benchmark Llama at 30 % of bytes (8 layers): one token 18.1 ms
@@ -118,21 +118,21 @@ def fold_low_rank(values: torch.Tensor, mask: torch.Tensor, in_features: int,
     return folded, torch.cat([mask, pack_mask(stored)], dim=1)
 
 
-def _lowrank_sparse_folded_shape(x: torch.Tensor, v: torch.Tensor, v_mask: torch.Tensor, values: torch.Tensor,
-                                 mask: torch.Tensor, nnz: int, u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
+def _lowrank_sparse_folded_shape(x: torch.Tensor, v: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, nnz: int,
+                                 u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
     return x.new_empty(x.shape[0], values.shape[0])
 
 
 @register_op("lowrank_sparse_folded", fake=_lowrank_sparse_folded_shape)
-def lowrank_sparse_folded(x: torch.Tensor, v: torch.Tensor, v_mask: torch.Tensor, values: torch.Tensor,
-                          mask: torch.Tensor, nnz: int, u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
+def lowrank_sparse_folded(x: torch.Tensor, v: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, nnz: int,
+                          u_rows: list[int], u_ranks: list[int]) -> torch.Tensor:
     """``[N, out]``: ``x Sᵀ`` plus each shard's U times its slice of ``x Vᵀ``, from ``fold_low_rank``'s layout (S's
-    ``nnz`` values first in each row) and V ``[Σ ranks, in]`` with ``v_mask`` all set; the shards have ``u_rows``
+    ``nnz`` values first in each row) and V ``[Σ ranks, in]`` as plain bf16 rows; the shards have ``u_rows``
     rows and ``u_ranks`` ranks, in order."""
     ext = _cpu_kernel()
     tokens, in_features = x.shape
     if tokens < DENSE_FROM_TOKENS:  # x Vᵀ, then one pass over [x | x Vᵀ], in one call
-        return ext.bitmask_matmul_lowrank(x, v, v_mask, values, mask)
+        return ext.bitmask_matmul_lowrank(x, v, values, mask)
     z = torch.mm(x, v.t())
     y = ext.bitmask_matmul_strips(x, values[:, :nnz], mask[:, :in_features // 8]).to(x.dtype)
     row = column = 0
@@ -148,7 +148,6 @@ class LowRankSparseFolded:
 
     def __init__(self, v: torch.Tensor, us: list[torch.Tensor], sparse: BitmaskMatmul) -> None:
         self.v = v.to(sparse.values.dtype).contiguous()
-        self.v_mask = torch.full((v.shape[0], sparse.atoms // 8), 255, dtype=torch.uint8)
         self.nnz = sparse.values.shape[1]
         self.u_rows = [u.shape[0] for u in us]
         self.u_ranks = [u.shape[1] for u in us]
@@ -158,11 +157,12 @@ class LowRankSparseFolded:
     def usable(sparse: BitmaskMatmul | EllMatmul) -> bool:
         """Whether this host folds S's layer: bf16 bitmask values whole bytes wide, on the bitmask kernel's bf16 dot
         loop (AVX512_BF16) without a tile unit, where it was measured (bf16 batches on AMX take the tile unit's
-        strips, which would decode U as well; not measured)."""
+        strips, which would decode U as well; not measured). The question is whether slimserve's own tile strips run
+        (``amx_usable()``: built and permitted in this process), not ``cpu_has_amx_bf16()``."""
         ext = getattr(sparse, "ext", None)
         return (isinstance(sparse, BitmaskMatmul) and ext is not None and sparse.values.dtype == torch.bfloat16
-                and sparse.atoms % 8 == 0 and hasattr(ext, "bitmask_matmul_dot") and not ext.amx_usable())
+                and sparse.atoms % 8 == 0 and hasattr(ext, "bitmask_matmul_lowrank") and not ext.amx_usable())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.slimserve.lowrank_sparse_folded(x, self.v, self.v_mask, self.values, self.mask, self.nnz,
+        return torch.ops.slimserve.lowrank_sparse_folded(x, self.v, self.values, self.mask, self.nnz,
                                                          self.u_rows, self.u_ranks)
