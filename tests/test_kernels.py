@@ -530,6 +530,52 @@ def test_bf16_rows_equal_the_float_product_on_the_dot_loops_then_atens_gemm(isa:
         assert called == (["bf16_rows_linear"] if tokens < ROWS_GEMM_FROM_TOKENS else []), tokens
 
 
+@pytest.mark.parametrize("ranks", [[13], [40, 9, 23]])
+def test_a_low_rank_layer_in_one_call_equals_its_factors_one_call_each(isa: str, kernel_entries,
+                                                                        ranks: list[int]) -> None:
+    """``LowRankRows``: one shard or a fused layer's three (V stacked, each U on its slice of x Vᵀ) give, bit for bit,
+    what V and each U as ``Bf16RowsLinear`` give, in one kernel call below ``ROWS_GEMM_FROM_TOKENS``, ATen's GEMMs
+    from there."""
+    if not hasattr(kernel_gemm._bf16_panels_kernel(), "bf16_rows_lowrank"):
+        pytest.skip(f"the {isa} build has no bf16 dot loops (AVX512_BF16 and VBMI2)")
+    generator = torch.Generator().manual_seed(5)
+    us = [(torch.randn(out, rank, generator=generator) / 8).bfloat16() for out, rank in zip((70, 24, 33), ranks)]
+    v = (torch.randn(sum(ranks), 200, generator=generator) / 8).bfloat16()
+    layer = kernel_gemm.LowRankRows(v, us)
+    called = kernel_entries(kernel_gemm, "_bf16_panels_kernel")
+    for tokens in (1, 2, 5, 8, 127, ROWS_GEMM_FROM_TOKENS, 300):
+        x = torch.randn(tokens, 200, generator=generator).bfloat16()
+        z = Bf16RowsLinear(v)(x)
+        expected = torch.cat([Bf16RowsLinear(u)(part.contiguous()) for u, part in zip(us, z.split(ranks, dim=1))], 1)
+        called.clear()
+        y = layer(x)
+        assert called == (["bf16_rows_lowrank"] if tokens < ROWS_GEMM_FROM_TOKENS else []), tokens
+        assert y.dtype == torch.bfloat16 and torch.equal(y, expected), tokens
+
+
+def test_low_rank_shards_run_as_one_call_where_every_factor_is_rows() -> None:
+    """A fused low-rank layer's shards become one ``LowRankRows`` runner exactly where ``Bf16RowsLinear`` takes the
+    factors; it owns its copies (the shards' tensors are views of load buffers freed after loading)."""
+    from slimserve.plugin.vllm.shards import LowRankRowsLayer, LowRankShard
+
+    generator = torch.Generator().manual_seed(6)
+    shards = [{"u": torch.randn(out, rank, generator=generator).bfloat16(),
+               "v": torch.randn(rank, 64, generator=generator).bfloat16()} for out, rank in ((48, 8), (16, 4))]
+    whole = LowRankShard.layer(shards, [{"scheme": "lowrank"}] * 2)
+    rows = Bf16RowsLinear.usable(shards[0]["v"]) and hasattr(kernel_gemm._bf16_panels_kernel(), "bf16_rows_lowrank")
+    assert isinstance(whole, LowRankRowsLayer) == rows and (whole is None) == (not rows)
+    assert LowRankShard.layer([{k: t.float() for k, t in shard.items()} for shard in shards], [{}] * 2) is None
+    if whole is None:
+        return
+    x = torch.randn(3, 64, generator=generator).bfloat16()
+    expected = torch.cat([(x.float() @ t["v"].float().t()).bfloat16().float() @ t["u"].float().t() for t in shards], 1)
+    for t in shards:
+        for tensor in t.values():
+            tensor.zero_()
+    assert whole.first_factor is None and whole.out_features == 64
+    torch.testing.assert_close(whole.second(x).float(), expected, rtol=8e-3, atol=5e-2)
+
+
 def test_factor_linear_keeps_bf16_factors_as_rows_only_where_dot_loops_run(isa: str,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain rows on AVX-512 builds of CPUs with AVX512_BF16 and VBMI2 and no AMX (oneDNN's bf16 GEMM runs on the

@@ -278,6 +278,39 @@ torch::Tensor bf16_rows_linear(torch::Tensor x, torch::Tensor weight) {
   const int64_t in = weight.size(1), out = weight.size(0);
   return slimserve_rows::dense_rows_dot(x.contiguous(), w, out, in).to(at::kBFloat16);
 }
+
+// y [N, Σ outs] bf16 = (x Vᵀ) Uᵢᵀ per shard into its columns, for a low-rank layer (one shard, or a fused
+// layer's q/k/v or gate/up: V stacked row-wise, shard i's U reading its slice of x Vᵀ, in order), every factor as
+// plain bf16 rows on bf16_rows_linear's dot loops. The same products, rounded as one call per factor rounds them
+// (x Vᵀ in bf16 between them), in one call where a fused layer took one per factor and a slice, a copy and a store
+// per U, each a trip through the dispatcher (plugin/kernels/gemm.py, LowRankRows).
+torch::Tensor bf16_rows_lowrank(torch::Tensor x, torch::Tensor v, std::vector<torch::Tensor> us) {
+  int64_t ranks = 0, outs = 0;
+  for (const auto& u : us) {
+    TORCH_CHECK(u.dim() == 2 && u.scalar_type() == at::kBFloat16 && u.is_contiguous(),
+                "bf16_rows_lowrank: every U must be a contiguous bfloat16 [out, rank]");
+    ranks += u.size(1);
+    outs += u.size(0);
+  }
+  TORCH_CHECK(x.dim() == 2 && v.dim() == 2 && x.size(1) == v.size(1) && v.size(0) == ranks &&
+              x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && v.is_contiguous(),
+              "bf16_rows_lowrank: x [N, in] and a contiguous V [Σ ranks, in], both bfloat16");
+  const auto rows = [](const torch::Tensor& w) {
+    return reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+  };
+  const auto z = slimserve_rows::dense_rows_dot(x.contiguous(), rows(v), ranks, v.size(1)).to(at::kBFloat16);
+  if (us.size() == 1) return slimserve_rows::dense_rows_dot(z, rows(us[0]), outs, ranks).to(at::kBFloat16);
+  auto y = torch::empty({x.size(0), outs}, x.options());
+  int64_t column = 0, start = 0;
+  for (const auto& u : us) {
+    const int64_t rank = u.size(1), out = u.size(0);
+    // a slice's rows are strided: the dot loops copy their inputs into a zero-padded buffer anyway
+    y.narrow(1, column, out).copy_(slimserve_rows::dense_rows_dot(z.narrow(1, start, rank), rows(u), out, rank));
+    column += out;
+    start += rank;
+  }
+  return y;
+}
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -291,5 +324,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(SLIMSERVE_DPBF16)
   m.def("bf16_rows_linear", &bf16_rows_linear,
         "y = x · Wᵀ (bf16) for few bf16 tokens, W stored as plain bf16 rows, on the bf16 dot loops");
+  m.def("bf16_rows_lowrank", &bf16_rows_lowrank,
+        "y = (x Vᵀ) Uᵢᵀ per U into its columns (bf16), for few bf16 tokens, every factor as plain bf16 rows");
 #endif
 }

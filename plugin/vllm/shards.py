@@ -16,7 +16,7 @@ from slimserve.loaders.schemes.dictsparse import encoding_of
 from slimserve.loaders.schemes.sparse_rows import BITMASK
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul
 from slimserve.plugin.kernels.ell import EllMatmul
-from slimserve.plugin.kernels.gemm import factor_linear
+from slimserve.plugin.kernels.gemm import LowRankRows, factor_linear
 from slimserve.plugin.kernels.nm import NMMatmul
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard
 from slimserve.plugin.vllm.rsparse import RSparseLayer
@@ -50,6 +50,25 @@ class LowRankShard:
         self.first_factor = tensors["v"]
         self.second = factor_linear(tensors["u"])
         self.out_features = tensors["u"].shape[0]
+
+    @staticmethod
+    def layer(shard_tensors: Sequence[Mapping[str, torch.Tensor]],
+              specs: Sequence[Mapping[str, Any]]) -> LowRankRowsLayer | None:
+        """A low-rank layer's shards (one, or a fused layer's) as one operator where every factor is kept as plain
+        bf16 rows (``LowRankRows``), or None to run the stacked V and each U as their own GEMMs."""
+        vs, us = [t["v"] for t in shard_tensors], [t["u"] for t in shard_tensors]
+        return LowRankRowsLayer(vs, us) if LowRankRows.usable(vs[0], us) else None
+
+
+class LowRankRowsLayer:
+    """Every shard of a low-rank layer on one ``LowRankRows`` call, which reads the layer input itself."""
+
+    first_factor = None
+
+    def __init__(self, vs: Sequence[torch.Tensor], us: Sequence[torch.Tensor]) -> None:
+        # copies: the shards' tensors are views of the load buffers, dropped after loading
+        self.second = LowRankRows(torch.cat(vs) if len(vs) > 1 else vs[0].clone(), [u.clone() for u in us])
+        self.out_features = self.second.out_features
 
 
 class DictSparseShard:
@@ -102,6 +121,7 @@ SHARD_RUNNERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]
 LAYER_RUNNERS: dict[str, Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[Mapping[str, Any]]],
                                   ShardRunner | None]] = {
     "rsparse": RSparseLayer,
+    "lowrank": LowRankShard.layer,
     "lowrank_sparse": LowRankSparseShard.layer,
     "nm": NMShard.layer,
 }
