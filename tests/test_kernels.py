@@ -576,6 +576,63 @@ def test_low_rank_shards_run_as_one_call_where_every_factor_is_rows() -> None:
     torch.testing.assert_close(whole.second(x).float(), expected, rtol=8e-3, atol=5e-2)
 
 
+@pytest.mark.parametrize("atoms", [[40], [40, 24, 33]])
+def test_a_dictsparse_layer_in_one_call_equals_its_factors_one_call_each(isa: str, kernel_entries,
+                                                                        atoms: list[int]) -> None:
+    """``DictionaryBitmaskRows``: one shard or a fused layer's three (dictionaries stacked, each C a bitmask on its
+    slice of x Dᵀ) give, bit for bit, what the stacked dictionary as ``Bf16RowsLinear`` and each C as
+    ``BitmaskMatmul`` give, in one kernel call below the crossovers, ATen's GEMM and the strips from there."""
+    if not hasattr(bitmask._cpu_kernel(), "bitmask_matmul_dictionary"):
+        pytest.skip(f"the {isa} build has no bf16 dot loops (AVX512_BF16 and VBMI2)")
+    generator = torch.Generator().manual_seed(7)
+    coefficients = []
+    for out, k in zip((70, 24, 33), atoms):
+        values, mask = sparse_rows.dense_to_bitmask(torch.randn(out, k, generator=generator), k // 3)
+        coefficients.append(BitmaskMatmul(values.bfloat16(), mask, k))
+    dictionary = (torch.randn(sum(atoms), 200, generator=generator) / 8).bfloat16()
+    layer = bitmask.DictionaryBitmaskRows(dictionary, coefficients)
+    called = kernel_entries(bitmask, "_cpu_kernel")
+    for tokens in (1, 2, 5, 8, 127, ROWS_GEMM_FROM_TOKENS, 300):
+        x = torch.randn(tokens, 200, generator=generator).bfloat16()
+        z = Bf16RowsLinear(dictionary)(x)
+        expected = torch.cat([c(part.contiguous()) for c, part in zip(coefficients, z.split(atoms, dim=1))], 1)
+        called.clear()
+        y = layer(x)
+        assert ("bitmask_matmul_dictionary" in called) == (tokens < ROWS_GEMM_FROM_TOKENS), tokens
+        assert y.dtype == torch.bfloat16 and torch.equal(y, expected), tokens
+
+
+def test_dictsparse_shards_run_as_one_call_where_the_dictionary_is_rows() -> None:
+    """Bitmask dictsparse shards become one ``DictionaryBitmaskRows`` runner exactly where ``Bf16RowsLinear`` takes
+    the dictionary, owning its copies; ELL shards keep their own runners."""
+    from slimserve.plugin.vllm.shards import DictionaryRowsLayer, DictSparseShard
+
+    generator = torch.Generator().manual_seed(8)
+    shards, specs = [], []
+    for out, k in ((48, 16), (16, 24)):
+        coef = torch.randn(out, k, generator=generator)
+        values, mask = sparse_rows.dense_to_bitmask(coef, k // 2)
+        shards.append({"dictionary": torch.randn(k, 64, generator=generator).bfloat16(),
+                       "coef_values": values.bfloat16(), "coef_mask": mask})
+        specs.append({"scheme": "dictsparse", "atoms": k, "encoding": "bitmask"})
+    whole = DictSparseShard.layer(shards, specs)
+    rows = Bf16RowsLinear.usable(shards[0]["dictionary"]) and hasattr(bitmask._cpu_kernel(),
+                                                                       "bitmask_matmul_dictionary")
+    assert isinstance(whole, DictionaryRowsLayer) == rows and (whole is None) == (not rows)
+    assert DictSparseShard.layer(shards, [{**spec, "encoding": "ell"} for spec in specs]) is None
+    if whole is None:
+        return
+    x = torch.randn(3, 64, generator=generator).bfloat16()
+    expected = torch.cat([(x.float() @ t["dictionary"].float().t()).bfloat16().float()
+                          @ sparse_rows.bitmask_to_dense(t["coef_values"], t["coef_mask"], spec["atoms"]).float().t()
+                          for t, spec in zip(shards, specs)], 1)
+    for t in shards:
+        for tensor in t.values():
+            tensor.zero_()
+    assert whole.first_factor is None and whole.out_features == 64
+    torch.testing.assert_close(whole.second(x).float(), expected, rtol=8e-3, atol=5e-2)
+
+
 def test_factor_linear_keeps_bf16_factors_as_rows_only_where_dot_loops_run(isa: str,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain rows on AVX-512 builds of CPUs with AVX512_BF16 and VBMI2 and no AMX (oneDNN's bf16 GEMM runs on the

@@ -220,8 +220,9 @@ def test_a_bf16_checkpoint_served_as_float32_gives_the_float32_reference_tokens(
 def test_a_bf16_checkpoint_served_in_bf16_gives_the_float32_references_logprobs(scheme: str, tmp_path: Path) -> None:
     """Served as bf16, compiled at TP 1 and eager at TP 2: every greedy token's log-probability within bf16's rounding
     of what the float32 densified export gives it after the same prefix. On hosts with the bf16 dot loops and no tile
-    unit the dense factors (low-rank U and V, the dictionary) run as plain bf16 rows (``Bf16RowsLinear``), elsewhere
-    on vLLM's prepacked GEMM; the prompts' prefill steps take ATen's GEMM or the dot loops by their length."""
+    unit the dense factors (low-rank U and V, the dictionary) run as plain bf16 rows, each layer in one call
+    (``LowRankRows``; ``DictionaryBitmaskRows``, this checkpoint's coefficients being bitmasks), elsewhere on vLLM's
+    prepacked GEMM; the prompts' prefill steps take ATen's GEMM or the dot loops by their length."""
     from slimserve.testing.vllm import bf16_logprob_gaps
 
     dense = build_tiny_causal_lm(tmp_path / "bf16", "llama", dtype=torch.bfloat16)

@@ -30,6 +30,7 @@ import torch
 
 from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
+from slimserve.plugin.kernels.gemm import ROWS_GEMM_FROM_TOKENS, Bf16RowsLinear
 from slimserve.plugin.kernels.ops import register_op
 from slimserve.plugin.kernels.precision import stored_values
 
@@ -97,3 +98,46 @@ class BitmaskMatmul:
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.bitmask_matmul(z, self.values, self.mask)
 
+
+def _bitmask_matmul_dictionary_shape(x: torch.Tensor, dictionary: torch.Tensor, values: list[torch.Tensor],
+                                     masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(v.shape[0] for v in values))
+
+
+@register_op("bitmask_matmul_dictionary", fake=_bitmask_matmul_dictionary_shape)
+def bitmask_matmul_dictionary(x: torch.Tensor, dictionary: torch.Tensor, values: list[torch.Tensor],
+                              masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
+    """``(x Dᵀ) Cᵢᵀ`` per shard into its columns, ``[N, Σ outs]`` bf16: D ``[Σ atoms, in]`` plain bf16 rows (a fused
+    layer's stacked), shard i's C a bitmask (``values[i]``, ``masks[i]``) over its ``atoms[i]`` atoms, in order."""
+    ext = _cpu_kernel()
+    if x.shape[0] < min(ROWS_GEMM_FROM_TOKENS, DENSE_FROM_TOKENS):
+        return ext.bitmask_matmul_dictionary(x, dictionary, values, masks, atoms)
+    parts = torch.mm(x, dictionary.t()).split(atoms, dim=1)
+    return torch.cat([bitmask_matmul(part.contiguous(), v, m) for part, v, m in zip(parts, values, masks)], dim=1)
+
+
+class DictionaryBitmaskRows:
+    """``f(x) = [C₁ (x D₁ᵀ) | C₂ (x D₂ᵀ) | …]`` on one ``bitmask_matmul_dictionary`` call: a dictsparse layer's
+    dictionaries as plain bf16 rows (where ``Bf16RowsLinear`` takes them) and its coefficients as bitmasks, so a
+    fused layer crosses the dispatcher once, as ``LowRankRows`` does for a low-rank one."""
+
+    def __init__(self, dictionary: torch.Tensor, coefficients: list[BitmaskMatmul]) -> None:
+        """Keeps ``dictionary`` and the coefficients' tensors as given: the caller hands over tensors no one else
+        holds."""
+        self.dictionary = dictionary.contiguous()
+        self.values = [c.values for c in coefficients]
+        self.masks = [c.mask for c in coefficients]
+        self.atoms = [c.atoms for c in coefficients]
+        self.out_features = sum(v.shape[0] for v in self.values)
+
+    @staticmethod
+    def usable(dictionary: torch.Tensor, coefficients: list[object]) -> bool:
+        """Where ``Bf16RowsLinear`` takes the dictionary and every shard's C is a bf16 bitmask on a build with the
+        fused call."""
+        if not Bf16RowsLinear.usable(dictionary):
+            return False
+        return all(isinstance(c, BitmaskMatmul) and c.ext is not None and c.values.dtype == torch.bfloat16
+                   and hasattr(c.ext, "bitmask_matmul_dictionary") for c in coefficients)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.slimserve.bitmask_matmul_dictionary(x, self.dictionary, self.values, self.masks, self.atoms)

@@ -559,6 +559,41 @@ torch::Tensor bitmask_matmul_lowrank(torch::Tensor x, torch::Tensor v, torch::Te
   inputs.narrow(1, x.size(1), z.size(1)).copy_(z);
   return bitmask_matmul(inputs, values, mask).to(at::kBFloat16);
 }
+
+// y [N, Σ outs] bf16 = (x Dᵀ) Cᵢᵀ per shard into its columns, for a dictsparse layer (one shard, or a fused layer's
+// q/k/v or gate/up: the dictionaries D stacked row-wise as plain bf16 rows, shard i's C a bitmask over its `atoms[i]`
+// atoms, reading its slice of x Dᵀ, in order), on the dot loops: the same products, rounded as one call per factor
+// rounds them (x Dᵀ in bf16 between them), in one call where a fused layer crossed the dispatcher for D, the output,
+// and per shard a slice, a copy, the product and a store (plugin/kernels/bitmask.py, DictionaryBitmaskRows).
+torch::Tensor bitmask_matmul_dictionary(torch::Tensor x, torch::Tensor dictionary, std::vector<torch::Tensor> values,
+                                        std::vector<torch::Tensor> masks, std::vector<int64_t> atoms) {
+  TORCH_CHECK(values.size() == masks.size() && values.size() == atoms.size() && !values.empty(),
+              "bitmask_matmul_dictionary: one values, mask and atom count per shard");
+  int64_t total_atoms = 0, outs = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    TORCH_CHECK(values[i].dim() == 2 && values[i].scalar_type() == at::kBFloat16,
+                "bitmask_matmul_dictionary: every shard's values must be bfloat16 [out, s]");
+    total_atoms += atoms[i];
+    outs += values[i].size(0);
+  }
+  TORCH_CHECK(x.dim() == 2 && dictionary.dim() == 2 && x.size(1) == dictionary.size(1) &&
+              dictionary.size(0) == total_atoms && x.scalar_type() == at::kBFloat16 &&
+              dictionary.scalar_type() == at::kBFloat16 && dictionary.is_contiguous(),
+              "bitmask_matmul_dictionary: x [N, in] and a contiguous dictionary [Σ atoms, in], both bfloat16");
+  const auto z = slimserve_rows::dense_rows_dot(
+      x.contiguous(), reinterpret_cast<const uint16_t*>(dictionary.data_ptr<c10::BFloat16>()), total_atoms,
+      dictionary.size(1)).to(at::kBFloat16);
+  if (values.size() == 1) return bitmask_matmul(z, values[0], masks[0]).to(at::kBFloat16);
+  auto y = torch::empty({x.size(0), outs}, x.options());
+  int64_t column = 0, start = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const int64_t out = values[i].size(0);
+    y.narrow(1, column, out).copy_(bitmask_matmul(z.narrow(1, start, atoms[i]), values[i], masks[i]));
+    column += out;
+    start += atoms[i];
+  }
+  return y;
+}
 #endif
 
 namespace {
@@ -841,6 +876,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(SLIMSERVE_DPBF16)
   m.def("bitmask_matmul_lowrank", &bitmask_matmul_lowrank,
         "y = [x | x Vᵀ] · Cᵀ (bf16) for V as plain bf16 rows (lowrank_sparse_folded's few tokens)");
+  m.def("bitmask_matmul_dictionary", &bitmask_matmul_dictionary,
+        "y = (x Dᵀ) Cᵢᵀ per shard into its columns (bf16), D as plain bf16 rows, each C a bitmask (few tokens)");
   m.def("bitmask_matmul_dot", &bitmask_matmul_dot,
         "y = z · Cᵀ for bf16 batches: expanded 32-atom spans dotted with _mm512_dpbf16_ps (float32 out)");
 #endif

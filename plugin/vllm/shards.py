@@ -14,9 +14,9 @@ import torch
 
 from slimserve.loaders.schemes.dictsparse import encoding_of
 from slimserve.loaders.schemes.sparse_rows import BITMASK
-from slimserve.plugin.kernels.bitmask import BitmaskMatmul
+from slimserve.plugin.kernels.bitmask import BitmaskMatmul, DictionaryBitmaskRows
 from slimserve.plugin.kernels.ell import EllMatmul
-from slimserve.plugin.kernels.gemm import LowRankRows, factor_linear
+from slimserve.plugin.kernels.gemm import Bf16RowsLinear, LowRankRows, factor_linear
 from slimserve.plugin.kernels.nm import NMMatmul
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard
 from slimserve.plugin.vllm.rsparse import RSparseLayer
@@ -76,11 +76,40 @@ class DictSparseShard:
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
         self.first_factor = tensors["dictionary"]
-        if encoding_of(spec) == BITMASK:
-            self.second = BitmaskMatmul(tensors["coef_values"], tensors["coef_mask"], int(spec["atoms"]))
-        else:
-            self.second = EllMatmul(tensors["coef_values"], tensors["coef_indices"], int(spec["atoms"]))
+        self.second = self.coefficients(tensors, spec)
         self.out_features = tensors["coef_values"].shape[0]
+
+    @staticmethod
+    def coefficients(tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> BitmaskMatmul | EllMatmul:
+        """C as the sparse product of its encoding (a copy of its tensors where the kernel keeps them apart)."""
+        if encoding_of(spec) == BITMASK:
+            return BitmaskMatmul(tensors["coef_values"], tensors["coef_mask"], int(spec["atoms"]))
+        return EllMatmul(tensors["coef_values"], tensors["coef_indices"], int(spec["atoms"]))
+
+    @classmethod
+    def layer(cls, shard_tensors: Sequence[Mapping[str, torch.Tensor]],
+              specs: Sequence[Mapping[str, Any]]) -> DictionaryRowsLayer | None:
+        """A dictsparse layer's shards as one operator where the dictionaries are plain bf16 rows and every C a bf16
+        bitmask (``DictionaryBitmaskRows``), or None to run the stacked dictionary and each C on their own."""
+        dictionaries = [t["dictionary"] for t in shard_tensors]
+        if not all(encoding_of(spec) == BITMASK for spec in specs) or not Bf16RowsLinear.usable(dictionaries[0]):
+            return None
+        coefficients = [cls.coefficients({k: t.clone() for k, t in tensors.items() if k.startswith("coef_")}, spec)
+                        for tensors, spec in zip(shard_tensors, specs)]
+        if not DictionaryBitmaskRows.usable(dictionaries[0], coefficients):
+            return None
+        return DictionaryRowsLayer(torch.cat(dictionaries) if len(dictionaries) > 1 else dictionaries[0].clone(),
+                                   coefficients)
+
+
+class DictionaryRowsLayer:
+    """Every shard of a dictsparse layer on one ``DictionaryBitmaskRows`` call, which reads the layer input itself."""
+
+    first_factor = None
+
+    def __init__(self, dictionary: torch.Tensor, coefficients: list[BitmaskMatmul]) -> None:
+        self.second = DictionaryBitmaskRows(dictionary, coefficients)
+        self.out_features = self.second.out_features
 
 
 class NMShard:
@@ -122,6 +151,7 @@ LAYER_RUNNERS: dict[str, Callable[[Sequence[Mapping[str, torch.Tensor]], Sequenc
                                   ShardRunner | None]] = {
     "rsparse": RSparseLayer,
     "lowrank": LowRankShard.layer,
+    "dictsparse": DictSparseShard.layer,
     "lowrank_sparse": LowRankSparseShard.layer,
     "nm": NMShard.layer,
 }
