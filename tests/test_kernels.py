@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -541,15 +542,23 @@ def test_a_low_rank_layer_in_one_call_equals_its_factors_one_call_each(isa: str,
     generator = torch.Generator().manual_seed(5)
     us = [(torch.randn(out, rank, generator=generator) / 8).bfloat16() for out, rank in zip((70, 24, 33), ranks)]
     v = (torch.randn(sum(ranks), 200, generator=generator) / 8).bfloat16()
-    layer = kernel_gemm.LowRankRows(v, us)
     called = kernel_entries(kernel_gemm, "_bf16_panels_kernel")
+    _assert_one_call_equals_apart(kernel_gemm.LowRankRows(v, us), Bf16RowsLinear(v), [Bf16RowsLinear(u) for u in us],
+                                  ranks, "bf16_rows_lowrank", called, generator)
+
+
+def _assert_one_call_equals_apart(layer: Callable[[torch.Tensor], torch.Tensor], first: Bf16RowsLinear,
+                                  seconds: list[Callable[[torch.Tensor], torch.Tensor]], widths: list[int], entry: str,
+                                  called: list[str], generator: torch.Generator) -> None:
+    """``layer(x)`` equals ``first`` and then each of ``seconds`` on its ``widths`` slice, bit for bit, on both sides
+    of the crossovers, and enters the kernel through ``entry`` exactly below ``ROWS_GEMM_FROM_TOKENS``."""
     for tokens in (1, 2, 5, 8, 127, ROWS_GEMM_FROM_TOKENS, 300):
-        x = torch.randn(tokens, 200, generator=generator).bfloat16()
-        z = Bf16RowsLinear(v)(x)
-        expected = torch.cat([Bf16RowsLinear(u)(part.contiguous()) for u, part in zip(us, z.split(ranks, dim=1))], 1)
+        x = torch.randn(tokens, first.weight.shape[1], generator=generator).bfloat16()
+        z = first(x)
+        expected = torch.cat([second(part.contiguous()) for second, part in zip(seconds, z.split(widths, dim=1))], 1)
         called.clear()
         y = layer(x)
-        assert called == (["bf16_rows_lowrank"] if tokens < ROWS_GEMM_FROM_TOKENS else []), tokens
+        assert (entry in called) == (tokens < ROWS_GEMM_FROM_TOKENS), tokens
         assert y.dtype == torch.bfloat16 and torch.equal(y, expected), tokens
 
 
@@ -590,16 +599,9 @@ def test_a_dictsparse_layer_in_one_call_equals_its_factors_one_call_each(isa: st
         values, mask = sparse_rows.dense_to_bitmask(torch.randn(out, k, generator=generator), k // 3)
         coefficients.append(BitmaskMatmul(values.bfloat16(), mask, k))
     dictionary = (torch.randn(sum(atoms), 200, generator=generator) / 8).bfloat16()
-    layer = bitmask.DictionaryBitmaskRows(dictionary, coefficients)
     called = kernel_entries(bitmask, "_cpu_kernel")
-    for tokens in (1, 2, 5, 8, 127, ROWS_GEMM_FROM_TOKENS, 300):
-        x = torch.randn(tokens, 200, generator=generator).bfloat16()
-        z = Bf16RowsLinear(dictionary)(x)
-        expected = torch.cat([c(part.contiguous()) for c, part in zip(coefficients, z.split(atoms, dim=1))], 1)
-        called.clear()
-        y = layer(x)
-        assert ("bitmask_matmul_dictionary" in called) == (tokens < ROWS_GEMM_FROM_TOKENS), tokens
-        assert y.dtype == torch.bfloat16 and torch.equal(y, expected), tokens
+    _assert_one_call_equals_apart(bitmask.DictionaryBitmaskRows(dictionary, coefficients), Bf16RowsLinear(dictionary),
+                                  coefficients, atoms, "bitmask_matmul_dictionary", called, generator)
 
 
 def test_dictsparse_shards_run_as_one_call_where_the_dictionary_is_rows() -> None:
