@@ -120,9 +120,9 @@ class DictionaryBitmaskRows:
     """``f(x) = [C₁ (x D₁ᵀ) | C₂ (x D₂ᵀ) | …]`` on one ``bitmask_matmul_dictionary`` call: a dictsparse layer's
     dictionaries as plain bf16 rows (where ``Bf16RowsLinear`` takes them) and its coefficients as bitmasks, so a
     fused layer crosses the dispatcher once, as ``LowRankRows`` does for a low-rank one. AMD EPYC (Zen 4), 2
-    threads, SmolLM2's shapes (576 inputs) with 2 x rank atoms at 25 % density, cache-resident, µs apart / one call:
-    q/k/v 91.7 / 49.3 at one token and 140.6 / 115.3 at 8, gate/up 123.0 / 93.4 and 210.8 / 173.6, o 45.4 / 28.5 and
-    64.9 / 47.8; on the benchmark Llama's large layers it moved within the VM's spread (bench/README.md)."""
+    threads, SmolLM2's shapes (576 inputs) with 2 x rank atoms at 25 % density, cache-resident, µs apart / one call
+    (bench/layer_calls.py): q/k/v 108.1 / 50.3 at one token and 132.6 / 82.8 at 8, gate/up 117.1 / 95.5 and 214.3 /
+    174.0, o 46.3 / 28.8 and 65.6 / 47.2; on the benchmark Llama's large layers it moved within the VM's spread."""
 
     def __init__(self, dictionary: torch.Tensor, coefficients: list[BitmaskMatmul]) -> None:
         """Keeps ``dictionary`` and the coefficients' tensors as given: the caller hands over tensors no one else

@@ -169,9 +169,9 @@ class LowRankRows:
     layer's V and its U's (or one shard's) where ``Bf16RowsLinear`` runs each factor alone. The factors as one
     operator cross the dispatcher once a layer: apart, a fused q/k/v crossed it 14 times (V, the output, and per U a
     slice, a copy, the product and a store). AMD EPYC (Zen 4), 2 threads, SmolLM2's shapes at 30 % of bytes,
-    cache-resident, µs apart / one call: q/k/v 64.9 / 34.5 at one token and 91.3 / 51.4 at 8, gate/up 76.8 / 53.9 and
-    131.0 / 95.9, o 31.7 / 20.3 and 43.6 / 31.1; served in vLLM the real SmolLM2 decoded 12-16 % faster at batch 1
-    and 19 % at batch 8 (bench/README.md)."""
+    cache-resident, µs apart / one call (bench/layer_calls.py): q/k/v 67.6 / 36.0 at one token and 93.5 / 53.0 at 8,
+    gate/up 68.0 / 46.1 and 161.7 / 96.6, o 32.2 / 20.7 and 44.3 / 31.7; served in vLLM the real SmolLM2 decoded
+    12-16 % faster at batch 1 and 19 % at batch 8 (bench/README.md)."""
 
     def __init__(self, v: torch.Tensor, us: list[torch.Tensor]) -> None:
         """Keeps ``v`` and ``us`` as given (contiguous): the caller hands over tensors no one else holds."""
