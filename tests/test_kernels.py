@@ -565,14 +565,15 @@ def _assert_one_call_equals_apart(layer: Callable[[torch.Tensor], torch.Tensor],
 def test_low_rank_shards_run_as_one_call_where_every_factor_is_rows() -> None:
     """A fused low-rank layer's shards become one ``LowRankRows`` runner exactly where ``Bf16RowsLinear`` takes the
     factors; it owns its copies (the shards' tensors are views of load buffers freed after loading)."""
-    from slimserve.plugin.vllm.shards import LowRankRowsLayer, LowRankShard
+    from slimserve.plugin.vllm.shards import LowRankShard, OneCallLayer
 
     generator = torch.Generator().manual_seed(6)
     shards = [{"u": torch.randn(out, rank, generator=generator).bfloat16(),
                "v": torch.randn(rank, 64, generator=generator).bfloat16()} for out, rank in ((48, 8), (16, 4))]
     whole = LowRankShard.layer(shards, [{"scheme": "lowrank"}] * 2)
     rows = Bf16RowsLinear.usable(shards[0]["v"]) and hasattr(kernel_gemm._bf16_panels_kernel(), "bf16_rows_lowrank")
-    assert isinstance(whole, LowRankRowsLayer) == rows and (whole is None) == (not rows)
+    assert (isinstance(whole, OneCallLayer) and isinstance(whole.second, kernel_gemm.LowRankRows)) == rows
+    assert (whole is None) == (not rows)
     assert LowRankShard.layer([{k: t.float() for k, t in shard.items()} for shard in shards], [{}] * 2) is None
     if whole is None:
         return
@@ -607,7 +608,7 @@ def test_a_dictsparse_layer_in_one_call_equals_its_factors_one_call_each(isa: st
 def test_dictsparse_shards_run_as_one_call_where_the_dictionary_is_rows() -> None:
     """Bitmask dictsparse shards become one ``DictionaryBitmaskRows`` runner exactly where ``Bf16RowsLinear`` takes
     the dictionary, owning its copies; ELL shards keep their own runners."""
-    from slimserve.plugin.vllm.shards import DictionaryRowsLayer, DictSparseShard
+    from slimserve.plugin.vllm.shards import DictSparseShard, OneCallLayer
 
     generator = torch.Generator().manual_seed(8)
     shards, specs = [], []
@@ -620,7 +621,8 @@ def test_dictsparse_shards_run_as_one_call_where_the_dictionary_is_rows() -> Non
     whole = DictSparseShard.layer(shards, specs)
     rows = Bf16RowsLinear.usable(shards[0]["dictionary"]) and hasattr(bitmask._cpu_kernel(),
                                                                        "bitmask_matmul_dictionary")
-    assert isinstance(whole, DictionaryRowsLayer) == rows and (whole is None) == (not rows)
+    assert (isinstance(whole, OneCallLayer) and isinstance(whole.second, bitmask.DictionaryBitmaskRows)) == rows
+    assert (whole is None) == (not rows)
     assert DictSparseShard.layer(shards, [{**spec, "encoding": "ell"} for spec in specs]) is None
     if whole is None:
         return

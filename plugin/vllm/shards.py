@@ -53,22 +53,13 @@ class LowRankShard:
 
     @staticmethod
     def layer(shard_tensors: Sequence[Mapping[str, torch.Tensor]],
-              specs: Sequence[Mapping[str, Any]]) -> LowRankRowsLayer | None:
+              specs: Sequence[Mapping[str, Any]]) -> OneCallLayer | None:
         """A low-rank layer's shards (one, or a fused layer's) as one operator where every factor is kept as plain
         bf16 rows (``LowRankRows``), or None to run the stacked V and each U as their own GEMMs."""
         vs, us = [t["v"] for t in shard_tensors], [t["u"] for t in shard_tensors]
-        return LowRankRowsLayer(vs, us) if LowRankRows.usable(vs[0], us) else None
-
-
-class LowRankRowsLayer:
-    """Every shard of a low-rank layer on one ``LowRankRows`` call, which reads the layer input itself."""
-
-    first_factor = None
-
-    def __init__(self, vs: Sequence[torch.Tensor], us: Sequence[torch.Tensor]) -> None:
-        # copies: the shards' tensors are views of the load buffers, dropped after loading
-        self.second = LowRankRows(torch.cat(vs) if len(vs) > 1 else vs[0].clone(), [u.clone() for u in us])
-        self.out_features = self.second.out_features
+        if not LowRankRows.usable(vs[0], us):
+            return None
+        return OneCallLayer(LowRankRows(stacked_copy(vs), [u.clone() for u in us]))
 
 
 class DictSparseShard:
@@ -88,7 +79,7 @@ class DictSparseShard:
 
     @classmethod
     def layer(cls, shard_tensors: Sequence[Mapping[str, torch.Tensor]],
-              specs: Sequence[Mapping[str, Any]]) -> DictionaryRowsLayer | None:
+              specs: Sequence[Mapping[str, Any]]) -> OneCallLayer | None:
         """A dictsparse layer's shards as one operator where the dictionaries are plain bf16 rows and every C a bf16
         bitmask (``DictionaryBitmaskRows``), or None to run the stacked dictionary and each C on their own."""
         dictionaries = [t["dictionary"] for t in shard_tensors]
@@ -98,18 +89,24 @@ class DictSparseShard:
                         for tensors, spec in zip(shard_tensors, specs)]
         if not DictionaryBitmaskRows.usable(dictionaries[0], coefficients):
             return None
-        return DictionaryRowsLayer(torch.cat(dictionaries) if len(dictionaries) > 1 else dictionaries[0].clone(),
-                                   coefficients)
+        return OneCallLayer(DictionaryBitmaskRows(stacked_copy(dictionaries), coefficients))
 
 
-class DictionaryRowsLayer:
-    """Every shard of a dictsparse layer on one ``DictionaryBitmaskRows`` call, which reads the layer input itself."""
+def stacked_copy(shard_factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The shards' first factors stacked row-wise, as a tensor of their own: the shards' tensors are views of the load
+    buffers, dropped after loading."""
+    return torch.cat(list(shard_factors)) if len(shard_factors) > 1 else shard_factors[0].clone()
+
+
+class OneCallLayer:
+    """Every shard of a layer on one operator call (``LowRankRows``, ``DictionaryBitmaskRows``), which reads the
+    layer input itself."""
 
     first_factor = None
 
-    def __init__(self, dictionary: torch.Tensor, coefficients: list[BitmaskMatmul]) -> None:
-        self.second = DictionaryBitmaskRows(dictionary, coefficients)
-        self.out_features = self.second.out_features
+    def __init__(self, second: LowRankRows | DictionaryBitmaskRows) -> None:
+        self.second = second
+        self.out_features = second.out_features
 
 
 class NMShard:
