@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 
 #include "vector_rows.h"
 
@@ -285,31 +286,24 @@ torch::Tensor bf16_rows_linear(torch::Tensor x, torch::Tensor weight) {
 // (x Vᵀ in bf16 between them), in one call where a fused layer took one per factor and a slice, a copy and a store
 // per U, each a trip through the dispatcher (plugin/kernels/gemm.py, LowRankRows).
 torch::Tensor bf16_rows_lowrank(torch::Tensor x, torch::Tensor v, std::vector<torch::Tensor> us) {
-  int64_t ranks = 0, outs = 0;
+  std::vector<int64_t> ranks, outs;
   for (const auto& u : us) {
     TORCH_CHECK(u.dim() == 2 && u.scalar_type() == at::kBFloat16 && u.is_contiguous(),
                 "bf16_rows_lowrank: every U must be a contiguous bfloat16 [out, rank]");
-    ranks += u.size(1);
-    outs += u.size(0);
+    ranks.push_back(u.size(1));
+    outs.push_back(u.size(0));
   }
-  TORCH_CHECK(x.dim() == 2 && v.dim() == 2 && x.size(1) == v.size(1) && v.size(0) == ranks &&
+  TORCH_CHECK(!us.empty() && x.dim() == 2 && v.dim() == 2 && x.size(1) == v.size(1) &&
+              v.size(0) == std::accumulate(ranks.begin(), ranks.end(), int64_t{0}) &&
               x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && v.is_contiguous(),
               "bf16_rows_lowrank: x [N, in] and a contiguous V [Σ ranks, in], both bfloat16");
   const auto rows = [](const torch::Tensor& w) {
     return reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
   };
-  const auto z = slimserve_rows::dense_rows_dot(x.contiguous(), rows(v), ranks, v.size(1)).to(at::kBFloat16);
-  if (us.size() == 1) return slimserve_rows::dense_rows_dot(z, rows(us[0]), outs, ranks).to(at::kBFloat16);
-  auto y = torch::empty({x.size(0), outs}, x.options());
-  int64_t column = 0, start = 0;
-  for (const auto& u : us) {
-    const int64_t rank = u.size(1), out = u.size(0);
-    // a slice's rows are strided: the dot loops copy their inputs into a zero-padded buffer anyway
-    y.narrow(1, column, out).copy_(slimserve_rows::dense_rows_dot(z.narrow(1, start, rank), rows(u), out, rank));
-    column += out;
-    start += rank;
-  }
-  return y;
+  // a slice's rows are strided: the dot loops copy their inputs into a zero-padded buffer anyway
+  return slimserve_rows::first_rows_then_shards(x, rows(v), v.size(1), ranks, outs, [&](size_t i, const at::Tensor& z) {
+    return slimserve_rows::dense_rows_dot(z, rows(us[i]), outs[i], ranks[i]);
+  });
 }
 #endif
 

@@ -30,7 +30,7 @@ import torch
 
 from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
-from slimserve.plugin.kernels.gemm import ROWS_GEMM_FROM_TOKENS, Bf16RowsLinear
+from slimserve.plugin.kernels.gemm import ROWS_GEMM_FROM_TOKENS, Bf16RowsLinear, shard_products
 from slimserve.plugin.kernels.ops import register_op
 from slimserve.plugin.kernels.precision import stored_values
 
@@ -112,8 +112,8 @@ def bitmask_matmul_dictionary(x: torch.Tensor, dictionary: torch.Tensor, values:
     ext = _cpu_kernel()
     if x.shape[0] < min(ROWS_GEMM_FROM_TOKENS, DENSE_FROM_TOKENS):
         return ext.bitmask_matmul_dictionary(x, dictionary, values, masks, atoms)
-    parts = torch.mm(x, dictionary.t()).split(atoms, dim=1)
-    return torch.cat([bitmask_matmul(part.contiguous(), v, m) for part, v, m in zip(parts, values, masks)], dim=1)
+    return shard_products(torch.mm(x, dictionary.t()), atoms,
+                          lambda i, part: bitmask_matmul(part.contiguous(), values[i], masks[i]))
 
 
 class DictionaryBitmaskRows:
@@ -134,13 +134,13 @@ class DictionaryBitmaskRows:
         self.out_features = sum(v.shape[0] for v in self.values)
 
     @staticmethod
-    def usable(dictionary: torch.Tensor, coefficients: list[object]) -> bool:
-        """Where ``Bf16RowsLinear`` takes the dictionary and every shard's C is a bf16 bitmask on a build with the
-        fused call."""
-        if not Bf16RowsLinear.usable(dictionary):
+    def usable(dictionary: torch.Tensor, coefficient_values: list[torch.Tensor]) -> bool:
+        """Where ``Bf16RowsLinear`` takes the dictionary and every shard's C has bf16 values on a build with the
+        fused call: asked of the loaded tensors, before any copy is made for the layer."""
+        if not (Bf16RowsLinear.usable(dictionary)
+                and all(v.dtype == torch.bfloat16 and v.device == dictionary.device for v in coefficient_values)):
             return False
-        return all(isinstance(c, BitmaskMatmul) and c.ext is not None and c.values.dtype == torch.bfloat16
-                   and hasattr(c.ext, "bitmask_matmul_dictionary") for c in coefficients)
+        return hasattr(_cpu_kernel(), "bitmask_matmul_dictionary")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.bitmask_matmul_dictionary(x, self.dictionary, self.values, self.masks, self.atoms)

@@ -26,6 +26,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -569,30 +570,20 @@ torch::Tensor bitmask_matmul_dictionary(torch::Tensor x, torch::Tensor dictionar
                                         std::vector<torch::Tensor> masks, std::vector<int64_t> atoms) {
   TORCH_CHECK(values.size() == masks.size() && values.size() == atoms.size() && !values.empty(),
               "bitmask_matmul_dictionary: one values, mask and atom count per shard");
-  int64_t total_atoms = 0, outs = 0;
-  for (size_t i = 0; i < values.size(); ++i) {
-    TORCH_CHECK(values[i].dim() == 2 && values[i].scalar_type() == at::kBFloat16,
+  std::vector<int64_t> outs;
+  for (const auto& v : values) {
+    TORCH_CHECK(v.dim() == 2 && v.scalar_type() == at::kBFloat16,
                 "bitmask_matmul_dictionary: every shard's values must be bfloat16 [out, s]");
-    total_atoms += atoms[i];
-    outs += values[i].size(0);
+    outs.push_back(v.size(0));
   }
   TORCH_CHECK(x.dim() == 2 && dictionary.dim() == 2 && x.size(1) == dictionary.size(1) &&
-              dictionary.size(0) == total_atoms && x.scalar_type() == at::kBFloat16 &&
-              dictionary.scalar_type() == at::kBFloat16 && dictionary.is_contiguous(),
+              dictionary.size(0) == std::accumulate(atoms.begin(), atoms.end(), int64_t{0}) &&
+              x.scalar_type() == at::kBFloat16 && dictionary.scalar_type() == at::kBFloat16 &&
+              dictionary.is_contiguous(),
               "bitmask_matmul_dictionary: x [N, in] and a contiguous dictionary [Σ atoms, in], both bfloat16");
-  const auto z = slimserve_rows::dense_rows_dot(
-      x.contiguous(), reinterpret_cast<const uint16_t*>(dictionary.data_ptr<c10::BFloat16>()), total_atoms,
-      dictionary.size(1)).to(at::kBFloat16);
-  if (values.size() == 1) return bitmask_matmul(z, values[0], masks[0]).to(at::kBFloat16);
-  auto y = torch::empty({x.size(0), outs}, x.options());
-  int64_t column = 0, start = 0;
-  for (size_t i = 0; i < values.size(); ++i) {
-    const int64_t out = values[i].size(0);
-    y.narrow(1, column, out).copy_(bitmask_matmul(z.narrow(1, start, atoms[i]), values[i], masks[i]));
-    column += out;
-    start += atoms[i];
-  }
-  return y;
+  return slimserve_rows::first_rows_then_shards(
+      x, reinterpret_cast<const uint16_t*>(dictionary.data_ptr<c10::BFloat16>()), dictionary.size(1), atoms, outs,
+      [&](size_t i, const at::Tensor& z) { return bitmask_matmul(z, values[i], masks[i]); });
 }
 #endif
 

@@ -146,6 +146,16 @@ class Bf16RowsLinear:
         return torch.ops.slimserve.bf16_rows_linear(x, self.weight)
 
 
+def shard_products(z: torch.Tensor, widths: list[int],
+                   product: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Shard i's ``product(i, z_i)`` of its ``widths[i]`` columns of ``z``, joined column-wise in order: the
+    many-token road of a two-factor layer whose first factor is a fused layer's stacked (``bf16_rows_lowrank``,
+    ``bitmask_matmul_dictionary``), as the C++ ``first_rows_then_shards`` is their few-token one."""
+    if len(widths) == 1:
+        return product(0, z)
+    return torch.cat([product(i, part) for i, part in enumerate(z.split(widths, dim=1))], dim=1)
+
+
 def _bf16_rows_lowrank_shape(x: torch.Tensor, v: torch.Tensor, us: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty(x.shape[0], sum(u.shape[0] for u in us))
 
@@ -158,10 +168,7 @@ def bf16_rows_lowrank(x: torch.Tensor, v: torch.Tensor, us: list[torch.Tensor]) 
     dot_loops = getattr(ext, "bf16_rows_lowrank", None) if ext is not None else None
     if dot_loops is not None:
         return dot_loops(x, v, us)
-    z = torch.mm(x, v.t())
-    if len(us) == 1:
-        return torch.mm(z, us[0].t())
-    return torch.cat([torch.mm(part, u.t()) for part, u in zip(z.split([u.shape[1] for u in us], dim=1), us)], dim=1)
+    return shard_products(torch.mm(x, v.t()), [u.shape[1] for u in us], lambda i, part: torch.mm(part, us[i].t()))
 
 
 class LowRankRows:

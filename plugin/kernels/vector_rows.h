@@ -708,6 +708,33 @@ inline at::Tensor dense_rows_dot(const at::Tensor& x, const uint16_t* w, int64_t
   if (x.size(0) == 1) return expanded_dot_one(x, out, [&](int64_t o) { return DenseSpans<false>{w + o * in, in}; });
   return expanded_dot(x, out, [&](int64_t o) { return DenseSpans<true>{w + o * in, in}; });
 }
+
+// y [N, Σ outs] bf16 = shard i's second product of its slice of z = x Fᵀ, into its columns, in order: a compressed
+// layer of two factors whose first, F, is plain bf16 rows [Σ widths, in] (a fused layer's stacked, shard i owning
+// `widths[i]` of them) on dense_rows_dot, z rounded to bf16 as one call per factor rounds it. `product(i, z_i)`
+// returns shard i's [N, outs[i]] in float32 or bf16 (z_i a strided slice where there are several shards). One call
+// for the whole layer: bf16_rows_lowrank (second factor U, dense rows) and bitmask_matmul_dictionary (second factor
+// C, a bitmask) each crossed the dispatcher once a factor and per shard for a slice, a copy and a store before.
+template <typename ShardProduct>
+at::Tensor first_rows_then_shards(const at::Tensor& x, const uint16_t* first, int64_t in,
+                                  const std::vector<int64_t>& widths, const std::vector<int64_t>& outs,
+                                  ShardProduct&& product) {
+  int64_t width = 0, out = 0;
+  for (size_t i = 0; i < widths.size(); ++i) {
+    width += widths[i];
+    out += outs[i];
+  }
+  const auto z = dense_rows_dot(x.contiguous(), first, width, in).to(at::kBFloat16);
+  if (widths.size() == 1) return product(0, z).to(at::kBFloat16);
+  auto y = torch::empty({x.size(0), out}, x.options());
+  int64_t column = 0, start = 0;
+  for (size_t i = 0; i < widths.size(); ++i) {
+    y.narrow(1, column, outs[i]).copy_(product(i, z.narrow(1, start, widths[i])));
+    column += outs[i];
+    start += widths[i];
+  }
+  return y;
+}
 #endif  // SLIMSERVE_DPBF16
 
 }  // namespace slimserve_rows

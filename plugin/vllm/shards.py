@@ -16,7 +16,7 @@ from slimserve.loaders.schemes.dictsparse import encoding_of
 from slimserve.loaders.schemes.sparse_rows import BITMASK
 from slimserve.plugin.kernels.bitmask import BitmaskMatmul, DictionaryBitmaskRows
 from slimserve.plugin.kernels.ell import EllMatmul
-from slimserve.plugin.kernels.gemm import Bf16RowsLinear, LowRankRows, factor_linear
+from slimserve.plugin.kernels.gemm import LowRankRows, factor_linear
 from slimserve.plugin.kernels.nm import NMMatmul
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard
 from slimserve.plugin.vllm.rsparse import RSparseLayer
@@ -83,12 +83,11 @@ class DictSparseShard:
         """A dictsparse layer's shards as one operator where the dictionaries are plain bf16 rows and every C a bf16
         bitmask (``DictionaryBitmaskRows``), or None to run the stacked dictionary and each C on their own."""
         dictionaries = [t["dictionary"] for t in shard_tensors]
-        if not all(encoding_of(spec) == BITMASK for spec in specs) or not Bf16RowsLinear.usable(dictionaries[0]):
+        if not (all(encoding_of(spec) == BITMASK for spec in specs)
+                and DictionaryBitmaskRows.usable(dictionaries[0], [t["coef_values"] for t in shard_tensors])):
             return None
         coefficients = [cls.coefficients({k: t.clone() for k, t in tensors.items() if k.startswith("coef_")}, spec)
                         for tensors, spec in zip(shard_tensors, specs)]
-        if not DictionaryBitmaskRows.usable(dictionaries[0], coefficients):
-            return None
         return OneCallLayer(DictionaryBitmaskRows(stacked_copy(dictionaries), coefficients))
 
 
