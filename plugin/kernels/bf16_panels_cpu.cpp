@@ -267,17 +267,22 @@ torch::Tensor bf16_panels_linear_strips(torch::Tensor x, torch::Tensor panels, i
 // loops the bitmask kernel runs (each row's spans loaded as they are instead of expanded under a mask): on CPUs with
 // AVX512_BF16 and no tile unit (AMD Zen 4) they beat vLLM's prepacked oneDNN GEMM at one and two tokens, whose
 // few-token path reads the weight more slowly than its own 4-token GEMM does. AMD EPYC (Zen 4), 2 threads, the six
-// low-rank factors of the Llama 2048/5632 layer at 30 % of bytes, each streamed from memory, summed ms oneDNN /
-// this: 1 token 2.30 / 1.68, 2 tokens 2.52 / 1.96, 4 2.01 / 1.98, 8 2.39 / 2.23, 16 3.05 / 3.32, 32 5.00 / 5.41,
-// 64 9.09 / 9.71, 128 16.6 / 18.9 (plugin/kernels/gemm.py takes ATen's GEMM from its crossover); 2-8 tokens ran
-// 7-18 % faster since (DenseSpans' prefetch, vector_rows.h).
+// low-rank factors of the Llama 2048/5632 layer at 30 % of bytes (V [716, 2048], U [2048, 716], V [1051, 2048],
+// U [5632, 1051], V [1051, 5632], U [2048, 1051]), each streamed from memory, summed ms oneDNN / this, two runs:
+// 1 token 1.45-1.72 / 0.89-1.29, 2 tokens 1.70-1.84 / 1.22-1.41, 4 1.27-1.47 / 1.31-1.42, 8 1.58-1.74 / 1.54-1.59,
+// 16 2.16-2.19 / 2.45-2.74, 32 3.61-3.63 / 4.03-4.49, 64 6.43-7.06 / 7.15-8.08; at 128, where plugin/kernels/gemm.py
+// takes ATen's GEMM on the same rows, 12.1-12.7 / 14.0-15.1.
 torch::Tensor bf16_rows_linear(torch::Tensor x, torch::Tensor weight) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
               x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
               "bf16_rows_linear: x [N, in] and a contiguous weight [out, in], both bfloat16");
-  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
-  const int64_t in = weight.size(1), out = weight.size(0);
-  return slimserve_rows::dense_rows_dot(x.contiguous(), w, out, in).to(at::kBFloat16);
+  const auto xc = x.contiguous();
+  const int64_t out = weight.size(0);
+  auto y = torch::empty({xc.size(0), out}, xc.options());
+  slimserve_rows::dense_rows(slimserve_rows::padded_in_scratch(xc),
+                             reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>()), out,
+                             slimserve_rows::bf16_store(reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()), out));
+  return y;
 }
 
 // y [N, Σ outs] bf16 = (x Vᵀ) Uᵢᵀ per shard into its columns, for a low-rank layer (one shard, or a fused
@@ -300,10 +305,10 @@ torch::Tensor bf16_rows_lowrank(torch::Tensor x, torch::Tensor v, std::vector<to
   const auto rows = [](const torch::Tensor& w) {
     return reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
   };
-  // a slice's rows are strided: the dot loops copy their inputs into a zero-padded buffer anyway
-  return slimserve_rows::first_rows_then_shards(x, rows(v), v.size(1), ranks, outs, [&](size_t i, const at::Tensor& z) {
-    return slimserve_rows::dense_rows_dot(z, rows(us[i]), outs[i], ranks[i]);
-  });
+  const auto u_product = [&](size_t i, const slimserve_rows::PaddedTokens& z, const auto& store) {
+    slimserve_rows::dense_rows(z, rows(us[i]), outs[i], store);
+  };
+  return slimserve_rows::first_rows_then_shards(x, rows(v), ranks, outs, u_product);
 }
 #endif
 

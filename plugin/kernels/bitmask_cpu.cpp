@@ -435,7 +435,7 @@ struct BitmaskSpans {
 #if defined(SLIMSERVE_AMX)
 // bf16 batches from this many tokens take the tile unit (bench/sparse_kernels.py: the batched vector loop ran at
 // 0.2-0.5x of the dense layer from 2 tokens on). One token takes the one-token dot loop where the build has it
-// (expanded_dot_one): on an Intel Xeon with AMX, 74 % of atoms kept, bf16, 2 threads, each call on the next of ~400 MB
+// (dot_one): on an Intel Xeon with AMX, 74 % of atoms kept, bf16, 2 threads, each call on the next of ~400 MB
 // of weight copies, [5632, 2048] / [2048, 5632] / [1536, 576] took 1.10 / 0.89 / 0.117 ms there,
 // 1.5-1.6 / 1.4 / 0.12 ms on the tile unit (bound by expanding rows into strips) and 1.7 / 1.8 / 0.16 ms in the
 // one-token loop (dense: 0.96 / 0.90 / 0.09 ms). With the tile unit's few-token strips (amx_strips.h) it still
@@ -462,7 +462,7 @@ torch::Tensor matmul_amx(const torch::Tensor& z, const torch::Tensor& values, co
 #endif
 
 #if defined(SLIMSERVE_DPBF16)
-// bf16 batches from this many tokens take expanded_dot (one token expanded_dot_one). AMD EPYC (Zen 4), 2 threads,
+// bf16 batches from this many tokens take expanded_dot (one token its one-token loop). AMD EPYC (Zen 4), 2 threads,
 // [5632, 2048] at density 0.43, 8 weight copies streamed from memory: one token 0.29 ms against 0.73 for the float32
 // expand loop (which reads each stored value once too, but widened and one row at a time); dense 0.8-0.9 ms.
 constexpr int64_t kDotFromTokens = 1;
@@ -486,19 +486,20 @@ void check_strip_args(const torch::Tensor& values, const torch::Tensor& mask, in
 }  // namespace
 
 #if defined(SLIMSERVE_DPBF16)
+// Row o of C (bf16 values, contiguous with its mask) as the dot loops' cursor.
+inline auto bitmask_rows(const torch::Tensor& values, const torch::Tensor& mask) {
+  const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
+  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* msk = mask.data_ptr<uint8_t>();
+  return [=](int64_t o) { return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz}; };
+}
+
 // y [N, out] float32 = z · Cᵀ for bf16 z and values, on the bf16 dot-product loop.
 torch::Tensor bitmask_matmul_dot(torch::Tensor z, torch::Tensor values, torch::Tensor mask) {
   TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16,
               "bitmask_matmul_dot: z [N, k] and values must be bfloat16");
   check_strip_args(values, mask, z.size(1), "bitmask_matmul_dot");
-  const int64_t nnz = values.size(1), mask_bytes = mask.size(1);
-  const auto* val = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
-  const uint8_t* msk = mask.data_ptr<uint8_t>();
-  const auto row_spans = [&](int64_t o) {
-    return BitmaskSpans{msk + o * mask_bytes, mask_bytes, val + o * nnz};
-  };
-  if (z.size(0) == 1) return slimserve_rows::expanded_dot_one(z.contiguous(), values.size(0), row_spans);
-  return slimserve_rows::expanded_dot(z.contiguous(), values.size(0), row_spans);
+  return slimserve_rows::expanded_dot(z.contiguous(), values.size(0), bitmask_rows(values, mask));
 }
 #endif
 
@@ -554,7 +555,7 @@ torch::Tensor bitmask_matmul_lowrank(torch::Tensor x, torch::Tensor v, torch::Te
               "bitmask_matmul_lowrank: x and a contiguous V must be bfloat16");
   const auto xc = x.contiguous();
   const auto z = slimserve_rows::dense_rows_dot(xc, reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>()),
-                                                v.size(0), v.size(1));
+                                                v.size(0));
   auto inputs = torch::zeros({x.size(0), 8 * mask.size(1)}, x.options());
   inputs.narrow(1, 0, x.size(1)).copy_(xc);
   inputs.narrow(1, x.size(1), z.size(1)).copy_(z);
@@ -565,16 +566,18 @@ torch::Tensor bitmask_matmul_lowrank(torch::Tensor x, torch::Tensor v, torch::Te
 // q/k/v or gate/up: the dictionaries D stacked row-wise as plain bf16 rows, shard i's C a bitmask over its `atoms[i]`
 // atoms, reading its slice of x Dᵀ, in order), on the dot loops: the same products, rounded as one call per factor
 // rounds them (x Dᵀ in bf16 between them), in one call where a fused layer crossed the dispatcher for D, the output,
-// and per shard a slice, a copy, the product and a store (plugin/kernels/bitmask.py, DictionaryBitmaskRows).
+// and per shard a slice, a copy, the product and a store (plugin/kernels/bitmask.py, DictionaryBitmaskRows). C takes
+// the dot loops even where bitmask_matmul would take the tile unit: the layer is built only on hosts without one.
 torch::Tensor bitmask_matmul_dictionary(torch::Tensor x, torch::Tensor dictionary, std::vector<torch::Tensor> values,
                                         std::vector<torch::Tensor> masks, std::vector<int64_t> atoms) {
   TORCH_CHECK(values.size() == masks.size() && values.size() == atoms.size() && !values.empty(),
               "bitmask_matmul_dictionary: one values, mask and atom count per shard");
   std::vector<int64_t> outs;
-  for (const auto& v : values) {
-    TORCH_CHECK(v.dim() == 2 && v.scalar_type() == at::kBFloat16,
-                "bitmask_matmul_dictionary: every shard's values must be bfloat16 [out, s]");
-    outs.push_back(v.size(0));
+  for (size_t i = 0; i < values.size(); ++i) {
+    TORCH_CHECK(values[i].scalar_type() == at::kBFloat16,
+                "bitmask_matmul_dictionary: every shard's values must be bfloat16");
+    check_strip_args(values[i], masks[i], atoms[i], "bitmask_matmul_dictionary");
+    outs.push_back(values[i].size(0));
   }
   TORCH_CHECK(x.dim() == 2 && dictionary.dim() == 2 && x.size(1) == dictionary.size(1) &&
               dictionary.size(0) == std::accumulate(atoms.begin(), atoms.end(), int64_t{0}) &&
@@ -582,8 +585,10 @@ torch::Tensor bitmask_matmul_dictionary(torch::Tensor x, torch::Tensor dictionar
               dictionary.is_contiguous(),
               "bitmask_matmul_dictionary: x [N, in] and a contiguous dictionary [Σ atoms, in], both bfloat16");
   return slimserve_rows::first_rows_then_shards(
-      x, reinterpret_cast<const uint16_t*>(dictionary.data_ptr<c10::BFloat16>()), dictionary.size(1), atoms, outs,
-      [&](size_t i, const at::Tensor& z) { return bitmask_matmul(z, values[i], masks[i]); });
+      x, reinterpret_cast<const uint16_t*>(dictionary.data_ptr<c10::BFloat16>()), atoms, outs,
+      [&](size_t i, const slimserve_rows::PaddedTokens& z, const auto& store) {
+        slimserve_rows::rows_dot(z, outs[i], bitmask_rows(values[i], masks[i]), store);
+      });
 }
 #endif
 

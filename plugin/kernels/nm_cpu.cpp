@@ -761,7 +761,7 @@ struct GatheredColumns {
 
 // y [tokens, out] float32 for x padded to whole blocks of kTokens tokens ([blocks * kTokens, in], in a multiple of
 // 64). Rows go in groups of kGatheredRowGroup; each block of tokens passes a group's rows kRows at a time (rows i,
-// i + q, i + 2q, ... of the group, q = a kRows-th of it, for the prefetcher, as in expanded_dot_blocks), so a prefill
+// i + q, i + 2q, ... of the group, q = a kRows-th of it, for the prefetcher, as in dot_blocks), so a prefill
 // re-reads the group's values from L2 per block. Each token's 64 inputs are loaded once into registers and permuted
 // for every row: x, which many tokens' blocks keep in L2 rather than L1, is the loop's heaviest stream.
 template <int kRows, int kTokens>
@@ -788,7 +788,7 @@ void gathered_dot_blocks(const uint16_t* xp, int64_t tokens, int64_t in, const u
             v[r] = values + rows[r] * stored;
             m[r] = meta + rows[r] * meta_bytes;
           }
-          __m512 acc[kRows][kTokens];  // every loop below unrolled whole: see expanded_dot_blocks
+          __m512 acc[kRows][kTokens];  // every loop below unrolled whole: see dot_blocks
 #pragma GCC unroll 8
           for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 8

@@ -17,6 +17,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -558,14 +559,27 @@ std::array<std::invoke_result_t<F, int64_t>, sizeof...(I)> cursors(const F& f, s
   return {f(static_cast<int64_t>(I))...};
 }
 
-template <int kTokens, int kRows, typename RowSpans>
-at::Tensor expanded_dot_blocks(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
-  const int64_t tokens = x.size(0), in = x.size(1), spans = (in + 31) / 32, width = spans * 32;
+// The dot loops' inputs: `tokens` rows of `in` bf16 inputs (raw bits), row t at data + t * stride, each zero from
+// `in` up to its whole last span of 32, and whole rows of zeros after the last token up to the loops' block of tokens
+// (padded_token_rows): padding the loops multiply by zero instead of testing for.
+struct PaddedTokens {
+  const uint16_t* data;
+  int64_t stride;
+  int64_t tokens;
+  int64_t in;
+};
+
+// The rows of tokens the dot loops read for `tokens` tokens (rows_dot's choice of block), and a row's inputs padded to
+// whole spans.
+inline int64_t padded_token_rows(int64_t tokens) { return tokens == 1 ? 1 : tokens <= 4 ? 4 : (tokens + 7) / 8 * 8; }
+inline int64_t padded_inputs(int64_t in) { return (in + 31) / 32 * 32; }
+
+// store(t, o, sum) for every token t < x.tokens and row o < out: sum = x_t · row o, float32.
+template <int kTokens, int kRows, typename RowSpans, typename Store>
+void dot_blocks(const PaddedTokens& x, int64_t out, const RowSpans& row_spans, const Store& store) {
+  const int64_t tokens = x.tokens, spans = (x.in + 31) / 32, width = x.stride;
   const int64_t blocks = (tokens + kTokens - 1) / kTokens;
-  const auto padded = zero_padded(x, blocks * kTokens, width);
-  const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
-  auto y = torch::empty({tokens, out}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
+  const uint16_t* xp = x.data;
   at::parallel_for(0, (out + kRows - 1) / kRows, 8, [&](int64_t group_begin, int64_t group_end) {
     const int64_t row_begin = kRows * group_begin, row_end = std::min(kRows * group_end, out);
     const int64_t part = (row_end - row_begin + kRows - 1) / kRows;
@@ -605,9 +619,8 @@ at::Tensor expanded_dot_blocks(const at::Tensor& x, int64_t out, const RowSpans&
 #pragma GCC unroll 16
         for (int t = 0; t < kTokens; ++t) {
           if (b * kTokens + t < tokens) {
-            float* yn = yp + (b * kTokens + t) * out;
 #pragma GCC unroll 8
-            for (int i = 0; i < kRows; ++i) yn[rows[i]] = _mm512_reduce_add_ps(acc[i][t]);
+            for (int i = 0; i < kRows; ++i) store(b * kTokens + t, rows[i], _mm512_reduce_add_ps(acc[i][t]));
           }
         }
       };
@@ -625,35 +638,17 @@ at::Tensor expanded_dot_blocks(const at::Tensor& x, int64_t out, const RowSpans&
       }
     }
   });
-  return y;
 }
 
-// y [N, out] float32 = x [N, in] · Wᵀ for bf16 x. `row_spans(o)` returns a cursor over row o of W whose `next()`
-// gives its 32-input spans in order (expand_bf16 results); inputs past `in` in the last span must come back zero.
-// Up to 4 tokens dot one block of 4, four rows at a time (half the dot products of a padded block of 8); more tokens
-// blocks of 8, three rows at a time (24 accumulators), each row's spans expanded once for all blocks. AMD EPYC
-// (Zen 4), 2 threads, bitmask at 43 % density (lowrank_sparse's S, gate and up stacked: [11264, 2048]), 4 copies
-// cycled, interleaved in one process, median ms against two rows re-expanded per block: 2 / 4 tokens 1.17 / 1.24
-// against 1.24 / 1.33, 8 tokens 1.51-1.53 against 1.92-1.99, 16 tokens 2.68 against 3.34; dictsparse's C [5632, 1547]
-// at 8 tokens 0.61 against 0.70. In separate runs at 128 tokens 16.7-18.3 against 27.4 (oneDNN's dense GEMM
-// 14.4-14.9).
-template <typename RowSpans>
-at::Tensor expanded_dot(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
-  return x.size(0) <= 4 ? expanded_dot_blocks<4, 4>(x, out, row_spans) : expanded_dot_blocks<8, 3>(x, out, row_spans);
-}
-
-// y [1, out] float32 = x [1, in] · Wᵀ for one bf16 token: expanded_dot's spans without its blocks of tokens, which at
-// one token dotted rows of zeros for every useful one. kRows rows at a time keep that many vdpbf16ps chains in
-// flight: rows g, g + q, g + 2q and g + 3q of the thread's range (q its quarter), for the prefetcher as in
-// expanded_dot_blocks; a slot past the range dots row g again.
-template <typename RowSpans>
-at::Tensor expanded_dot_one(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
+// The sums for one bf16 token: dot_blocks' spans without its blocks of tokens, which at one token dotted rows of
+// zeros for every useful one. kRows rows at a time keep that many vdpbf16ps chains in flight: rows g, g + q, g + 2q
+// and g + 3q of the thread's range (q its quarter), for the prefetcher as in dot_blocks; a slot past the range dots
+// row g again.
+template <typename RowSpans, typename Store>
+void dot_one(const PaddedTokens& x, int64_t out, const RowSpans& row_spans, const Store& store) {
   constexpr int64_t kRows = 4;
-  const int64_t in = x.size(1), spans = (in + 31) / 32;
-  const auto padded = zero_padded(x, 1, spans * 32);
-  const auto* xp = reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>());
-  auto y = torch::empty({1, out}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
+  const int64_t spans = (x.in + 31) / 32;
+  const uint16_t* xp = x.data;
   at::parallel_for(0, (out + kRows - 1) / kRows, 8, [&](int64_t group_begin, int64_t group_end) {
     const int64_t row_begin = kRows * group_begin, row_end = std::min(kRows * group_end, out);
     const int64_t quarter = (row_end - row_begin + kRows - 1) / kRows;
@@ -672,10 +667,29 @@ at::Tensor expanded_dot_one(const at::Tensor& x, int64_t out, const RowSpans& ro
         for (int64_t i = 0; i < kRows; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)rows[i].next(), xv);
       }
 #pragma GCC unroll 4
-      for (int64_t i = 0; i < kRows; ++i) yp[row(i)] = _mm512_reduce_add_ps(acc[i]);
+      for (int64_t i = 0; i < kRows; ++i) store(0, row(i), _mm512_reduce_add_ps(acc[i]));
     }
   });
-  return y;
+}
+
+// store(t, o, x_t · row o of W) for every token and row, x bf16. `row_spans(o)` returns a cursor over row o of W
+// whose `next()` gives its 32-input spans in order (expand_bf16 results); inputs past `in` in the last span must come
+// back zero. One token takes dot_one; up to 4 tokens dot one block of 4, four rows at a time (half the dot products
+// of a padded block of 8); more tokens blocks of 8, three rows at a time (24 accumulators), each row's spans
+// expanded once for all blocks. AMD EPYC (Zen 4), 2 threads, bitmask at 43 % density (lowrank_sparse's S, gate and
+// up stacked: [11264, 2048]), 4 copies cycled, interleaved in one process, median ms against two rows re-expanded
+// per block: 2 / 4 tokens 1.17 / 1.24 against 1.24 / 1.33, 8 tokens 1.51-1.53 against 1.92-1.99, 16 tokens 2.68
+// against 3.34; dictsparse's C [5632, 1547] at 8 tokens 0.61 against 0.70. In separate runs at 128 tokens 16.7-18.3
+// against 27.4 (oneDNN's dense GEMM 14.4-14.9).
+template <typename RowSpans, typename Store>
+void rows_dot(const PaddedTokens& x, int64_t out, const RowSpans& row_spans, const Store& store) {
+  if (x.tokens == 1) {
+    dot_one(x, out, row_spans, store);
+  } else if (x.tokens <= 4) {
+    dot_blocks<4, 4>(x, out, row_spans, store);
+  } else {
+    dot_blocks<8, 3>(x, out, row_spans, store);
+  }
 }
 
 // One row of a dense bf16 weight as the 32-input spans the dot loops above take, inputs past `in` zero. kPrefetch:
@@ -700,38 +714,88 @@ struct DenseSpans {
   }
 };
 
-// y [N, out] float32 = x [N, in] · Wᵀ for bf16 x (contiguous) and a dense bf16 W [out, in] stored as plain rows at
-// `w`, on the dot loops above with each row's spans loaded as stored: bf16_rows_linear (a dense factor) and the
-// x Vᵀ of bitmask_matmul_lowrank. One token runs without the cursor's prefetch, blocks with it (on AMD Zen 4 the
-// blocks ran 8-64 tokens at 0.74-0.88x of oneDNN's GEMM without any).
-inline at::Tensor dense_rows_dot(const at::Tensor& x, const uint16_t* w, int64_t out, int64_t in) {
-  if (x.size(0) == 1) return expanded_dot_one(x, out, [&](int64_t o) { return DenseSpans<false>{w + o * in, in}; });
-  return expanded_dot(x, out, [&](int64_t o) { return DenseSpans<true>{w + o * in, in}; });
+// x's rows (bf16, contiguous) padded for the dot loops in this thread's scratch, followed by `extra_per_row` zeroed
+// elements per padded row of tokens (a second product's inputs: first_rows_then_shards). The scratch is reused from
+// call to call, so the rows operators below make no tensor but their output: on SmolLM2's layers their padding,
+// conversions and slices as ATen operators were about 20 a call, each 0.5-2 µs through the dispatcher.
+inline PaddedTokens padded_in_scratch(const at::Tensor& x, int64_t extra_per_row = 0, uint16_t** extra = nullptr) {
+  thread_local std::vector<uint16_t> scratch;
+  const int64_t tokens = x.size(0), in = x.size(1), width = padded_inputs(in), rows = padded_token_rows(tokens);
+  scratch.assign(rows * (width + extra_per_row), 0);
+  const auto* source = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  for (int64_t t = 0; t < tokens; ++t) std::memcpy(scratch.data() + t * width, source + t * in, sizeof(uint16_t) * in);
+  if (extra != nullptr) *extra = scratch.data() + rows * width;
+  return {scratch.data(), width, tokens, in};
 }
 
-// y [N, Σ outs] bf16 = shard i's second product of its slice of z = x Fᵀ, into its columns, in order: a compressed
-// layer of two factors whose first, F, is plain bf16 rows [Σ widths, in] (a fused layer's stacked, shard i owning
-// `widths[i]` of them) on dense_rows_dot, z rounded to bf16 as one call per factor rounds it. `product(i, z_i)`
-// returns shard i's [N, outs[i]] in float32 or bf16 (z_i a strided slice where there are several shards). One call
-// for the whole layer: bf16_rows_lowrank (second factor U, dense rows) and bitmask_matmul_dictionary (second factor
-// C, a bitmask) each crossed the dispatcher once a factor and per shard for a slice, a copy and a store before.
-template <typename ShardProduct>
-at::Tensor first_rows_then_shards(const at::Tensor& x, const uint16_t* first, int64_t in,
-                                  const std::vector<int64_t>& widths, const std::vector<int64_t>& outs,
-                                  ShardProduct&& product) {
-  int64_t width = 0, out = 0;
-  for (size_t i = 0; i < widths.size(); ++i) {
-    width += widths[i];
-    out += outs[i];
+// y [N, out] float32 = x [N, in] · Wᵀ for bf16 x (contiguous), W's rows given by `row_spans` (a sparse weight's
+// decoding cursors), on rows_dot.
+template <typename RowSpans>
+at::Tensor expanded_dot(const at::Tensor& x, int64_t out, const RowSpans& row_spans) {
+  auto y = torch::empty({x.size(0), out}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  rows_dot(padded_in_scratch(x), out, row_spans, [yp, out](int64_t t, int64_t o, float sum) { yp[t * out + o] = sum; });
+  return y;
+}
+
+// A store for the dot loops: each sum rounded to bf16 (as ATen rounds float32) into row t, column `column` + o of y
+// (raw bits, rows `ld` apart).
+inline auto bf16_store(uint16_t* y, int64_t ld, int64_t column = 0) {
+  return [y, ld, column](int64_t t, int64_t o, float sum) { y[t * ld + column + o] = c10::BFloat16(sum).x; };
+}
+
+// store(t, o, x_t · row o) for a dense bf16 W [out, x.in] stored as plain rows at `w`, on the dot loops above with
+// each row's spans loaded as stored: one token without the cursor's prefetch, blocks with it (on AMD Zen 4 the blocks
+// ran 8-64 tokens at 0.74-0.88x of oneDNN's GEMM without any).
+template <typename Store>
+void dense_rows(const PaddedTokens& x, const uint16_t* w, int64_t out, const Store& store) {
+  const int64_t in = x.in;
+  if (x.tokens == 1) {
+    dot_one(x, out, [&](int64_t o) { return DenseSpans<false>{w + o * in, in}; }, store);
+  } else {
+    rows_dot(x, out, [&](int64_t o) { return DenseSpans<true>{w + o * in, in}; }, store);
   }
-  const auto z = dense_rows_dot(x.contiguous(), first, width, in).to(at::kBFloat16);
-  if (widths.size() == 1) return product(0, z).to(at::kBFloat16);
-  auto y = torch::empty({x.size(0), out}, x.options());
-  int64_t column = 0, start = 0;
+}
+
+// y [N, out] float32 = x [N, in] · Wᵀ for bf16 x and W as dense_rows takes it (the x Vᵀ of bitmask_matmul_lowrank).
+inline at::Tensor dense_rows_dot(const at::Tensor& x, const uint16_t* w, int64_t out) {
+  const auto xc = x.contiguous();
+  auto y = torch::empty({xc.size(0), out}, xc.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  dense_rows(padded_in_scratch(xc), w, out, [yp, out](int64_t t, int64_t o, float sum) { yp[t * out + o] = sum; });
+  return y;
+}
+
+// y [N, Σ outs] bf16: shard i's second product of its `widths[i]` columns of z = x Fᵀ, into its own columns, in
+// order, for a compressed layer of two factors whose first, F, is plain bf16 rows [Σ widths, in] at `first` (a fused
+// layer's stacked). z is rounded to bf16 (as one call per factor rounds it) straight into the scratch, each shard's
+// columns padded to whole spans for its second product, which `shard_product(i, z_i, store)` runs on the dot loops,
+// storing each sum through `store`. One call and one tensor made for the whole layer: bf16_rows_lowrank (second
+// factor U, dense rows) and bitmask_matmul_dictionary (second factor C, a bitmask); before, a fused layer crossed
+// the dispatcher per factor and per shard for a slice, a copy and a store.
+template <typename ShardProduct>
+at::Tensor first_rows_then_shards(const at::Tensor& x, const uint16_t* first, const std::vector<int64_t>& widths,
+                                  const std::vector<int64_t>& outs, const ShardProduct& shard_product) {
+  const auto xc = x.contiguous();
+  // each shard's first column in the padded z and in y; the last entries are their widths
+  std::vector<int64_t> z_columns{0}, y_columns{0};
   for (size_t i = 0; i < widths.size(); ++i) {
-    y.narrow(1, column, outs[i]).copy_(product(i, z.narrow(1, start, widths[i])));
-    column += outs[i];
-    start += widths[i];
+    z_columns.push_back(z_columns.back() + padded_inputs(widths[i]));
+    y_columns.push_back(y_columns.back() + outs[i]);
+  }
+  const int64_t tokens = xc.size(0), z_width = z_columns.back(), y_width = y_columns.back();
+  uint16_t* z = nullptr;
+  const PaddedTokens xt = padded_in_scratch(xc, z_width, &z);
+  const int64_t width = std::accumulate(widths.begin(), widths.end(), int64_t{0});
+  dense_rows(xt, first, width, [&](int64_t t, int64_t o, float sum) {
+    size_t i = 0;
+    for (; o >= widths[i]; ++i) o -= widths[i];
+    z[t * z_width + z_columns[i] + o] = c10::BFloat16(sum).x;
+  });
+  auto y = torch::empty({tokens, y_width}, xc.options());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+  for (size_t i = 0; i < widths.size(); ++i) {
+    shard_product(i, PaddedTokens{z + z_columns[i], z_width, tokens, widths[i]}, bf16_store(yp, y_width, y_columns[i]));
   }
   return y;
 }

@@ -34,7 +34,7 @@ class DenseShard:
     """A dense shard: its weight is the first factor, the second op is the identity."""
 
     #: A whole dense weight stays on vLLM's own prepacked GEMM (linear.py): the plain rows compressed factors take
-    #: where they decode faster run many-token steps 3-10 % slower, which a weight that saves no work would show.
+    #: where they decode faster run many-token steps 10-20 % slower, which a weight that saves no work would show.
     first_factor_is_dense_weight = True
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> None:
