@@ -65,8 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     probe = torch.zeros(8, IN_FEATURES, dtype=torch.bfloat16)
-    probe_c = BitmaskMatmul(torch.zeros(8, 1, dtype=torch.bfloat16), torch.zeros(8, 1, dtype=torch.uint8), 8)
-    if not (LowRankRows.usable(probe, [probe]) and DictionaryBitmaskRows.usable(probe, [probe_c])):
+    if not (LowRankRows.usable(probe, [probe]) and DictionaryBitmaskRows.usable(probe, [probe])):
         raise SystemExit("this host keeps dense factors on oneDNN (no AVX512_BF16, or AMX): no one-call layers here")
     print(describe_machine())
     print("\n| layer | tokens | lowrank apart / one call µs | dictsparse apart / one call µs |\n|---|---|---|---|")

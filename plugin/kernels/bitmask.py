@@ -121,8 +121,8 @@ class DictionaryBitmaskRows:
     dictionaries as plain bf16 rows (where ``Bf16RowsLinear`` takes them) and its coefficients as bitmasks, so a
     fused layer crosses the dispatcher once, as ``LowRankRows`` does for a low-rank one. AMD EPYC (Zen 4), 2
     threads, SmolLM2's shapes (576 inputs) with 2 x rank atoms at 25 % density, cache-resident, µs apart / one call
-    (bench/layer_calls.py): q/k/v 108.1 / 50.3 at one token and 132.6 / 82.8 at 8, gate/up 117.1 / 95.5 and 214.3 /
-    174.0, o 46.3 / 28.8 and 65.6 / 47.2; on the benchmark Llama's large layers it moved within the VM's spread."""
+    (bench/layer_calls.py): q/k/v 75.6 / 25.1 at one token and 114.1 / 52.3 at 8, gate/up 103.8 / 64.3 and 203.0 /
+    149.5, o 33.2 / 18.0 and 52.1 / 39.6; on the benchmark Llama's large layers it moved within the VM's spread."""
 
     def __init__(self, dictionary: torch.Tensor, coefficients: list[BitmaskMatmul]) -> None:
         """Keeps ``dictionary`` and the coefficients' tensors as given: the caller hands over tensors no one else

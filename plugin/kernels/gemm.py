@@ -175,10 +175,11 @@ class LowRankRows:
     """``f(x) = (x Vᵀ) [U₁ | U₂ | …]ᵀ`` on one ``bf16_rows_lowrank`` call, every factor plain bf16 rows: a fused
     layer's V and its U's (or one shard's) where ``Bf16RowsLinear`` runs each factor alone. The factors as one
     operator cross the dispatcher once a layer: apart, a fused q/k/v crossed it 14 times (V, the output, and per U a
-    slice, a copy, the product and a store). AMD EPYC (Zen 4), 2 threads, SmolLM2's shapes at 30 % of bytes,
-    cache-resident, µs apart / one call (bench/layer_calls.py): q/k/v 67.6 / 36.0 at one token and 93.5 / 53.0 at 8,
-    gate/up 68.0 / 46.1 and 161.7 / 96.6, o 32.2 / 20.7 and 44.3 / 31.7; served in vLLM the real SmolLM2 decoded
-    12-16 % faster at batch 1 and 19 % at batch 8 (bench/README.md)."""
+    slice, a copy, the product and a store), and the one call makes no tensor but its output (vector_rows.h,
+    ``first_rows_then_shards``). AMD EPYC (Zen 4), 2 threads, SmolLM2's shapes at 30 % of bytes, cache-resident, µs
+    apart / one call (bench/layer_calls.py): q/k/v 45.8 / 13.9 at one token and 70.1 / 32.2 at 8, gate/up 51.5 /
+    27.6 and 111.8 / 81.8, o 20.0 / 10.4 and 31.1 / 21.4; served in vLLM the real SmolLM2 at 30 % of bytes decodes
+    1.19x as fast as dense at batch 1 and 1.03-1.05x at batch 8 (bench/README.md)."""
 
     def __init__(self, v: torch.Tensor, us: list[torch.Tensor]) -> None:
         """Keeps ``v`` and ``us`` as given (contiguous): the caller hands over tensors no one else holds."""
