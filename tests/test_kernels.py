@@ -562,6 +562,20 @@ def _assert_one_call_equals_apart(layer: Callable[[torch.Tensor], torch.Tensor],
         assert y.dtype == torch.bfloat16 and torch.equal(y, expected), tokens
 
 
+def test_the_rows_operators_take_an_empty_batch() -> None:
+    """A step of no tokens gets an empty output from each rows operator, not a read of token blocks never padded."""
+    if not hasattr(bitmask._cpu_kernel(), "bitmask_matmul_dictionary"):
+        pytest.skip("this host's build has no bf16 dot loops (AVX512_BF16 and VBMI2)")
+    weight = torch.randn(40, 64).bfloat16()
+    values, mask = sparse_rows.dense_to_bitmask(torch.randn(24, 40), 13)
+    x = torch.empty(0, 64, dtype=torch.bfloat16)
+    layers = {24: bitmask.DictionaryBitmaskRows(weight, [BitmaskMatmul(values.bfloat16(), mask, 40)]),
+              40: Bf16RowsLinear(weight), 32: kernel_gemm.LowRankRows(weight, [torch.randn(32, 40).bfloat16()])}
+    for out, layer in layers.items():
+        y = layer(x)
+        assert y.shape == (0, out) and y.dtype == torch.bfloat16
+
+
 def test_low_rank_shards_run_as_one_call_where_every_factor_is_rows() -> None:
     """A fused low-rank layer's shards become one ``LowRankRows`` runner exactly where ``Bf16RowsLinear`` takes the
     factors; it owns its copies (the shards' tensors are views of load buffers freed after loading)."""

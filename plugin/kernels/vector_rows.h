@@ -683,6 +683,7 @@ void dot_one(const PaddedTokens& x, int64_t out, const RowSpans& row_spans, cons
 // against 27.4 (oneDNN's dense GEMM 14.4-14.9).
 template <typename RowSpans, typename Store>
 void rows_dot(const PaddedTokens& x, int64_t out, const RowSpans& row_spans, const Store& store) {
+  if (x.tokens == 0) return;  // the loops below would read a block of tokens that was never padded
   if (x.tokens == 1) {
     dot_one(x, out, row_spans, store);
   } else if (x.tokens <= 4) {
