@@ -543,23 +543,35 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
 
 #if defined(SLIMSERVE_DPBF16)
 // y [N, out] bf16 = [x | x Vᵀ] · Cᵀ for bf16 x: lowrank_sparse_folded's few-token step (U stored after S in C's rows)
-// as one call. V comes as plain bf16 rows [r, in] on the dot loops (vector_rows.h's dense_rows_dot): on AMD Zen 4 at
-// one token they read a dense weight 1.08-1.19x faster than vLLM's oneDNN GEMM, whose call on SmolLM2's small V's
-// cost about 22 µs. The joined inputs are one zeroed buffer as wide as C's mask bytes; built in Python they cost three
-// operators and 10 µs more a call (docs/methods/lowrank_sparse.md).
+// as one call. V comes as plain bf16 rows [r, in] on the dot loops (vector_rows.h's dense_rows): on AMD Zen 4 at one
+// token they read a dense weight 1.08-1.19x faster than vLLM's oneDNN GEMM, whose call on SmolLM2's small V's cost
+// about 22 µs. The joined inputs, as wide as C's mask bytes, are built in the dot loops' scratch after x's padded
+// rows: x copied, x Vᵀ rounded to bf16 beside it; C's sums are stored as bf16 (in Python the joined inputs cost three
+// operators and 10 µs more a call, docs/methods/lowrank_sparse.md; as ATen tensors here, five operators). C takes the
+// dot loops even where bitmask_matmul would take the tile unit: the fold is built only on hosts without one.
 torch::Tensor bitmask_matmul_lowrank(torch::Tensor x, torch::Tensor v, torch::Tensor values, torch::Tensor mask) {
   TORCH_CHECK(x.dim() == 2 && v.dim() == 2 && mask.dim() == 2 && x.size(1) == v.size(1) &&
               x.size(1) + v.size(0) <= 8 * mask.size(1),
               "bitmask_matmul_lowrank: x [N, in] and V [r, in] with in + r within the mask's 8 x bytes inputs");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && v.is_contiguous(),
-              "bitmask_matmul_lowrank: x and a contiguous V must be bfloat16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && v.is_contiguous() &&
+              values.scalar_type() == at::kBFloat16,
+              "bitmask_matmul_lowrank: x, a contiguous V and the values must be bfloat16");
+  const int64_t joined = 8 * mask.size(1), joined_width = slimserve_rows::padded_inputs(joined);
+  check_strip_args(values, mask, joined, "bitmask_matmul_lowrank");
   const auto xc = x.contiguous();
-  const auto z = slimserve_rows::dense_rows_dot(xc, reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>()),
-                                                v.size(0));
-  auto inputs = torch::zeros({x.size(0), 8 * mask.size(1)}, x.options());
-  inputs.narrow(1, 0, x.size(1)).copy_(xc);
-  inputs.narrow(1, x.size(1), z.size(1)).copy_(z);
-  return bitmask_matmul(inputs, values, mask).to(at::kBFloat16);
+  const int64_t tokens = xc.size(0), in = xc.size(1), out = values.size(0);
+  uint16_t* inputs = nullptr;
+  const auto xt = slimserve_rows::padded_in_scratch(xc, joined_width, &inputs);
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::memcpy(inputs + t * joined_width, xt.data + t * xt.stride, sizeof(uint16_t) * in);
+  }
+  slimserve_rows::dense_rows(xt, reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>()), v.size(0),
+                             slimserve_rows::bf16_store(inputs, joined_width, in));
+  auto y = torch::empty({tokens, out}, xc.options());
+  slimserve_rows::rows_dot(slimserve_rows::PaddedTokens{inputs, joined_width, tokens, joined}, out,
+                           bitmask_rows(values, mask),
+                           slimserve_rows::bf16_store(reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()), out));
+  return y;
 }
 
 // y [N, Σ outs] bf16 = (x Dᵀ) Cᵢᵀ per shard into its columns, for a dictsparse layer (one shard, or a fused layer's

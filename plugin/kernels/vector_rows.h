@@ -758,15 +758,6 @@ void dense_rows(const PaddedTokens& x, const uint16_t* w, int64_t out, const Sto
   }
 }
 
-// y [N, out] float32 = x [N, in] · Wᵀ for bf16 x and W as dense_rows takes it (the x Vᵀ of bitmask_matmul_lowrank).
-inline at::Tensor dense_rows_dot(const at::Tensor& x, const uint16_t* w, int64_t out) {
-  const auto xc = x.contiguous();
-  auto y = torch::empty({xc.size(0), out}, xc.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  dense_rows(padded_in_scratch(xc), w, out, [yp, out](int64_t t, int64_t o, float sum) { yp[t * out + o] = sum; });
-  return y;
-}
-
 // y [N, Σ outs] bf16: shard i's second product of its `widths[i]` columns of z = x Fᵀ, into its own columns, in
 // order, for a compressed layer of two factors whose first, F, is plain bf16 rows [Σ widths, in] at `first` (a fused
 // layer's stacked). z is rounded to bf16 (as one call per factor rounds it) straight into the scratch, each shard's
