@@ -576,6 +576,16 @@ def test_the_rows_operators_take_an_empty_batch() -> None:
         assert y.shape == (0, out) and y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("encoding", ["bitmask", "ell", "nm-2:4"])
+def test_the_sparse_products_take_an_empty_batch(encoding: str, dtype: torch.dtype, isa: str) -> None:
+    """A step of no tokens gets an empty output from every sparse product, not a read of a token block never given
+    (the bitmask few-token loops read 8 tokens for any count past 7, zero included, and segfaulted)."""
+    product, values, rest = _product_and_tensors(encoding, 64)
+    y = product(torch.empty(0, 64, dtype=dtype), values.to(dtype), *rest)
+    assert y.shape == (0, 96) and y.dtype == dtype
+
+
 def test_low_rank_shards_run_as_one_call_where_every_factor_is_rows() -> None:
     """A fused low-rank layer's shards become one ``LowRankRows`` runner exactly where ``Bf16RowsLinear`` takes the
     factors; it owns its copies (the shards' tensors are views of load buffers freed after loading)."""

@@ -353,6 +353,7 @@ template <typename V, typename O>
 void bitmask_dispatch(const torch::Tensor& zf, const V* val, int64_t out_features, int64_t nnz, const torch::Tensor& mask,
                       O* out) {
   const int64_t tokens = zf.size(0), atoms = zf.size(1), mask_bytes = mask.size(1);
+  if (tokens == 0) return;  // the few-token loops below would read a block of tokens never given
   const uint8_t* msk = mask.data_ptr<uint8_t>();
   const V* values_end = val + out_features * nnz;
 #if defined(SLIMSERVE_AVX2)
