@@ -562,6 +562,101 @@ def _assert_one_call_equals_apart(layer: Callable[[torch.Tensor], torch.Tensor],
         assert y.dtype == torch.bfloat16 and torch.equal(y, expected), tokens
 
 
+def _panels_factor(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """A float32 factor whose values bf16 holds exactly, as vLLM loads a bf16 checkpoint to serve it in float32."""
+    return (torch.randn(rows, columns, generator=generator) / 8).bfloat16().float()
+
+
+def _assert_panels_call_equals_apart(layer: Callable[[torch.Tensor], torch.Tensor], first: Bf16PanelsLinear,
+                                     seconds: list[Callable[[torch.Tensor], torch.Tensor]], widths: list[int],
+                                     in_features: int, entry: str, few_tokens_below: int, called: list[str],
+                                     generator: torch.Generator) -> None:
+    """``layer(x)`` equals ``first`` and then each of ``seconds`` on its ``widths`` slice, bit for bit, for float32
+    x on both sides of the many-token crossovers, entering the kernel through ``entry`` below ``few_tokens_below``
+    tokens (and for no tokens)."""
+    for tokens in (0, 1, 2, 5, 8, 13, 31, 32, STRIPS_FROM_TOKENS - 1, STRIPS_FROM_TOKENS, 300):
+        x = torch.randn(tokens, in_features, generator=generator)
+        z = first(x)
+        expected = torch.cat([second(part.contiguous()) for second, part in zip(seconds, z.split(widths, dim=1))], 1)
+        called.clear()
+        y = layer(x)
+        assert (entry in called) == (tokens < few_tokens_below), tokens
+        assert y.dtype == torch.float32 and torch.equal(y, expected), tokens
+
+
+@pytest.mark.parametrize("in_features", [200, 600])
+@pytest.mark.parametrize("ranks", [[13], [40, 9, 23]])
+def test_a_float32_served_low_rank_layer_in_one_call_equals_its_factors_one_call_each(
+        isa: str, kernel_entries, ranks: list[int], in_features: int) -> None:
+    """``LowRankPanels`` (a bf16 checkpoint served in float32 on AVX2): one shard or a fused layer's three (V stacked,
+    each U on its slice of x Vᵀ) give, bit for bit, what V and each U as ``Bf16PanelsLinear`` give, at every token
+    count in one kernel call (V short enough for the tiled GEMM from ``STRIPS_FROM_TOKENS``, and V too long)."""
+    generator = torch.Generator().manual_seed(9)
+    us = [_panels_factor(out, rank, generator) for out, rank in zip((70, 24, 33), ranks)]
+    v = _panels_factor(sum(ranks), in_features, generator)
+    if not kernel_gemm.LowRankPanels.usable([v], us):
+        pytest.skip(f"the {isa} build keeps float32 factors on oneDNN (no bf16 panels)")
+    layer = kernel_gemm.LowRankPanels(v, us)
+    called = kernel_entries(kernel_gemm, "_bf16_panels_kernel")
+    seconds = [Bf16PanelsLinear(u.bfloat16()) for u in us]
+    _assert_panels_call_equals_apart(layer, Bf16PanelsLinear(v.bfloat16()), seconds, ranks, in_features,
+                                     "bf16_panels_lowrank", 10**9, called, generator)
+
+
+@pytest.mark.parametrize("atoms", [[40], [40, 24, 33]])
+def test_a_float32_served_dictsparse_layer_in_one_call_equals_its_factors_one_call_each(
+        isa: str, kernel_entries, atoms: list[int]) -> None:
+    """``DictionaryBitmaskPanels`` (float32 serving on AVX2): one shard or a fused layer's three (dictionaries stacked,
+    each C a bitmask on its slice of x Dᵀ) give, bit for bit, what the stacked dictionary as ``Bf16PanelsLinear`` and
+    each C as ``BitmaskMatmul`` give: C's few-token loops in one call for every shard below
+    ``bitmask.PANELS_FROM_TOKENS``, ``bitmask_matmul``'s many-token roads shard by shard from there."""
+    generator = torch.Generator().manual_seed(10)
+    dictionary = _panels_factor(sum(atoms), 200, generator)
+    if not bitmask.DictionaryBitmaskPanels.usable([dictionary]):
+        pytest.skip(f"the {isa} build keeps float32 factors on oneDNN (no bf16 panels)")
+    coefficients = []
+    for out, k in zip((70, 24, 33), atoms):
+        values, mask = sparse_rows.dense_to_bitmask(_panels_factor(out, k, generator), k // 3)
+        coefficients.append(BitmaskMatmul(values, mask, k))
+    layer = bitmask.DictionaryBitmaskPanels(dictionary, coefficients)
+    called = kernel_entries(bitmask, "_cpu_kernel")
+    _assert_panels_call_equals_apart(layer, Bf16PanelsLinear(dictionary.bfloat16()), coefficients, atoms, 200,
+                                     "bitmask_matmul_shards", bitmask.PANELS_FROM_TOKENS, called, generator)
+
+
+def test_float32_served_shards_run_as_one_call_where_their_factors_are_panels() -> None:
+    """Low-rank and bitmask dictsparse shards of a bf16 checkpoint served in float32 become one ``LowRankPanels`` /
+    ``DictionaryBitmaskPanels`` runner exactly where ``Bf16PanelsLinear`` takes their dense factors, holding copies
+    of their own; float32 factors that bf16 does not hold keep the runners apart."""
+    from slimserve.plugin.vllm.shards import DictSparseShard, LowRankShard, OneCallLayer
+
+    generator = torch.Generator().manual_seed(11)
+    low_rank = [{"u": _panels_factor(out, rank, generator), "v": _panels_factor(rank, 64, generator)}
+                for out, rank in ((48, 8), (16, 4))]
+    dictsparse, dictsparse_specs = [], []
+    for out, k in ((48, 16), (16, 24)):
+        values, mask = sparse_rows.dense_to_bitmask(_panels_factor(out, k, generator), k // 2)
+        dictsparse.append({"dictionary": _panels_factor(k, 64, generator), "coef_values": values, "coef_mask": mask})
+        dictsparse_specs.append({"scheme": "dictsparse", "atoms": k, "encoding": "bitmask"})
+    panels = Bf16PanelsLinear.usable(low_rank[0]["v"])
+    x = torch.randn(3, 64, generator=generator)
+    for shards, specs, runner, one_call in (
+            (low_rank, [{"scheme": "lowrank"}] * 2, LowRankShard.layer, kernel_gemm.LowRankPanels),
+            (dictsparse, dictsparse_specs, DictSparseShard.layer, bitmask.DictionaryBitmaskPanels)):
+        whole = runner(shards, specs)
+        assert (isinstance(whole, OneCallLayer) and isinstance(whole.second, one_call)) == panels
+        assert (whole is None) == (not panels)
+        unheld = [{name: t + 1e-4 if t.is_floating_point() else t for name, t in shard.items()} for shard in shards]
+        assert runner(unheld, specs) is None
+        if whole is None:
+            continue
+        expected = whole.second(x)
+        for t in shards:
+            for tensor in t.values():
+                tensor.zero_()
+        assert whole.first_factor is None and whole.out_features == 64 and torch.equal(whole.second(x), expected)
+
+
 def test_the_rows_operators_take_an_empty_batch() -> None:
     """A step of no tokens gets an empty output from each rows operator, not a read of token blocks never padded."""
     if not hasattr(bitmask._cpu_kernel(), "bitmask_matmul_dictionary"):
@@ -598,7 +693,8 @@ def test_low_rank_shards_run_as_one_call_where_every_factor_is_rows() -> None:
     rows = Bf16RowsLinear.usable(shards[0]["v"]) and hasattr(kernel_gemm._bf16_panels_kernel(), "bf16_rows_lowrank")
     assert (isinstance(whole, OneCallLayer) and isinstance(whole.second, kernel_gemm.LowRankRows)) == rows
     assert (whole is None) == (not rows)
-    assert LowRankShard.layer([{k: t.float() for k, t in shard.items()} for shard in shards], [{}] * 2) is None
+    assert LowRankShard.layer([{k: torch.randn(t.shape, generator=generator) for k, t in shard.items()}
+                               for shard in shards], [{}] * 2) is None
     if whole is None:
         return
     x = torch.randn(3, 64, generator=generator).bfloat16()

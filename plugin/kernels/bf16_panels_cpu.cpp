@@ -210,36 +210,66 @@ torch::Tensor bf16_panels_linear(torch::Tensor x, torch::Tensor panels, int64_t 
   return y;
 }
 
-// y [N, Σ outs] += (x Vᵀ)[:, slice i] · Uᵢᵀ into columns of U i, for V's panels and each U's (inputs: its rank, its
-// slice of x Vᵀ, in order): a lowrank_sparse layer's low-rank part added onto its sparse product in one call
-// (plugin/kernels/lowrank_sparse.py), each product written straight into its columns (no separate sum, no
-// concatenation). A factor with fewer than `strips_below_inputs` inputs takes the tiled GEMM (bf16_panels_linear's
-// many-token rule; 0 keeps every factor on the panels loop).
-void bf16_panels_lowrank_add(torch::Tensor x, torch::Tensor v_panels, std::vector<torch::Tensor> u_panels,
-                             std::vector<int64_t> u_outs, torch::Tensor y, int64_t strips_below_inputs) {
-  TORCH_CHECK(u_panels.size() == u_outs.size() && !u_panels.empty(),
-              "bf16_panels_lowrank_add: one output width per U panels");
-  int64_t rank = 0, width = 0;
-  for (size_t i = 0; i < u_panels.size(); ++i) {
-    check_panels(u_panels[i], u_panels[i].size(1), u_outs[i], "bf16_panels_lowrank_add");
-    rank += u_panels[i].size(1);
-    width += u_outs[i];
-  }
-  check_args(x, v_panels, rank, "bf16_panels_lowrank_add");
-  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
-              y.size(1) == width, "bf16_panels_lowrank_add: y must be contiguous float32 [N, sum(u_outs)]");
+namespace {
+
+// y [N, Σ outs] (set, or added to where `accumulate`) = (x Vᵀ)[:, slice i] · Uᵢᵀ into columns of U i, for V's
+// panels and each U's (inputs: its rank, its slice of x Vᵀ, in order), each product written straight into its
+// columns (no separate sum, no concatenation). A factor with fewer than `strips_below_inputs` inputs takes the tiled
+// GEMM (bf16_panels_linear's many-token rule; 0 keeps every factor on the panels loop).
+void lowrank_panels_into(const torch::Tensor& x, const torch::Tensor& v_panels,
+                         const std::vector<torch::Tensor>& u_panels, const std::vector<int64_t>& u_outs,
+                         int64_t rank, torch::Tensor& y, bool accumulate, int64_t strips_below_inputs) {
   const auto xc = x.contiguous();
+  const int64_t width = y.size(1);
   auto z = torch::empty({x.size(0), rank}, x.options());
   panels_product_into(xc, 0, xc.size(1), v_panels, rank, z.data_ptr<float>(), rank, false,
                       xc.size(1) < strips_below_inputs);
   int64_t start = 0, column = 0;
   for (size_t i = 0; i < u_panels.size(); ++i) {
     const int64_t part = u_panels[i].size(1);
-    panels_product_into(z, start, part, u_panels[i], u_outs[i], y.data_ptr<float>() + column, width, true,
+    panels_product_into(z, start, part, u_panels[i], u_outs[i], y.data_ptr<float>() + column, width, accumulate,
                         part < strips_below_inputs);
     start += part;
     column += u_outs[i];
   }
+}
+
+// The rank (Σ U inputs) and output width (Σ outs) of a low-rank layer on panels, its factors checked.
+std::pair<int64_t, int64_t> check_lowrank_panels(const torch::Tensor& x, const torch::Tensor& v_panels,
+                                                 const std::vector<torch::Tensor>& u_panels,
+                                                 const std::vector<int64_t>& u_outs, const char* op) {
+  TORCH_CHECK(u_panels.size() == u_outs.size() && !u_panels.empty(), op, ": one output width per U panels");
+  int64_t rank = 0, width = 0;
+  for (size_t i = 0; i < u_panels.size(); ++i) {
+    check_panels(u_panels[i], u_panels[i].size(1), u_outs[i], op);
+    rank += u_panels[i].size(1);
+    width += u_outs[i];
+  }
+  check_args(x, v_panels, rank, op);
+  return {rank, width};
+}
+
+}  // namespace
+
+// y [N, Σ outs] += the low-rank products: a lowrank_sparse layer's low-rank part added onto its sparse product in
+// one call (plugin/kernels/lowrank_sparse.py).
+void bf16_panels_lowrank_add(torch::Tensor x, torch::Tensor v_panels, std::vector<torch::Tensor> u_panels,
+                             std::vector<int64_t> u_outs, torch::Tensor y, int64_t strips_below_inputs) {
+  const auto [rank, width] = check_lowrank_panels(x, v_panels, u_panels, u_outs, "bf16_panels_lowrank_add");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
+              y.size(1) == width, "bf16_panels_lowrank_add: y must be contiguous float32 [N, sum(u_outs)]");
+  lowrank_panels_into(x, v_panels, u_panels, u_outs, rank, y, true, strips_below_inputs);
+}
+
+// y [N, Σ outs] = (x Vᵀ) Uᵢᵀ per U into its columns: a low-rank layer (one shard, or a fused layer's V stacked and
+// its U's) on one call where the host serves float32 and keeps the factors as bf16 panels (plugin/kernels/gemm.py,
+// LowRankPanels).
+torch::Tensor bf16_panels_lowrank(torch::Tensor x, torch::Tensor v_panels, std::vector<torch::Tensor> u_panels,
+                                  std::vector<int64_t> u_outs, int64_t strips_below_inputs) {
+  const auto [rank, width] = check_lowrank_panels(x, v_panels, u_panels, u_outs, "bf16_panels_lowrank");
+  auto y = torch::empty({x.size(0), width}, x.options());
+  lowrank_panels_into(x, v_panels, u_panels, u_outs, rank, y, false, strips_below_inputs);
+  return y;
 }
 
 // y = x · Wᵀ (float32) for many tokens: the panels widened to float32 in cache, multiplied by a dense GEMM.
@@ -319,6 +349,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x · Wᵀ (float32) for many tokens: W's panels widened to float32 in cache, multiplied by a dense GEMM");
   m.def("bf16_panels_lowrank_add", &bf16_panels_lowrank_add,
         "y += (x Vᵀ) Uᵢᵀ per U into its columns, V and every U stored as bf16 panels");
+  m.def("bf16_panels_lowrank", &bf16_panels_lowrank,
+        "y = (x Vᵀ) Uᵢᵀ per U into its columns (float32), V and every U stored as bf16 panels");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build's inner loops use");
 #if defined(SLIMSERVE_DPBF16)
   m.def("bf16_rows_linear", &bf16_rows_linear,

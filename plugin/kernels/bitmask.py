@@ -30,7 +30,14 @@ import torch
 
 from slimserve.loaders.schemes.sparse_rows import bitmask_product
 from slimserve.plugin.kernels.cpp import load_cpu_extension
-from slimserve.plugin.kernels.gemm import ROWS_GEMM_FROM_TOKENS, Bf16RowsLinear, shard_products
+from slimserve.plugin.kernels.gemm import (
+    ROWS_GEMM_FROM_TOKENS,
+    Bf16PanelsLinear,
+    Bf16RowsLinear,
+    bf16_panels_linear,
+    shard_products,
+    to_panels,
+)
 from slimserve.plugin.kernels.ops import register_op
 from slimserve.plugin.kernels.precision import stored_values
 
@@ -144,3 +151,49 @@ class DictionaryBitmaskRows:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.bitmask_matmul_dictionary(x, self.dictionary, self.values, self.masks, self.atoms)
+
+
+def _dictionary_bitmask_panels_shape(x: torch.Tensor, dictionary_panels: torch.Tensor, values: list[torch.Tensor],
+                                     masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(v.shape[0] for v in values))
+
+
+@register_op("dictionary_bitmask_panels", fake=_dictionary_bitmask_panels_shape)
+def dictionary_bitmask_panels(x: torch.Tensor, dictionary_panels: torch.Tensor, values: list[torch.Tensor],
+                              masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
+    """``(x Dᵀ) Cᵢᵀ`` per shard into its columns, ``[N, Σ outs]`` float32, for float32 x: D kept as bf16 panels
+    (``to_panels``; a fused layer's stacked), shard i's C a bitmask (``values[i]``, ``masks[i]``) over its
+    ``atoms[i]`` atoms, in order. Steps that ``bitmask_matmul`` runs on its few-token loops take them for every shard
+    in one extension call; longer steps take ``bitmask_matmul``'s roads shard by shard."""
+    z = bf16_panels_linear(x, dictionary_panels, sum(atoms))
+    ext = _cpu_kernel()
+    if ext is not None and x.shape[0] < min(PANELS_FROM_TOKENS, DENSE_FROM_TOKENS):
+        return ext.bitmask_matmul_shards(z, values, masks, atoms)
+    return shard_products(z, atoms, lambda i, part: bitmask_matmul(part.contiguous(), values[i], masks[i]))
+
+
+class DictionaryBitmaskPanels:
+    """``f(x) = [C₁ (x D₁ᵀ) | C₂ (x D₂ᵀ) | …]`` on one ``dictionary_bitmask_panels`` call, for a host that serves
+    float32 and keeps the dictionaries as bf16 panels (AVX2): the float32 counterpart of ``DictionaryBitmaskRows``.
+    Apart, a fused q/k/v crossed the dispatcher 14 times a step (D, the output, and per shard a slice, a copy, C's
+    product and a store)."""
+
+    def __init__(self, dictionary: torch.Tensor, coefficients: list[BitmaskMatmul]) -> None:
+        """``dictionary`` (a fused layer's stacked) float32 with values bf16 holds (``usable``); the coefficients'
+        tensors are kept as given: the caller hands over tensors no one else holds."""
+        self.dictionary_panels = to_panels(dictionary.to(torch.bfloat16))
+        self.values = [c.values for c in coefficients]
+        self.masks = [c.mask for c in coefficients]
+        self.atoms = [c.atoms for c in coefficients]
+        self.out_features = sum(v.shape[0] for v in self.values)
+
+    @staticmethod
+    def usable(dictionaries: list[torch.Tensor]) -> bool:
+        """Where ``Bf16PanelsLinear`` takes every shard's dictionary and the kernel build has the shards call."""
+        if not all(Bf16PanelsLinear.usable(d) for d in dictionaries):
+            return False
+        return hasattr(_cpu_kernel(), "bitmask_matmul_shards")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.slimserve.dictionary_bitmask_panels(x, self.dictionary_panels, self.values, self.masks,
+                                                             self.atoms)

@@ -542,6 +542,37 @@ torch::Tensor bitmask_matmul(torch::Tensor z, torch::Tensor values, torch::Tenso
   return y;
 }
 
+// y [N, Σ outs] float32 = z[:, shard i's atoms] · Cᵢᵀ per shard into its columns, for float32 z (x Dᵀ of a fused
+// dictsparse layer's stacked dictionaries) and shard i's C a bitmask over its atoms[i] atoms, in order, on the
+// few-token loops: a layer's coefficients in one call where each shard's slice, copy, product and store crossed the
+// dispatcher (plugin/kernels/bitmask.py, DictionaryBitmaskPanels). The slices and stores here are plain copies.
+torch::Tensor bitmask_matmul_shards(torch::Tensor z, std::vector<torch::Tensor> values, std::vector<torch::Tensor> masks,
+                                    std::vector<int64_t> atoms) {
+  TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kFloat && !values.empty() && values.size() == masks.size() &&
+              masks.size() == atoms.size() && z.size(1) == std::accumulate(atoms.begin(), atoms.end(), int64_t{0}),
+              "bitmask_matmul_shards: float32 z [N, Σ atoms] and one values, mask and atom count per shard");
+  int64_t width = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    check_strip_args(values[i], masks[i], atoms[i], "bitmask_matmul_shards");
+    width += values[i].size(0);
+  }
+  auto y = torch::empty({z.size(0), width}, z.options());
+  int64_t start = 0, column = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const int64_t out = values[i].size(0);
+    const bool whole = values.size() == 1;
+    const auto zi = whole ? z.contiguous() : z.narrow(1, start, atoms[i]).contiguous();
+    auto yi = whole ? y : torch::empty({z.size(0), out}, z.options());
+    slimserve_rows::with_value_types(values[i], yi, [&](const auto* val, auto* sums) {
+      bitmask_dispatch(zi, val, out, values[i].size(1), masks[i], sums);
+    });
+    if (!whole) y.narrow(1, column, out).copy_(yi);
+    start += atoms[i];
+    column += out;
+  }
+  return y;
+}
+
 #if defined(SLIMSERVE_DPBF16)
 // y [N, out] bf16 = [x | x Vᵀ] · Cᵀ for bf16 x: lowrank_sparse_folded's few-token step (U stored after S in C's rows)
 // as one call. V comes as plain bf16 rows [r, in] on the dot loops (vector_rows.h's dense_rows): on AMD Zen 4 at one
@@ -882,6 +913,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #endif
   m.def("bitmask_matmul", &bitmask_matmul, "y = z · Cᵀ for row-sparse C stored as packed values + a bit mask");
+  m.def("bitmask_matmul_shards", &bitmask_matmul_shards,
+        "y = z · Cᵢᵀ per shard into its columns (float32) for float32 z, each C a bitmask over its atoms (few tokens)");
 #if defined(SLIMSERVE_DPBF16)
   m.def("bitmask_matmul_lowrank", &bitmask_matmul_lowrank,
         "y = [x | x Vᵀ] · Cᵀ (bf16) for V as plain bf16 rows (lowrank_sparse_folded's few tokens)");

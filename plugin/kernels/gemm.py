@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from slimserve.plugin.kernels.cpp import cpu_has_amx_bf16, load_cpu_extension, loop_isa
 from slimserve.plugin.kernels.ops import register_op
-from slimserve.plugin.kernels.precision import NARROWING_ISAS, stored_values
+from slimserve.plugin.kernels.precision import NARROWING_ISAS, holds_bf16
 
 #: A bf16-kept factor with fewer than ``STRIPS_BELOW_INPUTS`` inputs (a low-rank U, whose inputs are a rank) takes
 #: its steps of ``STRIPS_FROM_TOKENS`` tokens and more on its panels widened in cache and multiplied by the tiled GEMM;
@@ -103,12 +103,27 @@ def bf16_panels_linear(x: torch.Tensor, panels: torch.Tensor, out: int) -> torch
     return ext.bf16_panels_linear(x, panels, out)
 
 
+def panels_strips_below(tokens: int) -> int:
+    """The ``strips_below_inputs`` argument of the kernel's multi-factor panel calls for a step of ``tokens``:
+    ``bf16_panels_linear``'s rule (factors with fewer inputs than ``STRIPS_BELOW_INPUTS`` take the tiled GEMM from
+    ``STRIPS_FROM_TOKENS`` tokens; 0 keeps every factor on the panels loop)."""
+    return STRIPS_BELOW_INPUTS if tokens >= STRIPS_FROM_TOKENS else 0
+
+
 class Bf16PanelsLinear:
     """``f(x) = x @ weightᵀ`` for a float32-served factor kept in bf16, as panels, on ``bf16_panels_cpu.cpp``."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features = weight.shape[0]
         self.panels = to_panels(weight)
+
+    @staticmethod
+    def usable(weight: torch.Tensor) -> bool:
+        """Whether this host keeps ``weight`` as bf16 panels: a float32 CPU weight whose values bf16 holds exactly
+        (a bf16 checkpoint served in float32), on a build whose loops widen bf16 in registers (AVX2)."""
+        if weight.device.type != "cpu" or loop_isa() not in NARROWING_ISAS or not holds_bf16(weight):
+            return False
+        return _bf16_panels_kernel() is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.slimserve.bf16_panels_linear(x, self.panels, self.out_features)
@@ -198,6 +213,47 @@ class LowRankRows:
         return torch.ops.slimserve.bf16_rows_lowrank(x, self.v, self.us)
 
 
+def _bf16_panels_lowrank_shape(x: torch.Tensor, v_panels: torch.Tensor, u_panels: list[torch.Tensor],
+                               u_outs: list[int]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(u_outs))
+
+
+@register_op("bf16_panels_lowrank", fake=_bf16_panels_lowrank_shape)
+def bf16_panels_lowrank(x: torch.Tensor, v_panels: torch.Tensor, u_panels: list[torch.Tensor],
+                        u_outs: list[int]) -> torch.Tensor:
+    """``(x Vᵀ) Uᵢᵀ`` per U into its ``u_outs[i]`` columns, ``[N, Σ u_outs]`` float32, for float32 x and the factors
+    kept as bf16 panels (``to_panels``): V's (a fused layer's stacked), each U's reading its slice of ``x Vᵀ`` (as
+    wide as U's inputs, in order)."""
+    ext = _bf16_panels_kernel()
+    if ext is None:  # no compiler: the products through their PyTorch fallbacks
+        z = bf16_panels_linear(x, v_panels, sum(panels.shape[1] for panels in u_panels))
+        return shard_products(z, [panels.shape[1] for panels in u_panels],
+                              lambda i, part: bf16_panels_linear(part, u_panels[i], u_outs[i]))
+    return ext.bf16_panels_lowrank(x, v_panels, u_panels, u_outs, panels_strips_below(x.shape[0]))
+
+
+class LowRankPanels:
+    """``f(x) = (x Vᵀ) [U₁ | U₂ | …]ᵀ`` on one ``bf16_panels_lowrank`` call, for a host that serves float32 and keeps
+    every factor as bf16 panels (AVX2), as ``LowRankRows`` is on hosts with the bf16 dot loops: apart, a fused q/k/v
+    crossed the dispatcher 14 times (V, the output, and per U a slice, a copy, the product and a store), which on
+    SmolLM2's shapes cost more than the products."""
+
+    def __init__(self, v: torch.Tensor, us: list[torch.Tensor]) -> None:
+        """``v`` (a fused layer's stacked) and ``us`` float32 with values bf16 holds (``usable``)."""
+        self.v_panels = to_panels(v.to(torch.bfloat16))
+        self.u_panels = [to_panels(u.to(torch.bfloat16)) for u in us]
+        self.u_outs = [u.shape[0] for u in us]
+        self.out_features = sum(self.u_outs)
+
+    @staticmethod
+    def usable(vs: list[torch.Tensor], us: list[torch.Tensor]) -> bool:
+        """Where ``Bf16PanelsLinear`` takes every V and U."""
+        return all(Bf16PanelsLinear.usable(factor) for factor in (*vs, *us))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.slimserve.bf16_panels_lowrank(x, self.v_panels, self.u_panels, self.u_outs)
+
+
 def factor_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``prepacked_linear`` for the dense factors of a compressed layer (low-rank U and V, a dictionary), except where
     ``Bf16RowsLinear`` is usable: there the factor is kept as plain bf16 rows (the same bytes as the packed copy,
@@ -217,12 +273,8 @@ def prepacked_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
     can be freed.
     """
     weight = weight.contiguous()
-    narrowing = loop_isa() in NARROWING_ISAS
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and narrowing:
-        ext = _bf16_panels_kernel()
-        narrowed = stored_values(weight, ext.isa() if ext is not None else None)
-        if narrowed.dtype == torch.bfloat16:
-            return Bf16PanelsLinear(narrowed)
+    if Bf16PanelsLinear.usable(weight):
+        return Bf16PanelsLinear(weight.to(torch.bfloat16))
     weight = weight.clone()
     if weight.device.type == "cpu":
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm

@@ -36,11 +36,10 @@ from slimserve.loaders.schemes.sparse_rows import pack_mask
 from slimserve.plugin.kernels.bitmask import DENSE_FROM_TOKENS, BitmaskMatmul, _cpu_kernel, bitmask_matmul
 from slimserve.plugin.kernels.ell import EllMatmul, ell_matmul
 from slimserve.plugin.kernels.gemm import (
-    STRIPS_BELOW_INPUTS,
-    STRIPS_FROM_TOKENS,
     Bf16PanelsLinear,
     _bf16_panels_kernel,
-    bf16_panels_linear,
+    bf16_panels_lowrank,
+    panels_strips_below,
 )
 from slimserve.plugin.kernels.ops import register_op
 
@@ -59,17 +58,8 @@ def lowrank_sparse_panels(x: torch.Tensor, v_panels: torch.Tensor, u_panels: lis
     y = (bitmask_matmul if s_bitmask else ell_matmul)(x, s_values, s_positions)
     ext = _bf16_panels_kernel()
     if ext is None:  # no compiler: the products through their PyTorch fallbacks
-        z = bf16_panels_linear(x, v_panels, sum(panels.shape[1] for panels in u_panels))
-        column = start = 0
-        for panels, width in zip(u_panels, u_outs):
-            rank = panels.shape[1]
-            y[:, column:column + width] += bf16_panels_linear(z[:, start:start + rank], panels, width)
-            column += width
-            start += rank
-        return y
-    # bf16_panels_linear's rule: short factors (a U's rank, a small model's V) take the tiled GEMM for many tokens
-    ext.bf16_panels_lowrank_add(x, v_panels, u_panels, u_outs, y,
-                                STRIPS_BELOW_INPUTS if x.shape[0] >= STRIPS_FROM_TOKENS else 0)
+        return y + bf16_panels_lowrank(x, v_panels, u_panels, u_outs)
+    ext.bf16_panels_lowrank_add(x, v_panels, u_panels, u_outs, y, panels_strips_below(x.shape[0]))
     return y
 
 

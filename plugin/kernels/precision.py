@@ -25,8 +25,12 @@ def stored_values(values: torch.Tensor, isa: str | None) -> torch.Tensor:
     """``values`` as a sparse kernel of build ``isa`` streams them: bf16 where they are float32 numbers that bf16
     holds exactly (a bf16 checkpoint loaded into vLLM's float32 buffers) and the build widens bf16 at every token
     count, else unchanged (a float32 checkpoint's values keep their low bits)."""
-    if values.dtype != torch.float32 or values.device.type != "cpu" or isa not in NARROWING_ISAS:
-        return values
-    if bool((values.view(torch.int32) & 0xFFFF).any()):
+    if values.device.type != "cpu" or isa not in NARROWING_ISAS or not holds_bf16(values):
         return values
     return values.to(torch.bfloat16)
+
+
+def holds_bf16(values: torch.Tensor) -> bool:
+    """Whether ``values`` are float32 numbers that bf16 holds exactly (the low 16 bits of each zero): a bf16
+    checkpoint's tensors after vLLM loaded them into float32 buffers."""
+    return values.dtype == torch.float32 and not bool((values.view(torch.int32) & 0xFFFF).any())

@@ -9,8 +9,8 @@ layer share their input, all first factors are stacked into one prepacked GEMM; 
 shard's second op writes its slice of the output. A runner without a first factor
 (``rsparse``, whose mask tests the input itself) gets the layer input x instead; a layer whose
 shards all use a scheme listed in ``LAYER_RUNNERS`` (rsparse; nm; lowrank_sparse when the shards' S stack;
-lowrank, and dictsparse with bitmask coefficients, where their dense factors are plain bf16 rows) gets one runner
-for all of them.
+lowrank, and dictsparse with bitmask coefficients, where their dense factors are plain bf16 rows or bf16 panels)
+gets one runner for all of them.
 
 Parameters are declared in ``create_weights`` from the scheme's ``TensorSpec`` list. A stored
 tensor is a flat buffer holding that suffix for every shard that has it (ranks differ per

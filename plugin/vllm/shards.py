@@ -14,9 +14,9 @@ import torch
 
 from slimserve.loaders.schemes.dictsparse import encoding_of
 from slimserve.loaders.schemes.sparse_rows import BITMASK
-from slimserve.plugin.kernels.bitmask import BitmaskMatmul, DictionaryBitmaskRows
+from slimserve.plugin.kernels.bitmask import BitmaskMatmul, DictionaryBitmaskPanels, DictionaryBitmaskRows
 from slimserve.plugin.kernels.ell import EllMatmul
-from slimserve.plugin.kernels.gemm import LowRankRows, factor_linear
+from slimserve.plugin.kernels.gemm import LowRankPanels, LowRankRows, factor_linear
 from slimserve.plugin.kernels.nm import NMMatmul
 from slimserve.plugin.vllm.lowrank_sparse import LowRankSparseShard
 from slimserve.plugin.vllm.rsparse import RSparseLayer
@@ -55,11 +55,14 @@ class LowRankShard:
     def layer(shard_tensors: Sequence[Mapping[str, torch.Tensor]],
               specs: Sequence[Mapping[str, Any]]) -> OneCallLayer | None:
         """A low-rank layer's shards (one, or a fused layer's) as one operator where every factor is kept as plain
-        bf16 rows (``LowRankRows``), or None to run the stacked V and each U as their own GEMMs."""
+        bf16 rows (``LowRankRows``) or, on hosts serving float32, as bf16 panels (``LowRankPanels``); else None, to
+        run the stacked V and each U as their own GEMMs."""
         vs, us = [t["v"] for t in shard_tensors], [t["u"] for t in shard_tensors]
-        if not LowRankRows.usable(vs[0], us):
-            return None
-        return OneCallLayer(LowRankRows(stacked_copy(vs), [u.clone() for u in us]))
+        if LowRankRows.usable(vs[0], us):
+            return OneCallLayer(LowRankRows(stacked_copy(vs), [u.clone() for u in us]))
+        if LowRankPanels.usable(vs, us):
+            return OneCallLayer(LowRankPanels(torch.cat(vs), us))
+        return None
 
 
 class DictSparseShard:
@@ -80,15 +83,20 @@ class DictSparseShard:
     @classmethod
     def layer(cls, shard_tensors: Sequence[Mapping[str, torch.Tensor]],
               specs: Sequence[Mapping[str, Any]]) -> OneCallLayer | None:
-        """A dictsparse layer's shards as one operator where the dictionaries are plain bf16 rows and every C a bf16
-        bitmask (``DictionaryBitmaskRows``), or None to run the stacked dictionary and each C on their own."""
+        """A dictsparse layer's shards as one operator where every C is a bitmask and the dictionaries are plain bf16
+        rows (``DictionaryBitmaskRows``, every C's values bf16) or, on hosts serving float32, bf16 panels
+        (``DictionaryBitmaskPanels``); else None, to run the stacked dictionary and each C on their own."""
         dictionaries = [t["dictionary"] for t in shard_tensors]
-        if not (all(encoding_of(spec) == BITMASK for spec in specs)
-                and DictionaryBitmaskRows.usable(dictionaries[0], [t["coef_values"] for t in shard_tensors])):
+        if not all(encoding_of(spec) == BITMASK for spec in specs):
+            return None
+        rows = DictionaryBitmaskRows.usable(dictionaries[0], [t["coef_values"] for t in shard_tensors])
+        if not (rows or DictionaryBitmaskPanels.usable(dictionaries)):
             return None
         coefficients = [cls.coefficients({k: t.clone() for k, t in tensors.items() if k.startswith("coef_")}, spec)
                         for tensors, spec in zip(shard_tensors, specs)]
-        return OneCallLayer(DictionaryBitmaskRows(stacked_copy(dictionaries), coefficients))
+        if rows:
+            return OneCallLayer(DictionaryBitmaskRows(stacked_copy(dictionaries), coefficients))
+        return OneCallLayer(DictionaryBitmaskPanels(torch.cat(dictionaries), coefficients))
 
 
 def stacked_copy(shard_factors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -98,12 +106,12 @@ def stacked_copy(shard_factors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class OneCallLayer:
-    """Every shard of a layer on one operator call (``LowRankRows``, ``DictionaryBitmaskRows``), which reads the
-    layer input itself."""
+    """Every shard of a layer on one operator call (the rows and panels runners of ``LowRankShard`` and
+    ``DictSparseShard``), which reads the layer input itself."""
 
     first_factor = None
 
-    def __init__(self, second: LowRankRows | DictionaryBitmaskRows) -> None:
+    def __init__(self, second: LowRankRows | LowRankPanels | DictionaryBitmaskRows | DictionaryBitmaskPanels) -> None:
         self.second = second
         self.out_features = second.out_features
 
