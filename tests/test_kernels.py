@@ -544,44 +544,36 @@ def test_a_low_rank_layer_in_one_call_equals_its_factors_one_call_each(isa: str,
     v = (torch.randn(sum(ranks), 200, generator=generator) / 8).bfloat16()
     called = kernel_entries(kernel_gemm, "_bf16_panels_kernel")
     _assert_one_call_equals_apart(kernel_gemm.LowRankRows(v, us), Bf16RowsLinear(v), [Bf16RowsLinear(u) for u in us],
-                                  ranks, "bf16_rows_lowrank", called, generator)
+                                  ranks, 200, torch.bfloat16, ROWS_TOKENS, "bf16_rows_lowrank", ROWS_GEMM_FROM_TOKENS,
+                                  called, generator)
 
 
-def _assert_one_call_equals_apart(layer: Callable[[torch.Tensor], torch.Tensor], first: Bf16RowsLinear,
-                                  seconds: list[Callable[[torch.Tensor], torch.Tensor]], widths: list[int], entry: str,
-                                  called: list[str], generator: torch.Generator) -> None:
-    """``layer(x)`` equals ``first`` and then each of ``seconds`` on its ``widths`` slice, bit for bit, on both sides
-    of the crossovers, and enters the kernel through ``entry`` exactly below ``ROWS_GEMM_FROM_TOKENS``."""
-    for tokens in (1, 2, 5, 8, 127, ROWS_GEMM_FROM_TOKENS, 300):
-        x = torch.randn(tokens, first.weight.shape[1], generator=generator).bfloat16()
-        z = first(x)
-        expected = torch.cat([second(part.contiguous()) for second, part in zip(seconds, z.split(widths, dim=1))], 1)
-        called.clear()
-        y = layer(x)
-        assert (entry in called) == (tokens < ROWS_GEMM_FROM_TOKENS), tokens
-        assert y.dtype == torch.bfloat16 and torch.equal(y, expected), tokens
+#: Token counts on both sides of the rows operators' crossover (bf16 serving) and of the panels' (float32 serving).
+ROWS_TOKENS = (1, 2, 5, 8, 127, ROWS_GEMM_FROM_TOKENS, 300)
+PANELS_TOKENS = (0, 1, 2, 5, 8, 13, 31, 32, STRIPS_FROM_TOKENS - 1, STRIPS_FROM_TOKENS, 300)
 
 
-def _panels_factor(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
-    """A float32 factor whose values bf16 holds exactly, as vLLM loads a bf16 checkpoint to serve it in float32."""
-    return (torch.randn(rows, columns, generator=generator) / 8).bfloat16().float()
-
-
-def _assert_panels_call_equals_apart(layer: Callable[[torch.Tensor], torch.Tensor], first: Bf16PanelsLinear,
-                                     seconds: list[Callable[[torch.Tensor], torch.Tensor]], widths: list[int],
-                                     in_features: int, entry: str, few_tokens_below: int, called: list[str],
-                                     generator: torch.Generator) -> None:
-    """``layer(x)`` equals ``first`` and then each of ``seconds`` on its ``widths`` slice, bit for bit, for float32
-    x on both sides of the many-token crossovers, entering the kernel through ``entry`` below ``few_tokens_below``
-    tokens (and for no tokens)."""
-    for tokens in (0, 1, 2, 5, 8, 13, 31, 32, STRIPS_FROM_TOKENS - 1, STRIPS_FROM_TOKENS, 300):
-        x = torch.randn(tokens, in_features, generator=generator)
+def _assert_one_call_equals_apart(layer: Callable[[torch.Tensor], torch.Tensor],
+                                  first: Callable[[torch.Tensor], torch.Tensor],
+                                  seconds: list[Callable[[torch.Tensor], torch.Tensor]], widths: list[int],
+                                  in_features: int, dtype: torch.dtype, token_counts: tuple[int, ...], entry: str,
+                                  few_tokens_below: int, called: list[str], generator: torch.Generator) -> None:
+    """``layer(x)`` equals ``first`` and then each of ``seconds`` on its ``widths`` slice, bit for bit, for x of
+    ``dtype`` at each of ``token_counts``, and enters the kernel through ``entry`` exactly below
+    ``few_tokens_below`` tokens."""
+    for tokens in token_counts:
+        x = torch.randn(tokens, in_features, generator=generator).to(dtype)
         z = first(x)
         expected = torch.cat([second(part.contiguous()) for second, part in zip(seconds, z.split(widths, dim=1))], 1)
         called.clear()
         y = layer(x)
         assert (entry in called) == (tokens < few_tokens_below), tokens
-        assert y.dtype == torch.float32 and torch.equal(y, expected), tokens
+        assert y.dtype == dtype and torch.equal(y, expected), tokens
+
+
+def _panels_factor(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """A float32 factor whose values bf16 holds exactly, as vLLM loads a bf16 checkpoint to serve it in float32."""
+    return (torch.randn(rows, columns, generator=generator) / 8).bfloat16().float()
 
 
 @pytest.mark.parametrize("in_features", [200, 600])
@@ -599,8 +591,8 @@ def test_a_float32_served_low_rank_layer_in_one_call_equals_its_factors_one_call
     layer = kernel_gemm.LowRankPanels(v, us)
     called = kernel_entries(kernel_gemm, "_bf16_panels_kernel")
     seconds = [Bf16PanelsLinear(u.bfloat16()) for u in us]
-    _assert_panels_call_equals_apart(layer, Bf16PanelsLinear(v.bfloat16()), seconds, ranks, in_features,
-                                     "bf16_panels_lowrank", 10**9, called, generator)
+    _assert_one_call_equals_apart(layer, Bf16PanelsLinear(v.bfloat16()), seconds, ranks, in_features, torch.float32,
+                                  PANELS_TOKENS, "bf16_panels_lowrank", 10**9, called, generator)
 
 
 @pytest.mark.parametrize("atoms", [[40], [40, 24, 33]])
@@ -620,8 +612,9 @@ def test_a_float32_served_dictsparse_layer_in_one_call_equals_its_factors_one_ca
         coefficients.append(BitmaskMatmul(values, mask, k))
     layer = bitmask.DictionaryBitmaskPanels(dictionary, coefficients)
     called = kernel_entries(bitmask, "_cpu_kernel")
-    _assert_panels_call_equals_apart(layer, Bf16PanelsLinear(dictionary.bfloat16()), coefficients, atoms, 200,
-                                     "bitmask_matmul_shards", bitmask.PANELS_FROM_TOKENS, called, generator)
+    _assert_one_call_equals_apart(layer, Bf16PanelsLinear(dictionary.bfloat16()), coefficients, atoms, 200,
+                                  torch.float32, PANELS_TOKENS, "bitmask_matmul_shards", bitmask.PANELS_FROM_TOKENS,
+                                  called, generator)
 
 
 def test_float32_served_shards_run_as_one_call_where_their_factors_are_panels() -> None:
@@ -724,7 +717,8 @@ def test_a_dictsparse_layer_in_one_call_equals_its_factors_one_call_each(isa: st
     dictionary = (torch.randn(sum(atoms), 200, generator=generator) / 8).bfloat16()
     called = kernel_entries(bitmask, "_cpu_kernel")
     _assert_one_call_equals_apart(bitmask.DictionaryBitmaskRows(dictionary, coefficients), Bf16RowsLinear(dictionary),
-                                  coefficients, atoms, "bitmask_matmul_dictionary", called, generator)
+                                  coefficients, atoms, 200, torch.bfloat16, ROWS_TOKENS, "bitmask_matmul_dictionary",
+                                  ROWS_GEMM_FROM_TOKENS, called, generator)
 
 
 def test_dictsparse_shards_run_as_one_call_where_the_dictionary_is_rows() -> None:

@@ -106,12 +106,13 @@ class BitmaskMatmul:
         return torch.ops.slimserve.bitmask_matmul(z, self.values, self.mask)
 
 
-def _bitmask_matmul_dictionary_shape(x: torch.Tensor, dictionary: torch.Tensor, values: list[torch.Tensor],
-                                     masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
+def _dictionary_layer_shape(x: torch.Tensor, dictionary: torch.Tensor, values: list[torch.Tensor],
+                            masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
+    """The output of both one-call dictsparse operators (the dictionary as rows, or as panels)."""
     return x.new_empty(x.shape[0], sum(v.shape[0] for v in values))
 
 
-@register_op("bitmask_matmul_dictionary", fake=_bitmask_matmul_dictionary_shape)
+@register_op("bitmask_matmul_dictionary", fake=_dictionary_layer_shape)
 def bitmask_matmul_dictionary(x: torch.Tensor, dictionary: torch.Tensor, values: list[torch.Tensor],
                               masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
     """``(x Dᵀ) Cᵢᵀ`` per shard into its columns, ``[N, Σ outs]`` bf16: D ``[Σ atoms, in]`` plain bf16 rows (a fused
@@ -153,12 +154,7 @@ class DictionaryBitmaskRows:
         return torch.ops.slimserve.bitmask_matmul_dictionary(x, self.dictionary, self.values, self.masks, self.atoms)
 
 
-def _dictionary_bitmask_panels_shape(x: torch.Tensor, dictionary_panels: torch.Tensor, values: list[torch.Tensor],
-                                     masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
-    return x.new_empty(x.shape[0], sum(v.shape[0] for v in values))
-
-
-@register_op("dictionary_bitmask_panels", fake=_dictionary_bitmask_panels_shape)
+@register_op("dictionary_bitmask_panels", fake=_dictionary_layer_shape)
 def dictionary_bitmask_panels(x: torch.Tensor, dictionary_panels: torch.Tensor, values: list[torch.Tensor],
                               masks: list[torch.Tensor], atoms: list[int]) -> torch.Tensor:
     """``(x Dᵀ) Cᵢᵀ`` per shard into its columns, ``[N, Σ outs]`` float32, for float32 x: D kept as bf16 panels
