@@ -117,16 +117,16 @@ template <bool kGuarded, typename V> inline __m256 mask_byte_values(uint32_t bit
   }
 }
 
-// Row o of C dotted with NT tokens of z ([NT, k] float32, row-major): each mask byte's values are placed once and
-// multiplied with every token's 8 columns, so the row's values and mask stream once for the batch and z is read
-// contiguously (no decoded column list, no transposed copy). Up to four tokens also split the bytes over kChains
+// Row o of C dotted with NT tokens of z (float32, interleaved as slimserve_rows::interleaved_tokens lays out a block
+// of NT tokens): each mask byte's values are placed once and multiplied with every token's 8
+// columns, so the row's values and mask stream once for the batch and z is read in order (no decoded column list). Up to four tokens also split the bytes over kChains
 // accumulator sets, so at least four FMA chains are in flight (an FMA takes 5 cycles on Zen 2, two issue a cycle):
 // with one set 3 and 4 tokens took 1.14 / 1.16 ms on [5632, 2048] (density 0.43, bf16, streamed), with two 0.84 / 1.00.
 // A row's mask bytes come 8 to a 64-bit load: one load fewer per byte took one token from 0.84 to 0.69 ms there
 // (the loop is bound by its loads, not by memory: 0.77 ms with the weights in cache before). The accumulators are
 // indexed by constants only: GCC kept an array indexed by the byte's parity on the stack, and every FMA waited on a
-// store-to-load round trip (about 7 cycles a mask byte on an AMD EPYC, 2.5x the one-token loop's time). A last byte
-// that runs past column k reads z under its bits (unset lanes read as 0, nothing past column k).
+// store-to-load round trip (about 7 cycles a mask byte on an AMD EPYC, 2.5x the one-token loop's time). z is zero
+// past column k, so a last byte that runs past it multiplies zeros.
 template <int NT, bool kGuarded, typename V>
 inline void bitmask_row_avx2(const float* z, int64_t atoms, const uint8_t* mrow, const V* v, const V* values_end,
                              float* sums) {
@@ -135,31 +135,21 @@ inline void bitmask_row_avx2(const float* z, int64_t atoms, const uint8_t* mrow,
   for (int c = 0; c < kChains; ++c) {
     for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_setzero_ps();
   }
-  const int64_t full_bytes = atoms / 8;
+  const int64_t bytes = (atoms + 7) / 8;
   const auto byte_step = [&](auto chain, uint32_t bits, int64_t b) {
     constexpr int c = decltype(chain)::value;
     const __m256 vals = mask_byte_values<kGuarded>(bits, v, values_end);
-    for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + n * atoms + 8 * b), acc[c][n]);
+    for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(z + (b * NT + n) * 8), acc[c][n]);
   };
   int64_t b = 0;
-  for (; b + 8 <= full_bytes; b += 8) {  // the next 8 mask bytes in one load
+  for (; b + 8 <= bytes; b += 8) {  // the next 8 mask bytes in one load
     uint64_t bits;
     std::memcpy(&bits, mrow + b, 8);
     slimserve_rows::each_of_8([&](auto k) {
       byte_step(std::integral_constant<int, decltype(k)::value % kChains>{}, (bits >> (8 * k)) & 0xff, b + k);
     });
   }
-  for (; b < full_bytes; ++b) byte_step(std::integral_constant<int, 0>{}, mrow[b], b);
-  if (atoms % 8 != 0) {
-    const uint32_t bits = mrow[b];
-    // bit i of the byte moved to the sign bit of lane i: what a masked load reads as its mask
-    const __m256i lanes = _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(bits)),
-                                            _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
-    const __m256 vals = mask_byte_values<kGuarded>(bits, v, values_end);
-    for (int n = 0; n < NT; ++n) {
-      acc[0][n] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(z + n * atoms + 8 * b, lanes), acc[0][n]);
-    }
-  }
+  for (; b < bytes; ++b) byte_step(std::integral_constant<int, 0>{}, mrow[b], b);
   for (int n = 0; n < NT; ++n) {
     __m256 total = acc[0][n];
     for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[c][n]);
@@ -167,46 +157,34 @@ inline void bitmask_row_avx2(const float* z, int64_t atoms, const uint8_t* mrow,
   }
 }
 
-// Rows o and o + 1 of C dotted with NT (at most 4) tokens of z: the two rows' mask bytes are placed side by side and
-// each token's 8 columns are loaded once for both, so a batch reads z from cache half as often per FMA. At 8 tokens
-// one row at a time loads 8 columns of z (64 KiB at 2048 inputs: from L2, not L1) for every 8 FMAs, and L2's
-// bandwidth bounded the loop. Unset lanes are zero in the placed values; a last byte past column k reads z under
-// the valid columns only.
+// Rows o and o + 1 of C dotted with NT (at most 4) tokens of z, interleaved: the two rows' mask bytes are placed side
+// by side and each token's 8 columns are loaded once for both, so a batch reads z from cache half as often per FMA.
+// At 8 tokens one row at a time loads 8 columns of z (64 KiB at 2048 inputs: from L2, not L1) for every 8 FMAs, and
+// L2's bandwidth bounded the loop. Unset lanes are zero in the placed values, and z past column k.
 template <int NT, bool kGuarded, typename V>
 inline void bitmask_row_pair_avx2(const float* z, int64_t atoms, const uint8_t* mrow0, const uint8_t* mrow1,
                                   const V* v0, const V* v1, const V* values_end, float* sums0, float* sums1) {
   __m256 first[NT], second[NT];
   for (int n = 0; n < NT; ++n) first[n] = second[n] = _mm256_setzero_ps();
-  const int64_t full_bytes = atoms / 8;
+  const int64_t bytes = (atoms + 7) / 8;
   const auto byte_pair = [&](uint32_t bits0, uint32_t bits1, int64_t b) {
     const __m256 w0 = mask_byte_values<kGuarded>(bits0, v0, values_end);
     const __m256 w1 = mask_byte_values<kGuarded>(bits1, v1, values_end);
     for (int n = 0; n < NT; ++n) {
-      __m256 x = _mm256_loadu_ps(z + n * atoms + 8 * b);
+      __m256 x = _mm256_loadu_ps(z + (b * NT + n) * 8);
       asm("" : "+x"(x));  // one load for both FMAs: GCC folds it into each otherwise (14 loads per 8 FMAs)
       first[n] = _mm256_fmadd_ps(w0, x, first[n]);
       second[n] = _mm256_fmadd_ps(w1, x, second[n]);
     }
   };
   int64_t b = 0;
-  for (; b + 8 <= full_bytes; b += 8) {  // the two rows' next 8 mask bytes in one load each
+  for (; b + 8 <= bytes; b += 8) {  // the two rows' next 8 mask bytes in one load each
     uint64_t bits0, bits1;
     std::memcpy(&bits0, mrow0 + b, 8);
     std::memcpy(&bits1, mrow1 + b, 8);
     slimserve_rows::each_of_8([&](auto k) { byte_pair((bits0 >> (8 * k)) & 0xff, (bits1 >> (8 * k)) & 0xff, b + k); });
   }
-  for (; b < full_bytes; ++b) byte_pair(mrow0[b], mrow1[b], b);
-  if (atoms % 8 != 0) {
-    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(atoms % 8)),
-                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 w0 = mask_byte_values<kGuarded>(mrow0[full_bytes], v0, values_end);
-    const __m256 w1 = mask_byte_values<kGuarded>(mrow1[full_bytes], v1, values_end);
-    for (int n = 0; n < NT; ++n) {
-      const __m256 x = _mm256_maskload_ps(z + n * atoms + 8 * full_bytes, valid);
-      first[n] = _mm256_fmadd_ps(w0, x, first[n]);
-      second[n] = _mm256_fmadd_ps(w1, x, second[n]);
-    }
-  }
+  for (; b < bytes; ++b) byte_pair(mrow0[b], mrow1[b], b);
   for (int n = 0; n < NT; ++n) {
     sums0[n] = reduce_add8(first[n]);
     sums1[n] = reduce_add8(second[n]);
@@ -226,15 +204,27 @@ inline void bitmask_row_pair_avx2(const float* z, int64_t atoms, const uint8_t* 
 constexpr int kPairsFromTokens = 2;
 constexpr int64_t kL1Bytes = 32 * 1024;
 
-// Rows [row_begin, row_end) of y [NT, out] from z [NT, k]; a row's last mask byte may load up to 8 values past the
-// row, unmasked unless that leaves the values buffer.
+// Whether bitmask_rows_avx2 takes NT tokens of `atoms` inputs in row pairs: x past L1 (above).
+constexpr bool row_pairs(int64_t tokens, int64_t atoms) {
+  return tokens >= kPairsFromTokens && tokens * atoms * int64_t{sizeof(float)} > kL1Bytes;
+}
+
+// Tokens a pass over a pair of rows takes (8 accumulators). z is interleaved in blocks of this many tokens there
+// (interleaved_tokens), so each pass reads one run of bytes: a block of all 8 tokens had each pass read half of every
+// 256 bytes, on half the L1 sets, and ran 8 tokens 2.7x slower than rows read in place (AMD EPYC, Zen 3).
+constexpr int kPairPassTokens = 4;
+
+// Rows [row_begin, row_end) of y [NT, out] from z, NT tokens of k atoms interleaved in blocks of NT tokens, or of
+// kPairPassTokens where they go in row pairs (row_pairs); a row's last mask byte may load up to 8 values past the row,
+// unmasked unless that leaves the values buffer.
 template <int NT, typename V, typename O>
 void bitmask_rows_avx2(const float* z, int64_t atoms, const V* values, const uint8_t* mask, O* y, int64_t out,
                        int64_t nnz, int64_t mask_bytes, const V* values_end, int64_t row_begin, int64_t row_end) {
-  int64_t o = row_begin;  // rows from o on run one at a time
+  constexpr int kFirstPass = NT > kPairPassTokens ? kPairPassTokens : NT, kSecondPass = NT - kFirstPass;
+  const bool pairs = row_pairs(NT, atoms);
+  const float* z_second = z + kFirstPass * ((atoms + 7) / 8 * 8);  // the second block's first token, in pairs' layout
+  const int64_t half = pairs ? (row_end - row_begin) / 2 : 0;
   if constexpr (NT >= kPairsFromTokens) {
-    constexpr int kFirstPass = NT > 4 ? 4 : NT, kSecondPass = NT - kFirstPass;
-    const int64_t half = NT * atoms * int64_t{sizeof(float)} > kL1Bytes ? (row_end - row_begin) / 2 : 0;
     for (int64_t o0 = row_begin; o0 < row_begin + half; ++o0) {
       const int64_t o1 = o0 + half;
       const V* v0 = values + o0 * nnz;
@@ -246,7 +236,7 @@ void bitmask_rows_avx2(const float* z, int64_t atoms, const V* values, const uin
         constexpr bool kGuarded = decltype(guarded)::value;
         bitmask_row_pair_avx2<kFirstPass, kGuarded>(z, atoms, m0, m1, v0, v1, values_end, sums0, sums1);
         if constexpr (kSecondPass > 0) {
-          bitmask_row_pair_avx2<kSecondPass, kGuarded>(z + kFirstPass * atoms, atoms, m0, m1, v0, v1, values_end,
+          bitmask_row_pair_avx2<kSecondPass, kGuarded>(z_second, atoms, m0, m1, v0, v1, values_end,
                                                        sums0 + kFirstPass, sums1 + kFirstPass);
         }
       };
@@ -260,15 +250,25 @@ void bitmask_rows_avx2(const float* z, int64_t atoms, const V* values, const uin
         y[n * out + o1] = static_cast<O>(sums1[n]);
       }
     }
-    o = row_begin + 2 * half;  // an odd range's last row
   }
-  for (; o < row_end; ++o) {
+  for (int64_t o = row_begin + 2 * half; o < row_end; ++o) {  // every row, or an odd range's last one
     const V* v = values + o * nnz;
+    const uint8_t* m = mask + o * mask_bytes;
     float sums[NT];
+    const auto row = [&](auto guarded) {
+      constexpr bool kGuarded = decltype(guarded)::value;
+      if (pairs) {
+        bitmask_row_avx2<kFirstPass, kGuarded>(z, atoms, m, v, values_end, sums);
+        if constexpr (kSecondPass > 0) bitmask_row_avx2<kSecondPass, kGuarded>(z_second, atoms, m, v, values_end,
+                                                                                sums + kFirstPass);
+      } else {
+        bitmask_row_avx2<NT, kGuarded>(z, atoms, m, v, values_end, sums);
+      }
+    };
     if (v + nnz + 8 <= values_end) {
-      bitmask_row_avx2<NT, false>(z, atoms, mask + o * mask_bytes, v, values_end, sums);
+      row(std::false_type{});
     } else {
-      bitmask_row_avx2<NT, true>(z, atoms, mask + o * mask_bytes, v, values_end, sums);
+      row(std::true_type{});
     }
     for (int n = 0; n < NT; ++n) y[n * out + o] = static_cast<O>(sums[n]);
   }
@@ -358,7 +358,9 @@ void bitmask_dispatch(const torch::Tensor& zf, const V* val, int64_t out_feature
   const V* values_end = val + out_features * nnz;
 #if defined(SLIMSERVE_AVX2)
   if (tokens <= kRowsAvx2MaxTokens) {
-    const float* z = zf.data_ptr<float>();
+    const auto interleaved = slimserve_rows::interleaved_tokens(zf, row_pairs(tokens, atoms) ? kPairPassTokens
+                                                                                                : kRowsAvx2MaxTokens);
+    const float* z = interleaved.data_ptr<float>();
     const auto rows = [&](auto tokens_constant) {
       at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
         bitmask_rows_avx2<decltype(tokens_constant)::value>(z, atoms, val, msk, out, out_features, nnz, mask_bytes,

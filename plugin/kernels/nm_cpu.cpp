@@ -231,7 +231,7 @@ void rows_fixed(const float* x, const V* values, const uint8_t* positions, float
 
 #if defined(SLIMSERVE_AVX2)
 // AVX2 rows of 2:4 and 4:8 at every token count: each row's kept values are expanded to dense lanes in registers,
-// 8 inputs at a time (4 stored values, zero lanes where pruned), and multiplied with plain FMAs against contiguous x.
+// 8 inputs at a time (4 stored values, zero lanes where pruned), and multiplied with plain FMAs against x (interleaved, below).
 // The permute path above re-picks x entries for every token (two vpermps and a blend per token and 8 values); here
 // the one permute per 8 inputs is shared by every token of the block, so the FMAs alone bound the loop even though
 // it multiplies the pruned zeros too. Up to 4 tokens the inputs alternate between accumulator sets so that at least
@@ -243,6 +243,7 @@ void rows_fixed(const float* x, const V* values, const uint8_t* positions, float
 // (Zen 2), 2 threads, bf16, weights streamed, ms permute path / expanded, [5632, 2048]: one token 0.93 / 0.56, and
 // the expanded loop with one set against two at 2 tokens 1.09 / 0.66, 4 tokens 1.24 / 1.00; [2048, 5632] one token
 // 0.92 / 0.57, 2 tokens 1.08 / 0.78; 8 tokens (one set either way) level, 1.7-1.8.
+// A block's x is read interleaved (slimserve_rows::interleaved_tokens, which says why).
 constexpr int64_t kExpandedChunkBytes = 24 * 1024;
 constexpr int64_t kExpandedMinChunk = 512;
 
@@ -333,7 +334,7 @@ void rows_expanded(const float* x, const V* values, const uint8_t* positions, fl
           const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(lanes(meta, d))));
           w = _mm256_permutevar8x32_ps(load4_zero_upper(val + 4 * d), idx);
         }
-        for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(_mm256_loadu_ps(x + n * in + 8 * d), w, acc[c][n]);
+        for (int n = 0; n < NT; ++n) acc[c][n] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (d * NT + n) * 8), w, acc[c][n]);
       };
       int64_t d = c0 / 8;
       for (; d + 8 <= d1; d += 8) {
@@ -440,6 +441,8 @@ void matmul_dispatch(const torch::Tensor& xf, const torch::Tensor& values, const
   const bool expanded = in % 8 == 0 && ((kept == 2 && group == 4) || (kept == 4 && group == 8));
   static const TwoOfFourLanes two_of_four;
   static const FourOfEightLanes four_of_eight;
+  const torch::Tensor blocks = expanded && tokens > 1 ? slimserve_rows::interleaved_tokens(xf, kTokenBlock) : xf;
+  if (expanded) x = blocks.data_ptr<float>();
 #endif
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
 #if defined(SLIMSERVE_AVX2)
