@@ -358,8 +358,9 @@ void bitmask_dispatch(const torch::Tensor& zf, const V* val, int64_t out_feature
   const V* values_end = val + out_features * nnz;
 #if defined(SLIMSERVE_AVX2)
   if (tokens <= kRowsAvx2MaxTokens) {
-    const auto interleaved = slimserve_rows::interleaved_tokens(zf, row_pairs(tokens, atoms) ? kPairPassTokens
-                                                                                                : kRowsAvx2MaxTokens);
+    // one token of whole mask bytes is its own interleaving
+    const auto interleaved = tokens == 1 && atoms % 8 == 0
+        ? zf : slimserve_rows::interleaved_tokens(zf, row_pairs(tokens, atoms) ? kPairPassTokens : kRowsAvx2MaxTokens);
     const float* z = interleaved.data_ptr<float>();
     const auto rows = [&](auto tokens_constant) {
       at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
