@@ -231,7 +231,8 @@ void rows_fixed(const float* x, const V* values, const uint8_t* positions, float
 
 #if defined(SLIMSERVE_AVX2)
 // AVX2 rows of 2:4 and 4:8 at every token count: each row's kept values are expanded to dense lanes in registers,
-// 8 inputs at a time (4 stored values, zero lanes where pruned), and multiplied with plain FMAs against x (interleaved, below).
+// 8 inputs at a time (4 stored values, zero lanes where pruned), and multiplied with plain FMAs against x (read
+// interleaved, below).
 // The permute path above re-picks x entries for every token (two vpermps and a blend per token and 8 values); here
 // the one permute per 8 inputs is shared by every token of the block, so the FMAs alone bound the loop even though
 // it multiplies the pruned zeros too. Up to 4 tokens the inputs alternate between accumulator sets so that at least
