@@ -120,8 +120,9 @@ template <bool kGuarded, typename V> inline __m256 mask_byte_values(uint32_t bit
 // Row o of C dotted with NT tokens of z (float32, interleaved as slimserve_rows::interleaved_tokens lays out a block
 // of NT tokens): each mask byte's values are placed once and multiplied with every token's 8 columns, so the row's
 // values and mask stream once for the batch and z is read in order (no decoded column list). Up to four tokens also
-// split the bytes over kChains accumulator sets, so at least four FMA chains are in flight (an FMA takes 5 cycles on Zen 2, two issue a cycle):
-// with one set 3 and 4 tokens took 1.14 / 1.16 ms on [5632, 2048] (density 0.43, bf16, streamed), with two 0.84 / 1.00.
+// split the bytes over kChains accumulator sets, so at least four FMA chains are in flight (an FMA takes 5 cycles on
+// Zen 2, two issue a cycle): with one set 3 and 4 tokens took 1.14 / 1.16 ms on [5632, 2048] (density 0.43, bf16,
+// streamed), with two 0.84 / 1.00.
 // A row's mask bytes come 8 to a 64-bit load: one load fewer per byte took one token from 0.84 to 0.69 ms there
 // (the loop is bound by its loads, not by memory: 0.77 ms with the weights in cache before). The accumulators are
 // indexed by constants only: GCC kept an array indexed by the byte's parity on the stack, and every FMA waited on a
