@@ -251,11 +251,11 @@ def test_bitmask_strips_take_the_leading_columns_of_wider_rows(isa: str) -> None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [17, 70])  # a part panel of 32 alone, and after whole ones
+@pytest.mark.parametrize("tokens", [17, 70, 96])  # a part panel of 48 alone, after a whole one, whole ones only
 @pytest.mark.parametrize("encoding", ["ell-uint8", "ell-int16", "ell-int32", "bitmask"])
 def test_many_tokens_on_the_stored_values_only_equal_the_reference(dtype: torch.dtype, tokens: int, encoding: str,
                                                                    isa: str) -> None:
-    # 301 rows: two blocks of 128 and a part ending in an unpaired row; 151 values a row: two chunks of 128
+    # 301 rows: two blocks of 128 and a part ending in an unpaired row; 151 values a row: three chunks of 64
     torch.manual_seed(tokens)
     z = torch.randn(tokens, 300, dtype=dtype)
     if encoding == "bitmask":
@@ -326,8 +326,8 @@ def test_bf16_batches_on_the_dot_product_loop_equal_the_reference(batch: int, at
 
 
 def test_many_token_calls_leave_the_batch_loop_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past their thresholds the ops leave the batch loop (AVX2: panels of stored values, then row pairs over their
-    union, strips on the tiled GEMM for denser C; else strips + ATen's GEMM), and every road gives the same product."""
+    """Past their thresholds the ops leave the batch loop (AVX2: panels of stored values, strips on the tiled GEMM for
+    denser C; else strips + ATen's GEMM), and every road gives the same product."""
     torch.manual_seed(0)
     values, indices = sparse_rows.dense_to_ell(torch.randn(64, 96), 40)
     _, mask = sparse_rows.ell_to_bitmask(values, indices, 96)
@@ -340,8 +340,6 @@ def test_many_token_calls_leave_the_batch_loop_and_agree(monkeypatch: pytest.Mon
         if module is bitmask:
             monkeypatch.setattr(module, "PANELS_FROM_TOKENS", 20)
             roads.append(kernel(z))
-            monkeypatch.setattr(module, "PAIRS_FROM_TOKENS", 20)
-            roads.append(kernel(z))
             monkeypatch.setattr(module, "STORED_MAX_DENSITY", 0.0)  # AVX2: strips on the tiled GEMM
             roads.append(kernel(z))
         for out in roads:
@@ -349,11 +347,11 @@ def test_many_token_calls_leave_the_batch_loop_and_agree(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize(("tokens", "density", "entry"), [
-    (32, 0.43, "bitmask_matmul_kept"), (95, 0.43, "bitmask_matmul_kept"), (96, 0.43, "bitmask_matmul_pairs"),
-    (512, 0.5, "bitmask_matmul_pairs"), (96, 0.6, "bitmask_matmul_strips"), (512, 0.64, "bitmask_matmul_strips")])
+    (16, 0.43, "bitmask_matmul"), (24, 0.43, "bitmask_matmul_kept"), (512, 0.5, "bitmask_matmul_kept"),
+    (96, 0.6, "bitmask_matmul_strips"), (512, 0.64, "bitmask_matmul_strips")])
 def test_avx2_many_token_roads_follow_the_measured_rule(tokens: int, density: float, entry: str,
                                                         kernel_entries) -> None:
-    """AVX2 builds: the panel loop from 32 tokens, row pairs from 96, the strips for C more than half full."""
+    """AVX2 builds: the batch loop below 24 tokens, the panel loop from there, the strips for C more than half full."""
     if bitmask._cpu_kernel() is None or bitmask._cpu_kernel().isa() != "avx2":
         pytest.skip("the rule is for AVX2 builds (the native build here is not one)")
     called = kernel_entries(bitmask, "_cpu_kernel")
@@ -363,32 +361,6 @@ def test_avx2_many_token_roads_follow_the_measured_rule(tokens: int, density: fl
     out = torch.ops.slimserve.bitmask_matmul(z, values.contiguous(), mask)
     assert [name for name in called if name.startswith("bitmask_matmul")] == [entry]
     torch.testing.assert_close(out, sparse_rows.bitmask_product(z, values, mask), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# one panel of 17 (3 vectors); 70 as two panels of 40; 100 as three of 40, the last 20 tokens short; 150: four of 40
-@pytest.mark.parametrize("tokens", [17, 70, 100, 150])
-def test_bitmask_row_pairs_over_their_union_equal_the_reference(dtype: torch.dtype, tokens: int, isa: str) -> None:
-    """301 rows: blocks of 64 pairs, a part block and an unpaired last row; 300 inputs: chunks of 128 and a part one,
-    the last mask byte half used. Rows 4 and 5 store the same columns, rows 8 and 9 disjoint ones (inputs 260-299 in
-    neither: mask bytes whose union is empty)."""
-    torch.manual_seed(tokens)
-    stored = torch.rand(301, 300).argsort(dim=1) < 130  # 130 values a row at random columns
-    stored[5] = stored[4]
-    stored[8] = torch.arange(300) < 130
-    stored[9] = (torch.arange(300) >= 130) & (torch.arange(300) < 260)
-    values, mask = torch.randn(301, 130), sparse_rows.pack_mask(stored)
-    values = values.to(dtype)
-    z = torch.randn(tokens, 300)
-    ext = BitmaskMatmul(values, mask, 300).ext
-    assert ext is not None and ext.isa() == isa
-    if isa != "avx2":
-        assert not hasattr(ext, "bitmask_matmul_pairs")  # the AVX2 loop; other builds keep their own roads
-        return
-    out = ext.bitmask_matmul_pairs(z, values, mask)
-    assert out.dtype == torch.float32 and out.shape == (tokens, 301) and out.is_contiguous()
-    expected = sparse_rows.bitmask_product(z.double(), values.double(), mask)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("encoding", ["bitmask", "ell"])

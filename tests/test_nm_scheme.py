@@ -146,11 +146,12 @@ def test_many_tokens_by_decompressed_strips_equal_the_reference(isa: str, kept: 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("kept", "group", "in_features"), [(2, 4, 1028), (4, 8, 1032), (1, 4, 1028)])
-@pytest.mark.parametrize("tokens", [17, 70])
+@pytest.mark.parametrize("tokens", [17, 47, 70, 96])
 def test_many_tokens_on_the_kept_weights_only_equal_the_reference(isa: str, kept: int, group: int, in_features: int,
                                                                   tokens: int, dtype: torch.dtype) -> None:
     # 301 rows: two blocks of 128 and a part ending in an unpaired row; over 128 kept values a row: several chunks;
-    # 1028 inputs: 2:4 rows end in a lone group; 17 and 70 tokens: a part panel of 32 alone and after whole ones.
+    # 1028 inputs: 2:4 rows end in a lone group; tokens: a part panel of 48 alone (3 and 6 vectors), after a whole one,
+    # and whole panels only.
     weight = _pruned(301, in_features, kept, group, seed=tokens).to(dtype)
     tensors = pack_nm(weight, kept, group)
     kernel = nm_kernel._cpu_kernel()
@@ -174,10 +175,9 @@ def test_the_op_switches_to_a_dense_gemm_above_the_crossover_with_the_same_resul
         torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
 
 
-def test_avx2_many_tokens_take_the_kept_weights_then_strips_with_the_same_result(
-        monkeypatch: pytest.MonkeyPatch, kernel_entries) -> None:
-    """On AVX2 hosts many-token steps multiply only the kept weights below STRIPS_FROM_TOKENS and decompress strips
-    for the tiled GEMM from there; both roads give the product."""
+def test_avx2_many_tokens_take_the_kept_weights_at_every_count(kernel_entries) -> None:
+    """On AVX2 hosts every many-token step multiplies only the kept weights: a short step and a prefill of whole
+    48-token panels plus a part one (the strips other builds take are tested against the reference above)."""
     real = nm_kernel._cpu_kernel()
     if real is None or real.isa() != "avx2":
         pytest.skip("the kept-weights road is the AVX2 build's")
@@ -185,14 +185,10 @@ def test_avx2_many_tokens_take_the_kept_weights_then_strips_with_the_same_result
     weight = _pruned(40, 128, 2, 4)
     tensors = pack_nm(weight, 2, 4)
     runner = nm_kernel.NMMatmul(tensors["values"], tensors["positions"], 2, 4)
-    x = torch.randn(nm_kernel.MANY_TOKENS + 8, 128)
-    monkeypatch.setattr(nm_kernel, "STRIPS_FROM_TOKENS", x.shape[0] + 1)
-    torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
+    for tokens in (nm_kernel.MANY_TOKENS + 1, 1000):
+        x = torch.randn(tokens, 128)
+        torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
     assert "nm_matmul_kept" in called and "nm_matmul_strips" not in called
-    called.clear()
-    monkeypatch.setattr(nm_kernel, "STRIPS_FROM_TOKENS", x.shape[0])
-    torch.testing.assert_close(runner(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
-    assert "nm_matmul_strips" in called and "nm_matmul_kept" not in called
 
 
 #: One rounding of an fp32 sum to bf16 (8 significant bits): what the tile unit's bf16 output may differ by.

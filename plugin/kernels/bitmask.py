@@ -12,9 +12,8 @@ unit. On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4) bf16 steps below ``D
 one token included, expand rows in registers and dot them with 1, 4 or 8 tokens at a time by
 ``vdpbf16ps`` (``vector_rows.h``). AVX2
 hosts multiply only what C stores while it is at most ``STORED_MAX_DENSITY`` full: from ``PANELS_FROM_TOKENS``
-tokens each stored value against tokens packed in panels of 32 (``vector_rows.h``), and from ``PAIRS_FROM_TOKENS``
-two rows at a time over the union of their stored columns, one load of x feeding both rows
-(``bitmask_cpu.cpp``, ``union_panels``); denser C decodes rows in cache and multiplies them by slimserve's
+tokens each stored value against tokens packed in panels of 48 (``vector_rows.h``); denser C decodes rows in cache
+and multiplies them by slimserve's
 register-tiled GEMM (``tile_gemm``). Elsewhere many-token steps take the other road past ``DENSE_FROM_TOKENS``
 tokens: strips of C (up to 4 MiB, at least 256 rows; bf16 where the CPU has bf16 dot products, else float32) are
 decoded into one buffer that stays in cache and each is multiplied by ATen's GEMM, which past the measured
@@ -48,21 +47,18 @@ from slimserve.plugin.kernels.precision import stored_values
 #: loop wins below it and the two are level from it: [11264, 2048] at density 0.43, 64 tokens 9.4 against 11.0 ms,
 #: 128 tokens 18.3 against 19.5, 500 tokens 79.7 against 76.0.
 DENSE_FROM_TOKENS = 128
-#: From this many tokens AVX2 builds run the loop over C's stored values on panels of 32 tokens instead of the batch
-#: loop, same host and shape: 6.3 against 7.0 ms at 32 tokens (4.5 against 6.7 at 16), 11.7 against 14.4 at 64.
-PANELS_FROM_TOKENS = 32
-#: From this many tokens AVX2 builds take C's rows two at a time over the union of their columns, where each load of
-#: x feeds two FMAs (the panel loop spends a load per FMA). AMD EPYC (Zen 2), 2 threads, bf16 values, ms pairs / panel
-#: loop / strips, density 0.43 (lowrank_sparse's S at 30 % bytes): [5632, 2048] 9.7 / 9.3 / 10.1 at 64 tokens, 11.8 /
-#: 13.4 / 13.5 at 96, 50.9 / 64.8 / 62.5 at 512; [2048, 5632] 10.0 / 9.2 / 10.0 at 64, 12.5 / 13.3 / 13.8 at 96;
-#: [576, 1536] 0.9 / 1.2 / 1.1 at 96; density 0.25 at 96, [5632, 2048] 10.7 / 10.0 / 13.4, [2048, 5632] 9.1 / 9.6 /
-#: 13.6, and at 512 40.4 / 51.3 / 62.8 (more in bitmask_cpu.cpp, beside union_panels).
-PAIRS_FROM_TOKENS = 96
-#: AVX2 builds multiply only C's stored values (the panel loop, then the pairs) while C is at most this full; denser C
-#: takes the strips, whose register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros too but runs near
-#: the FMA units' peak. Same host, ms pairs / strips on [5632, 2048]: density 0.5 12.6 / 13.6 at 96 tokens; density
-#: 0.64 (SparseGPT at 30 % bytes) 14.4 / 13.7 at 96 and 61.4 / 62.1 at 512; the panel loop at 0.64 on [2048, 5632],
-#: 48 tokens: 12.3 against the strips' 8.6.
+#: From this many tokens AVX2 builds run the loop over C's stored values on panels of 48 tokens instead of the batch
+#: loop. AMD EPYC (Zen 3), 2 threads, bf16 values, density 0.43, [5632, 2048], fastest of seven interleaved calls, ms
+#: panels / batch loop (vLLM's float32 oneDNN GEMM): 16 tokens 5.69 / 5.13 (4.96), 24 tokens 6.92 / 8.96 (6.66),
+#: 32 tokens 5.94 / 7.80 (6.55), 48 tokens 6.29 / 9.40 (9.16).
+PANELS_FROM_TOKENS = 24
+#: AVX2 builds multiply only C's stored values while C is at most this full; denser C takes the strips, whose
+#: register-tiled GEMM (``tile_gemm`` in vector_rows.h) multiplies the zeros too but runs near the FMA units' peak.
+#: Same host and measure, ms panels / strips (dense) on [5632, 2048]: density 0.5, 64 tokens 9.03 / 10.95 (12.44),
+#: 512 tokens 55.1 / 68.0 (75.9); density 0.64 (SparseGPT at 30 % bytes) 10.4 / 10.7 (10.5) at 64, 36.9 / 35.8 (40.0)
+#: at 256, 80.6 / 75.3 (86.6) at 512; density 0.74, 99.2 / 79.1 (90.5) at 512. (Rows two at a time over the union of
+#: their columns, one load of x for two FMAs, lost to the panels at every density up to 0.5 and count from 64 to 512
+#: tokens once these wrote y without a transposed copy, and went.)
 STORED_MAX_DENSITY = 0.5
 
 
@@ -84,8 +80,6 @@ def bitmask_matmul(z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) ->
     if ext.isa() == "avx2" and z.shape[0] >= PANELS_FROM_TOKENS:
         if values.shape[1] > STORED_MAX_DENSITY * z.shape[1]:
             return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)
-        if z.shape[0] >= PAIRS_FROM_TOKENS:
-            return ext.bitmask_matmul_pairs(z, values, mask).to(z.dtype)
         return ext.bitmask_matmul_kept(z, values, mask).to(z.dtype)
     if z.shape[0] >= DENSE_FROM_TOKENS and not on_tile_unit:
         return ext.bitmask_matmul_strips(z, values, mask).to(z.dtype)

@@ -7,10 +7,10 @@ tokens on those loops are compute-bound and lose to oneDNN's dense GEMM, which o
 weights go to the tile unit too: the kernel expands 16 rows at a time into a dense strip in cache
 and multiplies it with AMX, at every token count up to prefill. On AVX2 hosts (which serve fp32)
 2:4 and 4:8 batches expand each row's kept values into dense lanes once per 8 inputs and share
-them across the tokens with plain FMAs, steps above ``MANY_TOKENS`` multiply only the kept
-weights against x packed in panels of 32 tokens (half of dense's multiply-adds at 2:4, at about half
-the FMA rate), and from ``STRIPS_FROM_TOKENS`` tokens on they decompress strips of rows for the
-register-tiled GEMM, which runs near the FMA units' peak (both measured against each other). On CPUs with
+them across the tokens with plain FMAs, and steps above ``MANY_TOKENS`` multiply only the kept
+weights against x packed in panels of 48 tokens: half of dense's multiply-adds at 2:4, at a load of x
+per FMA, which beat the strips on the register-tiled GEMM at every count measured (64-2048 tokens,
+docs/methods/nm.md). On CPUs with
 AVX512_BF16 and no tile unit (AMD Zen 4) the dense bf16 GEMM is bound by memory up to about 8 tokens
 and by its dot products (``_mm512_dpbf16_ps``) from about 16 on. There 2:4 bf16 batches from 2 tokens
 to below ``GATHERED_BELOW_TOKENS`` permute each token's inputs to a row's kept columns (``vpermt2w``)
@@ -45,15 +45,9 @@ from slimserve.plugin.kernels.precision import stored_values
 
 logger = logging.getLogger(__name__)
 
-#: Token counts above this run dense GEMMs on decompressed strips of W, unless the AMX tile unit takes them.
+#: Token counts above this leave the few-token loops (unless a bf16 loop or the AMX tile unit takes them): AVX2
+#: builds for the loop over the kept weights, others for dense GEMMs on decompressed strips of W.
 MANY_TOKENS = 16
-
-#: From this many tokens AVX2 hosts leave the loop over the kept weights for strips on the register-tiled GEMM.
-#: Measured on an AMD EPYC (Zen 2), 2 threads, 2:4 with bf16 values, ms kept / strips (dense oneDNN in brackets):
-#: at 128 tokens [5632, 2048] 18.9 / 20.7 (21.5), [2048, 5632] 19.3 / 22.3 (20.3), [1536, 576] 1.74 / 1.73 (1.60);
-#: at 192 28.3 / 27.9, 28.9 / 28.8, 2.69 / 2.35, and [2048, 2048] 10.5 / 11.0; at 512 70.7 / 67.3 (82.8),
-#: 74.9 / 77.3 (80.6), 6.62 / 5.38 (6.02), [576, 1536] 6.13 / 5.56 (6.15).
-STRIPS_FROM_TOKENS = 192
 
 #: On CPUs with AVX512_BF16 and no tile unit (AMD Zen 4), bf16 4:8 batches up to this many tokens stay in the
 #: kernel's bf16 dot-product loop; the strips overtake it above (bench/nm_kernel.py, docs/methods/nm.md). 2:4 takes
@@ -76,11 +70,11 @@ def _cpu_kernel():
 
 def many_tokens_product(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kept: int,
                         group: int) -> torch.Tensor:
-    """``x · Wᵀ`` for many tokens: on AVX2 hosts below ``STRIPS_FROM_TOKENS`` the kernel's loop over the kept
-    weights only (half the multiply-adds at 2:4), otherwise dense GEMMs per strip of rows decompressed in cache
-    (compiled, on CPU), else through the reference's whole dense weight."""
+    """``x · Wᵀ`` for many tokens: on AVX2 hosts the kernel's loop over the kept weights only (half the
+    multiply-adds at 2:4), on other CPUs dense GEMMs per strip of rows decompressed in cache, else through the
+    reference's whole dense weight."""
     ext = _cpu_kernel() if values.device.type == "cpu" else None
-    if ext is not None and ext.isa() == "avx2" and x.shape[0] < STRIPS_FROM_TOKENS:
+    if ext is not None and ext.isa() == "avx2":
         return ext.nm_matmul_kept(x, values, positions, kept, group)
     if ext is not None:
         return ext.nm_matmul_strips(x, values, positions, kept, group)

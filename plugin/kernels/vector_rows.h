@@ -470,9 +470,9 @@ at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, c
 // run-to-run spread (docs/methods/cpu_kernels.md), so the sizes are a choice, not an optimum. AVX-512 builds compile it
 // too (AVX2 is a subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane
 // GEMM.
-constexpr int64_t kPanelTokens = 32;
+constexpr int64_t kPanelTokens = 48;
 constexpr int64_t kPanelRowBlock = 128;
-constexpr int64_t kPanelChunk = 128;
+constexpr int64_t kPanelChunk = 64;
 
 // Row o of `values` ([rows, n], float32 or bfloat16, contiguous) as float32 at w, for a panel_product decoder.
 inline void widen_row(const at::Tensor& values, int64_t o, float* w) {
@@ -488,58 +488,87 @@ inline void widen_row(const at::Tensor& values, int64_t o, float* w) {
 // y [N, out] float32 = x [N, in] · Wᵀ for W with nnz stored values a row. `decode_row(o, cols, weights)` writes
 // row o's value columns times kPanelTokens (offsets into a panel) and its values widened to float32; it may write
 // up to 8 columns past the row's nnz (the next row's decode overwrites them).
+// Rows r0 .. r0 + rows of `cols` / `weights` (nnz a row, stored values j0 .. j1) times one token panel [in, 8 · V]
+// into those rows' sums at `sums` (row stride ld), set when j0 is 0, else added to. Two rows at a time keep 2 · V
+// FMA chains in flight; an unpaired last row computes itself twice and stores once.
+template <int V>
+inline void panel_rows(const float* panel, const int32_t* cols, const float* weights, int64_t nnz, int64_t rows,
+                       int64_t j0, int64_t j1, float* sums, int64_t ld) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const bool pair = r + 1 < rows;
+    const int32_t* c0 = cols + r * nnz;
+    const int32_t* c1 = pair ? c0 + nnz : c0;
+    const float* w0 = weights + r * nnz;
+    const float* w1 = pair ? w0 + nnz : w0;
+    float* y0 = sums + r * ld;
+    float* y1 = pair ? y0 + ld : y0;
+    __m256 a[V], b[V];
+    for (int k = 0; k < V; ++k) {
+      a[k] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y0 + 8 * k);
+      b[k] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y1 + 8 * k);
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m256 u = _mm256_broadcast_ss(w0 + j), v = _mm256_broadcast_ss(w1 + j);
+      const float* x0 = panel + c0[j];
+      const float* x1 = panel + c1[j];
+      for (int k = 0; k < V; ++k) {
+        a[k] = _mm256_fmadd_ps(u, _mm256_loadu_ps(x0 + 8 * k), a[k]);
+        b[k] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x1 + 8 * k), b[k]);
+      }
+    }
+    for (int k = 0; k < V; ++k) {
+      _mm256_storeu_ps(y1 + 8 * k, b[k]);
+      _mm256_storeu_ps(y0 + 8 * k, a[k]);
+    }
+  }
+}
+
+// y [N, out] float32 = x [N, in] · Wᵀ for W with nnz stored values a row. `decode_row(o, cols, weights)` writes
+// row o's value columns times kPanelTokens (offsets into a panel) and its values widened to float32; it may write
+// up to 8 columns past the row's nnz (the next row's decode overwrites them).
 template <typename DecodeRow>
 at::Tensor panel_product(const at::Tensor& x, int64_t out, int64_t nnz, const DecodeRow& decode_row) {
-  constexpr int kVectors = kPanelTokens / 8;
   const int64_t tokens = x.size(0), in = x.size(1);
-  TORCH_CHECK(in * kPanelTokens < INT32_MAX, "panel_product: in_features x 32 must fit int32 offsets");
-  const int64_t panel_count = (tokens + kPanelTokens - 1) / kPanelTokens, ld = panel_count * kPanelTokens;
-  const auto panels = pack_token_panels(x, kPanelTokens);  // [p, in, 32]
-  auto yt = torch::empty({out, ld}, panels.options());
+  TORCH_CHECK(in * kPanelTokens < INT32_MAX, "panel_product: in_features x 48 must fit int32 offsets");
+  // The last panel's zero tokens past N are not multiplied: it runs on as many vectors as it holds tokens (padded to
+  // a whole panel, a 32-token step took 1.5x the FMAs it needs).
+  const int64_t whole = tokens / kPanelTokens, rest_vectors = (tokens - whole * kPanelTokens + 7) / 8;
+  const int64_t ld = whole * kPanelTokens + 8 * rest_vectors;
+  const auto panels = pack_token_panels(x, kPanelTokens);  // [ceil(N / 48), in, 48]
+  auto y = torch::empty({tokens, out}, panels.options());
   const float* packed = panels.data_ptr<float>();
-  float* y = yt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, kPanelRowBlock, [&](int64_t row_begin, int64_t row_end) {
     std::vector<int32_t> cols(kPanelRowBlock * nnz + 8);  // rows decode in order, each may write 8 slots past its end
     std::vector<float> weights(kPanelRowBlock * nnz);
+    std::vector<float> block_sums(kPanelRowBlock * ld);  // the block's rows x every token, in L2 between chunks
     for (int64_t b0 = row_begin; b0 < row_end; b0 += kPanelRowBlock) {
       const int64_t rows = std::min(kPanelRowBlock, row_end - b0);
       for (int64_t r = 0; r < rows; ++r) decode_row(b0 + r, cols.data() + r * nnz, weights.data() + r * nnz);
       for (int64_t j0 = 0; j0 < nnz; j0 += kPanelChunk) {
         const int64_t j1 = std::min(nnz, j0 + kPanelChunk);
-        for (int64_t p = 0; p < panel_count; ++p) {
-          const float* panel = packed + p * in * kPanelTokens;
-          for (int64_t r = 0; r < rows; r += 2) {
-            const bool pair = r + 1 < rows;  // an unpaired last row computes itself twice and stores once
-            const int32_t* c0 = cols.data() + r * nnz;
-            const int32_t* c1 = pair ? c0 + nnz : c0;
-            const float* w0 = weights.data() + r * nnz;
-            const float* w1 = pair ? w0 + nnz : w0;
-            float* y0 = y + (b0 + r) * ld + p * kPanelTokens;
-            float* y1 = pair ? y0 + ld : y0;
-            __m256 a[kVectors], b[kVectors];
-            for (int k = 0; k < kVectors; ++k) {
-              a[k] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y0 + 8 * k);
-              b[k] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y1 + 8 * k);
-            }
-            for (int64_t j = j0; j < j1; ++j) {
-              const __m256 u = _mm256_broadcast_ss(w0 + j), v = _mm256_broadcast_ss(w1 + j);
-              const float* x0 = panel + c0[j];
-              const float* x1 = panel + c1[j];
-              for (int k = 0; k < kVectors; ++k) {
-                a[k] = _mm256_fmadd_ps(u, _mm256_loadu_ps(x0 + 8 * k), a[k]);
-                b[k] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x1 + 8 * k), b[k]);
-              }
-            }
-            for (int k = 0; k < kVectors; ++k) {
-              _mm256_storeu_ps(y1 + 8 * k, b[k]);
-              _mm256_storeu_ps(y0 + 8 * k, a[k]);
-            }
-          }
+        for (int64_t p = 0; p < whole; ++p) {
+          panel_rows<kPanelTokens / 8>(packed + p * in * kPanelTokens, cols.data(), weights.data(), nnz, rows, j0, j1,
+                                       block_sums.data() + p * kPanelTokens, ld);
         }
+        const float* last = packed + whole * in * kPanelTokens;
+        float* last_sums = block_sums.data() + whole * kPanelTokens;
+        switch (rest_vectors) {
+#define SLIMSERVE_LAST_PANEL(V) \
+  case V: panel_rows<V>(last, cols.data(), weights.data(), nnz, rows, j0, j1, last_sums, ld); break;
+          SLIMSERVE_LAST_PANEL(1) SLIMSERVE_LAST_PANEL(2) SLIMSERVE_LAST_PANEL(3)
+          SLIMSERVE_LAST_PANEL(4) SLIMSERVE_LAST_PANEL(5) SLIMSERVE_LAST_PANEL(6)
+#undef SLIMSERVE_LAST_PANEL
+          default: break;  // no tokens past the whole panels
+        }
+      }
+      for (int64_t r0 = 0; r0 < rows; r0 += 8) {  // the block's sums into its columns of y, 8 x 8 at a time
+        const int64_t lanes = std::min<int64_t>(8, rows - r0);
+        rows_into_panel(block_sums.data() + r0 * ld, ld, tokens, lanes, yp + b0 + r0, out, 0, lanes);
       }
     }
   });
-  return yt.narrow(1, 0, tokens).t().contiguous();
+  return y;
 }
 #endif
 
