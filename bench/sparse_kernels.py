@@ -10,7 +10,7 @@ memory-bound Llama of bench/decode.py (out 5632, in 2048) at 30 % of its bf16 by
 * ``bitmask``: the bitmask kernel's sparse loop;
 * ``dense-gemm``: what the many-token road costs: strips of C decoded to float32 in cache, a GEMM each;
 * ``ell-panels`` / ``bitmask-panels`` (AVX2 builds): the many-token loop over the stored values only, tokens
-  packed in panels of 32 (``vector_rows.h``);
+  packed in panels of 48 (``vector_rows.h``);
 * ``dense-weight``: the dense layer ``x Wᵀ`` [5632, 2048] itself (the reference the scheme must beat).
 
 Each ISA runs in its own process (``SLIMSERVE_CPU_ISA``). The crossover is the first N where

@@ -4,7 +4,7 @@
 coefficients and the s entries of ``z`` they point to, never the k − s zeros. On CPU this is a
 compiled kernel (``ell_cpu.cpp``: AVX-512 gathers, bf16 or float32 values, uint8, int16 or int32
 indices, the stored bytes streamed once per batch; many tokens on AVX2 hosts multiply only the
-stored values against tokens packed in panels of 32, elsewhere dense GEMMs on strips of C decoded in
+stored values against tokens packed in panels of 48, elsewhere dense GEMMs on strips of C decoded in
 cache); elsewhere, or without a compiler, a PyTorch gather does the same arithmetic more slowly.
 
 The product is registered as the operator ``slimserve::ell_matmul`` (``ops.py``) so that torch.compile
@@ -22,8 +22,9 @@ from slimserve.plugin.kernels.ops import register_op
 from slimserve.plugin.kernels.precision import stored_values
 
 #: From this many tokens a call leaves the batch loop (AMD EPYC, AVX2, fp32, int16 indices, [5632, 1547] at s = 773,
-#: docs/methods/cpu_kernels.md): AVX2 builds run the loop over C's stored values on panels of 32 tokens (10.7 ms at
-#: 64 tokens against 13.9 for the batch loop and 13.2 for the strips; 5.9 against 5.1 for the batch loop at 32),
+#: docs/methods/cpu_kernels.md): AVX2 builds run the loop over C's stored values on panels of tokens (10.7 ms at
+#: 64 tokens against 13.9 for the batch loop and 13.2 for the strips; 5.9 against 5.1 for the batch loop at 32, with
+#: the panels of 32 of then),
 #: other builds expand strips of C to float32 in cache and run a GEMM per strip. Nothing dense is kept.
 DENSE_FROM_TOKENS = 64
 

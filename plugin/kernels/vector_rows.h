@@ -459,17 +459,18 @@ at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, c
 #define SLIMSERVE_PANELS 1
 // Many tokens (prefill) multiplying only a sparse weight's stored values: at 50 % density half of a dense GEMM's
 // multiply-adds (2:4 and 4:8 nm, dictsparse coefficients at s = k/2), where strips_gemm multiplies the zeros too.
-// It needs a load of x per FMA where tile_gemm needs two loads per three, so it runs at about half that GEMM's rate and
-// wins only at density 0.5 or below, on batches below a few hundred tokens (bitmask.py holds the measured rule). x is
-// packed in panels of kPanelTokens tokens ([in, 32] each), so a stored value w at column c updates its row's 32 token
-// sums with one broadcast and four FMAs against panel row c (128 contiguous bytes). Two rows at a time keep eight FMA
-// chains in flight (FMA latency 4, two issued a cycle). Rows go in blocks of kPanelRowBlock, decoded once (columns
-// times 32, values widened to fp32) and reused by every panel, kPanelChunk values of a row at a time: the block's chunk
-// (128 KiB) stays in L2 and the panel rows it touches (256 inputs at 2:4, 32 KiB) mostly in L1. Row blocks of 32 and
-// 128 and chunks of 64, 128 and 256 were tried with bench/nm_kernel.py on an AMD EPYC; none stood out beyond that VM's
-// run-to-run spread (docs/methods/cpu_kernels.md), so the sizes are a choice, not an optimum. AVX-512 builds compile it
-// too (AVX2 is a subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane
-// GEMM.
+// It needs a load of x per FMA where tile_gemm needs two loads per three, and on AMD Zen 3 the loads, not the FMAs, set
+// its pace (a scratch loop of FMAs on L1-resident memory operands ran at about 4.3 G loads a second a core), so each
+// weight's broadcast and the load of its column are spread over as many FMAs as the registers allow: x is packed in
+// panels of kPanelTokens tokens ([in, 48] each) and a stored value w at column c updates its row's 48 token sums with
+// one broadcast and six FMAs against panel row c (192 contiguous bytes), two rows at a time (12 accumulators). Rows go
+// in blocks of kPanelRowBlock, decoded once (columns times 48, values widened to fp32) and reused by every panel,
+// kPanelChunk values of a row at a time: the block's chunk (64 KiB) stays in L2 and the panel rows it touches (128
+// inputs at 2:4, 24 KiB) in L1; chunks of 128 (48 KiB of panel rows) ran about 10 % slower, panels of 64 tokens one
+// row at a time slower too; panels of 32 were level on two threads and 15 % slower on one (docs/methods/cpu_kernels.md).
+// At density 0.5 or below it
+// beat the strips at every count measured from 24-64 tokens to 2048. AVX-512 builds compile it too (AVX2 is a
+// subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane GEMM.
 constexpr int64_t kPanelTokens = 48;
 constexpr int64_t kPanelRowBlock = 128;
 constexpr int64_t kPanelChunk = 64;
