@@ -60,8 +60,20 @@ inline void decode_columns(const uint8_t* meta, int32_t* cols, int64_t in, int64
     }
     return;
   }
-  int64_t j = 0;
-  for (int64_t start = 0; start < in; start += group) {
+  int64_t j = 0, start = 0;
+  if (kept == 4 && group == 8) {
+    // Two 4:8 groups' eight 3-bit offsets fill three bytes: one 24-bit word, no entry crossing a byte boundary to
+    // test. Entry by entry through offset_at, the kept-weights loop's per-call decode took a 64-token [5632, 2048]
+    // float32 call from 13.6 to 17.8 ms (AMD EPYC Zen 3, 2 threads; dense oneDNN 13.7).
+    for (; start + 16 <= in; start += 16, j += 8) {
+      const uint8_t* bytes = meta + j / 8 * 3;
+      const uint32_t word = bytes[0] | static_cast<uint32_t>(bytes[1]) << 8 | static_cast<uint32_t>(bytes[2]) << 16;
+      for (int i = 0; i < 8; ++i) {
+        cols[j + i] = (static_cast<int32_t>(start) + i / 4 * 8 + static_cast<int32_t>((word >> (3 * i)) & 7)) * scale;
+      }
+    }
+  }
+  for (; start < in; start += group) {
     for (int64_t k = 0; k < kept; ++k, ++j) {
       cols[j] = (static_cast<int32_t>(start) + offset_at(meta, j, bits)) * scale;
     }
