@@ -468,9 +468,9 @@ at::Tensor strips_gemm(const at::Tensor& x, int64_t out, at::ScalarType dtype, c
 // kPanelChunk values of a row at a time: the block's chunk (64 KiB) stays in L2 and the panel rows it touches (128
 // inputs at 2:4, 24 KiB) in L1; chunks of 128 (48 KiB of panel rows) ran about 10 % slower, panels of 64 tokens one
 // row at a time slower too; panels of 32 were level on two threads and 15 % slower on one (docs/methods/cpu_kernels.md).
-// At density 0.5 or below it
-// beat the strips at every count measured from 24-64 tokens to 2048. AVX-512 builds compile it too (AVX2 is a
-// subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane GEMM.
+// At density 0.5 or below it beat the strips at every count measured from 24-64 tokens to 2048. AVX-512 builds compile
+// it too (AVX2 is a subset), but the kernels keep the strips there: this 8-lane loop was not measured against a 16-lane
+// GEMM.
 constexpr int64_t kPanelTokens = 48;
 constexpr int64_t kPanelRowBlock = 128;
 constexpr int64_t kPanelChunk = 64;
@@ -486,10 +486,7 @@ inline void widen_row(const at::Tensor& values, int64_t o, float* w) {
   }
 }
 
-// y [N, out] float32 = x [N, in] · Wᵀ for W with nnz stored values a row. `decode_row(o, cols, weights)` writes
-// row o's value columns times kPanelTokens (offsets into a panel) and its values widened to float32; it may write
-// up to 8 columns past the row's nnz (the next row's decode overwrites them).
-// Rows r0 .. r0 + rows of `cols` / `weights` (nnz a row, stored values j0 .. j1) times one token panel [in, 8 · V]
+// The first `rows` rows of `cols` / `weights` (nnz a row; stored values j0 .. j1) times one token panel [in, 8 · V]
 // into those rows' sums at `sums` (row stride ld), set when j0 is 0, else added to. Two rows at a time keep 2 · V
 // FMA chains in flight; an unpaired last row computes itself twice and stores once.
 template <int V>
